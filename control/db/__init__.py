@@ -1,0 +1,1 @@
+"""PostgreSQL: the schema (plain SQL migrations) and the code that applies it."""

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# hpcgate's two entry points on a fresh Debian/Ubuntu machine (run as root, or with sudo):
+#
+#   ./dev.sh up      install what is missing, then run the whole stack until Ctrl-C
+#   ./dev.sh test    install what is missing, then run ruff, mypy and the whole test suite
+#
+# Both are idempotent: each step checks before it acts, so a second run only re-runs the work.
+# Installs: Debian packages (PostgreSQL, Redis, Slurm + munge, nginx) only when absent, a
+# virtual environment in .venv pinned by constraints.txt (re-installed only when pyproject.toml
+# or constraints.txt changed), and starts PostgreSQL / Redis / the local Slurm cluster only
+# when they are not already running.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV=${HPCGATE_VENV:-$ROOT/.venv}
+say() { printf '[dev] %s\n' "$*" >&2; }
+fail() { say "error: $*"; exit 1; }
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+
+apt_install() {  # apt_install PKG...: install the packages that are not installed yet
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  say "apt-get install ${missing[*]}"
+  # Keep postinst scripts from starting services: we start what we need ourselves.
+  local own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d > /dev/null
+    $SUDO chmod 755 /usr/sbin/policy-rc.d; own_policy=1
+  fi
+  local rc=0
+  { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+    > /tmp/hpcgate-apt.log 2>&1 || rc=$?
+  [ "$own_policy" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d
+  [ "$rc" -eq 0 ] || { tail -n 20 /tmp/hpcgate-apt.log >&2; fail "apt-get failed (log: /tmp/hpcgate-apt.log)"; }
+}
+
+python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+
+ensure_packages() {
+  local pkgs=(postgresql redis-server munge slurmctld slurmd slurm-client nginx-light)
+  command -v python3 > /dev/null && python_ok python3 && python3 -m venv --help > /dev/null 2>&1 \
+    || pkgs+=(python3 python3-venv python3-dev)
+  apt_install "${pkgs[@]}"
+}
+
+ensure_postgres() {
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return 0; fi
+  local version
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)
+  [ -n "$version" ] || fail "PostgreSQL is installed but has no cluster under /etc/postgresql"
+  local hba=/etc/postgresql/$version/main/pg_hba.conf
+  # Development and CI use trust auth for user postgres on loopback (never on a real site).
+  if ! grep -q '^host all postgres 127.0.0.1/32 trust' "$hba"; then
+    say "allowing trust auth for postgres on 127.0.0.1 in $hba"
+    $SUDO sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
+  fi
+  say "starting PostgreSQL $version"
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && return 0; sleep 0.2; done
+  fail "PostgreSQL did not accept connections on 127.0.0.1:5432"
+}
+
+ensure_redis() {
+  if redis-cli -h 127.0.0.1 -p 6379 ping > /dev/null 2>&1; then return 0; fi
+  say "starting Redis"
+  $SUDO redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping > /dev/null 2>&1 && return 0; sleep 0.1; done
+  fail "Redis did not answer on 127.0.0.1:6379"
+}
+
+ensure_venv() {
+  local py=python3 stamp="$VENV/.hpcgate-installed" want
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/hpcgate" ]; then return 0; fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    $py -m venv "$VENV"
+  fi
+  say "installing Python packages (pinned by constraints.txt)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+  echo "$want" > "$stamp"
+}
+
+ensure_slurm() {
+  eval "$("$ROOT/slurm/local/start-cluster.sh")"
+}
+
+install_all() {
+  ensure_packages
+  ensure_postgres
+  ensure_redis
+  ensure_venv
+  ensure_slurm
+}
+
+case "${1:-}" in
+  up)
+    shift
+    install_all
+    exec "$VENV/bin/hpcgate" up "$@"
+    ;;
+  test)
+    shift
+    install_all
+    say "ruff"
+    "$VENV/bin/ruff" check .
+    say "mypy"
+    "$VENV/bin/mypy"
+    say "pytest"
+    # pytest exits 5 when it collected no test: that is a failure here, never a pass.
+    "$VENV/bin/pytest" "$@"
+    ;;
+  *)
+    echo "usage: $0 up|test [ARGS...]" >&2
+    exit 2
+    ;;
+esac

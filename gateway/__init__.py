@@ -1,0 +1,5 @@
+"""The data plane: a lean OpenAI-compatible streaming gateway (``hpcgate gateway``).
+
+It never imports ``control``; what it shares with the control plane lives in
+``gateway.schemas`` (msgspec and the standard library only).
+"""

@@ -1,0 +1,87 @@
+"""The snapshots the control plane publishes and every gateway holds in memory.
+
+Both tables are full snapshots, never deltas. ``version`` comes from a PostgreSQL sequence, so
+it only grows, across restarts and even with two publishers running; a gateway swaps in a
+snapshot only if its version is greater than the one it holds. A snapshot is stored under a
+Redis key (so a starting gateway can read it before subscribing) and announced on a pub/sub
+channel whose message is the version as ASCII digits.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class ModelState(enum.StrEnum):
+    READY = "ready"  # at least one ready endpoint
+    STARTING = "starting"  # instances wanted, none ready yet (includes scaling from zero)
+    STOPPED = "stopped"  # no instance wanted
+    FAILED = "failed"  # jobs keep failing; see reason
+
+
+class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    aliases: tuple[str, ...] = ()
+    state: ModelState = ModelState.STOPPED
+    reason: str | None = None
+    max_model_len: int | None = None
+
+
+class EndpointEntry(msgspec.Struct, frozen=True, kw_only=True):
+    endpoint_id: int
+    model: str
+    url: str  # base URL, e.g. "http://node01:8123"
+    node: str
+    port: int
+    endpoint_job_id: int
+    launcher_job_id: str | None = None
+    bearer_token: str | None = None  # what the vLLM behind it requires
+    ready: bool = False
+    draining: bool = False  # finishing in-flight requests, gets no new ones
+
+
+class EndpointTable(msgspec.Struct, frozen=True, kw_only=True):
+    version: int
+    generated_at: float  # unix time, for the gateway's "table age" metric
+    models: tuple[ModelEntry, ...] = ()
+    endpoints: tuple[EndpointEntry, ...] = ()
+
+
+class TenantEntry(msgspec.Struct, frozen=True, kw_only=True):
+    tenant_id: int
+    name: str
+    enabled: bool = True
+    allowed_models: tuple[str, ...] | None = None  # None: every model
+    max_concurrent_requests: int | None = None
+    tokens_per_minute: int | None = None
+
+
+class ApiKeyEntry(msgspec.Struct, frozen=True, kw_only=True):
+    key_hash: str  # hex of hash_api_key(); never the key itself
+    prefix: str
+    tenant_id: int
+    expires_at: float | None = None  # unix time
+
+
+class KeyTable(msgspec.Struct, frozen=True, kw_only=True):
+    """Active keys only: revoked keys and keys of disabled tenants are left out."""
+
+    version: int
+    generated_at: float
+    tenants: tuple[TenantEntry, ...] = ()
+    keys: tuple[ApiKeyEntry, ...] = ()
+
+
+class RedisNames:
+    """Redis keys and channels under a deployment's prefix (``redis_prefix``, e.g. "hpcgate:")."""
+
+    __slots__ = ("endpoint_table", "endpoint_table_channel", "key_table", "key_table_channel", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.endpoint_table = f"{prefix}endpoint_table"
+        self.endpoint_table_channel = f"{prefix}endpoint_table:version"
+        self.key_table = f"{prefix}key_table"
+        self.key_table_channel = f"{prefix}key_table:version"
