@@ -29,7 +29,9 @@ ENV_PREFIX = "HPCGATE_"
 CONFIG_ENV = "HPCGATE_CONFIG"
 
 # Sections that own settings; a variable HPCGATE_<SECTION>_* belongs to that section.
-SECTIONS = ("gateway", "control", "db", "job", "api", "jobs", "health", "autoscaler", "sim", "bench", "up", "admin")
+SECTIONS = (
+    "gateway", "control", "db", "job", "api", "jobs", "health", "autoscaler", "sim", "bench", "up", "admin",
+)
 
 # Settings every process may read; they carry no section prefix.
 COMMON_FIELDS = frozenset(

@@ -46,7 +46,8 @@ async def test_migrate_creates_schema_then_is_a_no_op(empty_db: str) -> None:
 
     conn = await asyncpg.connect(empty_db)
     try:
-        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        tables = {r["tablename"] for r in rows}
         assert {
             "identity_tenants", "identity_tenant_authentications", "ai_model_configurations",
             "ai_model_endpoint_jobs", "ai_model_endpoints", "usage_records", "schema_version",
