@@ -1,0 +1,308 @@
+"""The simulator application: settings, HTTP routing, the engine loop and the server lifecycle.
+
+Invariants: one engine and one engine loop task per simulator; request handlers are
+synchronous (they answer at once, or hand a sequence to the engine whose loop writes the
+response); the loop advances a modelled clock (step ends are computed, not measured) and only
+falls back to the wall clock when it is more than :data:`SLACK_S` behind, so CPU noise on the
+host does not leak into the latencies the simulator produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+import msgspec
+
+from bench.sim import wire
+from bench.sim.engine import Engine, Seq
+from bench.sim.http import Connection, Request
+from bench.sim.metrics import CONTENT_TYPE, SimMetrics
+from bench.sim.profiles import PROFILES
+from bench.sim.textgen import generated_text, output_length, prompt_seed, token_index
+from hpcgate.logs import get_logger
+from hpcgate.settings import LogLevel, Port, PositiveFloat
+
+log = get_logger("hpcgate.sim")
+
+SLACK_S = 0.05
+JSON = b"application/json"
+EMBEDDING_DIM = 64
+
+
+class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of section ``sim`` (``HPCGATE_SIM_*``); also the in-process API's config."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    model: list[str] = msgspec.field(default_factory=lambda: ["sim-model"])  # first = default
+    profile: Literal["fast", "gpu-s", "gpu-l"] = "fast"
+    api_key: str | None = None
+    max_num_seqs: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: the profile's
+    max_model_len: Annotated[int, msgspec.Meta(ge=2)] = 32768
+    legacy_metrics: bool = False
+    eos_mean_tokens: PositiveFloat = 256.0  # mean natural answer length without ignore_eos
+    log_level: LogLevel = "info"
+
+
+class _Sink:
+    """The response of one generation request; receives its tokens from the engine."""
+
+    __slots__ = ("chat", "conn", "include_usage", "maker", "model", "prompt_tokens", "request_id",
+                 "seq", "sim", "stream")
+
+    def __init__(self, sim: Simulator, conn: Connection, *, chat: bool, stream: bool, include_usage: bool,
+                 request_id: str, model: str, prompt_tokens: int) -> None:
+        self.sim = sim
+        self.conn = conn
+        self.chat = chat
+        self.stream = stream
+        self.include_usage = include_usage
+        self.request_id = request_id
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.maker = wire.ChunkMaker(chat, request_id, int(time.time()), model) if stream else None
+        self.seq: Seq | None = None
+
+    def on_token(self, seq: Seq, finish_reason: str | None) -> None:
+        conn, maker = self.conn, self.maker
+        if maker is None:
+            if finish_reason is not None:
+                self._send_whole(seq, finish_reason)
+            return
+        tok = token_index(seq.seed, seq.generated - 1)
+        if finish_reason is None:
+            data = maker.token(tok)
+            if seq.generated == 1 and self.chat:
+                data = maker.role() + data
+            conn.write(data)
+            return
+        parts = [maker.final_token(tok, finish_reason)]
+        if seq.generated == 1 and self.chat:
+            parts.insert(0, maker.role())
+        if self.include_usage:
+            parts.append(maker.usage(self.prompt_tokens, seq.generated))
+        parts += (wire.DONE_FRAME, wire.LAST_CHUNK)
+        conn.write(b"".join(parts))
+        conn.finish()
+
+    def _send_whole(self, seq: Seq, reason: str) -> None:
+        text = generated_text(seq.seed, seq.generated)
+        build = wire.chat_body if self.chat else wire.completion_body
+        body = build(request_id=self.request_id, created=int(time.time()), model=self.model, text=text,
+                     reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=seq.generated)
+        self.conn.send(200, JSON, body)
+
+    def disconnected(self) -> None:
+        if self.seq is not None:
+            self.sim.abort(self.seq)
+
+
+class Simulator:
+    """One simulated vLLM server: engine, metrics, routes."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.profile = PROFILES[config.profile]
+        self.models = tuple(config.model) or ("sim-model",)
+        self.metrics = SimMetrics(self.models[0], config.legacy_metrics, self._gauges)
+        self.engine = Engine(self.profile, self.metrics, config.max_num_seqs)
+        self._auth = b"Bearer " + config.api_key.encode() if config.api_key else None
+        self._wake = asyncio.Event()
+        self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self.aborted = 0
+        self.host = config.host
+        self.port = 0
+        self._created = int(time.time())
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _gauges(self) -> tuple[int, int, float]:
+        e = self.engine
+        return len(e.running), len(e.waiting), e.kv_usage()
+
+    def connection(self) -> Connection:
+        conn = Connection(self.dispatch)
+        self._conns.add(conn)
+        return conn
+
+    # --- engine loop ---------------------------------------------------------------------
+    def submit(self, seq: Seq) -> None:
+        self.engine.add(seq)
+        self._wake.set()
+
+    def abort(self, seq: Seq) -> None:
+        if self.engine.abort(seq):
+            self.aborted += 1
+            self.metrics.on_abort(seq, asyncio.get_running_loop().time())
+
+    async def run_engine(self) -> None:
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        start: float | None = None
+        while True:
+            if not engine.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                start = None
+            now = loop.time()
+            if start is None or now - start > SLACK_S:
+                start = now  # idle or too far behind: rejoin the wall clock
+            duration = engine.schedule(start)
+            if duration is None:
+                self._wake.clear()
+                await self._wake.wait()
+                start = None
+                continue
+            end = start + duration
+            delay = end - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            engine.complete_step(end)
+            start = end
+
+    # --- routing -------------------------------------------------------------------------
+    def dispatch(self, req: Request, conn: Connection) -> None:
+        path = req.path.partition("?")[0]
+        try:
+            if path.startswith("/v1/") and self._auth is not None and req.authorization != self._auth:
+                conn.send(401, JSON, b'{"error":"Unauthorized"}')
+                return
+            if req.method == "POST":
+                if path == "/v1/chat/completions":
+                    self._generate(req, conn, chat=True)
+                elif path == "/v1/completions":
+                    self._generate(req, conn, chat=False)
+                elif path == "/v1/embeddings":
+                    self._embeddings(req, conn)
+                else:
+                    self._not_found(path, conn)
+            elif req.method == "GET":
+                if path in ("/health", "/ping"):
+                    conn.send(200, JSON, b"")
+                elif path == "/metrics":
+                    conn.send(200, CONTENT_TYPE, self.metrics.render())
+                elif path == "/v1/models":
+                    conn.send(200, JSON, self._models_body())
+                elif path == "/version":
+                    conn.send(200, JSON, b'{"version":"0.10.2"}')
+                else:
+                    self._not_found(path, conn)
+            else:
+                conn.send(405, JSON, b'{"detail":"Method Not Allowed"}')
+        except wire.BadRequestError as exc:
+            conn.send(400, JSON, wire.error_json(400, str(exc), "BadRequestError"))
+
+    def _not_found(self, path: str, conn: Connection) -> None:
+        conn.send(404, JSON, b'{"detail":"Not Found"}')
+
+    def _check_model(self, model: str | None, conn: Connection) -> str | None:
+        if model is None:
+            return self.models[0]
+        if model in self.models:
+            return model
+        conn.send(404, JSON, wire.error_json(404, f"The model `{model}` does not exist.", "NotFoundError"))
+        return None
+
+    def _generate(self, req: Request, conn: Connection, chat: bool) -> None:
+        body = b"".join(req.body)
+        if chat:
+            creq, prompt_tokens = wire.parse_chat(body)
+            max_tokens = creq.max_completion_tokens or creq.max_tokens
+            text_seed = body
+        else:
+            preq, prompt_tokens = wire.parse_completion(body)
+            creq, max_tokens, text_seed = preq, preq.max_tokens, body  # type: ignore[assignment]
+        model = self._check_model(creq.model, conn)
+        if model is None:
+            return
+        limit = self.config.max_model_len
+        if prompt_tokens >= limit:
+            raise wire.BadRequestError(
+                f"This model's maximum context length is {limit} tokens. However, your request has "
+                f"{prompt_tokens} input tokens. Please reduce the length of the input messages.")
+        if max_tokens is None:
+            max_tokens = limit - prompt_tokens
+        elif prompt_tokens + max_tokens > limit:
+            raise wire.BadRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
+                f"the completion). Please reduce the length of the messages or completion.")
+        if self.engine.blocks_for(prompt_tokens + 1) > self.engine.total_blocks:
+            raise wire.BadRequestError(f"prompt of {prompt_tokens} tokens does not fit the KV cache")
+        seed = prompt_seed(text_seed.decode("utf-8", "replace"))
+        out_len = output_length(seed, max_tokens, creq.ignore_eos, self.config.eos_mean_tokens)
+        rid = (req.request_id.decode("latin-1") if req.request_id else uuid.uuid4().hex)
+        request_id = ("chatcmpl-" if chat else "cmpl-") + rid
+        opts = creq.stream_options
+        sink = _Sink(self, conn, chat=chat, stream=bool(creq.stream),
+                     include_usage=bool(opts and opts.include_usage), request_id=request_id, model=model,
+                     prompt_tokens=prompt_tokens)
+        seq = Seq(prompt_tokens, out_len, max_tokens=max_tokens, seed=seed, sink=sink,
+                  arrival=asyncio.get_running_loop().time())
+        sink.seq = seq
+        if creq.stream:
+            conn.start_stream()
+        conn.on_disconnect = sink.disconnected
+        self.submit(seq)
+
+    def _embeddings(self, req: Request, conn: Connection) -> None:
+        ereq, counts = wire.parse_embedding(b"".join(req.body))
+        model = self._check_model(ereq.model, conn)
+        if model is None:
+            return
+        inp = ereq.input
+        inputs: list[object] = [inp] if isinstance(inp, str) or isinstance(inp[0], int) else list(inp)
+        data = []
+        for i, item in enumerate(inputs):
+            seed = prompt_seed(repr(item))
+            vec = [math.sin(seed % 1000 + k) for k in range(EMBEDDING_DIM)]
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            data.append({"index": i, "object": "embedding", "embedding": [v / norm for v in vec]})
+        total = sum(counts)
+        conn.send(200, JSON, wire.encode({
+            "id": "embd-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()), "model": model,
+            "data": data, "usage": wire.usage_obj(total, 0)}))
+
+    def _models_body(self) -> bytes:
+        perm = {"id": "modelperm-sim", "object": "model_permission", "created": self._created,
+                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                "organization": "*", "group": None, "is_blocking": False}
+        return wire.encode({"object": "list", "data": [
+            {"id": name, "object": "model", "created": self._created, "owned_by": "vllm",
+             "root": self.models[0], "parent": None, "max_model_len": self.config.max_model_len,
+             "permission": [perm]} for name in self.models]})
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def close_connections(self) -> None:
+        for conn in list(self._conns):
+            if conn.transport is not None and not conn.closed:
+                conn.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def run_simulator(config: SimConfig | None = None) -> AsyncIterator[Simulator]:
+    """Serve a simulator in this event loop: ``async with run_simulator(cfg) as sim: sim.port``."""
+    sim = Simulator(config or SimConfig(port=0))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(sim.connection, sim.config.host, sim.config.port, backlog=4096)
+    sim.port = server.sockets[0].getsockname()[1]
+    engine_task = asyncio.create_task(sim.run_engine(), name="sim-engine")
+    try:
+        yield sim
+    finally:
+        server.close()
+        sim.close_connections()
+        engine_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await engine_task
+        await server.wait_closed()

@@ -1,0 +1,210 @@
+"""Continuous batching over a modelled GPU: pure bookkeeping, driven by an explicit clock.
+
+The engine never sleeps and never touches I/O. Its driver (``app.EngineLoop``) calls
+:meth:`Engine.schedule` with the current time, waits the returned step duration, then calls
+:meth:`Engine.complete_step`, which emits one token to every sequence of the step and retires
+finished ones. Unit tests drive it with a fake clock.
+
+Invariants:
+- at most ``max_num_seqs`` sequences are running; the rest wait in FIFO order;
+- a step's tokens are bounded by ``max_num_batched_tokens``: one per decoding sequence, the
+  rest goes to (chunked) prefill of running and newly admitted sequences, oldest first;
+- KV-cache blocks (``block_size`` tokens each) are allocated on admission for the prompt and
+  one block at a time while decoding; when none is free the newest running sequence is
+  preempted (its blocks freed, put back at the head of the queue, recomputed later: vLLM's
+  recompute preemption);
+- an aborted sequence leaves the engine at once, frees its blocks and never emits again,
+  even if it belonged to the step in flight.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from bench.sim.profiles import Profile
+
+WAITING, RUNNING, FINISHED, ABORTED = 0, 1, 2, 3
+
+
+class Sink(Protocol):
+    """Receives a sequence's tokens (the HTTP response of its request)."""
+
+    def on_token(self, seq: Seq, finish_reason: str | None) -> None: ...
+
+
+class Observer(Protocol):
+    """Receives engine events for metrics."""
+
+    def on_first_scheduled(self, seq: Seq, now: float) -> None: ...
+    def on_first_token(self, seq: Seq, now: float) -> None: ...
+    def on_finished(self, seq: Seq, reason: str, now: float) -> None: ...
+    def on_step(self, prefill_tokens: int, generated_tokens: int, preempted: int) -> None: ...
+
+
+class Seq:
+    """One request inside the engine."""
+
+    __slots__ = (
+        "arrival", "blocks", "computed", "first_scheduled", "first_token", "generated",
+        "max_tokens", "out_len", "prefill_target", "prefilled", "prompt_len", "seed", "sink",
+        "state",
+    )
+
+    def __init__(self, prompt_len: int, out_len: int, *, max_tokens: int, seed: int, sink: Sink,
+                 arrival: float) -> None:
+        self.prompt_len = prompt_len
+        self.out_len = out_len          # tokens it will generate (EOS or max_tokens)
+        self.max_tokens = max_tokens    # finish reason is "length" when out_len reaches it
+        self.seed = seed                # picks the fake text
+        self.sink = sink
+        self.arrival = arrival
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+        self.state = WAITING
+        self.generated = 0              # tokens emitted so far
+        self.computed = 0               # tokens whose KV is computed
+        self.prefill_target = prompt_len
+        self.prefilled = False
+        self.blocks = 0                 # KV blocks held
+
+
+class Engine:
+    __slots__ = ("_batch", "free_blocks", "max_num_seqs", "observer", "profile", "running",
+                 "total_blocks", "waiting")
+
+    def __init__(self, profile: Profile, observer: Observer, max_num_seqs: int | None = None) -> None:
+        self.profile = profile
+        self.observer = observer
+        self.max_num_seqs = max_num_seqs or profile.max_num_seqs
+        self.total_blocks = max(1, profile.kv_cache_tokens // profile.block_size)
+        self.free_blocks = self.total_blocks
+        self.waiting: deque[Seq] = deque()
+        self.running: dict[Seq, None] = {}  # insertion order = admission order
+        self._batch: list[tuple[Seq, int]] = []  # the step in flight: (seq, prefill chunk or 0)
+
+    # --- queries -------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def kv_usage(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.profile.block_size)
+
+    # --- requests ------------------------------------------------------------------------
+    def add(self, seq: Seq) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, seq: Seq) -> bool:
+        """Remove a waiting or running sequence; False if it already finished."""
+        if seq.state == RUNNING:
+            del self.running[seq]
+        elif seq.state == WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                return False
+        else:
+            return False
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
+        seq.state = ABORTED
+        return True
+
+    # --- steps ---------------------------------------------------------------------------
+    def _preempt_newest(self) -> Seq:
+        victim = next(reversed(self.running))
+        del self.running[victim]
+        self.free_blocks += victim.blocks
+        victim.blocks = 0
+        victim.state = WAITING
+        victim.computed = 0
+        victim.prefilled = False
+        victim.prefill_target = victim.prompt_len + victim.generated
+        self.waiting.appendleft(victim)
+        return victim
+
+    def schedule(self, now: float) -> float | None:
+        """Plan the next step; returns its duration, or None when there is nothing to run."""
+        budget = self.profile.max_num_batched_tokens
+        batch: list[tuple[Seq, int]] = []
+        prefill = context = preempted = 0
+        for seq in list(self.running):
+            if seq.state != RUNNING:  # preempted earlier in this loop
+                continue
+            if seq.prefilled:
+                if budget < 1:
+                    continue
+                if self.blocks_for(seq.computed + 1) > seq.blocks:
+                    while self.free_blocks < 1 and seq.state == RUNNING:
+                        self._preempt_newest()
+                        preempted += 1
+                    if seq.state != RUNNING:
+                        continue
+                    seq.blocks += 1
+                    self.free_blocks -= 1
+                budget -= 1
+                context += seq.computed
+                batch.append((seq, 0))
+            else:
+                chunk = min(budget, seq.prefill_target - seq.computed)
+                if chunk > 0:
+                    budget -= chunk
+                    prefill += chunk
+                    batch.append((seq, chunk))
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            need = self.blocks_for(seq.prefill_target + 1)
+            if need > self.free_blocks:
+                break
+            self.waiting.popleft()
+            seq.state = RUNNING
+            seq.blocks = need
+            self.free_blocks -= need
+            self.running[seq] = None
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+                self.observer.on_first_scheduled(seq, now)
+            chunk = min(budget, seq.prefill_target - seq.computed)
+            budget -= chunk
+            prefill += chunk
+            batch.append((seq, chunk))
+        self._batch = batch
+        if not batch:
+            return None
+        self.observer.on_step(prefill, 0, preempted)
+        return self.profile.step_time(len(batch), prefill, context)
+
+    def complete_step(self, now: float) -> int:
+        """Apply the step in flight: one token to each sequence that finished prefill or decodes."""
+        emitted = 0
+        for seq, chunk in self._batch:
+            if seq.state != RUNNING:  # aborted or preempted during the step
+                continue
+            if chunk:
+                seq.computed += chunk
+                if seq.computed < seq.prefill_target:
+                    continue
+                seq.prefilled = True
+            else:
+                seq.computed += 1
+            seq.generated += 1
+            emitted += 1
+            if seq.first_token is None:
+                seq.first_token = now
+                self.observer.on_first_token(seq, now)
+            if seq.generated >= seq.out_len:
+                reason = "length" if seq.generated >= seq.max_tokens else "stop"
+                del self.running[seq]
+                self.free_blocks += seq.blocks
+                seq.blocks = 0
+                seq.state = FINISHED
+                seq.sink.on_token(seq, reason)
+                self.observer.on_finished(seq, reason, now)
+            else:
+                seq.sink.on_token(seq, None)
+        self._batch = []
+        self.observer.on_step(0, emitted, 0)
+        return emitted

@@ -1,0 +1,66 @@
+"""``hpcgate sim``: serve a simulated vLLM until SIGTERM/SIGINT.
+
+Contract (other components and tests rely on it): once listening, exactly one line is printed
+to stdout and flushed, ``{"event":"sim_listening","host":"127.0.0.1","port":12345}``; logs go
+to stderr; SIGTERM or SIGINT stops it with exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+import uvloop
+
+from bench.sim.app import SimConfig, run_simulator
+from hpcgate.logs import get_logger, setup_logging
+from hpcgate.settings import load_settings
+
+log = get_logger("hpcgate.sim")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcgate sim", description="A vLLM-compatible engine simulator.")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port, 0 for any free one (default 8000)")
+    p.add_argument("--model", action="append", help="served model name; repeatable, the first is the default "
+                   "(default sim-model)")
+    p.add_argument("--profile", choices=["fast", "gpu-s", "gpu-l"], help="step-cost profile (default fast)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer TOKEN' on /v1/*")
+    p.add_argument("--max-num-seqs", type=int, help="max running sequences (default: the profile's, 256 "
+                   "for fast and gpu-s, 1024 for gpu-l)")
+    p.add_argument("--max-model-len", type=int, help="context length (default 32768)")
+    p.add_argument("--eos-mean-tokens", type=float,
+                   help="mean answer length without ignore_eos (default 256)")
+    p.add_argument("--legacy-metrics", action="store_true", default=None,
+                   help="emit vLLM V0 metric names (vllm:gpu_cache_usage_perc)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+async def serve(config: SimConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_simulator(config) as sim:
+        ready = {"event": "sim_listening", "host": sim.host, "port": sim.port}
+        line = json.dumps(ready, separators=(",", ":"))
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        log.info("sim_started", host=sim.host, port=sim.port, profile=config.profile, models=list(sim.models),
+                 max_num_seqs=sim.engine.max_num_seqs, max_model_len=config.max_model_len)
+        await stop.wait()
+    log.info("sim_stopped", aborted=sim.aborted)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()}
+    config = load_settings(SimConfig, "sim", overrides=overrides)
+    setup_logging(config.log_level)
+    uvloop.run(serve(config))
+    return 0
