@@ -1,0 +1,122 @@
+"""``hpcgate bench run|table|overhead``: the load driver, Table 1 reproduction, proxy overhead.
+
+Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
+and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import uvloop
+
+from hpcgate.logs import setup_logging
+from hpcgate.settings import LogLevel, load_settings
+
+
+class BenchSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    results_dir: str = "bench-results"
+    log_level: LogLevel = "warning"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run one streaming benchmark against an OpenAI-compatible server")
+    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default="sim-model")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--num-prompts", type=_positive_int, default=100)
+    p.add_argument("--max-concurrency", type=_positive_int)
+    p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument("--burstiness", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dataset-path", help="BurstGPT CSV; without it a SYNTHETIC workload is used")
+    p.add_argument("--api-key")
+    p.add_argument("--result-file", help="JSON results path (default: <results_dir>/run-<time>.json)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cpu", type=int, help="pin the driver to this CPU (os.sched_setaffinity)")
+
+
+def _table_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("table", help="reproduce the paper's Table 1: direct vs gateway vs nginx")
+    p.add_argument("--quick", action="store_true", help="scaled down: fast profile, small counts (< 1 min)")
+    p.add_argument("--profiles", default="gpu-s,gpu-l")
+    p.add_argument("--concurrency", default="100,500,1000")
+    p.add_argument("--targets", default="direct,gateway,nginx")
+    p.add_argument("--dataset-path", help="BurstGPT CSV; without it a SYNTHETIC workload is used")
+    p.add_argument("--out-dir", help="where to write table.md, table.csv, results.json and plots")
+    p.add_argument("--gateway-workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _overhead_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("overhead", help="data-plane overhead: CPU per 1000 requests and added TTFT")
+    p.add_argument("--concurrency", default="100,500,1000")
+    p.add_argument("--targets", default="direct,gateway,nginx")
+    p.add_argument("--requests-per-level", type=int, help="requests per concurrency level (default 3x level)")
+    p.add_argument("--tokens", type=int, default=64, help="output tokens per stream (ignore_eos)")
+    p.add_argument("--gateway-workers", type=int, default=1)
+    p.add_argument("--out-dir")
+    p.add_argument("--quick", action="store_true", help="small counts, for tests")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcgate bench", description="benchmarks of hpcgate and the simulator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _table_parser(sub)
+    _overhead_parser(sub)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
+    from bench.driver import RunSettings, format_report, run_benchmark
+    from bench.workload import load_burstgpt, synthetic
+
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    if args.dataset_path:
+        workload = load_burstgpt(args.dataset_path, args.num_prompts, args.seed)
+    else:
+        workload = synthetic(args.num_prompts, args.seed)
+        print("note: no --dataset-path given; using a SYNTHETIC workload (not BurstGPT)", file=sys.stderr)
+    run = RunSettings(base_url=args.base_url.rstrip("/").removesuffix("/v1"), model=args.model,
+                      endpoint=args.endpoint, num_prompts=args.num_prompts,
+                      max_concurrency=args.max_concurrency,
+                      request_rate=args.request_rate, burstiness=args.burstiness, seed=args.seed,
+                      ignore_eos=args.ignore_eos, api_key=args.api_key)
+    doc = uvloop.run(run_benchmark(run, workload, progress=False if args.no_progress else None))
+    print(format_report(doc))
+    path = Path(args.result_file or Path(settings.results_dir) / f"run-{time.strftime('%Y%m%dT%H%M%S')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"results: {path}")
+    return 0 if doc["metrics"]["completed"] else 1  # type: ignore[index]
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings(BenchSettings, "bench")
+    setup_logging(settings.log_level)
+    if args.command == "run":
+        return _cmd_run(args, settings)
+    if args.command == "table":
+        from bench.table import cmd_table
+
+        return cmd_table(args, settings.results_dir)
+    from bench.overhead import cmd_overhead
+
+    return cmd_overhead(args, settings.results_dir)
