@@ -1,0 +1,72 @@
+"""One upstream endpoint as the gateway sees it: pool, load estimate, failures, ejection.
+
+A :class:`Backend` outlives routing tables: tables are rebuilt on every snapshot, but the
+backend for the same URL and token is reused, so its pool, in-flight count and scraped load
+survive a swap. Its state is mutated only on the event loop of the worker that owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.metrics_text import EngineLoad
+from gateway.upstream_client import UpstreamPool
+
+BackendKey = tuple[str, str | None]  # (base URL, bearer token)
+
+
+class Backend:
+    __slots__ = (
+        "auth_line", "ejected_until", "ejections", "failures", "host", "host_header", "inflight",
+        "kv_usage", "label", "models", "pool", "port", "queue", "scraped_at", "since_scrape", "token", "url",
+    )
+
+    def __init__(
+        self, url: str, host: str, port: int, token: str | None, pool: UpstreamPool
+    ) -> None:
+        self.url = url
+        self.label = url.removeprefix("http://")  # metric label and access-log "backend"
+        self.host = host
+        self.port = port
+        self.token = token
+        self.host_header = f"{host}:{port}".encode()
+        self.auth_line = b"authorization: Bearer %b\r\n" % token.encode() if token else b""
+        self.pool = pool
+        self.models: frozenset[str] = frozenset()  # canonical model names routed here (for wake-ups)
+        self.inflight = 0  # requests of this worker on this backend now
+        self.since_scrape = 0  # requests this worker sent since the last successful scrape
+        self.queue: float | None = None  # running + waiting at the last scrape; None: unknown
+        self.kv_usage: float | None = None
+        self.scraped_at = -1e18
+        self.failures = 0  # consecutive failures
+        self.ejections = 0
+        self.ejected_until = 0.0
+
+    def record_load(self, load: EngineLoad, now: float) -> None:
+        self.queue = load.queue
+        self.kv_usage = load.kv_usage
+        self.scraped_at = now
+        self.since_scrape = 0
+
+    def record_success(self) -> None:
+        self.failures = 0
+        self.ejections = 0
+
+    def record_failure(self, now: float, threshold: int, base_s: float) -> bool:
+        """Count a failure; eject for a while after ``threshold`` in a row. True if ejected now."""
+        self.failures += 1
+        if self.failures < threshold:
+            return False
+        self.failures = 0
+        self.ejected_until = now + base_s * (1 << min(self.ejections, 4))
+        self.ejections += 1
+        return True
+
+
+def make_backend(
+    url: str, host: str, port: int, token: str | None, *, loop: asyncio.AbstractEventLoop,
+    max_idle: int, connect_timeout: float, read_timeout: float,
+) -> Backend:
+    pool = UpstreamPool(host, port, loop=loop, max_idle=max_idle, connect_timeout=connect_timeout,
+                        read_timeout=read_timeout)
+    return Backend(url, host, port, token, pool)

@@ -1,0 +1,346 @@
+"""A lean asyncio HTTP/1.1 server: one protocol object per connection, handlers in tasks.
+
+Shape after uvicorn's httptools protocol: the parser (:mod:`gateway.http_parse`) only collects;
+each complete request runs in its own task, one at a time per connection (pipelined requests
+wait in a short deque). Status lines are prebuilt, the ``date`` header is rebuilt once a
+second. Flow control: when the client's transport buffer passes its high-water mark
+(``pause_writing``) the connection tells its :class:`WriteListener` (the relay pauses reading
+upstream) and :meth:`HttpConnection.drain` blocks until ``resume_writing``.
+
+Timeouts: an idle keep-alive connection is closed after ``keep_alive_timeout_s``; a request
+whose headers and body do not arrive within ``request_read_timeout_s`` gets 408 and the
+connection is closed (slowloris). Beyond ``limit_concurrency`` open connections a new one gets
+503 and is closed. A disconnecting client cancels its handler task at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Protocol, cast
+
+from gateway.errors import ApiError, error_body
+from gateway.http_parse import FramingError, Request, RequestFramer
+from gateway.settings import GatewaySettings
+from hpcgate.logs import get_logger
+
+log = get_logger("hpcgate.gateway.http")
+
+STATUS_LINE: dict[int, bytes] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus
+}
+_JSON = b"application/json"
+_MAX_PIPELINE = 16
+
+
+class _Clock:
+    """The ``date`` header line, refreshed once a second by the server's tick."""
+
+    line = b""
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.line = b"date: " + email.utils.formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+
+
+_Clock.refresh()
+
+
+class WriteListener(Protocol):
+    def client_paused(self) -> None: ...
+    def client_resumed(self) -> None: ...
+    def client_lost(self) -> None: ...
+
+
+Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = (
+        "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task", "_timer",
+        "closed", "keep_alive", "listener", "response_started", "status", "transport", "write_paused",
+    )
+
+    def __init__(self, server: HttpServer) -> None:
+        s = server.settings
+        self._server = server
+        self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes)
+        self._pipeline: deque[Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # keep-alive idle timer
+        self._read_timer: asyncio.TimerHandle | None = None  # request read deadline
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.write_paused = False
+        self.keep_alive = True
+        self.response_started = False
+        self.status = 0
+        self.listener: WriteListener | None = None  # the relay streaming on this connection
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
+        self.transport = cast("asyncio.Transport", transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Why: small SSE chunks must leave at once; Nagle would hold them for the ACK.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server = self._server
+        server.connections.add(self)
+        if len(server.connections) > server.settings.limit_concurrency or server.shutting_down:
+            self.keep_alive = False
+            self.send_full(503, error_body(503, "gateway is at its connection limit", "overloaded"))
+            return
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._server.connections.discard(self)
+        self._cancel_timers()
+        listener = self.listener
+        if listener is not None:
+            self.listener = None
+            listener.client_lost()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client disconnected"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            requests = self._framer.feed(data)
+        except FramingError as exc:
+            self._reject(exc.status, str(exc))
+            return
+        if self._framer.in_message:
+            if self._read_timer is None:
+                self._read_timer = self._server.loop.call_later(
+                    self._server.settings.request_read_timeout_s, self._read_timeout
+                )
+        elif self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        if requests:
+            self._pipeline.extend(requests)
+            if len(self._pipeline) > _MAX_PIPELINE:
+                self._reject(400, "too many pipelined requests")
+                return
+            if self._task is None:
+                self._start_next()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.listener is not None:
+            self.listener.client_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.listener is not None:
+            self.listener.client_resumed()
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- request cycle ------------------------------------------------------------------------
+    def _start_next(self) -> None:
+        request = self._pipeline.popleft()
+        self.keep_alive = request.keep_alive and not self._server.shutting_down
+        self.response_started = False
+        self.status = 0
+        self._task = self._server.loop.create_task(self._run(request))
+
+    async def _run(self, request: Request) -> None:
+        try:
+            await self._server.handler(request, self)
+        except ApiError as exc:
+            if not self.response_started:
+                self.send_error(exc)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("handler_failed")
+            if not self.response_started:
+                self.keep_alive = False
+                self.send_full(500, error_body(500, "internal gateway error", "internal_error"))
+            elif self.transport is not None:
+                self.transport.abort()
+        finally:
+            self._task = None
+            self.listener = None
+            if not self.closed:
+                if not self.keep_alive:
+                    if self.transport is not None:
+                        self.transport.close()
+                elif self._pipeline:
+                    self._start_next()
+                else:
+                    self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self._server.shutting_down:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._timer = self._server.loop.call_later(
+            self._server.settings.keep_alive_timeout_s, self._idle_timeout
+        )
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        if self._task is None and self.transport is not None:
+            self.transport.close()
+
+    def _read_timeout(self) -> None:
+        self._read_timer = None
+        if self._task is None:
+            self._reject(408, "request not received in time")
+        elif self.transport is not None:
+            self.keep_alive = False  # a pipelined request stalled: finish the current one, then close
+
+    def _reject(self, status: int, message: str) -> None:
+        self._pipeline.clear()
+        self.keep_alive = False
+        if self._task is None and not self.response_started:
+            self.send_full(status, error_body(status, message))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _cancel_timers(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def close_when_idle(self) -> None:
+        """Shutdown: close now if idle, else after the response in progress."""
+        self.keep_alive = False
+        if self._task is None and self.transport is not None:
+            self.transport.close()
+
+    # -- responses ---------------------------------------------------------------------------
+    def _head(self, status: int, content_type: bytes, extra: bytes) -> bytes:
+        self.response_started = True
+        self.status = status
+        return b"".join((
+            STATUS_LINE.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
+            b"content-type: ", content_type, b"\r\n",
+            _Clock.line,
+            b"" if self.keep_alive else b"connection: close\r\n",
+            extra,
+        ))
+
+    def send_full(self, status: int, body: bytes, content_type: bytes = _JSON, extra: bytes = b"") -> None:
+        """A complete response with content-length, in one write."""
+        if self.transport is None or self.closed:
+            return
+        head = self._head(status, content_type, extra)
+        self.transport.write(b"%bcontent-length: %d\r\n\r\n%b" % (head, len(body), body))
+
+    def send_error(self, exc: ApiError) -> None:
+        extra = b"retry-after: %d\r\n" % exc.retry_after if exc.retry_after is not None else b""
+        self.send_full(exc.status, exc.body(), _JSON, extra)
+
+    def start_chunked(self, status: int, content_type: bytes, extra: bytes = b"") -> None:
+        if self.transport is None or self.closed:
+            return
+        head = self._head(status, content_type, extra)
+        self.transport.write(head + b"transfer-encoding: chunked\r\n\r\n")
+
+    def write_chunk(self, data: bytes) -> None:
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def end_chunked(self, last: bytes = b"") -> None:
+        if self.closed or self.transport is None:
+            return
+        if last:
+            self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last))
+        else:
+            self.transport.write(b"0\r\n\r\n")
+
+    async def drain(self) -> None:
+        """Wait while the client's transport is over its high-water mark (backpressure)."""
+        if self.closed:
+            raise ConnectionResetError("client disconnected")
+        if not self.write_paused:
+            return
+        if self._drain_waiter is None:
+            self._drain_waiter = self._server.loop.create_future()
+        await self._drain_waiter
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+
+class HttpServer:
+    """Owns the listening socket, the open connections and the once-a-second tick."""
+
+    def __init__(self, handler: Handler, settings: GatewaySettings, loop: asyncio.AbstractEventLoop) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.loop = loop
+        self.connections: set[HttpConnection] = set()
+        self.shutting_down = False
+        self._server: asyncio.Server | None = None
+        self._tick: asyncio.TimerHandle | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await self.loop.create_server(
+            lambda: HttpConnection(self), sock=sock, backlog=2048
+        )
+        self._on_tick()
+
+    def _on_tick(self) -> None:
+        _Clock.refresh()
+        self._tick = self.loop.call_later(1.0, self._on_tick)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let responses in progress finish up to ``timeout``, then cut the rest."""
+        self.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = self.loop.time() + timeout
+        while any(c.busy for c in self.connections) and self.loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # shutdown only: polling a handful of connections is fine
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._tick is not None:
+            self._tick.cancel()
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+
+
+def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock

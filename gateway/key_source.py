@@ -1,0 +1,55 @@
+"""Loads the key table straight from PostgreSQL: at start and as the periodic full resync.
+
+Read-only, in one REPEATABLE READ transaction: the tenants that are enabled and their keys that
+are neither revoked nor expired, plus the current value of the version sequence. That version
+lets a snapshot published to Redis afterwards (a higher version) supersede this one. If
+PostgreSQL is unreachable the caller keeps the keys it has.
+"""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+
+from gateway.schemas import ApiKeyEntry, KeyTable, TenantEntry
+
+_VERSION = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM published_table_version"
+_TENANTS = """
+SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute
+FROM identity_tenants WHERE enabled
+"""
+_KEYS = """
+SELECT a.key_hash, a.key_prefix, a.tenant_id, extract(epoch FROM a.expires_at)::float8 AS expires_at
+FROM identity_tenant_authentications a JOIN identity_tenants t USING (tenant_id)
+WHERE t.enabled AND a.revoked_at IS NULL AND (a.expires_at IS NULL OR a.expires_at > now())
+"""
+
+
+async def load_key_table(dsn: str, timeout: float = 5.0) -> KeyTable:
+    conn = await asyncpg.connect(dsn, timeout=timeout)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            version = await conn.fetchval(_VERSION, timeout=timeout)
+            tenants = await conn.fetch(_TENANTS, timeout=timeout)
+            keys = await conn.fetch(_KEYS, timeout=timeout)
+    finally:
+        await conn.close(timeout=timeout)
+    return KeyTable(
+        version=int(version),
+        generated_at=time.time(),
+        tenants=tuple(
+            TenantEntry(
+                tenant_id=r["tenant_id"], name=r["name"], enabled=True,
+                allowed_models=tuple(r["allowed_models"]) if r["allowed_models"] is not None else None,
+                max_concurrent_requests=r["max_concurrent_requests"],
+                tokens_per_minute=r["tokens_per_minute"],
+            )
+            for r in tenants
+        ),
+        keys=tuple(
+            ApiKeyEntry(key_hash=bytes(r["key_hash"]).hex(), prefix=r["key_prefix"], tenant_id=r["tenant_id"],
+                        expires_at=r["expires_at"])
+            for r in keys
+        ),
+    )

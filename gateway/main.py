@@ -1,0 +1,139 @@
+"""``hpcgate gateway``: parse flags, load settings, run one worker or fork several.
+
+With ``--workers 1`` the process serves itself. With N > 1 the parent binds the port once
+with SO_REUSEPORT but never listens on that socket (it only reserves the port and learns it,
+for ``--port 0``); each forked worker binds its own listening SO_REUSEPORT socket on that port,
+so the kernel spreads connections evenly. The parent prints one ``gateway_listening`` line once
+every worker listens, forwards SIGTERM/SIGINT to them, and restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+
+import orjson
+
+from gateway.http_server import bind_socket
+from gateway.settings import GatewaySettings, load_gateway_settings
+from gateway.worker import run_worker
+from hpcgate.logs import get_logger, setup_logging
+
+log = get_logger("hpcgate.gateway.main")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcgate gateway", description="OpenAI-compatible streaming gateway")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port; 0 picks a free one (default 8000)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes sharing the port (default 1)")
+    p.add_argument("--static-endpoint", action="append", default=None, metavar="MODEL=URL[#TOKEN][,URL...]",
+                   help="serve a fixed endpoint list (repeatable); no Redis/PostgreSQL endpoint table")
+    p.add_argument("--no-auth", action="store_true", default=None, help="accept requests without API keys")
+    p.add_argument("--config", default=None, help="settings file (TOML); default $HPCGATE_CONFIG")
+    return p
+
+
+def _announce(host: str, port: int) -> None:
+    sys.stdout.write(orjson.dumps({"event": "gateway_listening", "host": host, "port": port}).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+def _serve(settings: GatewaySettings, sock: object, index: int, on_ready: object) -> None:
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(run_worker(settings, sock, index, on_ready))  # type: ignore[arg-type]
+    finally:
+        loop.close()
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {
+        "host": args.host, "port": args.port, "workers": args.workers,
+        "static_endpoints": args.static_endpoint, "no_auth": args.no_auth,
+    }
+    settings = load_gateway_settings(overrides=overrides, config_path=args.config)
+    setup_logging(settings.log_level)
+    if settings.workers == 1:
+        sock = bind_socket(settings.host, settings.port, reuse_port=False)
+        _serve(settings, sock, 0, lambda port: _announce(settings.host, port))
+        return 0
+    return _run_workers(settings)
+
+
+def _run_workers(settings: GatewaySettings) -> int:
+    reserve = bind_socket(settings.host, settings.port, reuse_port=True)  # bound, never listening
+    port = reserve.getsockname()[1]
+    ready_r, ready_w = os.pipe()
+    children: dict[int, int] = {}  # pid -> worker index
+
+    def spawn(index: int, announce: bool) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(ready_r)
+            reserve.close()
+            code = 0
+            try:
+                sock = bind_socket(settings.host, port, reuse_port=True)
+                ready = (lambda _p: os.write(ready_w, b".")) if announce else (lambda _p: 0)
+                _serve(settings, sock, index, ready)
+            except BaseException:  # report and exit the child, never return into the parent's code
+                log.exception("worker_crashed", worker=index)
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    for i in range(settings.workers):
+        spawn(i, True)
+    os.close(ready_w)
+    got = 0
+    while got < settings.workers:
+        chunk = os.read(ready_r, settings.workers - got)
+        if not chunk:
+            log.error("workers_failed_to_start")
+            for pid in children:
+                os.kill(pid, signal.SIGTERM)
+            return 1
+        got += len(chunk)
+    _announce(settings.host, port)
+
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while children:
+        try:
+            pid, wstatus = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(wstatus)
+        if not stopping:
+            log.error("worker_died", worker=index, exit_code=code)
+            spawn(index, False)
+        elif code != 0:
+            status = 1
+    return status

@@ -1,0 +1,142 @@
+"""One upstream exchange: receives the pushed response and relays it to the client.
+
+:class:`Exchange` is both the upstream connection's :class:`ResponseSink` and the client
+connection's :class:`WriteListener`. Before the handler *commits* (decides the response is a
+success worth streaming) body pieces are buffered; after commit each upstream read is written
+straight to the client as one HTTP chunk from the parser callback, so there is no task switch
+and no queue per token. Backpressure: a full client transport pauses reading upstream; the
+kernel's socket buffers then push back on the engine. A client that goes away aborts the
+upstream connection at once (the engine frees the slot). An upstream failure after commit ends
+the stream with an SSE error event and a proper last chunk: the client never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+
+from gateway.errors import sse_error_event
+from gateway.http_server import HttpConnection
+from gateway.sse import SseScanner
+from gateway.upstream_client import UpstreamConnection, UpstreamError
+
+
+class Exchange:
+    __slots__ = (
+        "_buffer", "_done", "_head", "_limit", "_loop", "_size", "client", "client_gone", "committed",
+        "ended", "error", "first_byte_at", "headers", "scanner", "status", "upstream",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
+                 scanner: SseScanner | None, limit: int) -> None:
+        self._loop = loop
+        self.client = client
+        self.scanner = scanner
+        self._limit = limit
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._head: asyncio.Future[None] = loop.create_future()
+        self._done: asyncio.Future[None] = loop.create_future()
+        self.upstream: UpstreamConnection | None = None
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.committed = False
+        self.ended = False
+        self.client_gone = False
+        self.error: UpstreamError | None = None
+        self.first_byte_at = 0.0
+
+    # -- ResponseSink (called from the upstream protocol) -----------------------------------------
+    def on_head(self, status: int, headers: dict[bytes, bytes]) -> None:
+        self.status = status
+        self.headers = headers
+        if not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, data: bytes) -> None:
+        if self.committed:
+            if self.scanner is not None:
+                data = self.scanner.feed(data)
+            if data:
+                if not self.first_byte_at:
+                    self.first_byte_at = perf_counter()
+                self.client.write_chunk(data)
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            upstream = self.upstream
+            if upstream is not None:
+                upstream.abort()
+            self.on_error(UpstreamError("too_large", "upstream response too large", False))
+            return
+        self._buffer.append(data)
+
+    def on_end(self) -> None:
+        self.ended = True
+        if self.committed:
+            tail = self.scanner.flush() if self.scanner is not None else b""
+            self.client.end_chunked(tail)
+        self._resolve()
+
+    def on_error(self, exc: UpstreamError) -> None:
+        if self.ended or self.error is not None:
+            return
+        self.error = exc
+        if self.committed:
+            self.client.end_chunked(sse_error_event(f"upstream failed mid-stream: {exc}", exc.kind))
+        self._resolve()
+
+    def _resolve(self) -> None:
+        if not self._head.done():
+            self._head.set_result(None)
+        if not self._done.done():
+            self._done.set_result(None)
+
+    # -- WriteListener (called from the client protocol) ----------------------------------------
+    def client_paused(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def client_resumed(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def client_lost(self) -> None:
+        self.client_gone = True
+        self.abort()
+        self._resolve()
+
+    # -- used by the handler ----------------------------------------------------------------------
+    async def wait_head(self) -> None:
+        await self._head
+
+    async def wait_done(self) -> None:
+        await self._done
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._buffer)
+
+    def commit_stream(self, extra_headers: bytes) -> None:
+        """Start the client's chunked response and flush what arrived before the commit."""
+        client = self.client
+        ctype = self.headers.get(b"content-type", b"text/event-stream")
+        client.start_chunked(self.status, ctype, extra_headers)
+        self.committed = True
+        buffered, self._buffer = self._buffer, []
+        for piece in buffered:
+            self.on_body(piece)
+        if self.ended:
+            tail = self.scanner.flush() if self.scanner is not None else b""
+            client.end_chunked(tail)
+        elif self.error is not None:
+            client.end_chunked(sse_error_event(f"upstream failed mid-stream: {self.error}", self.error.kind))
+        if client.write_paused:
+            self.client_paused()
+
+    def abort(self) -> None:
+        """Drop the upstream request now (client gone, or the handler gave up)."""
+        upstream = self.upstream
+        if upstream is not None and not self.ended:
+            self.upstream = None
+            upstream.abort()

@@ -1,0 +1,115 @@
+"""The gateway's typed settings (section ``gateway``: ``HPCGATE_GATEWAY_*``, ``[gateway]``).
+
+Loaded once at start by :func:`load_gateway_settings` and passed down explicitly; nothing in the
+gateway reads the environment elsewhere. Static endpoints are parsed here too, so a malformed
+``--static-endpoint`` stops the process at start with the offending value named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from hpcgate.settings import LogLevel, Port, PositiveFloat, SettingsError, load_settings
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    workers: PositiveInt = 1
+    # "MODEL=URL[#token][,URL[#token]...]"; non-empty means static mode (no Redis, no PostgreSQL tables)
+    static_endpoints: tuple[str, ...] = ()
+    no_auth: bool = False
+    # client side
+    max_body_bytes: PositiveInt = 8 * 1024 * 1024
+    max_header_count: PositiveInt = 100
+    max_header_bytes: PositiveInt = 16 * 1024
+    keep_alive_timeout_s: PositiveFloat = 5.0
+    request_read_timeout_s: PositiveFloat = 10.0  # headers + body of one request (slowloris)
+    limit_concurrency: PositiveInt = 10_000  # open client connections per worker; beyond: 503
+    # upstream side
+    upstream_connect_timeout_s: PositiveFloat = 5.0
+    upstream_read_timeout_s: PositiveFloat = 300.0  # per read, never a total timeout on streams
+    upstream_max_idle: PositiveInt = 512  # idle keep-alive connections kept per endpoint
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024  # buffered non-streaming response
+    scrape_interval_s: PositiveFloat = 1.0
+    max_retries: NonNegInt = 2
+    retry_budget_ratio: Ratio = 0.2
+    eject_after_failures: PositiveInt = 5
+    eject_base_s: PositiveFloat = 5.0
+    endpoint_max_inflight: NonNegInt = 0  # 0: no gateway-side cap per endpoint
+    queue_max: NonNegInt = 256  # requests waiting per model when every instance is saturated
+    queue_timeout_s: PositiveFloat = 10.0
+    # tables
+    table_resync_s: PositiveFloat = 30.0
+    key_resync_s: PositiveFloat = 30.0
+    redis_backoff_max_s: PositiveFloat = 5.0
+    # accounting and lifecycle
+    usage_flush_s: PositiveFloat = 2.0
+    shutdown_timeout_s: PositiveFloat = 30.0
+    access_log: bool = True
+    # common (no section prefix)
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "hpcgate:"
+    key_hash_secret: str | None = None
+    log_level: LogLevel = "info"
+
+    @property
+    def static_mode(self) -> bool:
+        return bool(self.static_endpoints)
+
+
+class StaticEndpoint(msgspec.Struct, frozen=True):
+    model: str
+    url: str
+    host: str
+    port: int
+    bearer_token: str | None
+
+
+def parse_static_endpoints(specs: Sequence[str]) -> tuple[StaticEndpoint, ...]:
+    """``MODEL=URL[#token][,URL[#token]...]`` -> endpoints; raises SettingsError naming the spec."""
+    out: list[StaticEndpoint] = []
+    for spec in specs:
+        model, sep, urls = spec.partition("=")
+        model = model.strip()
+        if not sep or not model or not urls.strip():
+            raise SettingsError(f"invalid --static-endpoint {spec!r}: expected MODEL=URL[,URL...]")
+        for item in urls.split(","):
+            url, _, token = item.strip().partition("#")
+            parts = urlsplit(url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise SettingsError(f"invalid --static-endpoint {spec!r}: {url!r} is not an http:// URL")
+            try:
+                port = parts.port or 80
+            except ValueError:
+                raise SettingsError(f"invalid --static-endpoint {spec!r}: bad port in {url!r}") from None
+            base = f"http://{parts.hostname}:{port}"
+            out.append(StaticEndpoint(model, base, parts.hostname, port, token or None))
+    return tuple(out)
+
+
+def load_gateway_settings(
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> GatewaySettings:
+    settings = load_settings(GatewaySettings, "gateway", env=env, overrides=overrides,
+                             config_path=config_path)
+    parse_static_endpoints(settings.static_endpoints)  # validate now, fail fast
+    if not settings.static_mode and not settings.redis_url:
+        raise SettingsError("HPCGATE_REDIS_URL is required without --static-endpoint (dynamic mode)")
+    if not settings.no_auth:
+        if not settings.key_hash_secret:
+            raise SettingsError("HPCGATE_KEY_HASH_SECRET is required unless --no-auth")
+        if not settings.database_url and not settings.redis_url:
+            raise SettingsError("HPCGATE_DATABASE_URL or HPCGATE_REDIS_URL is required for API keys")
+    return settings

@@ -1,0 +1,109 @@
+"""Sans-IO scanning of an OpenAI server-sent-event stream for its usage chunk.
+
+The relay forwards SSE bytes as they arrive; :class:`SseScanner` only finds event boundaries
+(``\\n\\n``) so that the final usage event can be read (exact token counts) and, when the gateway
+asked for usage on the client's behalf, removed. Cost on the hot path: an ``endswith`` and a
+substring search per upstream read; events are split only when a read contains ``"usage"``.
+Invariants: bytes are forwarded in order and unchanged except a stripped usage event; a partial
+event at the end of a read is held until its end arrives (at most ``MAX_EVENT`` bytes; beyond
+that scanning stops and everything passes through).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+MAX_EVENT = 1 << 20
+_SEP = b"\n\n"
+_DATA = b"data: "
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class UsageView(msgspec.Struct):
+    usage: Usage | None = None
+    choices: list[msgspec.Raw] | None = None
+
+
+decode_usage_view = msgspec.json.Decoder(UsageView).decode
+
+
+def usage_of(body: bytes) -> Usage | None:
+    """The ``usage`` object of a complete (non-streaming) JSON response, if any."""
+    try:
+        return decode_usage_view(body).usage
+    except msgspec.DecodeError:
+        return None
+
+
+class SseScanner:
+    __slots__ = ("_passthrough", "_tail", "data_events", "strip_usage", "usage")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self.strip_usage = strip_usage
+        self.usage: Usage | None = None
+        self.data_events = 0  # "data: " events seen, [DONE] and the usage event included
+        self._tail = b""
+        self._passthrough = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes to forward now for ``data`` (possibly b"", while a partial event is held)."""
+        if self._passthrough:
+            return data
+        if self._tail:
+            data = self._tail + data
+            self._tail = b""
+        if not data.endswith(_SEP):
+            cut = data.rfind(_SEP)
+            if cut < 0:
+                if len(data) > MAX_EVENT:
+                    self._passthrough = True
+                    return data
+                self._tail = data
+                return b""
+            self._tail = data[cut + 2:]
+            data = data[: cut + 2]
+        self.data_events += data.count(_DATA)
+        if b'"usage"' in data:
+            data = self._take_usage(data)
+        return data
+
+    def flush(self) -> bytes:
+        """At the end of the stream: whatever partial event is still held."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+    def _take_usage(self, data: bytes) -> bytes:
+        events = data.split(_SEP)
+        kept: list[bytes] = []
+        for event in events:
+            if b'"usage"' in event and event.startswith(_DATA):
+                try:
+                    view = decode_usage_view(event[len(_DATA):])
+                except msgspec.DecodeError:
+                    kept.append(event)
+                    continue
+                if view.usage is not None:
+                    self.usage = view.usage
+                    if self.strip_usage and not view.choices:
+                        continue
+            kept.append(event)
+        return _SEP.join(kept)
+
+    @property
+    def content_events(self) -> int:
+        """Events that carried content: a fallback token count when no usage was reported."""
+        extra = 1 if self.usage is not None else 0
+        return max(0, self.data_events - 1 - extra)
+
+
+def inject_include_usage(body: bytes) -> bytes:
+    """Ask the upstream for a usage chunk: add ``stream_options`` to a JSON object body.
+
+    Only called when the client sent no ``stream_options`` (so no duplicate key arises).
+    """
+    i = body.find(b"{")
+    return body[: i + 1] + b'"stream_options":{"include_usage":true},' + body[i + 1:]

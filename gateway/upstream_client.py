@@ -1,0 +1,245 @@
+"""A lean HTTP/1.1 client for the upstream vLLM servers: keep-alive pools, push-style bodies.
+
+One :class:`UpstreamConnection` (an asyncio protocol with an httptools response parser) carries
+one request at a time. The response is *pushed* into a :class:`ResponseSink` from the parser
+callbacks (head, body pieces, end, error): the relay writes each piece straight to the client
+transport without a task switch per chunk, and backpressure is :meth:`pause_reading` on this
+transport while the client's is full. Invariants: a connection goes back to its pool only after
+a complete response that allows keep-alive; any other ending closes it (an aborted request
+frees the engine's slot, because vLLM aborts a request whose connection closed). Every request
+has a connect timeout and a per-read timeout; the read timer is suspended while reading is
+paused for the client, and there is no total timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Protocol, cast
+
+import httptools
+
+
+class UpstreamError(Exception):
+    """The upstream failed. ``before_head``: nothing of the response arrived (safe to retry)."""
+
+    def __init__(self, kind: str, message: str, before_head: bool) -> None:
+        super().__init__(message)
+        self.kind = kind  # connect | closed | timeout | protocol | too_large
+        self.before_head = before_head
+
+
+class ResponseSink(Protocol):
+    def on_head(self, status: int, headers: dict[bytes, bytes]) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_end(self) -> None: ...
+    def on_error(self, exc: UpstreamError) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_head_seen",
+        "_headers",
+        "_last_read",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_pool",
+        "_timer",
+        "closed",
+        "reused",
+        "sink",
+        "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: dict[bytes, bytes] = {}
+        self._head_seen = False
+        self._paused = False
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.closed = False
+        self.reused = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
+        self.transport = cast("asyncio.Transport", transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._stop_timer()
+        self._pool.forget(self)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_error(UpstreamError("closed", "upstream closed the connection", not self._head_seen))
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
+        if self.sink is None:  # bytes nobody asked for: the connection is out of sync
+            self.abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}", not self._head_seen))
+
+    # -- httptools callbacks --------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self._head_seen = True
+        if self.sink is not None:
+            self.sink.on_head(self._parser.get_status_code(), self._headers)
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._stop_timer()
+        sink, self.sink = self.sink, None
+        keep = self._parser.should_keep_alive()
+        if sink is not None:
+            sink.on_end()
+        if keep and not self.closed:
+            self._pool.release(self)
+        else:
+            self.close()
+
+    # -- use ----------------------------------------------------------------------------------
+    def send(self, request: bytes, sink: ResponseSink) -> None:
+        assert self.transport is not None
+        self.sink = sink
+        self._headers = {}
+        self._head_seen = False
+        self._paused = False
+        self._last_read = self._loop.time()
+        self.transport.write(request)
+        self._timer = self._loop.call_at(self._last_read + self._pool.read_timeout, self._check_read)
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self._last_read = self._loop.time()
+            self.transport.resume_reading()
+
+    def _check_read(self) -> None:
+        # Rescheduled rather than recreated per read: one timer per request, not per chunk.
+        self._timer = None
+        if self.sink is None or self.closed:
+            return
+        due = self._last_read + self._pool.read_timeout
+        now = self._loop.time()
+        if self._paused or now < due:
+            self._timer = self._loop.call_at(max(due, now + 0.1), self._check_read)
+            return
+        self._fail(UpstreamError("timeout", "upstream read timed out", not self._head_seen))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fail(self, exc: UpstreamError) -> None:
+        sink, self.sink = self.sink, None
+        self.abort()
+        if sink is not None:
+            sink.on_error(exc)
+
+    def abort(self) -> None:
+        """Close at once (RST): the upstream sees the disconnect and aborts the request."""
+        self._stop_timer()
+        self.sink = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self._stop_timer()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one endpoint; at most ``max_idle`` idle ones are kept (LIFO)."""
+
+    __slots__ = ("_idle", "closed", "connect_timeout", "host", "loop", "max_idle", "open_count", "port",
+                 "read_timeout")
+
+    def __init__(
+        self, host: str, port: int, *, loop: asyncio.AbstractEventLoop, max_idle: int,
+        connect_timeout: float, read_timeout: float,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.loop = loop
+        self.max_idle = max_idle
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: list[UpstreamConnection] = []
+        self.open_count = 0
+        self.closed = False
+
+    async def acquire(self) -> UpstreamConnection:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port
+                )
+        except TimeoutError:
+            raise UpstreamError("connect", "upstream connect timed out", True) from None
+        except OSError as exc:
+            raise UpstreamError("connect", f"upstream connect failed: {exc.strerror or exc}", True) from None
+        self.open_count += 1
+        return proto
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self.closed or len(self._idle) >= self.max_idle:
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.open_count -= 1
+        # A closed connection left in _idle is skipped by acquire(); removing it here is O(n).
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def build_request(method: bytes, path: bytes, host_header: bytes, auth_line: bytes, body: bytes) -> bytes:
+    """A complete HTTP/1.1 request; ``auth_line`` is b"" or a prebuilt ``authorization`` line."""
+    return b"%b %b HTTP/1.1\r\nhost: %b\r\n%bcontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (  # noqa: E501
+        method, path, host_header, auth_line, len(body), body,
+    )

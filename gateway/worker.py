@@ -1,0 +1,116 @@
+"""One gateway worker process: its event loop, server, table sources and graceful shutdown.
+
+A worker serves on a socket it is given (bound by the parent, or its own SO_REUSEPORT socket),
+holds its own copy of the tables and scrapes on its own. On SIGTERM/SIGINT it stops accepting,
+lets streams in flight finish up to ``shutdown_timeout_s``, then writes the usage it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from gateway.app import Gateway
+from gateway.http_server import HttpServer
+from gateway.key_source import load_key_table
+from gateway.routing_table import ModelRoute, RoutingTable
+from gateway.schemas import ModelState
+from gateway.settings import GatewaySettings, parse_static_endpoints
+from gateway.table_sync import RedisTableSync
+from hpcgate.logs import get_logger
+
+log = get_logger("hpcgate.gateway.worker")
+
+
+def static_table(gw: Gateway, settings: GatewaySettings) -> RoutingTable:
+    by_model: dict[str, list[object]] = {}
+    routes: dict[str, ModelRoute] = {}
+    for ep in parse_static_endpoints(settings.static_endpoints):
+        b = gw.backend_for((ep.url, ep.bearer_token), ep.host, ep.port)
+        by_model.setdefault(ep.model, []).append(b)
+    for model, backends in by_model.items():
+        routes[model] = ModelRoute(model, ModelState.READY, tuple(backends))  # type: ignore[arg-type]
+        for b in routes[model].backends:
+            b.models = b.models | {model}
+    return RoutingTable(1, time.time(), routes.values())
+
+
+class Worker:
+    """Everything one worker runs, startable in-process (tests) or in a forked child."""
+
+    def __init__(self, settings: GatewaySettings, index: int = 0) -> None:
+        self.settings = settings
+        self.index = index
+        self.loop = asyncio.get_running_loop()
+        self.gateway = Gateway(settings, self.loop, index)
+        self.server = HttpServer(self.gateway.handle, settings, self.loop)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.sync: RedisTableSync | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        s = self.settings
+        gw = self.gateway
+        if s.static_mode:
+            gw.install_table(static_table(gw, s))
+        auth_on = not s.no_auth
+        if s.redis_url and (not s.static_mode or auth_on):
+            self.sync = RedisTableSync(
+                s.redis_url, s.redis_prefix, resync_s=s.table_resync_s, backoff_max_s=s.redis_backoff_max_s,
+                on_endpoints=None if s.static_mode else gw.install_endpoints,
+                on_keys=gw.install_keys if auth_on else None,
+            )
+            self._tasks.append(self.loop.create_task(self.sync.run()))
+        if auth_on and s.database_url:
+            await self._load_keys_once()
+            self._tasks.append(self.loop.create_task(self._resync_keys()))
+        gw.usage.start()
+        await self.server.start(sock)
+
+    async def _load_keys_once(self) -> bool:
+        assert self.settings.database_url is not None
+        try:
+            table = await load_key_table(self.settings.database_url)
+        except (OSError, TimeoutError, Exception) as exc:  # asyncpg raises many types; keep serving
+            log.warning("key_load_failed", error=str(exc) or type(exc).__name__)
+            return False
+        self.gateway.install_keys(table, from_db=True)
+        return True
+
+    async def _resync_keys(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.key_resync_s)
+            await self._load_keys_once()
+
+    async def stop(self) -> None:
+        await self.server.shutdown(self.settings.shutdown_timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.gateway.scraper.close()
+        for b in self.gateway.backends.values():
+            b.pool.close()
+        await self.gateway.usage.close()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+async def run_worker(settings: GatewaySettings, sock: socket.socket, index: int,
+                     on_ready: Callable[[int], None]) -> None:
+    worker = Worker(settings, index)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        worker.loop.add_signal_handler(sig, stop.set)
+    await worker.start(sock)
+    on_ready(worker.port)
+    await stop.wait()
+    log.info("worker_stopping", worker=index)
+    await worker.stop()
+    log.info("worker_stopped", worker=index)
