@@ -74,7 +74,7 @@ def _overhead_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcgate bench", description="benchmarks of hpcgate and the simulator")
+    parser = argparse.ArgumentParser(prog="hpcgate bench", description="benchmarks of hpcgate")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _table_parser(sub)
