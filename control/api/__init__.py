@@ -1,0 +1,1 @@
+"""``hpcgate control api``: registration API, admin API and Prometheus HTTP SD, served by granian."""

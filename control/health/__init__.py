@@ -1,0 +1,1 @@
+"""The Endpoint Worker (``hpcgate control health``): probes, readiness, expiry, publishing."""

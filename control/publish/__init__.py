@@ -1,0 +1,1 @@
+"""Building the gateway tables from PostgreSQL and publishing them to Redis."""

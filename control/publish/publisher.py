@@ -1,0 +1,163 @@
+"""Publishing the endpoint and key tables to Redis, versioned from PostgreSQL.
+
+Protocol (shared with the gateway, see gateway/schemas/tables.py): the snapshot is
+``msgspec.json.encode(table)`` stored with SET under ``RedisNames.endpoint_table`` (resp.
+``key_table``), then the version is PUBLISHed as ASCII digits on the matching channel, both in
+one MULTI/EXEC.
+
+Invariant: a higher version never carries older data. Reading the rows, drawing the version
+(``nextval('published_table_version')``) and writing Redis all happen while holding a
+transaction-level advisory lock per table, so two publishers (a second worker started by
+mistake, or one that was restarted) serialize, and the one that publishes later has read
+later. Unchanged content is not republished unless ``force`` is given (the periodic safety
+net), so a trigger-driven wake-up without a real change costs one read.
+"""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+
+from control.publish.tables import (
+    EndpointRow,
+    KeyRow,
+    ModelRow,
+    TenantRow,
+    build_endpoint_table,
+    build_key_table,
+)
+from control.store.db import Conn
+from gateway.schemas import EndpointTable, KeyTable, RedisNames
+
+_ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by all publishers
+_KEY_LOCK = 0x6870_6770_0002
+
+_MODELS_SQL = """
+SELECT m.name, m.state, m.state_reason, m.desired_instances, m.max_model_len,
+       coalesce((SELECT array_agg(a.alias ORDER BY a.alias) FROM ai_model_aliases a
+                  WHERE a.model_id = m.model_id), '{}') AS aliases
+  FROM ai_model_configurations m
+"""
+
+_ENDPOINTS_SQL = """
+SELECT e.endpoint_id, e.endpoint_job_id, m.name AS model, e.node, e.port, j.launcher_job_id,
+       e.bearer_token, e.consecutive_failures,
+       (e.draining OR j.state IN ('draining', 'cancelling') OR m.state = 'draining') AS draining
+  FROM ai_model_endpoints e
+  JOIN ai_model_endpoint_jobs j USING (endpoint_job_id)
+  JOIN ai_model_configurations m ON m.model_id = e.model_id
+ WHERE e.ready_at IS NOT NULL AND j.state NOT IN ('ended', 'failed')
+"""
+
+_TENANTS_SQL = """
+SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute
+  FROM identity_tenants WHERE enabled
+"""
+
+_KEYS_SQL = """
+SELECT k.key_hash, k.key_prefix AS prefix, k.tenant_id, k.expires_at
+  FROM identity_tenant_authentications k JOIN identity_tenants t USING (tenant_id)
+ WHERE t.enabled AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+"""
+
+
+async def read_endpoint_table(conn: Conn, unroutable_after: int) -> EndpointTable:
+    """The current table with version 0 (content only)."""
+    models = [
+        ModelRow(
+            name=r["name"],
+            aliases=tuple(r["aliases"]),
+            state=r["state"],
+            state_reason=r["state_reason"],
+            desired_instances=r["desired_instances"],
+            max_model_len=r["max_model_len"],
+        )
+        for r in await conn.fetch(_MODELS_SQL)
+    ]
+    endpoints = [EndpointRow(**dict(r)) for r in await conn.fetch(_ENDPOINTS_SQL)]
+    return build_endpoint_table(models, endpoints, unroutable_after=unroutable_after)
+
+
+async def read_key_table(conn: Conn) -> KeyTable:
+    tenants = [
+        TenantRow(
+            tenant_id=r["tenant_id"],
+            name=r["name"],
+            allowed_models=tuple(r["allowed_models"]) if r["allowed_models"] is not None else None,
+            max_concurrent_requests=r["max_concurrent_requests"],
+            tokens_per_minute=r["tokens_per_minute"],
+        )
+        for r in await conn.fetch(_TENANTS_SQL)
+    ]
+    keys = [
+        KeyRow(
+            key_hash=bytes(r["key_hash"]),
+            prefix=r["prefix"],
+            tenant_id=r["tenant_id"],
+            expires_at=r["expires_at"],
+        )
+        for r in await conn.fetch(_KEYS_SQL)
+    ]
+    return build_key_table(tenants, keys)
+
+
+class TablePublisher:
+    """Publishes both tables; remembers the last content it sent to skip no-op publishes."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        names: RedisNames,
+        *,
+        unroutable_after: int,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._names = names
+        self._unroutable_after = unroutable_after
+        self._timeout_s = timeout_s
+        self._last_endpoints: EndpointTable | None = None
+        self._last_keys: KeyTable | None = None
+
+    def forget(self) -> None:
+        """After an outage: publish the next tables even if they look unchanged."""
+        self._last_endpoints = None
+        self._last_keys = None
+
+    async def publish_endpoints(self, *, force: bool = False) -> int | None:
+        """Publish the endpoint table if it changed (or ``force``); returns the version or None."""
+        async with self._pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _ENDPOINT_LOCK)
+            table = await read_endpoint_table(conn, self._unroutable_after)
+            if not force and table == self._last_endpoints:
+                return None
+            version = await conn.fetchval("SELECT nextval('published_table_version')")
+            snapshot = msgspec.structs.replace(table, version=version, generated_at=time.time())
+            await self._write(
+                self._names.endpoint_table, self._names.endpoint_table_channel, snapshot, version
+            )
+            self._last_endpoints = table
+            return int(version)
+
+    async def publish_keys(self, *, force: bool = False) -> int | None:
+        async with self._pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _KEY_LOCK)
+            table = await read_key_table(conn)
+            if not force and table == self._last_keys:
+                return None
+            version = await conn.fetchval("SELECT nextval('published_table_version')")
+            snapshot = msgspec.structs.replace(table, version=version, generated_at=time.time())
+            await self._write(self._names.key_table, self._names.key_table_channel, snapshot, version)
+            self._last_keys = table
+            return int(version)
+
+    async def _write(self, key: str, channel: str, snapshot: EndpointTable | KeyTable, version: int) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, msgspec.json.encode(snapshot))
+            pipe.publish(channel, str(version))
+            await pipe.execute()

@@ -1,0 +1,181 @@
+"""Tenants and their API keys (admin API).
+
+Invariants: a key is stored only as ``hash_api_key(key_hash_secret, key)`` and its visible
+prefix; the plaintext leaves this module once, in :class:`KeyCreated`. Changes here fire the
+``hpcgate_key_table`` NOTIFY (migration 0500), so the Endpoint Worker republishes the key
+table right after the commit.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from msgspec import UNSET
+
+from control.store.db import Database, InvalidError, NotFoundError, found
+from control.wire import (
+    ApiKey,
+    KeyCreate,
+    KeyCreated,
+    KeyQuery,
+    KeyUpdate,
+    Tenant,
+    TenantCreate,
+    TenantUpdate,
+)
+from gateway.schemas import hash_api_key, key_prefix, new_api_key
+
+_TENANT_SELECT = """
+SELECT t.tenant_id, t.name, t.enabled, t.allowed_models, t.max_concurrent_requests, t.tokens_per_minute,
+       t.created_at, t.updated_at,
+       (SELECT count(*) FROM identity_tenant_authentications k
+         WHERE k.tenant_id = t.tenant_id AND k.revoked_at IS NULL
+           AND (k.expires_at IS NULL OR k.expires_at > now()))::int AS active_keys
+  FROM identity_tenants t
+"""
+
+_KEY_SELECT = """
+SELECT k.authentication_id AS key_id, t.name AS tenant, k.key_prefix AS prefix, k.description,
+       k.created_at, k.expires_at, k.revoked_at,
+       (k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())) AS active
+  FROM identity_tenant_authentications k JOIN identity_tenants t USING (tenant_id)
+"""
+
+
+def _tenant(row: asyncpg.Record) -> Tenant:
+    return Tenant(**dict(row))
+
+
+def _key(row: asyncpg.Record) -> ApiKey:
+    return ApiKey(**dict(row))
+
+
+async def create_tenant(db: Database, req: TenantCreate) -> Tenant:
+    async with db.transaction() as conn:
+        tenant_id = await conn.fetchval(
+            """INSERT INTO identity_tenants (name, enabled, allowed_models, max_concurrent_requests,
+                                             tokens_per_minute)
+               VALUES ($1, $2, $3, $4, $5) RETURNING tenant_id""",
+            req.name,
+            req.enabled,
+            req.allowed_models,
+            req.max_concurrent_requests,
+            req.tokens_per_minute,
+        )
+        row = await conn.fetchrow(_TENANT_SELECT + " WHERE t.tenant_id = $1", tenant_id)
+    return _tenant(found(row, "row"))
+
+
+async def list_tenants(db: Database) -> list[Tenant]:
+    async with db.transaction() as conn:
+        return [_tenant(r) for r in await conn.fetch(_TENANT_SELECT + " ORDER BY t.name")]
+
+
+async def get_tenant(db: Database, name: str) -> Tenant:
+    async with db.transaction() as conn:
+        row = await conn.fetchrow(_TENANT_SELECT + " WHERE t.name = $1", name)
+    if row is None:
+        raise NotFoundError(f"no tenant {name!r}")
+    return _tenant(row)
+
+
+async def update_tenant(db: Database, name: str, req: TenantUpdate) -> Tenant:
+    changes = {
+        field: value
+        for field in ("enabled", "allowed_models", "max_concurrent_requests", "tokens_per_minute")
+        if (value := getattr(req, field)) is not UNSET
+    }
+    async with db.transaction() as conn:
+        if changes:
+            sets = ", ".join(f"{field} = ${i}" for i, field in enumerate(changes, start=2))
+            done = await conn.fetchval(
+                f"UPDATE identity_tenants SET {sets}, updated_at = now() WHERE name = $1 RETURNING tenant_id",
+                name,
+                *changes.values(),
+            )
+            if done is None:
+                raise NotFoundError(f"no tenant {name!r}")
+        row = await conn.fetchrow(_TENANT_SELECT + " WHERE t.name = $1", name)
+    if row is None:
+        raise NotFoundError(f"no tenant {name!r}")
+    return _tenant(row)
+
+
+async def create_key(db: Database, secret: bytes, tenant: str, req: KeyCreate) -> KeyCreated:
+    if req.expires_at is not None and req.expires_in_s is not None:
+        raise InvalidError("give expires_at or expires_in_s, not both")
+    expires_at = req.expires_at
+    if req.expires_in_s is not None:
+        expires_at = datetime.now(UTC) + timedelta(seconds=req.expires_in_s)
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        raise InvalidError("expires_at must be in the future")
+    key = new_api_key()
+    async with db.transaction() as conn:
+        tenant_id = await conn.fetchval("SELECT tenant_id FROM identity_tenants WHERE name = $1", tenant)
+        if tenant_id is None:
+            raise NotFoundError(f"no tenant {tenant!r}")
+        key_id = await conn.fetchval(
+            """INSERT INTO identity_tenant_authentications (tenant_id, key_prefix, key_hash, description,
+                                                            expires_at)
+               VALUES ($1, $2, $3, $4, $5) RETURNING authentication_id""",
+            tenant_id,
+            key_prefix(key),
+            hash_api_key(secret, key),
+            req.description,
+            expires_at,
+        )
+        row = await conn.fetchrow(_KEY_SELECT + " WHERE k.authentication_id = $1", key_id)
+    return KeyCreated(key=key, api_key=_key(found(row, "row")))
+
+
+async def list_keys(db: Database, query: KeyQuery) -> list[ApiKey]:
+    async with db.transaction() as conn:
+        rows = await conn.fetch(
+            _KEY_SELECT
+            + """ WHERE ($1::text IS NULL
+                         OR k.key_prefix LIKE replace(replace($1, '_', '\\_'), '%', '\\%') || '%')
+                    AND ($2::text IS NULL OR t.name = $2)
+                    AND ($3 OR (k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())))
+                  ORDER BY k.authentication_id""",
+            query.prefix,
+            query.tenant,
+            query.all,
+        )
+    return [_key(r) for r in rows]
+
+
+async def revoke_key(db: Database, key_id: int) -> ApiKey:
+    """Idempotent: revoking a revoked key keeps its first revocation time."""
+    async with db.transaction() as conn:
+        done = await conn.fetchval(
+            """UPDATE identity_tenant_authentications SET revoked_at = coalesce(revoked_at, now())
+                WHERE authentication_id = $1 RETURNING authentication_id""",
+            key_id,
+        )
+        if done is None:
+            raise NotFoundError(f"no API key {key_id}")
+        row = await conn.fetchrow(_KEY_SELECT + " WHERE k.authentication_id = $1", key_id)
+    return _key(found(row, "row"))
+
+
+async def update_key(db: Database, key_id: int, req: KeyUpdate) -> ApiKey:
+    async with db.transaction() as conn:
+        row = await conn.fetchrow(
+            """SELECT description, expires_at FROM identity_tenant_authentications
+                WHERE authentication_id = $1""",
+            key_id,
+        )
+        if row is None:
+            raise NotFoundError(f"no API key {key_id}")
+        description = row["description"] if req.description is UNSET else req.description
+        expires_at = row["expires_at"] if req.expires_at is UNSET else req.expires_at
+        await conn.execute(
+            "UPDATE identity_tenant_authentications SET description = $2, expires_at = $3"
+            " WHERE authentication_id = $1",
+            key_id,
+            description,
+            expires_at,
+        )
+        row = await conn.fetchrow(_KEY_SELECT + " WHERE k.authentication_id = $1", key_id)
+    return _key(found(row, "row"))
