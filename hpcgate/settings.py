@@ -147,7 +147,12 @@ def load_settings(
 
     own_prefix = f"{ENV_PREFIX}{section.upper()}_"
     for name, value in env.items():
-        if name.startswith(own_prefix):
+        # Common names first: HPCGATE_ADMIN_TOKEN is the common admin_token, not [admin] token.
+        if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX):].lower() in COMMON_FIELDS:
+            field = name[len(ENV_PREFIX):].lower()
+            if field not in fields:
+                continue
+        elif name.startswith(own_prefix):
             field = name[len(own_prefix):].lower()
             if field not in fields or field in COMMON_FIELDS:
                 raise SettingsError(f"unknown setting {name}: {section} has no setting {field!r}")
