@@ -1,0 +1,138 @@
+"""``hpcgate control jobs``: the Job Worker daemon.
+
+Runs :meth:`JobWorker.reconcile_once` every ``interval_s``, and sooner when PostgreSQL announces
+a change to models or jobs (``LISTEN hpcgate_endpoint_table``, sent by triggers of migration
+0500), so a new desired count is acted on within milliseconds. A failed pass (PostgreSQL or the
+scheduler unreachable) is retried with capped, jittered backoff; the outage is logged once and
+the recovery once. Stops cleanly on SIGINT/SIGTERM; the jobs themselves keep running and are
+found again by name on the next start.
+
+Prints ``{"event": "jobs_worker_started", ...}`` on stderr once it has connected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from control.jobs.reconcile import JobWorker
+from control.jobs.settings import JobsSettings
+from control.launchers.base import Launcher, LauncherError
+from hpcgate.logs import get_logger, setup_logging
+from hpcgate.settings import load_settings
+
+log = get_logger("hpcgate.control.jobs")
+NOTIFY_CHANNEL = "hpcgate_endpoint_table"
+# Errors that end a pass early; the next pass (after backoff) redoes it.
+_TEMPORARY = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, LauncherError, TimeoutError)
+
+
+def make_launcher(settings: JobsSettings) -> Launcher:
+    if settings.launcher == "local":
+        from control.launchers.local import LocalLauncher
+
+        return LocalLauncher(Path(settings.data_dir) / "jobs" / "local-state", node=settings.local_node)
+    if settings.launcher == "slurm":
+        from control.launchers.slurm_cli import SlurmCliLauncher
+
+        return SlurmCliLauncher(settings.ssh_prefix, settings.command_timeout_s, settings.squeue_json)
+    from control.launchers.slurm_rest import SlurmRestLauncher
+
+    if not settings.slurmrest_url:
+        from hpcgate.settings import SettingsError
+
+        raise SettingsError("missing setting HPCGATE_JOBS_SLURMREST_URL: required by launcher slurmrest")
+    return SlurmRestLauncher(settings.slurmrest_url, settings.slurmrest_api_version,
+                             settings.slurmrest_user, settings.slurmrest_token, settings.command_timeout_s)
+
+
+async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
+    launcher = make_launcher(settings)
+    if not settings.ssh_prefix:
+        settings.resolved_output_dir().mkdir(parents=True, exist_ok=True)
+    wake = asyncio.Event()
+    backoff = 0.5
+    failing: str | None = None
+    pool: asyncpg.Pool | None = None
+    listener: asyncpg.Connection | None = None
+    log.info("jobs_worker_started", launcher=launcher.kind, job_name_prefix=settings.job_name_prefix,
+             output_dir=str(settings.resolved_output_dir()),
+             ssh_prefix=shlex.join(settings.ssh_prefix) if settings.ssh_prefix else None)
+    try:
+        while not stop.is_set():
+            try:
+                if pool is None:
+                    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4,
+                                                     command_timeout=30)
+                if listener is None or listener.is_closed():
+                    listener = await asyncpg.connect(settings.database_url)
+                    await listener.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
+                worker = JobWorker(settings, pool, launcher)
+                wake.clear()
+                await worker.reconcile_once()
+                if failing is not None:
+                    log.info("jobs_worker_recovered", was=failing)
+                    failing = None
+                backoff = 0.5
+                delay = settings.interval_s
+            except _TEMPORARY as exc:
+                kind = type(exc).__name__
+                if failing is None:
+                    log.warning("jobs_worker_degraded", error=str(exc)[:500], error_type=kind)
+                failing = kind
+                if isinstance(exc, (OSError, asyncpg.InterfaceError)) and not isinstance(exc, LauncherError):
+                    await _close(listener)
+                    listener = None
+                delay = min(backoff, settings.outage_backoff_max_s) * (0.5 + random.random() / 2)
+                backoff = min(backoff * 2, settings.outage_backoff_max_s)
+            stop_wait = asyncio.ensure_future(stop.wait())
+            wake_wait = asyncio.ensure_future(wake.wait())
+            await asyncio.wait({stop_wait, wake_wait}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            wake_wait.cancel()
+            if wake.is_set() and not stop.is_set():
+                await asyncio.sleep(0.05)  # coalesce a burst of notifications into one pass
+    finally:
+        await _close(listener)
+        if pool is not None:
+            await pool.close()
+        await launcher.close()
+        log.info("jobs_worker_stopped")
+
+
+async def _close(conn: asyncpg.Connection | None) -> None:
+    if conn is not None and not conn.is_closed():
+        try:
+            await asyncio.wait_for(conn.close(), 2)
+        except (OSError, TimeoutError, asyncpg.InterfaceError):
+            conn.terminate()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hpcgate control jobs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--launcher", choices=("local", "slurm", "slurmrest"), default=None)
+    parser.add_argument("--interval", type=float, default=None, dest="interval_s")
+    args = parser.parse_args(argv)
+    settings = load_settings(JobsSettings, "jobs", overrides={"launcher": args.launcher,
+                                                               "interval_s": args.interval_s})
+    setup_logging(settings.log_level)
+    if settings.launcher == "slurmrest" and not settings.slurmrest_url:
+        print("hpcgate control jobs: missing setting HPCGATE_JOBS_SLURMREST_URL", file=sys.stderr)
+        return 2
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(_main())
+    return 0
