@@ -1,0 +1,63 @@
+"""End to end: ``hpcgate bench table --quick`` and a headless locust run against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import sys
+from pathlib import Path
+
+from tests.support.procs import child_env, hpcgate_cmd
+from tests.support.sim import sim_process
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUST = str(Path(sys.executable).with_name("locust"))
+
+
+async def run(cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=cwd, env=child_env(), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def test_quick_table_end_to_end(tmp_path: Path) -> None:
+    code, out = await run(hpcgate_cmd("bench", "table", "--quick", "--out-dir", str(tmp_path)), timeout=100)
+    assert code == 0, out
+    for name in ("table.md", "table.csv", "results.json", "ttft.png", "tpot.png", "e2el.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["workload"].startswith("SYNTHETIC")
+    cells = {(c["concurrency"], c["target"]): c for c in doc["cells"]}
+    for level in (8, 32):
+        for target in ("direct", "nginx"):
+            m = cells[(level, target)]["metrics"]
+            assert m is not None, cells[(level, target)]["error"]
+            assert (m["completed"], m["failed"]) == (level, 0)
+            assert m["median_ttft_ms"] > 0 and m["median_tpot_ms"] > 0
+        # same workload through every target: identical token totals
+        totals = {cells[(level, t)]["metrics"]["total_output_tokens"] for t in ("direct", "nginx")}
+        assert len(totals) == 1
+        gw = cells[(level, "gateway")]
+        assert gw["metrics"] is not None or gw["error"].startswith("gateway did not start")
+        if gw["metrics"] is not None:
+            assert gw["metrics"]["failed"] == 0
+            assert gw["metrics"]["total_output_tokens"] == cells[(level, "direct")]["metrics"]["total_output_tokens"]
+    md = (tmp_path / "table.md").read_text()
+    assert "SYNTHETIC" in md and "Median TTFT (ms)" in md and "Overheads vs direct" in md
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert {r["target"] for r in rows} == {"direct", "gateway", "nginx"}
+
+
+async def test_locust_records_ttft_without_failures(tmp_path: Path) -> None:
+    async with sim_process() as sim:
+        prefix = tmp_path / "locust"
+        code, out = await run([LOCUST, "-f", str(ROOT / "bench" / "locustfile.py"), "--headless", "-u", "5",
+                               "-r", "5", "-t", "4s", "--host", sim.url, "--max-tokens", "16",
+                               "--csv", str(prefix), "--only-summary"], timeout=60)
+    assert code == 0, out
+    stats = {(r["Type"], r["Name"]): r for r in csv.DictReader(Path(f"{prefix}_stats.csv").open())}
+    chat, ttft = stats[("POST", "chat")], stats[("TTFT", "chat")]
+    assert int(chat["Request Count"]) > 0 and int(chat["Failure Count"]) == 0
+    assert int(ttft["Request Count"]) > 0 and int(ttft["Failure Count"]) == 0
