@@ -18,7 +18,7 @@ from typing import Any
 from locust import HttpUser, between, events, task
 
 
-@events.init_command_line_parser.add_listener
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def _options(parser: Any) -> None:
     parser.add_argument("--model", default="sim-model", help="model name to request")
     parser.add_argument("--api-key", default="none", help="bearer token")

@@ -47,9 +47,8 @@ async def http(method: str, url: str, body: bytes = b"") -> tuple[int, dict[str,
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample of the exposition text (0 when absent)."""
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
@@ -74,7 +73,8 @@ async def test_chat_and_completions_with_async_sdk(sim: Simulator) -> None:
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
     assert chunks[0].object == "chat.completion.chunk" and chunks[0].model == "m"
 
-    comp = await client.completions.create(model="m-alias", prompt=PROMPT, max_tokens=3, extra_body={"ignore_eos": True})
+    comp = await client.completions.create(model="m-alias", prompt=PROMPT, max_tokens=3,
+                                           extra_body={"ignore_eos": True})
     assert comp.object == "text_completion" and comp.model == "m-alias"
     assert comp.usage is not None and comp.usage.completion_tokens == 3
     assert len(comp.choices[0].text.split()) == 3 and comp.choices[0].finish_reason == "length"
@@ -129,9 +129,9 @@ async def test_errors_have_vllm_shape(sim: Simulator) -> None:
     assert too_long.value.status_code == 400
     assert too_long.value.body == {
         "object": "error", "type": "BadRequestError", "param": None, "code": 400,
-        "message": "This model's maximum context length is 32768 tokens. However, you requested 32772 tokens "
-                   "(4 in the messages, 32768 in the completion). Please reduce the length of the messages or "
-                   "completion."}
+        "message": "This model's maximum context length is 32768 tokens. However, you requested 32772 "
+                   "tokens (4 in the messages, 32768 in the completion). Please reduce the length of the "
+                   "messages or completion."}
     with pytest.raises(openai.NotFoundError) as unknown:
         await client.completions.create(model="nope", prompt=PROMPT, max_tokens=1)
     assert isinstance(unknown.value.body, dict) and unknown.value.body["type"] == "NotFoundError"
@@ -157,7 +157,8 @@ async def test_api_key_required_on_v1_only() -> None:
 async def test_metric_values_after_known_requests(sim: Simulator) -> None:
     client = openai.AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="x")
     for _ in range(2):
-        await client.completions.create(model="m", prompt="a b c", max_tokens=5, extra_body={"ignore_eos": True})
+        await client.completions.create(model="m", prompt="a b c", max_tokens=5,
+                                        extra_body={"ignore_eos": True})
     text = await scrape(sim)
     await client.close()
     assert metric(text, "vllm:prompt_tokens_total", model_name="m") == 6
@@ -182,15 +183,17 @@ async def test_queueing_beyond_max_num_seqs_and_abort_on_disconnect() -> None:
     # gpu-s steps are ~30 ms, so 200-token streams stay in flight while we look.
     async with run_simulator(SimConfig(port=0, profile="gpu-s", max_num_seqs=2)) as s:
         client = openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="x")
-        streams = [await client.completions.create(model="sim-model", prompt=PROMPT, max_tokens=200, stream=True,
-                                                   extra_body={"ignore_eos": True}) for _ in range(2)]
+        streams = [await client.completions.create(model="sim-model", prompt=PROMPT, max_tokens=200,
+                                                   stream=True, extra_body={"ignore_eos": True})
+                   for _ in range(2)]
         pending = [asyncio.create_task(client.completions.create(
             model="sim-model", prompt=PROMPT, max_tokens=200, stream=True, extra_body={"ignore_eos": True}))
             for _ in range(3)]
 
         async def queued() -> bool:
             text = await scrape(s)
-            return metric(text, "vllm:num_requests_running") == 2 and metric(text, "vllm:num_requests_waiting") == 3
+            running = metric(text, "vllm:num_requests_running")
+            return running == 2 and metric(text, "vllm:num_requests_waiting") == 3
 
         await wait_until(queued, timeout=10, what="2 running and 3 waiting")
         kv = metric(await scrape(s), "vllm:kv_cache_usage_perc")
