@@ -46,15 +46,15 @@ PROFILES: dict[str, Profile] = {
     # 2x L40S (TP 2), Mistral Small 3.2 24B bf16. vLLM's defaults for a <70 GiB device:
     # max_num_seqs 256, max_num_batched_tokens 2048.
     "gpu-s": Profile(
-        name="gpu-s", base_s=0.030, per_seq_s=0.00012, per_prefill_token_s=0.00012,
-        per_context_token_s=0.0, max_num_seqs=256, max_num_batched_tokens=2048,
-        kv_cache_tokens=220_000,
+        name="gpu-s", base_s=0.032, per_seq_s=0.00012, per_prefill_token_s=0.00012,
+        per_context_token_s=9.5e-8, max_num_seqs=256, max_num_batched_tokens=2048,
+        kv_cache_tokens=200_000,
     ),
     # 1x H100 80 GB, same model. vLLM's defaults for a >=70 GiB device: max_num_seqs 1024,
     # max_num_batched_tokens 8192.
     "gpu-l": Profile(
-        name="gpu-l", base_s=0.020, per_seq_s=0.00008, per_prefill_token_s=0.00006,
-        per_context_token_s=0.0, max_num_seqs=1024, max_num_batched_tokens=8192,
-        kv_cache_tokens=130_000,
+        name="gpu-l", base_s=0.016, per_seq_s=0.00008, per_prefill_token_s=0.00008,
+        per_context_token_s=5e-8, max_num_seqs=1024, max_num_batched_tokens=8192,
+        kv_cache_tokens=120_000,
     ),
 }
