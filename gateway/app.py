@@ -209,7 +209,7 @@ class Gateway:
             if not route.backends:
                 raise _no_instance(route)
             tstate = self.tenants.enter(principal, self.loop.time())
-            body = req.body
+            body = req.body if view.model == route.name else _with_model(req.body, route.name)
             stream = bool(view.stream)
             if stream:
                 strip = view.stream_options is None
@@ -330,6 +330,19 @@ class Gateway:
             self.metrics.ejected(backend.label)
             log.warning("endpoint_ejected", backend=backend.label, until_s=round(backend.ejected_until, 1),
                         reason=kind)
+
+
+_decode_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def _with_model(body: bytes, name: str) -> bytes:
+    """The body with ``model`` set to the canonical name (requests by alias only).
+
+    The engine serves the canonical name; only the top level is decoded, other values stay raw.
+    """
+    doc = _decode_object(body)
+    doc["model"] = msgspec.Raw(_encode(name))
+    return _encode(doc)
 
 
 def _no_instance(route: ModelRoute) -> ApiError:

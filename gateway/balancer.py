@@ -24,7 +24,7 @@ def choose(
     now: float,
     *,
     stale_after: float,
-    max_inflight: int,
+    max_inflight: int = 0,
     exclude: Collection[Backend] = (),
     rand: Callable[[], float] = random.random,
     ignore_ejection: bool = False,

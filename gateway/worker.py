@@ -50,6 +50,7 @@ class Worker:
         self.server = HttpServer(self.gateway.handle, settings, self.loop)
         self._tasks: list[asyncio.Task[None]] = []
         self.sync: RedisTableSync | None = None
+        self.key_load_failures = 0  # PostgreSQL loads that failed (the keys held stay in use)
 
     async def start(self, sock: socket.socket) -> None:
         s = self.settings
@@ -75,6 +76,7 @@ class Worker:
         try:
             table = await load_key_table(self.settings.database_url)
         except (OSError, TimeoutError, Exception) as exc:  # asyncpg raises many types; keep serving
+            self.key_load_failures += 1
             log.warning("key_load_failed", error=str(exc) or type(exc).__name__)
             return False
         self.gateway.install_keys(table, from_db=True)

@@ -1,0 +1,241 @@
+"""Faults: dead and dying endpoints, disconnecting clients, Redis restarts, PostgreSQL outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import msgspec
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.metrics_text import parse_engine_load
+from gateway.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState, RedisNames
+from tests.gateway.conftest import SECRET, add_tenant, handler_tasks, post, raw_exchange, running_gateway
+from tests.gateway.cut_proxy import CuttableProxy
+from tests.support.procs import wait_until
+from tests.support.services import ADMIN_DSN
+from tests.support.sim import SimProcess, sim_process
+
+SLOW = ("--model", "m1", "--profile", "gpu-s")  # ~30 tokens/s: streams that last long enough to cut
+LONG_STREAM = (b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2000,'
+               b'"ignore_eos":true,"stream":true}')
+LONG_PLAIN = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2000,"ignore_eos":true}'
+
+
+async def sim_metrics(sim: SimProcess) -> bytes:
+    return (await raw_exchange(sim.port, b"GET /metrics HTTP/1.1\r\nHost: sim\r\n\r\n")).body
+
+
+async def aborted(sim: SimProcess) -> float:
+    text = (await sim_metrics(sim)).decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def running(sim: SimProcess) -> float | None:
+    return parse_engine_load(await sim_metrics(sim)).running
+
+
+async def test_endpoint_dead_before_first_byte_is_retried_elsewhere(sim_a: SimProcess) -> None:
+    async with sim_process("--model", "m1") as doomed:
+        dead_url = doomed.url
+    # the dead endpoint refuses connections; every request must still succeed on the live one
+    async with running_gateway(static_endpoints=(f"m1={dead_url},{sim_a.url}",), no_auth=True,
+                               eject_after_failures=100) as gw:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+        try:
+            for _ in range(8):
+                r = await client.chat.completions.create(
+                    model="m1", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+                assert r.choices[0].message.content
+        finally:
+            await client.close()
+        metrics = (await raw_exchange(gw.port, b"GET /metrics HTTP/1.1\r\n\r\n")).body.decode()
+        assert "hpcgate_gateway_retries_total" in metrics and 'kind="connect"' in metrics
+
+
+async def test_endpoint_killed_mid_stream_ends_with_sse_error() -> None:
+    async with sim_process(*SLOW) as sim, running_gateway(static_endpoints=(f"m1={sim.url}",),
+                                                          no_auth=True) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(post("/v1/chat/completions", LONG_STREAM))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.wait_for(reader.readuntil(b"data: "), 10)  # the stream has started
+            sim.proc.kill()  # the engine dies mid-stream
+            rest = await asyncio.wait_for(reader.read(), 10)  # a clean end, never a hang
+        finally:
+            writer.close()
+        assert b'data: {"error":' in rest
+        assert rest.endswith(b"0\r\n\r\n")  # the chunked response is properly terminated
+        await wait_until(lambda: handler_tasks(gw) == 0, 5, "handler tasks to end")
+
+
+async def test_openai_sdk_sees_mid_stream_failure_as_error() -> None:
+    async with sim_process(*SLOW) as sim, running_gateway(static_endpoints=(f"m1={sim.url}",),
+                                                          no_auth=True) as gw:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+        try:
+            stream = await client.chat.completions.create(
+                model="m1", messages=[{"role": "user", "content": "x"}], max_tokens=2000, stream=True,
+                extra_body={"ignore_eos": True})
+            with pytest.raises(openai.APIError):
+                async for _ in stream:
+                    if sim.proc.returncode is None:
+                        sim.proc.kill()
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_client_disconnect_aborts_the_upstream_request(streaming: bool) -> None:
+    async with sim_process(*SLOW) as sim, running_gateway(static_endpoints=(f"m1={sim.url}",),
+                                                          no_auth=True) as gw:
+        before = await aborted(sim)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(post("/v1/chat/completions", LONG_STREAM if streaming else LONG_PLAIN))
+        if streaming:
+            await asyncio.wait_for(reader.readuntil(b"data: "), 10)
+        else:
+            await wait_until(lambda: running(sim), 10, "the engine to run the request")
+        writer.transport.abort()  # the client goes away
+        await wait_until(lambda: _gt(aborted(sim), before), 5, "the simulator to count an abort")
+        assert await running(sim) == 0
+        await wait_until(lambda: handler_tasks(gw) == 0, 5, "handler tasks to end")
+
+
+async def _gt(value: object, than: float) -> bool:
+    assert asyncio.iscoroutine(value)
+    return bool(await value > than)
+
+
+# -- Redis restarted ----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _publish(url: str, names: RedisNames, table: EndpointTable) -> None:
+    client = aioredis.from_url(url)
+    try:
+        await client.set(names.endpoint_table, msgspec.json.encode(table))
+        await client.publish(names.endpoint_table_channel, str(table.version))
+    finally:
+        await client.aclose()
+
+
+async def _redis_up(url: str) -> bool:
+    client = aioredis.from_url(url, socket_connect_timeout=0.5)
+    try:
+        return bool(await client.ping())
+    except (OSError, aioredis.RedisError):
+        return False
+    finally:
+        await client.aclose()
+
+
+def _table(version: int, sim: SimProcess, alias: str) -> EndpointTable:
+    return EndpointTable(
+        version=version, generated_at=time.time(),
+        models=(ModelEntry(name="m1", aliases=(alias,), state=ModelState.READY),),
+        endpoints=(EndpointEntry(endpoint_id=version, model="m1", url=sim.url, node=sim.host, port=sim.port,
+                                 endpoint_job_id=version, ready=True),),
+    )
+
+
+def _chat(model: str) -> bytes:
+    body = b'{"model":"%s","messages":[{"role":"user","content":"x"}],"max_tokens":2}' % model.encode()
+    return post("/v1/chat/completions", body)
+
+
+async def test_redis_restart_keeps_serving_and_picks_up_the_next_table(sim_a: SimProcess,
+                                                                       sim_b: SimProcess) -> None:
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    names = RedisNames("faults:")
+    with private_redis(port) as first:
+        await wait_until(lambda: _redis_up(url), 10, "private redis")
+        await _publish(url, names, _table(1, sim_a, "first"))
+        async with running_gateway(redis_url=url, redis_prefix="faults:", no_auth=True,
+                                   redis_backoff_max_s=0.3) as gw:
+            await wait_until(lambda: gw.gateway.table.version == 1, 5, "table v1")
+            assert (await raw_exchange(gw.port, _chat("m1"))).status == 200
+            first.terminate()
+            first.wait(10)
+            assert gw.sync is not None
+            sync = gw.sync
+            await wait_until(lambda: not sync.connected.is_set(), 10, "the gateway to notice redis is gone")
+            assert (await raw_exchange(gw.port, _chat("m1"))).status == 200  # the last table keeps serving
+            with private_redis(port):
+                await wait_until(lambda: _redis_up(url), 10, "private redis restarted")
+                await _publish(url, names, _table(2, sim_b, "second"))  # (an empty redis: only v2 exists)
+                await wait_until(lambda: gw.gateway.table.version == 2, 10, "table v2 after the restart")
+                reply = await raw_exchange(gw.port, _chat("second"))  # an alias, resolved by the gateway
+                assert reply.status == 200 and reply.json()["model"] == "m1"
+                assert (await raw_exchange(gw.port, _chat("first"))).status == 404
+
+
+# -- PostgreSQL stopped ---------------------------------------------------------------------------
+@pytest.fixture
+async def pg_proxy() -> AsyncIterator[CuttableProxy]:
+    host_port = ADMIN_DSN.split("@", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    proxy = CuttableProxy(host, int(port or 5432))
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_postgres_down_known_keys_still_served(sim_a: SimProcess, pg_dsn: str,
+                                                    pg_proxy: CuttableProxy) -> None:
+    tenant_id, key = await add_tenant(pg_dsn, "pg-outage")
+    dbname = pg_dsn.rsplit("/", 1)[1]
+    via_proxy = f"postgresql://postgres@127.0.0.1:{pg_proxy.port}/{dbname}"
+    async with running_gateway(static_endpoints=(f"m1={sim_a.url}",), database_url=via_proxy,
+                               key_hash_secret=SECRET, key_resync_s=0.2, usage_flush_s=0.2) as gw:
+        assert (await raw_exchange(gw.port, post("/v1/chat/completions", _body(), key))).status == 200
+        pg_proxy.cut()  # PostgreSQL is unreachable from now on
+        failures = gw.key_load_failures
+        await wait_until(lambda: gw.key_load_failures > failures, 10, "a failed key resync")
+        for _ in range(3):
+            assert (await raw_exchange(gw.port, post("/v1/chat/completions", _body(), key))).status == 200
+        assert gw.gateway.usage.pending > 0  # usage waits in memory while PostgreSQL is down
+        pg_proxy.restore()
+        await wait_until(lambda: gw.gateway.usage.pending == 0, 10, "usage written after the outage")
+    import asyncpg
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        total = await conn.fetchval("SELECT sum(requests) FROM usage_records WHERE tenant_id = $1", tenant_id)
+        assert total == 4
+    finally:
+        await conn.close()
+
+
+def _body() -> bytes:
+    return b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":2}'
+
