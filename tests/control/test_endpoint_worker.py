@@ -1,0 +1,245 @@
+"""The Endpoint Worker end to end: register -> probe -> ready -> published -> a subscriber sees it.
+
+Real PostgreSQL and Redis, the real ``hpcgate control api`` and ``hpcgate control health``
+subprocesses, and ``hpcgate sim`` as the endpoint. The subscriber follows the gateway's
+protocol: it waits for a version on the pub/sub channel, then GETs the snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.schemas import EndpointTable, KeyTable, hash_api_key
+from tests.control.conftest import Stack
+from tests.control.daemons import KEY_SECRET, Daemon, start_api, start_health
+from tests.support.procs import wait_until
+from tests.support.services import REDIS_URL
+from tests.support.sim import SimProcess, sim_process
+
+T = TypeVar("T", EndpointTable, KeyTable)
+
+
+class Subscriber(Generic[T]):
+    """Follows one published table like a gateway: PUBLISHed version, then GET the snapshot."""
+
+    def __init__(self, stack: Stack, kind: type[T]) -> None:
+        names = stack.names
+        self._kind = kind
+        self._key = names.endpoint_table if kind is EndpointTable else names.key_table
+        self._channel = names.endpoint_table_channel if kind is EndpointTable else names.key_table_channel
+        self._client = aioredis.from_url(REDIS_URL)
+        self._pubsub = self._client.pubsub()
+        self.versions: list[int] = []
+
+    async def __aenter__(self) -> Subscriber[T]:
+        await self._pubsub.subscribe(self._channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._pubsub.aclose()
+        await self._client.aclose()
+
+    async def until(self, predicate: Callable[[T], bool], timeout: float = 15.0) -> T:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 0.5))
+            if message is None:
+                continue
+            version = int(message["data"])
+            assert not self.versions or version > self.versions[-1], "versions must only grow"
+            self.versions.append(version)
+            raw = await self._client.get(self._key)
+            table = msgspec.json.decode(raw, type=self._kind)
+            assert table.version >= version
+            if predicate(table):
+                return table
+        raise AssertionError(f"no published {self._kind.__name__} matched within {timeout}s")
+
+
+def endpoints(stack: Stack) -> AbstractAsyncContextManager[Subscriber[EndpointTable]]:
+    return Subscriber(stack, EndpointTable)
+
+
+def by_id(table: EndpointTable, endpoint_id: int) -> Any:
+    return next((e for e in table.endpoints if e.endpoint_id == endpoint_id), None)
+
+
+@pytest.fixture(scope="module")
+async def daemons(stack: Stack) -> AsyncIterator[dict[str, Daemon]]:
+    api = await start_api(stack.env, stack.tmp)
+    stack.api_url = f"http://127.0.0.1:{api.port}"
+    health = await start_health(stack.env, stack.tmp)
+    running = {"api": api, "health": health}
+    yield running
+    for daemon in running.values():
+        await daemon.stop()
+
+
+async def register_and_serve(stack: Stack, model: str, **sim_env: str) -> tuple[int, int, Any]:
+    model_id = (await stack.sql("SELECT model_id FROM ai_model_configurations WHERE name = $1", model))[0][0]
+    job_id, token = await stack.add_job(model_id)
+    status, body = await stack.register(job_id, token, model, bearer="sim-secret")
+    assert status == 200, body
+    return job_id, body["endpoint_id"], body["port"]
+
+
+def serve(port: int, model: str) -> AbstractAsyncContextManager[SimProcess]:
+    return sim_process("--port", str(port), "--model", model, "--api-key", "sim-secret")
+
+
+async def job_state(stack: Stack, job_id: int) -> tuple[str, str | None]:
+    (row,) = await stack.sql(
+        "SELECT state, state_reason FROM ai_model_endpoint_jobs WHERE endpoint_job_id = $1", job_id
+    )
+    return row["state"], row["state_reason"]
+
+
+async def test_register_probe_ready_publish(stack: Stack, daemons: dict[str, Daemon]) -> None:
+    await stack.add_model("ew/ready", aliases=("ready-alias",))
+    async with endpoints(stack) as sub:
+        job_id, endpoint_id, port = await register_and_serve(stack, "ew/ready")
+        async with serve(port, "ew/ready"):
+            table = await sub.until(lambda t: by_id(t, endpoint_id) is not None)
+            entry = by_id(table, endpoint_id)
+            assert entry.ready and not entry.draining
+            assert entry.url == f"http://127.0.0.1:{port}" and entry.bearer_token == "sim-secret"
+            assert entry.model == "ew/ready" and entry.endpoint_job_id == job_id
+            model = next(m for m in table.models if m.name == "ew/ready")
+            assert model.state == "ready" and model.aliases == ("ready-alias",)
+            assert await job_state(stack, job_id) == ("ready", None)
+
+            # Prometheus HTTP SD lists it, with labels
+            status, groups = await stack.admin("GET", "/sd/vllm")
+            assert status == 200
+            group = next(g for g in groups if g["labels"]["endpoint_id"] == str(endpoint_id))
+            assert group["targets"] == [f"127.0.0.1:{port}"]
+            assert group["labels"]["model"] == "ew/ready"
+            assert group["labels"]["endpoint_job_id"] == str(job_id)
+
+            # an admin drain reaches the table as draining=true
+            status, _ = await stack.admin("POST", f"/admin/endpoints/{endpoint_id}/drain")
+            assert status == 200
+            table = await sub.until(
+                lambda t: by_id(t, endpoint_id) is not None and by_id(t, endpoint_id).draining
+            )
+            assert next(m for m in table.models if m.name == "ew/ready").state == "starting"
+
+
+async def test_a_job_that_dies_is_removed(stack: Stack, daemons: dict[str, Daemon]) -> None:
+    await stack.add_model("ew/dies")
+    async with endpoints(stack) as sub:
+        job_id, endpoint_id, port = await register_and_serve(stack, "ew/dies")
+        async with serve(port, "ew/dies") as sim:
+            await sub.until(lambda t: by_id(t, endpoint_id) is not None and by_id(t, endpoint_id).ready)
+            sim.proc.kill()
+            await sim.proc.wait()
+        # first unroutable (ready=false), then removed after dead_after failed probes
+        await sub.until(lambda t: by_id(t, endpoint_id) is not None and not by_id(t, endpoint_id).ready)
+        table = await sub.until(lambda t: by_id(t, endpoint_id) is None)
+        assert all(e.endpoint_id != endpoint_id for e in table.endpoints)
+    state, reason = await job_state(stack, job_id)
+    assert state == "failed" and reason is not None and "unresponsive" in reason
+    assert not await stack.sql("SELECT 1 FROM ai_model_endpoints WHERE endpoint_id = $1", endpoint_id)
+
+
+async def test_a_job_the_job_worker_ended_is_removed(stack: Stack, daemons: dict[str, Daemon]) -> None:
+    await stack.add_model("ew/ended")
+    async with endpoints(stack) as sub:
+        job_id, endpoint_id, port = await register_and_serve(stack, "ew/ended")
+        async with serve(port, "ew/ended"):
+            await sub.until(lambda t: by_id(t, endpoint_id) is not None)
+            await stack.sql(
+                "UPDATE ai_model_endpoint_jobs SET state = 'ended' WHERE endpoint_job_id = $1", job_id
+            )
+            await sub.until(lambda t: by_id(t, endpoint_id) is None)
+    assert await job_state(stack, job_id) == ("ended", None)
+    await wait_until(lambda: _gone(stack, endpoint_id), 10, "endpoint row deleted")
+
+
+async def _gone(stack: Stack, endpoint_id: int) -> bool:
+    return not await stack.sql("SELECT 1 FROM ai_model_endpoints WHERE endpoint_id = $1", endpoint_id)
+
+
+async def test_startup_timeout_fails_the_job(stack: Stack, daemons: dict[str, Daemon]) -> None:
+    await stack.add_model("ew/slow", startup_timeout_s=1)
+    job_id, endpoint_id, _port = await register_and_serve(stack, "ew/slow")  # nothing ever listens
+
+    async def failed() -> bool:
+        return (await job_state(stack, job_id))[0] == "failed"
+
+    await wait_until(failed, 15, "job failed by the startup timeout")
+    _, reason = await job_state(stack, job_id)
+    assert reason is not None and "startup_timeout_s=1" in reason
+    assert await _gone(stack, endpoint_id)
+
+
+async def test_key_revocation_reaches_a_subscriber_within_one_second(
+    stack: Stack, daemons: dict[str, Daemon]
+) -> None:
+    status, _ = await stack.admin("POST", "/admin/tenants", {"name": "revoke-me"})
+    assert status == 201
+    status, created = await stack.admin("POST", "/admin/tenants/revoke-me/keys", {"description": "t"})
+    assert status == 201
+    key_hash = hash_api_key(KEY_SECRET.encode(), created["key"]).hex()
+
+    async with Subscriber(stack, KeyTable) as sub:
+        table = await sub.until(lambda t: any(k.key_hash == key_hash for k in t.keys))
+        tenant = next(t for t in table.tenants if t.name == "revoke-me")
+        assert next(k for k in table.keys if k.key_hash == key_hash).tenant_id == tenant.tenant_id
+
+        status, _ = await stack.admin("POST", f"/admin/keys/{created['api_key']['key_id']}/revoke")
+        assert status == 200
+        revoked_at = time.monotonic()
+        await sub.until(lambda t: all(k.key_hash != key_hash for k in t.keys), timeout=1.0)
+        assert time.monotonic() - revoked_at < 1.0
+
+        # disabling a tenant removes the tenant and all its keys the same way
+        status, second = await stack.admin("POST", "/admin/tenants/revoke-me/keys", {})
+        other = hash_api_key(KEY_SECRET.encode(), second["key"]).hex()
+        await sub.until(lambda t: any(k.key_hash == other for k in t.keys))
+        await stack.admin("PATCH", "/admin/tenants/revoke-me", {"enabled": False})
+        await sub.until(
+            lambda t: (
+                all(k.key_hash != other for k in t.keys) and all(x.name != "revoke-me" for x in t.tenants)
+            ),
+            timeout=1.0,
+        )
+
+
+async def test_kill_9_of_the_worker_converges_without_duplicates(
+    stack: Stack, daemons: dict[str, Daemon]
+) -> None:
+    await stack.add_model("ew/restart")
+    async with endpoints(stack) as sub:
+        _job_id, endpoint_id, port = await register_and_serve(stack, "ew/restart")
+        async with serve(port, "ew/restart"):
+            before = await sub.until(lambda t: by_id(t, endpoint_id) is not None)
+            await daemons["health"].kill9()
+            daemons["health"] = await start_health(stack.env, stack.tmp)
+            after = await sub.until(
+                lambda t: t.version > before.version and by_id(t, endpoint_id) is not None
+            )
+            ids = [e.endpoint_id for e in after.endpoints]
+            assert len(ids) == len(set(ids))
+            assert by_id(after, endpoint_id) == by_id(before, endpoint_id)
+    rows = await stack.sql("SELECT count(*) AS n FROM ai_model_endpoints WHERE endpoint_id = $1", endpoint_id)
+    assert rows[0]["n"] <= 1
+
+
+async def test_two_workers_by_mistake_publish_only_growing_versions(
+    stack: Stack, daemons: dict[str, Daemon]
+) -> None:
+    second = await start_health(stack.env, stack.tmp)
+    try:
+        async with endpoints(stack) as sub:
+            # forced publishes of both workers (every 2 s) arrive in order; Subscriber asserts growth
+            await sub.until(lambda t: len(sub.versions) >= 4, timeout=15)
+    finally:
+        await second.stop()
