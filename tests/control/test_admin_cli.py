@@ -1,0 +1,212 @@
+"""Every admin operation through ``hpcgate admin`` against a real control API and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.control.conftest import Stack
+from tests.control.daemons import ADMIN_TOKEN, Daemon, free_port, start_api
+from tests.support.procs import child_env, hpcgate_cmd
+
+
+@pytest.fixture(scope="module")
+async def api(stack: Stack) -> AsyncIterator[Daemon]:
+    daemon = await start_api(stack.env, stack.tmp)
+    stack.api_url = f"http://127.0.0.1:{daemon.port}"
+    yield daemon
+    await daemon.stop()
+
+
+async def run_admin(stack: Stack, *args: str, url: str | None = None) -> tuple[int, str, str]:
+    env = child_env(HPCGATE_CONTROL_URL=url or stack.api_url, HPCGATE_ADMIN_TOKEN=ADMIN_TOKEN)
+    proc = await asyncio.create_subprocess_exec(
+        *hpcgate_cmd("admin", *args), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def admin_json(stack: Stack, *args: str) -> Any:
+    rc, out, err = await run_admin(stack, "--json", *args)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+async def test_tenants(stack: Stack, api: Daemon) -> None:
+    created = await admin_json(
+        stack, "tenant", "create", "cli-t1", "--allowed-models", "a,b", "--max-concurrent", "4"
+    )
+    assert created["allowed_models"] == ["a", "b"] and created["max_concurrent_requests"] == 4
+    rc, out, _ = await run_admin(stack, "tenant", "list")
+    assert rc == 0 and "cli-t1" in out and "MAX_CONCURRENT_REQUESTS" in out
+    assert (await admin_json(stack, "tenant", "show", "cli-t1"))["enabled"] is True
+    updated = await admin_json(
+        stack, "tenant", "update", "cli-t1", "--all-models", "--tokens-per-minute", "900"
+    )
+    assert updated["allowed_models"] is None and updated["tokens_per_minute"] == 900
+    assert (await admin_json(stack, "tenant", "disable", "cli-t1"))["enabled"] is False
+    assert (await admin_json(stack, "tenant", "enable", "cli-t1"))["enabled"] is True
+
+    rc, _, err = await run_admin(stack, "tenant", "create", "cli-t1")
+    assert rc == 1 and "409 conflict" in err
+    rc, _, err = await run_admin(stack, "tenant", "create", "Not Valid")
+    assert rc == 1 and "422 validation_error" in err and "$.name" in err
+    rc, _, err = await run_admin(stack, "tenant", "show", "nobody")
+    assert rc == 1 and "404 not_found" in err
+
+
+async def test_keys(stack: Stack, api: Daemon) -> None:
+    await admin_json(stack, "tenant", "create", "cli-keys")
+    rc, out, _ = await run_admin(stack, "key", "create", "cli-keys", "--description", "ci")
+    assert rc == 0 and "shown only once" in out
+    key = out.split()[1]
+    assert key.startswith("hpg_")
+    created = await admin_json(stack, "key", "create", "cli-keys", "--expires-in", "3600")
+    key_id = created["api_key"]["key_id"]
+    assert created["api_key"]["expires_at"] is not None
+
+    listed = await admin_json(stack, "key", "list", "--prefix", key[:12])
+    assert [k["prefix"] for k in listed] == [key[:12]]
+    assert len(await admin_json(stack, "key", "list", "--tenant", "cli-keys")) == 2
+
+    assert (await admin_json(stack, "key", "expire", str(key_id), "--never"))["expires_at"] is None
+    later = await admin_json(stack, "key", "expire", str(key_id), "--at", "2999-01-01T00:00:00Z")
+    assert later["expires_at"].startswith("2999-01-01")
+    revoked = await admin_json(stack, "key", "revoke", str(key_id))
+    assert revoked["active"] is False and revoked["revoked_at"] is not None
+    assert len(await admin_json(stack, "key", "list", "--tenant", "cli-keys")) == 1
+    assert len(await admin_json(stack, "key", "list", "--tenant", "cli-keys", "--all")) == 2
+
+    rc, _, err = await run_admin(stack, "key", "revoke", "999999")
+    assert rc == 1 and "404" in err
+    rc, _, err = await run_admin(stack, "key", "expire", str(key_id), "--at", "yesterday")
+    assert rc == 1 and "422" in err
+
+
+async def test_models(stack: Stack, api: Daemon) -> None:
+    created = await admin_json(
+        stack,
+        "model",
+        "create",
+        "org/cli-model",
+        "--alias",
+        "cli-alias",
+        "--engine-arg=--max-num-seqs=8",
+        "--resource",
+        "gpus=1",
+        "--resource",
+        "partition=gpu",
+        "--max",
+        "3",
+        "--desired",
+        "1",
+        "--startup-timeout",
+        "600",
+        "--max-model-len",
+        "4096",
+    )
+    assert created["aliases"] == ["cli-alias"] and created["engine_args"] == ["--max-num-seqs=8"]
+    assert created["slurm_resources"] == {"gpus": 1, "partition": "gpu"} and created["generation"] == 1
+
+    scaled = await admin_json(stack, "model", "scale", "org/cli-model", "2")
+    assert scaled["desired_instances"] == 2 and scaled["generation"] == 1  # scaling is not a new config
+    updated = await admin_json(stack, "model", "update", "org/cli-model", "--engine-arg=--max-num-seqs=16")
+    assert updated["generation"] == 2
+    assert (await admin_json(stack, "model", "drain", "org/cli-model"))["state"] == "draining"
+    assert (await admin_json(stack, "model", "activate", "org/cli-model"))["state"] == "active"
+    assert (await admin_json(stack, "model", "show", "org/cli-model"))["max_model_len"] == 4096
+    rc, out, _ = await run_admin(stack, "model", "list")
+    assert rc == 0 and "org/cli-model" in out
+
+    rc, _, err = await run_admin(stack, "model", "scale", "org/cli-model", "9")
+    assert rc == 1 and "422" in err
+    rc, _, err = await run_admin(stack, "model", "create", "other", "--alias", "cli-alias")
+    assert rc == 1 and "409" in err
+    rc, _, err = await run_admin(stack, "model", "create", "cli-alias")
+    assert rc == 1 and "409" in err
+
+
+async def test_jobs_endpoints_and_usage(stack: Stack, api: Daemon) -> None:
+    model_id = await stack.add_model("cli/jobs")
+    job_a, token_a = await stack.add_job(model_id)
+    job_b, _ = await stack.add_job(model_id)
+    status, reg = await stack.register(job_a, token_a, "cli/jobs")
+    assert status == 200
+
+    jobs = await admin_json(stack, "job", "list", "--model", "cli/jobs")
+    assert {j["endpoint_job_id"] for j in jobs} == {job_a, job_b}
+    assert (await admin_json(stack, "job", "show", str(job_a)))["port"] == reg["port"]
+    endpoints = await admin_json(stack, "endpoint", "list", "--model", "cli/jobs")
+    assert [e["endpoint_id"] for e in endpoints] == [reg["endpoint_id"]]
+    rc, out, _ = await run_admin(stack, "endpoint", "list")
+    assert rc == 0 and f"127.0.0.1:{reg['port']}" in out
+
+    drained = await admin_json(stack, "endpoint", "drain", str(reg["endpoint_id"]))
+    assert drained["draining"] is True and drained["job_state"] == "draining"
+    assert (await admin_json(stack, "job", "cancel", str(job_b)))["state"] == "cancelling"
+    assert (await admin_json(stack, "job", "drain", str(job_a)))["state"] == "draining"  # idempotent
+    assert [j["state"] for j in await admin_json(stack, "job", "list", "--state", "cancelling")] == [
+        "cancelling"
+    ]
+
+    await stack.sql("UPDATE ai_model_endpoint_jobs SET state = 'ended' WHERE endpoint_job_id = $1", job_b)
+    rc, _, err = await run_admin(stack, "job", "cancel", str(job_b))
+    assert rc == 1 and "409" in err and "ended" in err
+    assert job_b not in {j["endpoint_job_id"] for j in await admin_json(stack, "job", "list")}
+    assert job_b in {j["endpoint_job_id"] for j in await admin_json(stack, "job", "list", "--all")}
+
+    await admin_json(stack, "tenant", "create", "cli-usage")
+    await stack.sql(
+        """INSERT INTO usage_records (tenant_id, model, bucket_start, requests, prompt_tokens,
+                                         completion_tokens)
+           SELECT tenant_id, 'cli/jobs', b, 2, 10, 20 FROM identity_tenants,
+                  unnest($1::timestamptz[]) b
+            WHERE name = 'cli-usage'""",
+        [datetime(2026, 1, 1, 0, 0, tzinfo=UTC), datetime(2026, 1, 1, 0, 1, tzinfo=UTC),
+         datetime(2026, 2, 1, tzinfo=UTC)],
+    )
+    usage = await admin_json(
+        stack,
+        "usage",
+        "--tenant",
+        "cli-usage",
+        "--since",
+        "2026-01-01T00:00:00Z",
+        "--until",
+        "2026-01-02T00:00:00Z",
+    )
+    assert usage["rows"] == [
+        {
+            "tenant": "cli-usage",
+            "model": "cli/jobs",
+            "requests": 4,
+            "errors": 0,
+            "prompt_tokens": 20,
+            "completion_tokens": 40,
+        }
+    ]
+    rc, out, _ = await run_admin(
+        stack, "usage", "--since", "2026-01-01T00:00:00Z", "--until", "2026-03-01T00:00:00Z"
+    )
+    assert rc == 0 and "cli-usage" in out and "60" in out
+    rc, _, err = await run_admin(
+        stack, "usage", "--since", "2026-02-01T00:00:00Z", "--until", "2026-01-01T00:00:00Z"
+    )
+    assert rc == 1 and "422" in err
+
+
+async def test_cli_errors_are_one_line_and_exit_1(stack: Stack, api: Daemon) -> None:
+    rc, _, err = await run_admin(stack, "tenant", "list", url=f"http://127.0.0.1:{free_port()}")
+    assert rc == 1 and err.startswith("hpcgate admin: error: unreachable")
+    env_wrong = child_env(HPCGATE_CONTROL_URL=stack.api_url, HPCGATE_ADMIN_TOKEN="wrong")
+    proc = await asyncio.create_subprocess_exec(
+        *hpcgate_cmd("admin", "tenant", "list"), env=env_wrong, stderr=asyncio.subprocess.PIPE
+    )
+    _, err_b = await proc.communicate()
+    assert proc.returncode == 1 and b"401 unauthorized" in err_b
