@@ -65,8 +65,9 @@ def build_openapi(routes: list[Route], *, title: str, version: str) -> dict[str,
         if params:
             op["parameters"] = params
         if r.body is not None:
+            # An empty body means {}: optional when every field has a default (the updates).
             op["requestBody"] = {
-                "required": True,
+                "required": bool(components[r.body.__name__].get("required")),
                 "content": {"application/json": {"schema": ref[repr(r.body)]}},
             }
         responses: dict[str, Any] = {
