@@ -186,7 +186,8 @@ def plan_model(
             continue
         if obs is None or not obs.alive:
             if job.state in ("cancelling", "draining"):
-                reason = f"stopped by hpcgate; {ended_reason(obs)}"
+                code = f" (exit code {obs.exit_code})" if obs and obs.exit_code else ""
+                reason = f"stopped by hpcgate{code}"
                 actions.append(Finish(job.endpoint_job_id, "ended", reason))
             elif job.state == "ready":
                 actions.append(Finish(job.endpoint_job_id, "ended", ended_reason(obs)))

@@ -149,14 +149,19 @@ class JobWorker:
 
     async def _apply_all(self, model: store.ModelRow | None, prep: _Prepared | ResourceError | None,
                          actions: list[Action], observed: dict[int, ObservedJob]) -> None:
+        backing_off = False
         for action in actions:
-            await self._apply(model, prep, action, observed)
+            if backing_off and isinstance(action, (Create, Submit)):
+                continue  # planned before this pass's failure set the model's backoff (or failed it)
+            failed = await self._apply(model, prep, action, observed)
+            backing_off = backing_off or failed or (isinstance(action, Finish) and action.failure)
 
     async def _apply(self, model: store.ModelRow | None, prep: _Prepared | ResourceError | None,
-                     action: Action, observed: dict[int, ObservedJob]) -> None:
+                     action: Action, observed: dict[int, ObservedJob]) -> bool:
+        """Apply one action; True when a submission was refused (counts as a start failure)."""
         if isinstance(action, (Create, Submit)):
             assert model is not None and isinstance(prep, _Prepared)
-            await self._create_or_submit(model, prep, action)
+            return await self._create_or_submit(model, prep, action)
         elif isinstance(action, Adopt):
             async with self.pool.acquire() as conn:
                 await store.record_submitted(conn, action.endpoint_job_id, action.launcher_job_id)
@@ -173,7 +178,7 @@ class JobWorker:
             async with self.pool.acquire() as conn:
                 old = await store.set_cancelling(conn, action.endpoint_job_id, action.reason)
             if old is None:
-                return
+                return False
             if action.launcher_job_id is not None:
                 await self.launcher.cancel(action.launcher_job_id)
             log.info("job_cancelling", endpoint_job_id=action.endpoint_job_id,
@@ -193,6 +198,7 @@ class JobWorker:
         elif isinstance(action, ResetFailures):
             async with self.pool.acquire() as conn:
                 await store.reset_failures(conn, action.model_id)
+        return False
 
     async def _finish(self, action: Finish, obs: ObservedJob | None) -> None:
         reason = action.reason
@@ -217,7 +223,7 @@ class JobWorker:
                       reason=f"{self.policy.max_failures} job starts failed in a row")
 
     async def _create_or_submit(self, model: store.ModelRow, prep: _Prepared,
-                                action: Create | Submit) -> None:
+                                action: Create | Submit) -> bool:
         token = new_registration_token()
         token_hash = hash_registration_token(token)
         ttl = self.settings.registration_ttl_s
@@ -235,7 +241,7 @@ class JobWorker:
                 row_name = await conn.fetchval(
                     "SELECT job_name FROM ai_model_endpoint_jobs WHERE endpoint_job_id = $1", job_id)
                 if not await store.rotate_token(conn, job_id, token_hash, ttl) or row_name is None:
-                    return  # no longer pending: someone (registration, an admin) moved it on
+                    return False  # no longer pending: someone (registration, an admin) moved it on
                 name = str(row_name)
         output = str(self.output_dir / f"{name}.out")
         ctx = msgspec.structs.replace(prep.ctx_base, name=name, endpoint_job_id=job_id, output_path=output)
@@ -247,12 +253,13 @@ class JobWorker:
             launcher_job_id = await self.launcher.submit(spec)
         except SubmitRejectedError as exc:
             await self._finish(Finish(job_id, "failed", str(exc), failure=True), None)
-            return
+            return True
         async with self.pool.acquire() as conn:
             await store.record_submitted(conn, job_id, launcher_job_id)
         log.info("job_submitted", endpoint_job_id=job_id, launcher_job_id=launcher_job_id, job_name=name,
                  model=model.name, old="pending", new="submitted",
                  reason="submitted to " + self.launcher.kind)
+        return False
 
 
 def _last_lines(text: str) -> str:

@@ -145,7 +145,7 @@ def test_cancelling_job_is_finished_when_gone_and_cancel_resent() -> None:
     acts = plan_model(model(desired=0), [stale], {1: running(1)}, NOW, P)
     assert acts == [Cancel(1, "L1", "cancel requested")]
     acts = plan_model(model(desired=0), [job(1, "cancelling")], {1: ended(1, Outcome.CANCELLED)}, NOW, P)
-    assert acts == [Finish(1, "ended", "stopped by hpcgate; the job was cancelled outside hpcgate")]
+    assert acts == [Finish(1, "ended", "stopped by hpcgate")]
 
 
 def test_walltime_replacement_then_drain_old() -> None:

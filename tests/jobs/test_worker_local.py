@@ -1,0 +1,330 @@
+"""The Job Worker with the local launcher, against the real control API, Endpoint Worker,
+PostgreSQL and Redis: scale up/down with draining, replacement of a killed job, walltime
+replacement, the kill -9 restart case, and failing models."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from control.jobs import store
+from control.jobs.naming import name_prefix
+from control.jobs.reconcile import JobWorker
+from control.jobs.settings import JobsSettings
+from control.launchers.base import JobSpec
+from control.launchers.local import LocalLauncher
+from control.store.tokens import hash_registration_token, new_registration_token
+from gateway.schemas import EndpointTable, RedisNames
+from tests.jobs.stack import ControlPlane, db_rows, poll
+
+FAST = {"interval_s": "0.3", "drain_grace_s": "0.3", "backoff_base_s": "0.2", "backoff_max_s": "1",
+        "cancel_retry_s": "2"}
+
+
+@pytest.fixture
+async def prefix(tmp_path: Path) -> AsyncIterator[str]:
+    """This test's job name prefix; its local jobs are stopped at the end, pass or fail."""
+    value = "t" + uuid.uuid4().hex[:10]
+    yield value
+    launcher = LocalLauncher(tmp_path / "jobs" / "local-state", kill_wait_s=0)
+    for job in await launcher.observe(name_prefix(value)):
+        if job.alive:
+            await launcher.cancel(job.launcher_job_id)
+    await poll(lambda: _alive_n(tmp_path, value, 0), 15, "the test's local jobs stopped")
+
+
+def _jobs_settings(plane: ControlPlane, data_dir: Path, prefix: str, **extra: str) -> dict[str, str]:
+    return {"launcher": "local", "job_name_prefix": prefix, **FAST, **extra,
+            "data_dir": str(data_dir)}
+
+
+async def _create_model(plane: ControlPlane, name: str, **fields: Any) -> dict[str, Any]:
+    status, body = await plane.admin().call("POST", "/admin/models", {"name": name, **fields})
+    assert status == 201, body
+    return dict(body)
+
+
+async def _patch_model(plane: ControlPlane, name: str, **fields: Any) -> None:
+    status, body = await plane.admin().call("PATCH", f"/admin/models/{name}", fields)
+    assert status == 200, body
+
+
+async def _jobs(dsn: str, model: str) -> list[dict[str, Any]]:
+    return await db_rows(dsn, """SELECT j.*, e.endpoint_id, e.node, e.port, e.ready_at AS ep_ready_at
+                                   FROM ai_model_endpoint_jobs j
+                                   JOIN ai_model_configurations m USING (model_id)
+                                   LEFT JOIN ai_model_endpoints e USING (endpoint_job_id)
+                                  WHERE m.name = $1 ORDER BY j.endpoint_job_id""", model)
+
+
+def _live(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["state"] not in ("ended", "failed")]
+
+
+def _ready(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in _live(rows) if r["ep_ready_at"] is not None and r["state"] in ("registered", "ready")]
+
+
+async def _local_alive(data_dir: Path, prefix: str) -> list[str]:
+    launcher = LocalLauncher(data_dir / "jobs" / "local-state")
+    return [o.launcher_job_id for o in await launcher.observe(name_prefix(prefix)) if o.alive]
+
+
+async def _published(plane: ControlPlane, model: str) -> list[Any]:
+    client = aioredis.from_url(plane.redis_url)
+    try:
+        raw = await client.get(RedisNames(plane.redis_prefix).endpoint_table)
+    finally:
+        await client.aclose()
+    if raw is None:
+        return []
+    table = msgspec.json.decode(raw, type=EndpointTable)
+    return [e for e in table.endpoints if e.model == model and e.ready and not e.draining]
+
+
+async def test_scale_up_drain_down_replace_and_scale_to_zero(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    dsn, model = plane.pg_dsn, "local-m1"
+    worker = await plane.start_jobs(**_jobs_settings(plane, tmp_path, prefix))
+    try:
+        await _create_model(plane, model, max_instances=3, desired_instances=2)
+        rows = await poll(lambda: _ready_n(dsn, model, 2), 60, "two ready endpoints")
+        assert {r["launcher"] for r in rows} == {"local"}
+        assert all(r["job_name"].startswith(f"{prefix}-{model}-g1-e") for r in rows)
+        assert len({(r["node"], r["port"]) for r in rows}) == 2
+        published = await poll(lambda: _published_n(plane, model, 2), 20, "both endpoints published")
+        assert {e.endpoint_job_id for e in published} == {r["endpoint_job_id"] for r in rows}
+
+        # scale to 1: one job drains (no new requests), then is cancelled and ends
+        await _patch_model(plane, model, desired_instances=1)
+        rows = await poll(lambda: _ended_n(dsn, model, 1), 30, "one job ended after draining")
+        gone = next(r for r in rows if r["state"] == "ended")
+        assert gone["state_reason"].startswith("stopped by hpcgate")
+        assert gone["draining_since"] is not None and gone["cancel_requested_at"] is not None
+        assert worker.find("job_draining", endpoint_job_id=gone["endpoint_job_id"]) is not None
+        assert worker.find("job_cancelling", endpoint_job_id=gone["endpoint_job_id"], reason="drained")
+        survivors = _live(rows)
+        assert len(survivors) == 1
+        await poll(lambda: _alive_n(tmp_path, prefix, 1), 15, "one local job process left")
+
+        # a job killed from outside is replaced
+        victim = survivors[0]
+        state_file = tmp_path / "jobs" / "local-state" / f"{victim['launcher_job_id']}.json"
+        os.killpg(msgspec.json.decode(state_file.read_bytes())["pid"], signal.SIGKILL)
+        rows = await poll(lambda: _replaced(dsn, model, victim["endpoint_job_id"]), 60, "a replacement ready")
+        assert len(_ready(rows)) == 1
+        killed = next(r for r in rows if r["endpoint_job_id"] == victim["endpoint_job_id"])
+        assert killed["state"] == "ended" and "the job" in killed["state_reason"]
+
+        # scale to 0: nothing left, in the database or as processes
+        await _patch_model(plane, model, desired_instances=0)
+        await poll(lambda: _no_live(dsn, model), 30, "no live jobs")
+        await poll(lambda: _alive_n(tmp_path, prefix, 0), 15, "no local job processes")
+        assert not await _jobs_with_endpoint(dsn, model)
+    finally:
+        await worker.stop()
+
+
+async def _ready_n(dsn: str, model: str, n: int) -> list[dict[str, Any]] | None:
+    rows = await _jobs(dsn, model)
+    ready = _ready(rows)
+    return ready if len(ready) == n and len(_live(rows)) == n else None
+
+
+async def _published_n(plane: ControlPlane, model: str, n: int) -> list[Any] | None:
+    eps = await _published(plane, model)
+    return eps if len(eps) == n else None
+
+
+async def _ended_n(dsn: str, model: str, n: int) -> list[dict[str, Any]] | None:
+    rows = await _jobs(dsn, model)
+    return rows if sum(r["state"] == "ended" for r in rows) == n and len(_live(rows)) == 1 else None
+
+
+async def _alive_n(data_dir: Path, prefix: str, n: int) -> bool:
+    return len(await _local_alive(data_dir, prefix)) == n
+
+
+async def _replaced(dsn: str, model: str, victim: int) -> list[dict[str, Any]] | None:
+    rows = await _jobs(dsn, model)
+    dead = [r for r in rows if r["endpoint_job_id"] == victim and r["state"] in ("ended", "failed")]
+    newer = [r for r in _ready(rows) if r["endpoint_job_id"] > victim]
+    return rows if dead and newer and len(_live(rows)) == 1 else None
+
+
+async def _no_live(dsn: str, model: str) -> bool:
+    return not _live(await _jobs(dsn, model))
+
+
+async def _jobs_with_endpoint(dsn: str, model: str) -> list[dict[str, Any]]:
+    return [r for r in await _jobs(dsn, model) if r["endpoint_id"] is not None]
+
+
+async def test_restart_between_submit_and_database_write_adopts_the_job(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    """The exact state a kill -9 between ``submit()`` and the database write leaves behind:
+    a pending row without a launcher id, and a running launcher job carrying its name."""
+    dsn, model = plane.pg_dsn, "local-restart"
+    await _create_model(plane, model, max_instances=1, desired_instances=1)
+    settings = msgspec.convert(_jobs_settings(plane, tmp_path, prefix, database_url=dsn,
+                                              control_url=plane.control_url), JobsSettings, strict=False)
+    launcher = LocalLauncher(tmp_path / "jobs" / "local-state")
+    import asyncpg
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        worker = JobWorker(settings, pool, launcher)
+        async with pool.acquire() as conn:
+            row = next(m for m in await store.load_models(conn) if m.name == model)
+            token = new_registration_token()
+            job_id, name = await store.create_job(
+                conn, model_id=row.model_id, model=model, generation=row.generation, launcher="local",
+                prefix=prefix, replaces=None, walltime_s=None, token_hash=hash_registration_token(token),
+                token_ttl_s=600)
+        prep = worker._prepare(row)
+        output = str(tmp_path / "jobs" / f"{name}.out")
+        ctx = msgspec.structs.replace(prep.ctx_base, name=name, endpoint_job_id=job_id, output_path=output)
+        from control.jobs.render import render_text
+
+        submitted = await launcher.submit(JobSpec(name=name, script=render_text(prep.template_text, ctx),
+                                                  output_path=output, workdir=str(tmp_path),
+                                                  secret_env={"HPCGATE_JOB_REGISTRATION_TOKEN": token}))
+        # ...and here the worker died: no record_submitted. The job is held (SIGSTOP) like a job
+        # still queued in Slurm, so it cannot register before the new worker looks at it.
+        state = msgspec.json.decode((tmp_path / "jobs" / "local-state" / f"{submitted}.json").read_bytes())
+        os.killpg(state["pid"], signal.SIGSTOP)
+    finally:
+        await pool.close()
+
+    daemon = await plane.start_jobs(**_jobs_settings(plane, tmp_path, prefix))
+    try:
+        await daemon.wait_event("job_adopted", 30, endpoint_job_id=job_id, launcher_job_id=submitted)
+        os.killpg(state["pid"], signal.SIGCONT)
+        rows = await poll(lambda: _ready_n(dsn, model, 1), 60, "the adopted job ready")
+        assert [r["endpoint_job_id"] for r in rows] == [job_id]
+        assert rows[0]["launcher_job_id"] == submitted
+        assert daemon.find("job_submitted") is None  # nothing was submitted a second time
+        assert await _local_alive(tmp_path, prefix) == [submitted]
+        assert len(await _jobs(dsn, model)) == 1
+        await _patch_model(plane, model, desired_instances=0)
+        await poll(lambda: _alive_n(tmp_path, prefix, 0), 30, "no local job processes")
+    finally:
+        await daemon.stop()
+
+
+async def test_kill_9_of_the_worker_converges_without_duplicates(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    dsn, model = plane.pg_dsn, "local-kill9"
+    settings = _jobs_settings(plane, tmp_path, prefix)
+    first = await plane.start_jobs(**settings)
+    await _create_model(plane, model, max_instances=2, desired_instances=2)
+    await first.wait_event("job_created", 30)
+    await first.kill9()  # somewhere between creating rows, submitting and recording
+    second = await plane.start_jobs(**settings)
+    try:
+        rows = await poll(lambda: _ready_n(dsn, model, 2), 60, "two ready endpoints after the restart")
+        alive = await _local_alive(tmp_path, prefix)
+        assert sorted(alive) == sorted(r["launcher_job_id"] for r in rows)
+        # no launcher job without a live row, no live row without its launcher job
+        await _patch_model(plane, model, desired_instances=0)
+        await poll(lambda: _no_live(dsn, model), 30, "no live jobs")
+        await poll(lambda: _alive_n(tmp_path, prefix, 0), 15, "no local job processes")
+    finally:
+        await second.stop()
+
+
+BAD_REGISTRATION = """#!/bin/bash
+# a site template whose registration is refused (wrong token): must fail fast and visibly
+{{sbatch}}
+set -euo pipefail
+{{setup}}
+export HPCGATE_JOB_REGISTRATION_TOKEN=not-the-token-of-this-job-0123456789
+{{register}}
+exec sleep 600
+"""
+
+
+async def test_failing_models_are_marked_failed_with_the_reason(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    dsn = plane.pg_dsn
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "badreg.sbatch").write_text(BAD_REGISTRATION)
+    daemon = await plane.start_jobs(**_jobs_settings(plane, tmp_path, prefix, max_failures="2",
+                                                     template_dirs=str(templates)))
+    try:
+        await _create_model(plane, "local-badreg", slurm_template="badreg", max_instances=1,
+                            desired_instances=1)
+        await _create_model(plane, "local-badsim", max_instances=1, desired_instances=1,
+                            slurm_resources={"sim_profile": "no-such-profile"})
+        await _create_model(plane, "local-badres", max_instances=1, desired_instances=1,
+                            slurm_resources={"time": "soon"})
+        for name in ("local-badreg", "local-badsim", "local-badres"):
+            await poll(functools.partial(_model_failed, plane, name), 60, f"{name} failed")
+        _, reg = await plane.admin().call("GET", "/admin/models/local-badreg")
+        assert "2 job starts failed in a row" in reg["state_reason"]
+        assert "registration refused: HTTP 401" in reg["state_reason"]
+        _, sim = await plane.admin().call("GET", "/admin/models/local-badsim")
+        assert "no-such-profile" in sim["state_reason"]
+        _, res = await plane.admin().call("GET", "/admin/models/local-badres")
+        assert "slurm_resources.time" in res["state_reason"] and "malformed Slurm time" in res["state_reason"]
+        # not retried forever: exactly max_failures jobs for each, then nothing
+        assert len(await _jobs(dsn, "local-badreg")) == 2
+        assert len(await _jobs(dsn, "local-badsim")) == 2
+        assert await _jobs(dsn, "local-badres") == []
+        failed = [r for r in await _jobs(dsn, "local-badreg") if r["state"] == "failed"]
+        assert len(failed) == 2 and all("ended before it became ready" in r["state_reason"] for r in failed)
+        assert await _local_alive(tmp_path, prefix) == []
+    finally:
+        await daemon.stop()
+
+
+async def _model_failed(plane: ControlPlane, name: str) -> bool:
+    status, body = await plane.admin().call("GET", f"/admin/models/{name}")
+    return status == 200 and body["state"] == "failed"
+
+
+async def test_walltime_replacement_keeps_the_model_serving(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    """Jobs of one minute with a 56 s lead: each is replaced ~4 s after it starts, and drained
+    once the replacement is ready, so a ready endpoint exists at every moment."""
+    dsn, model = plane.pg_dsn, "local-walltime"
+    daemon = await plane.start_jobs(**_jobs_settings(plane, tmp_path, prefix, walltime_lead_s="56"))
+    try:
+        await _create_model(plane, model, max_instances=1, desired_instances=1, slurm_resources={"time": "1"})
+        await poll(lambda: _ready_n(dsn, model, 1), 60, "the first job ready")
+        samples = []
+
+        async def replaced_once() -> list[dict[str, Any]] | None:
+            rows = await _jobs(dsn, model)
+            samples.append(len(_ready(rows)))
+            first = rows[0]
+            successor = [r for r in rows if r["replaces_endpoint_job_id"] == first["endpoint_job_id"]]
+            return rows if first["state"] == "ended" and successor else None
+
+        rows = await poll(replaced_once, 60, "the first job replaced and ended", interval=0.1)
+        assert min(samples) >= 1, "the model dropped to zero ready endpoints during the replacement"
+        assert rows[0]["walltime_s"] == 60
+        assert rows[0]["state_reason"].startswith("stopped by hpcgate")
+        assert daemon.find("job_draining", endpoint_job_id=rows[0]["endpoint_job_id"],
+                           reason=f"replaced by endpoint job {rows[1]['endpoint_job_id']}") is not None
+        await _patch_model(plane, model, desired_instances=0)
+        await poll(lambda: _no_live(dsn, model), 30, "no live jobs")
+        await poll(lambda: _alive_n(tmp_path, prefix, 0), 15, "no local job processes")
+    finally:
+        await daemon.stop()
+
