@@ -256,11 +256,17 @@ class HttpConnection(asyncio.Protocol):
         extra = b"retry-after: %d\r\n" % exc.retry_after if exc.retry_after is not None else b""
         self.send_full(exc.status, exc.body(), _JSON, extra)
 
-    def start_chunked(self, status: int, content_type: bytes, extra: bytes = b"") -> None:
+    def start_chunked(self, status: int, content_type: bytes, extra: bytes = b"", first: bytes = b"") -> None:
+        """The head of a chunked response, and ``first`` as its first chunk, in one write."""
         if self.transport is None or self.closed:
             return
         head = self._head(status, content_type, extra)
-        self.transport.write(head + b"transfer-encoding: chunked\r\n\r\n")
+        if first:
+            self.transport.write(
+                b"%btransfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (head, len(first), first)
+            )
+        else:
+            self.transport.write(head + b"transfer-encoding: chunked\r\n\r\n")
 
     def write_chunk(self, data: bytes) -> None:
         if data and not self.closed and self.transport is not None:

@@ -3,11 +3,12 @@
 :class:`Exchange` is both the upstream connection's :class:`ResponseSink` and the client
 connection's :class:`WriteListener`. Before the handler *commits* (decides the response is a
 success worth streaming) body pieces are buffered; after commit each upstream read is written
-straight to the client as one HTTP chunk from the parser callback, so there is no task switch
-and no queue per token. Backpressure: a full client transport pauses reading upstream; the
-kernel's socket buffers then push back on the engine. A client that goes away aborts the
-upstream connection at once (the engine frees the slot). An upstream failure after commit ends
-the stream with an SSE error event and a proper last chunk: the client never hangs.
+to the client from the parser callbacks: the pieces of one upstream read (often several
+tokens) leave as one HTTP chunk in one write, with no task switch and no queue per token.
+Backpressure: a full client transport pauses reading upstream; the kernel's socket buffers
+then push back on the engine. A client that goes away aborts the upstream connection at once
+(the engine frees the slot). An upstream failure after commit ends the stream with an SSE
+error event and a proper last chunk: the client never hangs.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from gateway.upstream_client import UpstreamConnection, UpstreamError
 
 class Exchange:
     __slots__ = (
-        "_buffer", "_done", "_head", "_limit", "_loop", "_size", "client", "client_gone", "committed",
-        "ended", "error", "first_byte_at", "headers", "scanner", "status", "upstream",
+        "_buffer", "_done", "_head", "_limit", "_loop", "_pending", "_size", "client", "client_gone",
+        "committed", "ended", "error", "first_byte_at", "headers", "scanner", "status", "upstream",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
@@ -34,6 +35,7 @@ class Exchange:
         self.scanner = scanner
         self._limit = limit
         self._buffer: list[bytes] = []
+        self._pending: list[bytes] = []  # committed body pieces of the current upstream read
         self._size = 0
         self._head: asyncio.Future[None] = loop.create_future()
         self._done: asyncio.Future[None] = loop.create_future()
@@ -55,12 +57,7 @@ class Exchange:
 
     def on_body(self, data: bytes) -> None:
         if self.committed:
-            if self.scanner is not None:
-                data = self.scanner.feed(data)
-            if data:
-                if not self.first_byte_at:
-                    self.first_byte_at = perf_counter()
-                self.client.write_chunk(data)
+            self._pending.append(data)  # written once per upstream read, in on_read_end
             return
         self._size += len(data)
         if self._size > self._limit:
@@ -71,11 +68,29 @@ class Exchange:
             return
         self._buffer.append(data)
 
+    def on_read_end(self) -> None:
+        if self._pending:
+            data = self._take_pending()
+            if data:
+                self.client.write_chunk(data)
+
+    def _take_pending(self) -> bytes:
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        if self.scanner is not None:
+            data = self.scanner.feed(data)
+        if data and not self.first_byte_at:
+            self.first_byte_at = perf_counter()
+        return data
+
     def on_end(self) -> None:
         self.ended = True
         if self.committed:
-            tail = self.scanner.flush() if self.scanner is not None else b""
-            self.client.end_chunked(tail)
+            data = self._take_pending() if self._pending else b""
+            if self.scanner is not None:
+                data += self.scanner.flush()
+            self.client.end_chunked(data)  # the last data and the final chunk in one write
         self._resolve()
 
     def on_error(self, exc: UpstreamError) -> None:
@@ -83,6 +98,7 @@ class Exchange:
             return
         self.error = exc
         if self.committed:
+            self.on_read_end()  # whole events already received still reach the client
             self.client.end_chunked(sse_error_event(f"upstream failed mid-stream: {exc}", exc.kind))
         self._resolve()
 
@@ -118,19 +134,22 @@ class Exchange:
         return b"".join(self._buffer)
 
     def commit_stream(self, extra_headers: bytes) -> None:
-        """Start the client's chunked response and flush what arrived before the commit."""
+        """Start the client's chunked response with what arrived before the commit (one write)."""
         client = self.client
         ctype = self.headers.get(b"content-type", b"text/event-stream")
-        client.start_chunked(self.status, ctype, extra_headers)
         self.committed = True
-        buffered, self._buffer = self._buffer, []
-        for piece in buffered:
-            self.on_body(piece)
+        self._pending, self._buffer = self._buffer, []
+        first = self._take_pending() if self._pending else b""
         if self.ended:
-            tail = self.scanner.flush() if self.scanner is not None else b""
-            client.end_chunked(tail)
-        elif self.error is not None:
-            client.end_chunked(sse_error_event(f"upstream failed mid-stream: {self.error}", self.error.kind))
+            if self.scanner is not None:
+                first += self.scanner.flush()
+            client.start_chunked(self.status, ctype, extra_headers, first)
+            client.end_chunked()
+        else:
+            client.start_chunked(self.status, ctype, extra_headers, first)
+            if self.error is not None:
+                err = self.error
+                client.end_chunked(sse_error_event(f"upstream failed mid-stream: {err}", err.kind))
         if client.write_paused:
             self.client_paused()
 

@@ -33,6 +33,9 @@ class _Collect:
     def on_body(self, data: bytes) -> None:
         self.body.append(data)
 
+    def on_read_end(self) -> None:
+        pass
+
     def on_end(self) -> None:
         if not self.done.done():
             self.done.set_result(None)

@@ -33,6 +33,7 @@ class UpstreamError(Exception):
 class ResponseSink(Protocol):
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None: ...
     def on_body(self, data: bytes) -> None: ...
+    def on_read_end(self) -> None: ...
     def on_end(self) -> None: ...
     def on_error(self, exc: UpstreamError) -> None: ...
 
@@ -93,6 +94,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}", not self._head_seen))
+            return
+        # One read may hold many HTTP chunks (tokens): the sink writes them to the client at once.
+        sink = self.sink
+        if sink is not None:
+            sink.on_read_end()
 
     # -- httptools callbacks --------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -42,6 +42,7 @@ class UsageRecorder:
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._writing = 0
 
     def add(
         self, tenant_id: int, model: str, now_unix: float, *, ok: bool, prompt: int, completion: int
@@ -60,7 +61,8 @@ class UsageRecorder:
 
     @property
     def pending(self) -> int:
-        return len(self._rows)
+        """Rows not yet known to be written (including a batch being written now)."""
+        return len(self._rows) + self._writing
 
     def start(self) -> None:
         if self._dsn is not None:
@@ -77,6 +79,7 @@ class UsageRecorder:
             if not self._rows:
                 return True
             rows, self._rows = self._rows, {}
+            self._writing = len(rows)
             args = [
                 (t, m, dt.datetime.fromtimestamp(b, dt.UTC), r[0], r[1], r[2], r[3])
                 for (t, m, b), r in rows.items()
@@ -86,19 +89,26 @@ class UsageRecorder:
                     self._conn = await asyncpg.connect(self._dsn, timeout=5)
                 await self._conn.executemany(UPSERT, args, timeout=10)
                 return True
-            except (OSError, asyncpg.PostgresError, TimeoutError, asyncpg.InterfaceError) as exc:
-                log.warning("usage_flush_failed", rows=len(args), error=str(exc))
+            except BaseException as exc:  # asyncpg raises many types, and we may be cancelled: keep the rows
+                self._merge_back(rows)
                 if self._conn is not None:
                     self._conn.terminate()
                     self._conn = None
-                for key, row in rows.items():  # merge back: nothing is lost, only delayed
-                    cur = self._rows.get(key)
-                    if cur is None:
-                        self._rows[key] = row
-                    else:
-                        for i in range(4):
-                            cur[i] += row[i]
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("usage_flush_failed", rows=len(args), error=str(exc) or type(exc).__name__)
                 return False
+            finally:
+                self._writing = 0
+
+    def _merge_back(self, rows: dict[Key, list[int]]) -> None:
+        for key, row in rows.items():  # nothing is lost, only delayed
+            cur = self._rows.get(key)
+            if cur is None:
+                self._rows[key] = row
+            else:
+                for i in range(4):
+                    cur[i] += row[i]
 
     async def close(self, timeout: float = 10.0) -> None:
         if self._task is not None:
