@@ -63,3 +63,27 @@ async def test_locust_records_ttft_without_failures(tmp_path: Path) -> None:
     chat, ttft = stats[("POST", "chat")], stats[("TTFT", "chat")]
     assert int(chat["Request Count"]) > 0 and int(chat["Failure Count"]) == 0
     assert int(ttft["Request Count"]) > 0 and int(ttft["Failure Count"]) == 0
+
+
+async def test_bench_run_cli_with_burstgpt_csv_and_chat(tmp_path: Path) -> None:
+    csv_path = tmp_path / "burst.csv"
+    rows = ["Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"]
+    rows += [f"{i},GPT-4,{50 + i},{5 + i},{55 + 2 * i},API log" for i in range(20)]
+    rows += ["99,ChatGPT,10,10,20,API log"]
+    csv_path.write_text("\n".join(rows) + "\n")
+    result = tmp_path / "run.json"
+    async with sim_process("--eos-mean-tokens", "8") as sim:
+        cmd = hpcgate_cmd("bench", "run", "--base-url", sim.url, "--endpoint", "chat", "--num-prompts", "6",
+                          "--max-concurrency", "3", "--dataset-path", str(csv_path), "--result-file",
+                          str(result), "--no-progress")
+        code, out = await run(cmd, timeout=60)
+    assert code == 0, out
+    doc = json.loads(result.read_text())
+    assert doc["workload"] == "burstgpt" and doc["settings"]["endpoint"] == "chat"
+    m = doc["metrics"]
+    assert (m["completed"], m["failed"]) == (6, 0)
+    reqs = doc["requests"]
+    assert all(50 <= r["prompt_len"] < 70 for r in reqs)
+    assert all(1 <= r["output_tokens"] <= r["max_tokens"] for r in reqs)  # EOS may stop early: no ignore_eos
+    assert m["total_input_tokens"] == sum(r["prompt_len"] for r in reqs)
+    assert doc["git_commit"] and doc["driver_cpu_s"] >= 0 and "Serving Benchmark Result" in out
