@@ -3,8 +3,8 @@
 :class:`Exchange` is both the upstream connection's :class:`ResponseSink` and the client
 connection's :class:`WriteListener`. Before the handler *commits* (decides the response is a
 success worth streaming) body pieces are buffered; after commit each upstream read is written
-to the client from the parser callbacks: the pieces of one upstream read (often several
-tokens) leave as one HTTP chunk in one write, with no task switch and no queue per token.
+to the client from the protocol callback: the body of one upstream read (often several tokens)
+leaves as one HTTP chunk in one write, with no task switch and no queue per token.
 Backpressure: a full client transport pauses reading upstream; the kernel's socket buffers
 then push back on the engine. A client that goes away aborts the upstream connection at once
 (the engine frees the slot). An upstream failure after commit ends the stream with an SSE
@@ -24,7 +24,7 @@ from gateway.upstream_client import UpstreamConnection, UpstreamError
 
 class Exchange:
     __slots__ = (
-        "_buffer", "_done", "_head", "_limit", "_loop", "_pending", "_size", "client", "client_gone",
+        "_buffer", "_done", "_head", "_limit", "_loop", "_size", "client", "client_gone",
         "committed", "ended", "error", "first_byte_at", "headers", "scanner", "status", "upstream",
     )
 
@@ -35,7 +35,6 @@ class Exchange:
         self.scanner = scanner
         self._limit = limit
         self._buffer: list[bytes] = []
-        self._pending: list[bytes] = []  # committed body pieces of the current upstream read
         self._size = 0
         self._head: asyncio.Future[None] = loop.create_future()
         self._done: asyncio.Future[None] = loop.create_future()
@@ -55,9 +54,15 @@ class Exchange:
         if not self._head.done():
             self._head.set_result(None)
 
-    def on_body(self, data: bytes) -> None:
+    def on_data(self, data: bytes) -> None:
         if self.committed:
-            self._pending.append(data)  # written once per upstream read, in on_read_end
+            scanner = self.scanner
+            if scanner is not None:
+                data = scanner.feed(data)
+            if data:
+                if not self.first_byte_at:
+                    self.first_byte_at = perf_counter()
+                self.client.write_chunk(data)
             return
         self._size += len(data)
         if self._size > self._limit:
@@ -68,16 +73,10 @@ class Exchange:
             return
         self._buffer.append(data)
 
-    def on_read_end(self) -> None:
-        if self._pending:
-            data = self._take_pending()
-            if data:
-                self.client.write_chunk(data)
-
-    def _take_pending(self) -> bytes:
-        pending = self._pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
+    def _take_buffered(self) -> bytes:
+        buffered = self._buffer
+        data = buffered[0] if len(buffered) == 1 else b"".join(buffered)
+        buffered.clear()
         if self.scanner is not None:
             data = self.scanner.feed(data)
         if data and not self.first_byte_at:
@@ -87,10 +86,7 @@ class Exchange:
     def on_end(self) -> None:
         self.ended = True
         if self.committed:
-            data = self._take_pending() if self._pending else b""
-            if self.scanner is not None:
-                data += self.scanner.flush()
-            self.client.end_chunked(data)  # the last data and the final chunk in one write
+            self.client.end_chunked(self.scanner.flush() if self.scanner is not None else b"")
         self._resolve()
 
     def on_error(self, exc: UpstreamError) -> None:
@@ -98,7 +94,6 @@ class Exchange:
             return
         self.error = exc
         if self.committed:
-            self.on_read_end()  # whole events already received still reach the client
             self.client.end_chunked(sse_error_event(f"upstream failed mid-stream: {exc}", exc.kind))
         self._resolve()
 
@@ -138,8 +133,7 @@ class Exchange:
         client = self.client
         ctype = self.headers.get(b"content-type", b"text/event-stream")
         self.committed = True
-        self._pending, self._buffer = self._buffer, []
-        first = self._take_pending() if self._pending else b""
+        first = self._take_buffered() if self._buffer else b""
         if self.ended:
             if self.scanner is not None:
                 first += self.scanner.flush()

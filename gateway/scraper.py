@@ -30,11 +30,8 @@ class _Collect:
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None:
         self.status = status
 
-    def on_body(self, data: bytes) -> None:
+    def on_data(self, data: bytes) -> None:
         self.body.append(data)
-
-    def on_read_end(self) -> None:
-        pass
 
     def on_end(self) -> None:
         if not self.done.done():

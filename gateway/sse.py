@@ -66,7 +66,8 @@ class SseScanner:
                 return b""
             self._tail = data[cut + 2:]
             data = data[: cut + 2]
-        self.data_events += data.count(_DATA)
+        if not self.strip_usage:  # the gateway asked for usage itself: no need for the fallback count
+            self.data_events += data.count(_DATA)
         if b'"usage"' in data:
             data = self._take_usage(data)
         return data
@@ -95,7 +96,11 @@ class SseScanner:
 
     @property
     def content_events(self) -> int:
-        """Events that carried content: a fallback token count when no usage was reported."""
+        """Events that carried content: a fallback token count when no usage was reported.
+
+        Counted only for clients that set ``stream_options`` themselves (then the engine may not
+        report usage); when the gateway injected ``include_usage`` the engine reports it.
+        """
         extra = 1 if self.usage is not None else 0
         return max(0, self.data_events - 1 - extra)
 

@@ -7,8 +7,9 @@ transport without a task switch per chunk, and backpressure is :meth:`pause_read
 transport while the client's is full. Invariants: a connection goes back to its pool only after
 a complete response that allows keep-alive; any other ending closes it (an aborted request
 frees the engine's slot, because vLLM aborts a request whose connection closed). Every request
-has a connect timeout and a per-read timeout; the read timer is suspended while reading is
-paused for the client, and there is no total timeout.
+has a connect timeout and a per-read timeout (a stall is detected one to two timeouts after the
+last read); the read timer is suspended while reading is paused for the client, and there is no
+total timeout.
 """
 
 from __future__ import annotations
@@ -32,21 +33,22 @@ class UpstreamError(Exception):
 
 class ResponseSink(Protocol):
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None: ...
-    def on_body(self, data: bytes) -> None: ...
-    def on_read_end(self) -> None: ...
+    def on_data(self, data: bytes) -> None: ...  # the body bytes of one read (all its HTTP chunks)
     def on_end(self) -> None: ...
     def on_error(self, exc: UpstreamError) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_body",
+        "_checked_reads",
         "_head_seen",
         "_headers",
-        "_last_read",
         "_loop",
         "_parser",
         "_paused",
         "_pool",
+        "_reads",
         "_timer",
         "closed",
         "reused",
@@ -59,9 +61,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._loop = pool.loop
         self._parser = httptools.HttpResponseParser(self)
         self._headers: dict[bytes, bytes] = {}
+        self._body: list[bytes] = []  # body pieces of the read being parsed
         self._head_seen = False
         self._paused = False
-        self._last_read = 0.0
+        self._reads = 0  # reads so far; the read timer compares it instead of taking the time per read
+        self._checked_reads = -1
         self._timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
@@ -83,10 +87,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is not None:
+            self._flush_body(sink)
             sink.on_error(UpstreamError("closed", "upstream closed the connection", not self._head_seen))
 
     def data_received(self, data: bytes) -> None:
-        self._last_read = self._loop.time()
+        self._reads += 1
         if self.sink is None:  # bytes nobody asked for: the connection is out of sync
             self.abort()
             return
@@ -95,10 +100,16 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}", not self._head_seen))
             return
-        # One read may hold many HTTP chunks (tokens): the sink writes them to the client at once.
-        sink = self.sink
-        if sink is not None:
-            sink.on_read_end()
+        # One read may hold many HTTP chunks (tokens): the sink gets them as one piece.
+        if self._body and self.sink is not None:
+            self._flush_body(self.sink)
+
+    def _flush_body(self, sink: ResponseSink) -> None:
+        body = self._body
+        if body:
+            data = body[0] if len(body) == 1 else b"".join(body)
+            body.clear()
+            sink.on_data(data)
 
     # -- httptools callbacks --------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -110,15 +121,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.on_head(self._parser.get_status_code(), self._headers)
 
     def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.sink.on_body(body)
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
         self._stop_timer()
         sink, self.sink = self.sink, None
         keep = self._parser.should_keep_alive()
         if sink is not None:
+            self._flush_body(sink)
             sink.on_end()
+        else:
+            self._body.clear()
         if keep and not self.closed:
             self._pool.release(self)
         else:
@@ -131,9 +144,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = {}
         self._head_seen = False
         self._paused = False
-        self._last_read = self._loop.time()
+        self._checked_reads = -1
         self.transport.write(request)
-        self._timer = self._loop.call_at(self._last_read + self._pool.read_timeout, self._check_read)
+        self._timer = self._loop.call_later(self._pool.read_timeout, self._check_read)
 
     def pause_reading(self) -> None:
         if not self._paused and self.transport is not None and not self.closed:
@@ -143,18 +156,18 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
-            self._last_read = self._loop.time()
+            self._checked_reads = -1  # a fresh period starts now
             self.transport.resume_reading()
 
     def _check_read(self) -> None:
-        # Rescheduled rather than recreated per read: one timer per request, not per chunk.
+        # One timer per request, rescheduled every read_timeout: a stall is detected between one
+        # and two periods after the last read, at no cost per read.
         self._timer = None
         if self.sink is None or self.closed:
             return
-        due = self._last_read + self._pool.read_timeout
-        now = self._loop.time()
-        if self._paused or now < due:
-            self._timer = self._loop.call_at(max(due, now + 0.1), self._check_read)
+        if self._paused or self._reads != self._checked_reads:
+            self._checked_reads = self._reads
+            self._timer = self._loop.call_later(self._pool.read_timeout, self._check_read)
             return
         self._fail(UpstreamError("timeout", "upstream read timed out", not self._head_seen))
 
@@ -165,6 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _fail(self, exc: UpstreamError) -> None:
         sink, self.sink = self.sink, None
+        self._body.clear()
         self.abort()
         if sink is not None:
             sink.on_error(exc)
