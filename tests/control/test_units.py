@@ -1,0 +1,260 @@
+"""Pure parts of the control plane, fed data: plans, table building, parsers, routing, rendering."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from control.admin_cli import _resource, render, render_table
+from control.api.http import HttpError, Route, Router, validation_error
+from control.health.backoff import Backoff
+from control.health.plan import EndpointState, MarkReady, RecordProbe, Remove, plan_endpoint, plan_round
+from control.health.probe import ProbeResult, build_request, parse_status
+from control.publish.tables import (
+    EndpointRow,
+    KeyRow,
+    ModelRow,
+    TenantRow,
+    build_endpoint_table,
+    build_key_table,
+)
+from control.store.tokens import hash_registration_token, new_registration_token
+from control.wire import ModelCreate, RegisterRequest, Tenant
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+OK = ProbeResult(ok=True, status=200)
+DOWN = ProbeResult(ok=False, error="ConnectionRefusedError")
+
+
+def ep(**kw: object) -> EndpointState:
+    base: dict[str, object] = dict(
+        endpoint_id=1,
+        endpoint_job_id=10,
+        node="n1",
+        port=20000,
+        bearer_token="b",
+        job_state="registered",
+        launcher="slurm",
+        launcher_job_id="77",
+        registered_at=NOW - timedelta(seconds=5),
+        ready=False,
+        consecutive_failures=0,
+        startup_timeout_s=60,
+    )
+    base.update(kw)
+    return EndpointState(**base)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_first_200_marks_ready_later_ones_do_nothing() -> None:
+    assert plan_endpoint(ep(), OK, False, NOW, dead_after=3) == MarkReady(1, 10)
+    assert plan_endpoint(ep(ready=True, job_state="ready"), OK, False, NOW, dead_after=3) is None
+    assert plan_endpoint(ep(ready=True, consecutive_failures=2), OK, False, NOW, dead_after=3) == RecordProbe(
+        1, 0
+    )
+
+
+def test_failures_count_then_kill_a_ready_endpoint() -> None:
+    assert plan_endpoint(ep(ready=True), DOWN, False, NOW, dead_after=3) == RecordProbe(1, 1)
+    action = plan_endpoint(ep(ready=True, consecutive_failures=2), DOWN, False, NOW, dead_after=3)
+    assert isinstance(action, Remove) and action.job_state == "failed" and "unresponsive" in action.reason
+
+
+def test_startup_timeout_counts_from_registration() -> None:
+    young = ep(registered_at=NOW - timedelta(seconds=59))
+    assert plan_endpoint(young, DOWN, False, NOW, dead_after=3) == RecordProbe(1, 1)
+    old = ep(registered_at=NOW - timedelta(seconds=61), consecutive_failures=200)
+    action = plan_endpoint(old, DOWN, False, NOW, dead_after=3)
+    assert isinstance(action, Remove) and action.job_state == "failed"
+    assert "startup_timeout_s=60" in action.reason
+    # an endpoint that never became ready is not killed by dead_after, only by the timeout
+    assert isinstance(plan_endpoint(ep(consecutive_failures=50), DOWN, False, NOW, dead_after=3), RecordProbe)
+
+
+def test_ended_jobs_and_jobs_the_launcher_lost_are_removed() -> None:
+    assert plan_endpoint(ep(job_state="ended"), None, False, NOW, dead_after=3) == Remove(
+        1, 10, None, "job ended"
+    )
+    gone = plan_endpoint(ep(job_state="ready", ready=True), OK, True, NOW, dead_after=3)
+    assert isinstance(gone, Remove) and gone.job_state == "failed"
+    drained = plan_endpoint(ep(job_state="draining", ready=True), OK, True, NOW, dead_after=3)
+    assert isinstance(drained, Remove) and drained.job_state == "ended"
+
+
+def test_plan_round_keys_results_by_endpoint() -> None:
+    eps = [ep(endpoint_id=1, endpoint_job_id=10), ep(endpoint_id=2, endpoint_job_id=20, ready=True)]
+    actions = plan_round(eps, {1: OK, 2: OK}, frozenset({20}), NOW, dead_after=3)
+    assert actions == [MarkReady(1, 10), Remove(2, 20, "failed", "launcher reports the job gone")]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def model(name: str, **kw: object) -> ModelRow:
+    base: dict[str, object] = dict(
+        name=name, aliases=(), state="active", state_reason=None, desired_instances=1, max_model_len=None
+    )
+    base.update(kw)
+    return ModelRow(**base)  # type: ignore[arg-type]
+
+
+def row(endpoint_id: int, model_name: str, **kw: object) -> EndpointRow:
+    base: dict[str, object] = dict(
+        endpoint_id=endpoint_id,
+        endpoint_job_id=endpoint_id * 10,
+        model=model_name,
+        node="n1",
+        port=20000 + endpoint_id,
+        launcher_job_id=None,
+        bearer_token="b",
+        consecutive_failures=0,
+        draining=False,
+    )
+    base.update(kw)
+    return EndpointRow(**base)  # type: ignore[arg-type]
+
+
+def test_endpoint_table_states_and_routability() -> None:
+    models = [
+        model("a", aliases=("a1",)),
+        model("b"),
+        model("c", desired_instances=0),
+        model("d", state="failed", state_reason="boom"),
+        model("e", state="draining"),
+    ]
+    rows = [
+        row(2, "a"),
+        row(1, "a", consecutive_failures=1),
+        row(3, "b", draining=True),
+        row(4, "e", draining=True),
+    ]
+    table = build_endpoint_table(models, rows, unroutable_after=1, version=7, generated_at=1.5)
+    assert table.version == 7 and [e.endpoint_id for e in table.endpoints] == [1, 2, 3, 4]
+    assert [e.ready for e in table.endpoints] == [False, True, True, True]
+    assert table.endpoints[0].url == "http://n1:20001"
+    states = {m.name: (m.state, m.reason) for m in table.models}
+    assert states == {
+        "a": ("ready", None),
+        "b": ("starting", None),
+        "c": ("stopped", None),
+        "d": ("failed", "boom"),
+        "e": ("stopped", None),
+    }
+    assert table.models[0].aliases == ("a1",)
+
+
+def test_key_table_leaves_out_keys_of_disabled_tenants() -> None:
+    tenants = [
+        TenantRow(
+            tenant_id=1, name="t1", allowed_models=("m",), max_concurrent_requests=None, tokens_per_minute=5
+        )
+    ]
+    keys = [
+        KeyRow(key_hash=b"\x01" * 32, prefix="hpg_a", tenant_id=1, expires_at=NOW),
+        KeyRow(key_hash=b"\x02" * 32, prefix="hpg_b", tenant_id=2, expires_at=None),
+    ]
+    table = build_key_table(tenants, keys, version=3)
+    assert [k.key_hash for k in table.keys] == ["01" * 32]
+    assert table.keys[0].expires_at == NOW.timestamp()
+    assert table.tenants[0].allowed_models == ("m",) and table.tenants[0].tokens_per_minute == 5
+
+
+# ----------------------------------------------------------------------------- probe, backoff, tokens
+
+
+def test_status_line_parser() -> None:
+    assert parse_status(b"HTTP/1.1 200 OK\r\n") == 200
+    assert parse_status(b"HTTP/1.0 503 Service Unavailable\r\n") == 503
+    assert parse_status(b"SSH-2.0-OpenSSH\r\n") is None
+    assert parse_status(b"HTTP/1.1 2000 X\r\n") is None
+    assert b"Authorization: Bearer t0k\r\n" in build_request("n1", 1, "t0k")
+    assert b"Authorization" not in build_request("n1", 1, None)
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    b = Backoff(base_s=0.1, cap_s=1.0, rand=random.Random(1))
+    delays = [b.next_delay() for _ in range(10)]
+    assert 0.05 <= delays[0] <= 0.1 and all(0.5 <= d <= 1.0 for d in delays[5:])
+    b.reset()
+    assert b.next_delay() <= 0.1
+
+
+def test_registration_tokens_are_random_and_hashed() -> None:
+    a, b = new_registration_token(), new_registration_token()
+    assert a != b and len(a) >= 43
+    assert hash_registration_token(a) == hash_registration_token(a) != hash_registration_token(b)
+    assert len(hash_registration_token(a)) == 32
+
+
+# ----------------------------------------------------------------------------- http layer, wire types
+
+
+async def _noop(call: object) -> None:
+    return None
+
+
+def test_router_matches_templates_and_separates_404_from_405() -> None:
+    router = Router(
+        [
+            Route("GET", "/admin/models/{name}", _noop, "admin", "", "t"),
+            Route("POST", "/admin/models/{name}/drain", _noop, "admin", "", "t"),
+        ]
+    )
+    route, params = router.match("GET", ["admin", "models", "org/m"])  # "org%2Fm" decoded per segment
+    assert route.path == "/admin/models/{name}" and params == {"name": "org/m"}
+    with pytest.raises(HttpError) as e405:
+        router.match("DELETE", ["admin", "models", "x"])
+    assert e405.value.status == 405
+    with pytest.raises(HttpError) as e404:
+        router.match("GET", ["admin", "nothing"])
+    assert e404.value.status == 404
+
+
+def test_validation_errors_name_the_field() -> None:
+    with pytest.raises(msgspec.ValidationError) as exc:
+        msgspec.json.decode(b'{"name": "m", "min_instances": -1}', type=ModelCreate)
+    err = validation_error(exc.value, "$")
+    assert err.status == 422 and err.body.path == "$.min_instances"
+    with pytest.raises(msgspec.DecodeError) as bad:
+        msgspec.json.decode(b"{", type=ModelCreate)
+    assert validation_error(bad.value, "$").status == 400
+
+
+@pytest.mark.parametrize("token", ["a b", "a\r\nX-Injected: 1", "", "x" * 513])
+def test_bearer_tokens_that_could_break_a_header_are_rejected(token: str) -> None:
+    body = {
+        "endpoint_job_id": 1,
+        "registration_token": "t",
+        "launcher_job_id": "1",
+        "node": "n",
+        "model": "m",
+        "bearer_token": token,
+    }
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(body, RegisterRequest)
+
+
+def test_cli_rendering_and_resource_parsing() -> None:
+    assert _resource("gpus=2") == ("gpus", 2)
+    assert _resource("exclusive=true") == ("exclusive", True)
+    assert _resource("partition=gpu") == ("partition", "gpu")
+    text = render_table(("a", "bb"), [[1, None], [True, ["x", "y"]]])
+    assert text.splitlines() == ["A    BB", "1    -", "yes  x,y"]
+    tenant = Tenant(
+        tenant_id=1,
+        name="t",
+        enabled=True,
+        allowed_models=None,
+        max_concurrent_requests=None,
+        tokens_per_minute=None,
+        active_keys=0,
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    assert "NAME" in render([tenant]) and "t" in render([tenant]).splitlines()[1]
+    assert render([]) == "(none)"
