@@ -176,7 +176,8 @@ class ControlPlane:
     def admin(self) -> Admin:
         return Admin(self.control_url, self.admin_token)
 
-    async def start_jobs(self, raw_env: dict[str, str] | None = None, **settings: str) -> Daemon:
+    async def start_jobs(self, settings: dict[str, str], raw_env: dict[str, str] | None = None) -> Daemon:
+        """``settings``: JobsSettings fields (common ones like data_dir included) as strings."""
         env = self.env(**{(f"HPCGATE_{k.upper()}" if k in COMMON_FIELDS else f"HPCGATE_JOBS_{k.upper()}"): v
                           for k, v in settings.items()}, **(raw_env or {}))
         return await start_daemon("jobs", ["control", "jobs"], env, "jobs_worker_started")

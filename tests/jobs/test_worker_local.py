@@ -95,7 +95,7 @@ async def test_scale_up_drain_down_replace_and_scale_to_zero(
     plane: ControlPlane, tmp_path: Path, prefix: str
 ) -> None:
     dsn, model = plane.pg_dsn, "local-m1"
-    worker = await plane.start_jobs(**_jobs_settings(plane, tmp_path, prefix))
+    worker = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix))
     try:
         await _create_model(plane, model, max_instances=3, desired_instances=2)
         rows = await poll(lambda: _ready_n(dsn, model, 2), 60, "two ready endpoints")
@@ -207,7 +207,7 @@ async def test_restart_between_submit_and_database_write_adopts_the_job(
     finally:
         await pool.close()
 
-    daemon = await plane.start_jobs(**_jobs_settings(plane, tmp_path, prefix))
+    daemon = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix))
     try:
         await daemon.wait_event("job_adopted", 30, endpoint_job_id=job_id, launcher_job_id=submitted)
         os.killpg(state["pid"], signal.SIGCONT)
@@ -228,11 +228,11 @@ async def test_kill_9_of_the_worker_converges_without_duplicates(
 ) -> None:
     dsn, model = plane.pg_dsn, "local-kill9"
     settings = _jobs_settings(plane, tmp_path, prefix)
-    first = await plane.start_jobs(**settings)
+    first = await plane.start_jobs(settings)
     await _create_model(plane, model, max_instances=2, desired_instances=2)
     await first.wait_event("job_created", 30)
     await first.kill9()  # somewhere between creating rows, submitting and recording
-    second = await plane.start_jobs(**settings)
+    second = await plane.start_jobs(settings)
     try:
         rows = await poll(lambda: _ready_n(dsn, model, 2), 60, "two ready endpoints after the restart")
         alive = await _local_alive(tmp_path, prefix)
@@ -263,7 +263,7 @@ async def test_failing_models_are_marked_failed_with_the_reason(
     templates = tmp_path / "templates"
     templates.mkdir()
     (templates / "badreg.sbatch").write_text(BAD_REGISTRATION)
-    daemon = await plane.start_jobs(**_jobs_settings(plane, tmp_path, prefix, max_failures="2",
+    daemon = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix, max_failures="2",
                                                      template_dirs=str(templates)))
     try:
         await _create_model(plane, "local-badreg", slurm_template="badreg", max_instances=1,
@@ -303,7 +303,7 @@ async def test_walltime_replacement_keeps_the_model_serving(
     """Jobs of one minute with a 56 s lead: each is replaced ~4 s after it starts, and drained
     once the replacement is ready, so a ready endpoint exists at every moment."""
     dsn, model = plane.pg_dsn, "local-walltime"
-    daemon = await plane.start_jobs(**_jobs_settings(plane, tmp_path, prefix, walltime_lead_s="56"))
+    daemon = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix, walltime_lead_s="56"))
     try:
         await _create_model(plane, model, max_instances=1, desired_instances=1, slurm_resources={"time": "1"})
         await poll(lambda: _ready_n(dsn, model, 1), 60, "the first job ready")
