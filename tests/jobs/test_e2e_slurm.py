@@ -98,8 +98,8 @@ async def test_model_instances_on_slurm_end_to_end(
     assert status == 201
     api_key = created["key"]
 
-    settings = {"launcher": "slurm", "job_name_prefix": prefix, "data_dir": str(tmp_path), "interval_s": "0.5",
-                "drain_grace_s": "0.5", "backoff_base_s": "0.5"}
+    settings = {"launcher": "slurm", "job_name_prefix": prefix, "data_dir": str(tmp_path),
+                "interval_s": "0.5", "drain_grace_s": "0.5", "backoff_base_s": "0.5"}
     jobs = await plane.start_jobs(settings, raw_env={"SLURM_CONF": slurm_env["SLURM_CONF"]})
     gateway = await start_daemon("gateway", ["gateway", "--port", "0"], plane.env(), "gateway_listening")
     try:
