@@ -258,3 +258,44 @@ def test_cli_rendering_and_resource_parsing() -> None:
     )
     assert "NAME" in render([tenant]) and "t" in render([tenant]).splitlines()[1]
     assert render([]) == "(none)"
+
+
+async def test_sd_token_when_set_admits_it_or_the_admin_token() -> None:
+    from control.api.http import ApiApp
+
+    async def sd(call: object) -> list[str]:
+        return []
+
+    async def status_of(app: ApiApp, auth: str | None) -> int:
+        sent: list[dict[str, object]] = []
+        headers = [(b"authorization", auth.encode())] if auth else []
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/sd/vllm",
+            "raw_path": b"/sd/vllm",
+            "query_string": b"",
+            "headers": headers,
+        }
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        status = sent[0]["status"]
+        assert isinstance(status, int)
+        return status
+
+    router = Router([Route("GET", "/sd/vllm", sd, "sd", "", "t")])
+    closed = ApiApp(router, admin_token="adm", sd_token="sdt", max_body_bytes=100)
+    assert [await status_of(closed, a) for a in (None, "Bearer x", "Bearer sdt", "Bearer adm")] == [
+        401,
+        401,
+        200,
+        200,
+    ]
+    opened = ApiApp(router, admin_token="adm", sd_token="", max_body_bytes=100)
+    assert await status_of(opened, None) == 200
