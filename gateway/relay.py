@@ -83,10 +83,17 @@ class Exchange:
             self.first_byte_at = perf_counter()
         return data
 
-    def on_end(self) -> None:
+    def on_end(self, last: bytes) -> None:
         self.ended = True
         if self.committed:
-            self.client.end_chunked(self.scanner.flush() if self.scanner is not None else b"")
+            scanner = self.scanner
+            if scanner is not None:
+                last = scanner.feed(last) + scanner.flush() if last else scanner.flush()
+            if last and not self.first_byte_at:
+                self.first_byte_at = perf_counter()
+            self.client.end_chunked(last)
+        elif last:
+            self._buffer.append(last)
         self._resolve()
 
     def on_error(self, exc: UpstreamError) -> None:

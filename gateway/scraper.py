@@ -33,7 +33,9 @@ class _Collect:
     def on_data(self, data: bytes) -> None:
         self.body.append(data)
 
-    def on_end(self) -> None:
+    def on_end(self, last: bytes) -> None:
+        if last:
+            self.body.append(last)
         if not self.done.done():
             self.done.set_result(None)
 

@@ -34,7 +34,7 @@ class UpstreamError(Exception):
 class ResponseSink(Protocol):
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None: ...
     def on_data(self, data: bytes) -> None: ...  # the body bytes of one read (all its HTTP chunks)
-    def on_end(self) -> None: ...
+    def on_end(self, last: bytes) -> None: ...  # ``last``: body bytes of the final read not yet given
     def on_error(self, exc: UpstreamError) -> None: ...
 
 
@@ -127,11 +127,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._stop_timer()
         sink, self.sink = self.sink, None
         keep = self._parser.should_keep_alive()
+        body = self._body
+        last = (body[0] if len(body) == 1 else b"".join(body)) if body else b""
+        body.clear()
         if sink is not None:
-            self._flush_body(sink)
-            sink.on_end()
-        else:
-            self._body.clear()
+            sink.on_end(last)  # the last data and the end of the response: one write to the client
         if keep and not self.closed:
             self._pool.release(self)
         else:
