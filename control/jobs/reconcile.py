@@ -208,6 +208,8 @@ class JobWorker:
             except LauncherError as exc:
                 log.warning("cancel_failed", launcher_job_id=action.cancel_launcher_job, error=str(exc))
         if action.read_output and obs is not None:
+            if obs.output_path is None:  # squeue's fixed format has no output path; we chose it
+                obs = msgspec.structs.replace(obs, output_path=str(self.output_dir / f"{obs.name}.out"))
             tail = await self.launcher.read_output(obs, 8192)
             if tail:
                 reason = f"{reason}; output: {_last_lines(tail)}"
