@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
+import sys
 
 from granian.constants import Interfaces
 from granian.server.embed import Server
@@ -34,8 +36,24 @@ def main(argv: list[str]) -> int:
     require(settings.admin_token, "admin_token")
     require(settings.key_hash_secret, "key_hash_secret")
     setup_logging(settings.log_level)
+    if not _port_is_free(settings.host, settings.port):
+        log.error("api_port_in_use", host=settings.host, port=settings.port)
+        print(f"hpcgate control api: error: {settings.host}:{settings.port} is in use", file=sys.stderr)
+        return 1
     asyncio.run(serve(settings))
     return 0
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    """Granian binds with SO_REUSEPORT, so a second api on a busy port would silently share it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 async def serve(settings: ApiSettings) -> None:
@@ -52,9 +70,28 @@ async def serve(settings: ApiSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
-    loop.call_soon(lambda: log.info("api_listening", host=settings.host, port=settings.port))
+    serving = asyncio.create_task(server.serve())
     try:
-        await server.serve()
+        await _announce_when_accepting(settings, serving)
+        await serving
     finally:
         await db.close()
         log.info("api_stopped")
+
+
+async def _announce_when_accepting(settings: ApiSettings, serving: asyncio.Task[None]) -> None:
+    """Log ``api_listening`` (a readiness signal for supervisors) once the port accepts connections."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    host = "::1" if host == "::" else host
+    for _ in range(500):
+        if serving.done():
+            return
+        try:
+            _, writer = await asyncio.open_connection(host, settings.port)
+        except OSError:
+            await asyncio.sleep(0.01)  # granian's worker binds on its next loop turns
+            continue
+        writer.close()
+        log.info("api_listening", host=settings.host, port=settings.port)
+        return
+    log.warning("api_not_accepting", host=settings.host, port=settings.port)
