@@ -28,13 +28,11 @@ from control.launchers.slurm_parse import (
     parse_squeue_format,
     parse_squeue_json,
 )
+from control.launchers.slurm_rest_map import TEMPORARY_MARKERS
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _JOB_ID_RE = re.compile(r"^\d+(?:_\d+)?$")
-# sbatch failures that say "try again later" rather than "this job is wrong".
-_TEMPORARY = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
-              "temporarily unavailable", "Slurm temporarily unable", "Zero Bytes were transmitted",
-              "Communication connection failure", "ssh:", "Connection timed out", "Connection closed")
+_TEMPORARY = (*TEMPORARY_MARKERS, "ssh:")
 # Read secret NAME=VALUE lines from stdin (ended by an empty line), then hand the rest of
 # stdin (the script) to sbatch. bash's `read` consumes exactly one line from a pipe.
 _SUBMIT_PRELUDE = 'while IFS= read -r _l && [ -n "$_l" ]; do export "$_l"; done; exec sbatch --parsable "$@"'

@@ -17,6 +17,10 @@ import msgspec
 from control.launchers.base import JobSpec, ObservedJob, SubmitRejectedError
 from control.launchers.slurm_parse import SlurmParseError, jobs_from_json, parse_time
 
+# Slurm messages that say "try again later" rather than "this job is wrong".
+TEMPORARY_MARKERS = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
+                     "temporarily unavailable", "Slurm temporarily unable", "Zero Bytes were transmitted",
+                     "Communication connection failure", "Connection timed out", "Connection closed")
 _DIRECTIVE_RE = re.compile(r"^#SBATCH\s+--([a-z-]+)(?:=(\S+))?\s*$")
 _MEM_RE = re.compile(r"^(\d+)([KMGT]?)$")
 _MEM_FACTOR_MB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
@@ -106,7 +110,8 @@ def parse_submit_response(status: int, body: bytes) -> str:
     job_id = doc.get("job_id") if isinstance(doc, dict) else None
     if status == 200 and problem is None and isinstance(job_id, int):
         return str(job_id)
-    if status >= 500:
+    # slurmrestd answers 500 with Slurm's own error for a refused job: classify by the message.
+    if problem is None or any(marker in problem for marker in TEMPORARY_MARKERS):
         raise SlurmParseError(f"slurmrestd failed: HTTP {status}: {problem}")
     raise SubmitRejectedError(f"slurmrestd rejected the job: HTTP {status}: {problem or 'no job id'}")
 
