@@ -57,6 +57,10 @@ class HealthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     dead_after: PositiveInt = 30  # consecutive failures of a ready endpoint: job failed, removed
     publish_interval_s: PositiveFloat = 5.0  # full snapshots at least this often
     backoff_max_s: PositiveFloat = 10.0  # cap of the reconnect backoff to PostgreSQL/Redis
+    # Also ask the launcher (configured by the [jobs] settings) whether jobs still exist. Off by
+    # default: the Job Worker already ends job rows whose launcher job vanished.
+    observe_launcher: bool = False
+    observe_interval_s: PositiveFloat = 10.0
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

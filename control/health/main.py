@@ -6,7 +6,12 @@ import argparse
 import asyncio
 import signal
 
+from control.health.observer import LauncherObserver
 from control.health.worker import EndpointWorker
+from control.jobs.main import make_launcher
+from control.jobs.naming import name_prefix
+from control.jobs.settings import JobsSettings
+from control.launchers.base import Launcher
 from control.settings import HealthSettings
 from hpcgate.logs import setup_logging
 from hpcgate.settings import load_settings
@@ -27,4 +32,14 @@ async def _run(settings: HealthSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await EndpointWorker(settings).run(stop)
+    launcher: Launcher | None = None
+    observer = None
+    if settings.observe_launcher:
+        jobs = load_settings(JobsSettings, "jobs")
+        launcher = make_launcher(jobs)
+        observer = LauncherObserver(launcher, name_prefix(jobs.job_name_prefix), settings.observe_interval_s)
+    try:
+        await EndpointWorker(settings, observer=observer).run(stop)
+    finally:
+        if launcher is not None:
+            await launcher.close()

@@ -7,7 +7,8 @@ answering. An observer only makes removal faster when a job dies under a live Jo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,7 @@ class LiveJob:
     endpoint_job_id: int
     launcher: str  # ai_model_endpoint_jobs.launcher
     launcher_job_id: str | None
+    registered_at: float  # unix time; a job is judged only by an observation started after it
 
 
 class JobObserver(Protocol):
@@ -32,15 +34,43 @@ class JobObserver(Protocol):
 
 
 class LauncherObserver:
-    """Adapts a :class:`Launcher` (observe by name prefix) to :class:`JobObserver`."""
+    """Adapts a :class:`Launcher` (observe by name prefix) to :class:`JobObserver`.
 
-    def __init__(self, launcher: Launcher, name_prefix: str) -> None:
+    The scheduler is asked at most every ``min_interval_s`` (squeue is not free); in between
+    the last answer is reused. A job is reported gone only by an observation that started
+    well after it registered (``skew_s`` covers clock differences between the database and
+    this host), so a job that registered after the last look is never judged by it.
+    """
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        name_prefix: str,
+        min_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        skew_s: float = 5.0,
+    ) -> None:
         self._launcher = launcher
         self._prefix = name_prefix
+        self._min_interval = min_interval_s
+        self._clock = clock
+        self._skew = skew_s
+        self._alive: frozenset[str] | None = None
+        self._looked_at = 0.0
 
     async def gone(self, jobs: Sequence[LiveJob]) -> frozenset[int]:
         mine = [j for j in jobs if j.launcher == self._launcher.kind and j.launcher_job_id]
         if not mine:
             return frozenset()
-        alive = {o.launcher_job_id for o in await self._launcher.observe(self._prefix) if o.alive}
-        return frozenset(j.endpoint_job_id for j in mine if j.launcher_job_id not in alive)
+        now = self._clock()
+        if self._alive is None or now - self._looked_at >= self._min_interval:
+            observed = await self._launcher.observe(self._prefix)
+            self._alive = frozenset(o.launcher_job_id for o in observed if o.alive)
+            self._looked_at = now
+        alive = self._alive
+        judged_since = self._looked_at - self._skew
+        return frozenset(
+            j.endpoint_job_id
+            for j in mine
+            if j.launcher_job_id not in alive and j.registered_at < judged_since
+        )

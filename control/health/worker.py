@@ -152,7 +152,10 @@ class EndpointWorker:
     async def _gone(self, endpoints: list[EndpointState]) -> frozenset[int]:
         if self._observer is None or not endpoints:
             return frozenset()
-        jobs = [LiveJob(ep.endpoint_job_id, ep.launcher, ep.launcher_job_id) for ep in endpoints]
+        jobs = [
+            LiveJob(ep.endpoint_job_id, ep.launcher, ep.launcher_job_id, ep.registered_at.timestamp())
+            for ep in endpoints
+        ]
         try:
             return await asyncio.wait_for(self._observer.gone(jobs), self.settings.probe_timeout_s * 5)
         except Exception as exc:  # no information this round; never "everything is gone"

@@ -299,3 +299,37 @@ async def test_sd_token_when_set_admits_it_or_the_admin_token() -> None:
     ]
     opened = ApiApp(router, admin_token="adm", sd_token="", max_body_bytes=100)
     assert await status_of(opened, None) == 200
+
+
+async def test_launcher_observer_judges_only_jobs_older_than_its_look() -> None:
+    from control.health.observer import LauncherObserver, LiveJob
+    from control.launchers.base import JobState, ObservedJob
+
+    class FakeLauncher:
+        kind = "slurm"
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.jobs = [
+                ObservedJob(launcher_job_id="1", name="p-a", state=JobState.RUNNING),
+                ObservedJob(launcher_job_id="2", name="p-b", state=JobState.ENDED),
+            ]
+
+        async def observe(self, name_prefix: str) -> list[ObservedJob]:
+            self.calls += 1
+            return self.jobs
+
+    now = [1000.0]
+    launcher = FakeLauncher()
+    observer = LauncherObserver(launcher, "p-", min_interval_s=10, clock=lambda: now[0], skew_s=5)  # type: ignore[arg-type]
+    jobs = [
+        LiveJob(10, "slurm", "1", 900.0),
+        LiveJob(20, "slurm", "2", 900.0),
+        LiveJob(30, "slurm", "3", 999.0),
+        LiveJob(40, "local", "x", 900.0),
+    ]
+    assert await observer.gone(jobs) == frozenset({20})  # 30 registered after the look started (minus skew)
+    now[0] = 1005.0
+    assert await observer.gone(jobs) == frozenset({20}) and launcher.calls == 1  # cached
+    now[0] = 1011.0
+    assert await observer.gone(jobs) == frozenset({20, 30}) and launcher.calls == 2
