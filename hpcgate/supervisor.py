@@ -1,0 +1,125 @@
+"""Start child processes, wait for their readiness, stop them in reverse order.
+
+Used by ``hpcgate up`` (and usable by harnesses) to run several hpcgate daemons on one machine.
+Invariants: a child is "ready" only when its readiness check passes (a stdout line with a
+known event, or an HTTP probe), never after a sleep; ``stop_all`` sends SIGTERM to every
+child's process group in reverse start order, waits up to a grace period, then SIGKILLs, so
+no child outlives the supervisor; each child's output goes to a log file of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+
+class ChildFailedError(Exception):
+    """A child exited or did not become ready; the message says which and where its log is."""
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def hpcgate_argv(*args: str) -> list[str]:
+    """The argv that runs ``hpcgate ARGS`` with this interpreter's installation."""
+    return [sys.executable, "-m", "hpcgate", *args]
+
+
+class Supervisor:
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir = log_dir
+        self.env = env
+        self.children: list[Child] = []
+        self._copiers: list[asyncio.Future[None]] = []
+
+    async def start(self, name: str, argv: list[str], ready_event: str, timeout: float = 60.0) -> Child:
+        """Start a child and wait until it logs the JSON event ``ready_event`` (stdout or stderr)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        child = Child(name, argv, self.log_dir / f"{name}.log")
+        child.proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop_all reaches grandchildren
+        )
+        self.children.append(child)
+        ready: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+        # The copier runs for the child's whole life, so the child never blocks on a full pipe.
+        self._copiers.append(asyncio.ensure_future(self._copy_output(child, ready_event, ready)))
+        try:
+            child.info = await asyncio.wait_for(asyncio.shield(ready), timeout)
+        except TimeoutError:
+            msg = f"{child.name} not ready after {timeout:.0f}s; log {child.log_path}"
+            raise ChildFailedError(msg) from None
+        return child
+
+    async def _copy_output(self, child: Child, event: str, ready: asyncio.Future[dict[str, object]]) -> None:
+        """Copy the child's output to its log file; resolve ``ready`` at the readiness event."""
+        assert child.proc is not None and child.proc.stdout is not None
+        with child.log_path.open("ab") as log_file:
+            while line := await child.proc.stdout.readline():
+                log_file.write(line)
+                log_file.flush()
+                if not ready.done() and line.startswith(b"{"):
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        doc = orjson.loads(line)
+                        if isinstance(doc, dict) and doc.get("event") == event:
+                            ready.set_result(doc)
+        await child.proc.wait()
+        if not ready.done():
+            ready.set_exception(ChildFailedError(
+                f"{child.name} exited with {child.proc.returncode} before it was ready; "
+                f"log {child.log_path}:\n{child.tail()}"
+            ))
+
+    async def wait_any_exit(self) -> Child:
+        """Return the first child that exits (the supervisor treats that as fatal)."""
+        waits = {asyncio.ensure_future(c.proc.wait()): c for c in self.children if c.proc is not None}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for fut in pending:
+            fut.cancel()
+        return waits[next(iter(done))]
+
+    async def stop_all(self, grace: float = 15.0) -> None:
+        for child in reversed(self.children):
+            if child.running and child.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            try:
+                await asyncio.wait_for(child.proc.wait(), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                await child.proc.wait()
+        for copier in self._copiers:
+            copier.cancel()
