@@ -11,6 +11,7 @@ hot path.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 import time
@@ -93,6 +94,7 @@ class Gateway:
         self._retry_tokens = 10.0
         self._rid_prefix = secrets.token_hex(4)
         self._rid_n = 0
+        self._log_access = s.access_log and access_log.is_enabled(logging.INFO)
         self.metrics.add_state(self._state_view)
 
     # -- tables (control path) --------------------------------------------------------------------
@@ -259,7 +261,7 @@ class Gateway:
             ok = status < 400 and error is None
             self.metrics.observe(model, status, ttft, end - start, prompt=prompt, completion=completion)
             self.usage.add(tenant_id, model, time.time(), ok=ok, prompt=prompt, completion=completion)
-            if self.settings.access_log:
+            if self._log_access:
                 access_log.info(
                     "access", request_id=rid.decode(), tenant=tenant, model=model,
                     backend=backend.label if backend is not None else None, status=status,
@@ -293,7 +295,7 @@ class Gateway:
             exchange = Exchange(loop, conn, scanner, s.max_response_bytes)
             reused = False
             try:
-                up = await backend.pool.acquire()
+                up = backend.pool.take_idle() or await backend.pool.acquire()
                 reused = up.reused
                 exchange.upstream = up
                 conn.listener = exchange

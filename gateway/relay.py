@@ -55,14 +55,16 @@ class Exchange:
             self._head.set_result(None)
 
     def on_data(self, data: bytes) -> None:
-        if self.committed:
+        if self.committed:  # the hot path: once per upstream read of a stream
             scanner = self.scanner
             if scanner is not None:
                 data = scanner.feed(data)
             if data:
                 if not self.first_byte_at:
                     self.first_byte_at = perf_counter()
-                self.client.write_chunk(data)
+                client = self.client
+                if not client.closed:
+                    client.transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
             return
         self._size += len(data)
         if self._size > self._limit:

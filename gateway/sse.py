@@ -51,6 +51,8 @@ class SseScanner:
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to forward now for ``data`` (possibly b"", while a partial event is held)."""
+        if self.strip_usage and not self._tail and data.endswith(_SEP) and b'"usage"' not in data:
+            return data  # the common case: whole events, nothing to take out, nothing to count
         if self._passthrough:
             return data
         if self._tail:

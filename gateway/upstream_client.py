@@ -101,8 +101,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}", not self._head_seen))
             return
         # One read may hold many HTTP chunks (tokens): the sink gets them as one piece.
-        if self._body and self.sink is not None:
-            self._flush_body(self.sink)
+        body = self._body
+        if body:
+            sink = self.sink
+            if sink is not None:
+                data = body[0] if len(body) == 1 else b"".join(body)
+                body.clear()
+                sink.on_data(data)
 
     def _flush_body(self, sink: ResponseSink) -> None:
         body = self._body
@@ -217,6 +222,16 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self.open_count = 0
         self.closed = False
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle keep-alive connection, if any (no coroutine on the common path)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
 
     async def acquire(self) -> UpstreamConnection:
         idle = self._idle
