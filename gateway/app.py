@@ -11,7 +11,6 @@ hot path.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import secrets
 import time
@@ -19,6 +18,7 @@ import time
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.access_log import AccessLog
 from gateway.admission import ModelQueues, TenantLimiter
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
@@ -46,7 +46,6 @@ from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
 
 log = get_logger("hpcgate.gateway")
-access_log = get_logger("hpcgate.gateway.access")
 
 _POST_PATHS = {
     b"/v1/chat/completions": "chat",
@@ -94,7 +93,7 @@ class Gateway:
         self._retry_tokens = 10.0
         self._rid_prefix = secrets.token_hex(4)
         self._rid_n = 0
-        self._log_access = s.access_log and access_log.is_enabled(logging.INFO)
+        self.access_log = AccessLog() if s.access_log else None
         self.metrics.add_state(self._state_view)
 
     # -- tables (control path) --------------------------------------------------------------------
@@ -261,14 +260,14 @@ class Gateway:
             ok = status < 400 and error is None
             self.metrics.observe(model, status, ttft, end - start, prompt=prompt, completion=completion)
             self.usage.add(tenant_id, model, time.time(), ok=ok, prompt=prompt, completion=completion)
-            if self._log_access:
-                access_log.info(
-                    "access", request_id=rid.decode(), tenant=tenant, model=model,
-                    backend=backend.label if backend is not None else None, status=status,
-                    ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
-                    duration_ms=round((end - start) * 1000, 3), prompt_tokens=prompt,
-                    completion_tokens=completion, error=error,
-                )
+            if self.access_log is not None:
+                self.access_log.write({
+                    "request_id": rid.decode(), "tenant": tenant, "model": model,
+                    "backend": backend.label if backend is not None else None, "status": status,
+                    "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+                    "duration_ms": round((end - start) * 1000, 3), "prompt_tokens": prompt,
+                    "completion_tokens": completion, "error": error,
+                })
 
     async def _forward(self, route: ModelRoute, path: bytes, body: bytes, conn: HttpConnection,
                        scanner: SseScanner | None) -> tuple[Exchange, Backend]:

@@ -306,6 +306,7 @@ class HttpServer:
         self.shutting_down = False
         self._server: asyncio.Server | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self.on_tick: list[Callable[[], None]] = []  # once-a-second hooks (e.g. flush the access log)
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await self.loop.create_server(
@@ -315,6 +316,8 @@ class HttpServer:
 
     def _on_tick(self) -> None:
         _Clock.refresh()
+        for hook in self.on_tick:
+            hook()
         self._tick = self.loop.call_later(1.0, self._on_tick)
 
     @property

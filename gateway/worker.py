@@ -69,6 +69,8 @@ class Worker:
             await self._load_keys_once()
             self._tasks.append(self.loop.create_task(self._resync_keys()))
         gw.usage.start()
+        if gw.access_log is not None:
+            self.server.on_tick.append(gw.access_log.flush)
         await self.server.start(sock)
 
     async def _load_keys_once(self) -> bool:
@@ -98,6 +100,8 @@ class Worker:
         for b in self.gateway.backends.values():
             b.pool.close()
         await self.gateway.usage.close()
+        if self.gateway.access_log is not None:
+            self.gateway.access_log.flush()
 
     @property
     def port(self) -> int:

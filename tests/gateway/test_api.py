@@ -44,7 +44,7 @@ async def gw(sim_a: SimProcess, pg_dsn: str, redis_url: str, redis_prefix: str,
     async with running_gateway(
         static_endpoints=(f"m1={sim_a.url}", f"m2={sim_a.url}"), database_url=pg_dsn, redis_url=redis_url,
         redis_prefix=f"{redis_prefix}api:", key_hash_secret=SECRET, request_read_timeout_s=0.5,
-        max_body_bytes=64 * 1024, max_header_count=50, usage_flush_s=0.2,
+        max_body_bytes=64 * 1024, max_header_count=50, usage_flush_s=0.2, access_log=True,
     ) as worker:
         yield worker
 
@@ -186,6 +186,23 @@ async def test_slowloris_times_out_with_408(gw: Worker) -> None:
     finally:
         writer.close()
     await wait_until(lambda: handler_tasks(gw) == 0, 5, "handler tasks to end")
+
+
+async def test_access_log_line_without_the_key(gw: Worker, tenant: tuple[int, str],
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    assert gw.gateway.access_log is not None
+    gw.gateway.access_log.flush()
+    capfd.readouterr()
+    data = post("/v1/chat/completions", CHAT, tenant[1])
+    data = data.replace(b"Host: t", b"Host: t\r\nX-Request-Id: req-42")
+    assert (await raw_exchange(gw.port, data)).status == 200
+    gw.gateway.access_log.flush()
+    lines = [msgspec.json.decode(ln) for ln in capfd.readouterr().err.splitlines() if '"access"' in ln]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "req-42" and line["tenant"] == "api-tenant" and line["model"] == "m1"
+    assert line["status"] == 200 and line["backend"] and line["ttft_ms"] > 0 and line["duration_ms"] > 0
+    assert tenant[1] not in str(line)
 
 
 async def test_health_ready_metrics(gw: Worker) -> None:
