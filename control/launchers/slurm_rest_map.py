@@ -1,10 +1,15 @@
-"""Sans-IO mapping between our job specs and slurmrestd's JSON (openapi v0.0.38 / v0.0.39).
+"""Sans-IO mapping between our job specs and slurmrestd's JSON (openapi v0.0.38, later versions).
 
 slurmrestd does not read ``#SBATCH`` lines from a submitted script: the job's properties must
 be given as fields of the request. ``sbatch_directives`` reads the directives our renderer wrote
 (``#SBATCH --key=value`` before the first command) and ``submit_body`` turns them into the
 ``job`` object, so one rendered script serves both Slurm launchers. Responses are parsed with
 the same job-object parser as ``squeue --json`` (they share Slurm's data parser).
+
+The v0.0.38 request shape is checked against the OpenAPI document of a real slurmrestd 22.05
+(``tests/jobs/fixtures/slurmrestd-22.05-job-properties.json``); the shape for later versions
+(ranges as ``minimum_nodes``/``maximum_nodes``, numbers as ``{"set", "infinite", "number"}``,
+environment as a list) follows their documented data parser but has not run against one.
 """
 
 from __future__ import annotations
@@ -60,23 +65,34 @@ def submit_body(spec: JobSpec, api_version: str) -> dict[str, Any]:
         # v0.0.38 takes an object, later versions a list of NAME=VALUE strings.
         "environment": env if api_version == "v0.0.38" else [f"{k}={v}" for k, v in env.items()],
     }
+    v38 = api_version == "v0.0.38"  # verified against slurmrestd 22.05's OpenAPI document
     if "nodes" in d:
-        job["minimum_nodes"] = job["maximum_nodes"] = int(d["nodes"])
+        nodes = int(d["nodes"])
+        if v38:
+            job["nodes"] = [nodes, nodes]
+        else:
+            job["minimum_nodes"] = job["maximum_nodes"] = nodes
     if "ntasks-per-node" in d:
         job["tasks_per_node"] = int(d["ntasks-per-node"])
     if "cpus-per-task" in d:
         job["cpus_per_task"] = int(d["cpus-per-task"])
     if "gpus-per-node" in d:
-        job["tres_per_node"] = f"gres:gpu:{int(d['gpus-per-node'])}"
+        gpus = int(d["gpus-per-node"])
+        if v38:
+            job["gpus_per_node"] = str(gpus)
+        else:
+            job["tres_per_node"] = f"gres/gpu:{gpus}"
     if "mem" in d:
-        job["memory_per_node"] = _memory_mb(d["mem"])
+        mem = _memory_mb(d["mem"])
+        job["memory_per_node"] = mem if v38 else {"set": True, "infinite": False, "number": mem}
     if "time" in d:
         try:
             seconds = parse_time(d["time"])
         except SlurmParseError as exc:
             raise SubmitRejectedError(str(exc)) from None
         if seconds is not None:
-            job["time_limit"] = max(1, -(-seconds // 60))  # minutes, rounded up
+            minutes = max(1, -(-seconds // 60))  # rounded up
+            job["time_limit"] = minutes if v38 else {"set": True, "infinite": False, "number": minutes}
     for key in ("partition", "account", "qos"):
         if key in d:
             job[key] = d[key]

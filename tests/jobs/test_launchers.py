@@ -144,12 +144,21 @@ def test_slurmrest_submit_body_from_rendered_directives(tmp_path: Path) -> None:
     body = submit_body(spec, "v0.0.38")
     job = body["job"]
     assert body["script"] == script
-    assert (job["name"], job["minimum_nodes"], job["cpus_per_task"], job["tres_per_node"]) == (
-        "hpcgate-m-g1-e5", 2, 8, "gres:gpu:4")
+    assert (job["name"], job["nodes"], job["cpus_per_task"], job["gpus_per_node"]) == (
+        "hpcgate-m-g1-e5", [2, 2], 8, "4")
+    # every field is one that slurmrestd 22.05 (v0.0.38) accepts, with the type it expects
+    known = msgspec.json.decode((FIX / "slurmrestd-22.05-job-properties.json").read_bytes())["properties"]
+    py_type = {"string": str, "integer": int, "array": list, "object": dict, "boolean": bool}
+    for key, value in job.items():
+        assert key in known, key
+        assert isinstance(value, py_type[known[key]]), (key, value)
     assert (job["memory_per_node"], job["time_limit"]) == (65536, 240)
     assert (job["partition"], job["account"]) == ("gpu", "llm")
     assert job["environment"]["HPCGATE_JOB_REGISTRATION_TOKEN"] == "tok"
-    assert "HPCGATE_JOB_REGISTRATION_TOKEN=tok" in submit_body(spec, "v0.0.39")["job"]["environment"]
+    later = submit_body(spec, "v0.0.40")["job"]
+    assert "HPCGATE_JOB_REGISTRATION_TOKEN=tok" in later["environment"]
+    assert (later["minimum_nodes"], later["tres_per_node"]) == (2, "gres/gpu:4")
+    assert later["time_limit"] == {"set": True, "infinite": False, "number": 240}
 
 
 def test_slurmrest_responses() -> None:
