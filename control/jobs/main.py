@@ -116,7 +116,9 @@ async def _close(conn: asyncpg.Connection | None) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hpcgate control jobs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="hpcgate control jobs",
+        description="The Job Worker: reconciles desired model instances with Slurm or local jobs.")
     parser.add_argument("--launcher", choices=("local", "slurm", "slurmrest"), default=None)
     parser.add_argument("--interval", type=float, default=None, dest="interval_s")
     args = parser.parse_args(argv)
