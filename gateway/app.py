@@ -218,10 +218,12 @@ class Gateway:
                     body = inject_include_usage(body)
                 scanner = SseScanner(strip_usage=strip)
             extra = b"x-request-id: %b\r\n" % rid
-            exchange, backend = await self._forward(route, path, body, conn, scanner)
+            exchange, backend = await self._forward(route, path, body, conn, scanner=scanner,
+                                                    stream_headers=extra if stream else None)
             status = exchange.status
             if stream and status == 200:
-                exchange.commit_stream(extra)
+                if not exchange.committed:
+                    exchange.commit_stream(extra)
                 await exchange.wait_done()
                 assert scanner is not None
                 if scanner.usage is not None:
@@ -251,8 +253,7 @@ class Gateway:
             if exchange is not None:
                 exchange.abort()
             if backend is not None:
-                backend.inflight -= 1
-                self.queues.wake(backend.models)
+                self._release(backend)
             if tstate is not None:
                 TenantLimiter.leave(tstate, prompt + completion)
             end = time.perf_counter()
@@ -269,8 +270,8 @@ class Gateway:
                     "completion_tokens": completion, "error": error,
                 })
 
-    async def _forward(self, route: ModelRoute, path: bytes, body: bytes, conn: HttpConnection,
-                       scanner: SseScanner | None) -> tuple[Exchange, Backend]:
+    async def _forward(self, route: ModelRoute, path: bytes, body: bytes, conn: HttpConnection, *,
+                       scanner: SseScanner | None, stream_headers: bytes | None) -> tuple[Exchange, Backend]:
         """Send to the best backend; retry connect errors and 5xx before the first byte elsewhere.
 
         On return the backend's in-flight count includes this request (the caller releases it).
@@ -291,7 +292,7 @@ class Gateway:
                 continue
             backend.inflight += 1
             backend.since_scrape += 1
-            exchange = Exchange(loop, conn, scanner, s.max_response_bytes)
+            exchange = Exchange(loop, conn, scanner, s.max_response_bytes, stream_headers)
             reused = False
             try:
                 up = backend.pool.take_idle() or await backend.pool.acquire()
@@ -299,20 +300,20 @@ class Gateway:
                 exchange.upstream = up
                 conn.listener = exchange
                 up.send(build_request(b"POST", path, backend.host_header, backend.auth_line, body), exchange)
-                await exchange.wait_head()
+                await exchange.wait_head()  # for a committed stream: its end
                 err = exchange.error
-                if err is None and exchange.status < 500:
+                if exchange.committed or (err is None and exchange.status < 500):
                     backend.record_success()
                     return exchange, backend
             except UpstreamError as exc:
                 err = exc
             except BaseException:
                 exchange.abort()
-                backend.inflight -= 1
+                self._release(backend)
                 raise
             exchange.abort()
             conn.listener = None
-            backend.inflight -= 1
+            self._release(backend)
             if err is not None and err.kind == "closed" and err.before_head and reused and not stale_retried:
                 stale_retried = True  # a keep-alive connection the engine had closed: not its fault
                 continue
@@ -323,6 +324,10 @@ class Gateway:
                 raise _upstream_error(last)
             self._retry_tokens -= 1.0
             self.metrics.retry(route.name)
+
+    def _release(self, backend: Backend) -> None:
+        backend.inflight -= 1
+        self.queues.wake(backend.models)  # a slot is free: the oldest waiter (if any) tries again
 
     def _upstream_failed(self, backend: Backend, kind: str) -> None:
         self.metrics.upstream_error(backend.label, kind)

@@ -25,11 +25,13 @@ from gateway.upstream_client import UpstreamConnection, UpstreamError
 class Exchange:
     __slots__ = (
         "_buffer", "_done", "_head", "_limit", "_loop", "_size", "client", "client_gone",
-        "committed", "ended", "error", "first_byte_at", "headers", "scanner", "status", "upstream",
+        "committed", "ended", "error", "first_byte_at", "headers", "scanner", "status", "stream_headers",
+        "upstream",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
-                 scanner: SseScanner | None, limit: int) -> None:
+                 scanner: SseScanner | None, limit: int, stream_headers: bytes | None = None) -> None:
+        """``stream_headers``: extra response headers if a 200 answer is to be streamed."""
         self._loop = loop
         self.client = client
         self.scanner = scanner
@@ -46,11 +48,18 @@ class Exchange:
         self.client_gone = False
         self.error: UpstreamError | None = None
         self.first_byte_at = 0.0
+        self.stream_headers = stream_headers
 
     # -- ResponseSink (called from the upstream protocol) -----------------------------------------
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None:
         self.status = status
         self.headers = headers
+        if status == 200 and self.stream_headers is not None:
+            # A successful stream is committed right here, not after a task switch: the first
+            # token leaves in the same loop iteration that received it, and the handler's next
+            # wake-up is the end of the stream (wait_head resolves then).
+            self.commit_stream(self.stream_headers)
+            return
         if not self._head.done():
             self._head.set_result(None)
 
