@@ -9,98 +9,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from control.admin_client import AdminApiError, AdminClient, seg
+from control.admin_render import render
 from control.settings import AdminSettings, require
 from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
 from hpcgate.settings import load_settings
 
 Command = Callable[[AdminClient, argparse.Namespace], tuple[bytes, Any]]
-
-_COLUMNS: dict[type, tuple[str, ...]] = {
-    Tenant: (
-        "name",
-        "enabled",
-        "allowed_models",
-        "max_concurrent_requests",
-        "tokens_per_minute",
-        "active_keys",
-    ),
-    ApiKey: ("key_id", "tenant", "prefix", "active", "expires_at", "revoked_at", "description"),
-    Model: (
-        "name",
-        "aliases",
-        "state",
-        "min_instances",
-        "desired_instances",
-        "max_instances",
-        "live_jobs",
-        "ready_endpoints",
-        "generation",
-        "slurm_template",
-    ),
-    Job: ("endpoint_job_id", "model", "state", "launcher", "launcher_job_id", "node", "port", "state_reason"),
-    Endpoint: (
-        "endpoint_id",
-        "endpoint_job_id",
-        "model",
-        "url",
-        "job_state",
-        "ready_at",
-        "draining",
-        "consecutive_failures",
-    ),
-}
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%SZ")
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value)) or "-"
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
-    return str(value)
-
-
-def render_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(lines)
-
-
-def render(value: object) -> str:
-    if isinstance(value, list):
-        if not value:
-            return "(none)"
-        cols = _COLUMNS[type(value[0])]
-        return render_table(cols, [[getattr(v, c) for c in cols] for v in value])
-    if isinstance(value, KeyCreated):
-        return f"key: {value.key}\n(store it now: it is shown only once)\n\n" + render([value.api_key])
-    if isinstance(value, Usage):
-        cols = ("tenant", "model", "requests", "errors", "prompt_tokens", "completion_tokens")
-        head = f"usage from {_cell(value.since)} to {_cell(value.until)}\n"
-        if not value.rows:
-            return head + "(none)"
-        return head + render_table(cols, [[getattr(r, c) for c in cols] for r in value.rows])
-    fields = msgspec.structs.asdict(value)  # type: ignore[arg-type]
-    width = max(len(k) for k in fields)
-    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in fields.items())
-
 
 # ----------------------------------------------------------------------------- argument parsing
 

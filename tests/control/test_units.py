@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
-from control.admin_cli import _resource, render, render_table
+from control.admin_cli import _resource
+from control.admin_render import render, render_table
 from control.api.http import HttpError, Route, Router, validation_error
 from control.health.backoff import Backoff
 from control.health.plan import EndpointState, MarkReady, RecordProbe, Remove, plan_endpoint, plan_round
