@@ -32,8 +32,11 @@ from control.launchers.base import JobSpec, JobState, LauncherError, ObservedJob
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# $1: script, $2: rc file. Secrets come as NAME=VALUE lines on stdin, ended by an empty line.
+# $1: script, $2: rc file, $3: pid file. Secrets come as NAME=VALUE lines on stdin, ended by
+# an empty line. The wrapper records its own pid first, so a job started by a worker that is
+# killed before it could write the pid down is still found (and cancelled) by the next one.
 _WRAPPER = r"""
+echo "$$" > "$3.tmp" && mv "$3.tmp" "$3"
 while IFS= read -r _line && [ -n "$_line" ]; do export "$_line"; done
 exec </dev/null
 trap 'true' TERM
@@ -47,8 +50,8 @@ echo "$_rc" > "$2.tmp" && mv "$2.tmp" "$2"
 class _Record(msgspec.Struct, kw_only=True):
     job_id: str
     name: str
-    pid: int
-    proc_start: int
+    pid: int = 0  # 0: not known yet (see _WRAPPER and _resolve_pid)
+    proc_start: int = 0
     started_at: float
     output_path: str
     time_limit_s: int | None = None
@@ -108,27 +111,43 @@ class LocalLauncher:
         Path(spec.workdir).mkdir(parents=True, exist_ok=True)
         env_lines = {"HPCG_LOCAL_JOB_ID": job_id, "HPCG_LOCAL_NODE": self._node, **spec.secret_env}
         stdin = "".join(f"{k}={v}\n" for k, v in env_lines.items()) + "\n"
+        # The record exists before the process does: a crash in between leaves a job the next
+        # observe() can see (through the pid file the wrapper writes), never an untracked one.
+        rec = _Record(job_id=job_id, name=spec.name, started_at=time.time(), output_path=spec.output_path,
+                      time_limit_s=spec.time_limit_s)
+        self._save(rec)
         try:
             with open(spec.output_path, "ab") as out:
                 proc = subprocess.Popen(
-                    ["bash", "-c", _WRAPPER, "hpcgate-local-job", str(script), str(rc_file)],
+                    ["bash", "-c", _WRAPPER, "hpcgate-local-job", str(script), str(rc_file),
+                     str(self._path(job_id, ".pid"))],
                     stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=spec.workdir,
                     start_new_session=True,
                 )
         except OSError as exc:
+            self._path(job_id, ".json").unlink(missing_ok=True)
             raise LauncherError(f"cannot start bash: {exc}") from None
         assert proc.stdin is not None
         proc.stdin.write(stdin.encode())
         proc.stdin.close()
-        start = _proc_start(proc.pid) or 0
+        rec.pid, rec.proc_start = proc.pid, _proc_start(proc.pid) or 0
         self._children[job_id] = proc
-        self._save(_Record(job_id=job_id, name=spec.name, pid=proc.pid, proc_start=start,
-                           started_at=time.time(), output_path=spec.output_path,
-                           time_limit_s=spec.time_limit_s))
+        self._save(rec)
         return job_id
 
+    def _resolve_pid(self, rec: _Record, now: float) -> bool:
+        """Fill in the pid of a job whose submitter died before recording it; False if the job
+        never started (no pid file after a grace period)."""
+        try:
+            pid = int(self._path(rec.job_id, ".pid").read_text().strip())
+        except (OSError, ValueError):
+            return now - rec.started_at < 10.0
+        rec.pid, rec.proc_start = pid, _proc_start(pid) or -1
+        self._save(rec)
+        return True
+
     def _signal(self, rec: _Record, sig: signal.Signals) -> None:
-        if _proc_start(rec.pid) != rec.proc_start:
+        if rec.pid <= 0 or _proc_start(rec.pid) != rec.proc_start:
             return  # gone, or the pid now belongs to another process
         with contextlib.suppress(ProcessLookupError):
             os.killpg(rec.pid, sig)
@@ -140,6 +159,13 @@ class LocalLauncher:
             return None  # half-written by a crash: the .tmp never replaced it, or it was purged
 
     def _observe_one(self, rec: _Record, now: float) -> ObservedJob | None:
+        if rec.pid == 0 and not self._resolve_pid(rec, now):
+            if rec.ended_at is None:
+                rec.ended_at = now  # never started: the submitter died before the process did
+                self._save(rec)
+        elif rec.pid == 0:
+            return ObservedJob(launcher_job_id=rec.job_id, name=rec.name, state=JobState.PENDING,
+                               node=self._node, time_limit_s=rec.time_limit_s, output_path=rec.output_path)
         child = self._children.get(rec.job_id)
         if child is not None and child.poll() is not None:
             del self._children[rec.job_id]
@@ -167,7 +193,7 @@ class LocalLauncher:
             if leader_alive:
                 self._signal(rec, signal.SIGKILL)  # leftovers of a finished script
             if now - rec.ended_at > self._keep_ended_s:
-                for suffix in (".json", ".rc", ".sh"):
+                for suffix in (".json", ".rc", ".sh", ".pid"):
                     self._path(rec.job_id, suffix).unlink(missing_ok=True)
                 return None
         else:

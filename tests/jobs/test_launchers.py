@@ -177,3 +177,26 @@ def test_in_flight_from_metrics() -> None:
     assert in_flight_from_metrics(text) == 5
     assert in_flight_from_metrics('vllm:num_requests_running{model_name="m"} 0.0\n') == 0
     assert in_flight_from_metrics("other_metric 1\n") is None
+
+
+async def test_local_launcher_finds_a_job_whose_submitter_died_before_recording(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    job_id = await LocalLauncher(state).submit(_spec(tmp_path, "crash-a", "sleep 60"))
+    # the state a worker killed between starting the process and writing its pid leaves behind
+    record = msgspec.json.decode((state / f"{job_id}.json").read_bytes())
+    record.update(pid=0, proc_start=0)
+    (state / f"{job_id}.json").write_bytes(msgspec.json.encode(record))
+    never = {**record, "job_id": "local-000000000000", "name": "crash-b", "started_at": time.time() - 60}
+    (state / "local-000000000000.json").write_bytes(msgspec.json.encode(never))
+
+    fresh = LocalLauncher(state, kill_wait_s=0.5)
+    def found(js: list[ObservedJob]) -> bool:
+        return len(js) == 2 and {j.name for j in js if j.state is JobState.RUNNING} == {"crash-a"}
+
+    jobs = await _until(fresh, "crash-", found)
+    by_name = {j.name: j for j in jobs}
+    assert by_name["crash-a"].state is JobState.RUNNING
+    assert by_name["crash-b"].state is JobState.ENDED  # no process ever wrote its pid
+    await fresh.cancel(job_id)
+    jobs = await _until(fresh, "crash-a", lambda js: bool(js) and not js[0].alive)
+    assert jobs[0].outcome is Outcome.CANCELLED
