@@ -260,7 +260,8 @@ class Gateway:
             ttft = exchange.first_byte_at - start if exchange is not None and exchange.first_byte_at else None
             ok = status < 400 and error is None
             self.metrics.observe(model, status, ttft, end - start, prompt=prompt, completion=completion)
-            self.usage.add(tenant_id, model, time.time(), ok=ok, prompt=prompt, completion=completion)
+            if tenant_id:
+                self.usage.add(tenant_id, model, time.time(), ok=ok, prompt=prompt, completion=completion)
             if self.access_log is not None:
                 self.access_log.write({
                     "request_id": rid.decode(), "tenant": tenant, "model": model,
