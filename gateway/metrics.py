@@ -1,7 +1,10 @@
 """Prometheus metrics of one gateway worker.
 
-Counters and histograms are updated on the hot path through children cached per model (and
-per status), created once, never per request. Gauges that describe state (in-flight per
+The per-request counters and histograms are plain integers in per-model objects created with
+the table (one dict lookup and a bisect per request, no lock: a worker is one thread), exported
+by a collector at scrape time; prometheus_client's own metric objects take a lock per update
+and cost several times more. Rare events (upstream errors, retries, ejections) use ordinary
+prometheus_client counters. Gauges that describe state (in-flight per
 endpoint, scraped queue, table versions and age, model queue length) cost nothing per request:
 a custom collector reads them from the live objects when ``/metrics`` is scraped.
 
@@ -14,10 +17,11 @@ increment a file-backed write; we keep the hot path in memory.)
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.backend import Backend
@@ -26,62 +30,63 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     120.0, 300.0)
 
 
+class _Hist:
+    """A histogram for one event loop: plain ints, no lock (prometheus_client's take a lock)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # last: above the largest bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+
+class _ModelStats:
+    __slots__ = ("completion", "duration", "prompt", "statuses", "ttft")
+
+    def __init__(self) -> None:
+        self.ttft = _Hist()
+        self.duration = _Hist()
+        self.prompt = 0
+        self.completion = 0
+        self.statuses: dict[int, int] = {}
+
+
 class GatewayMetrics:
     def __init__(self, worker: str) -> None:
         self.worker = worker
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = Counter("hpcgate_gateway_requests", "Requests by model and status",
-                                 ["worker", "model", "status"], registry=r)
-        self._ttft = Histogram("hpcgate_gateway_ttft_seconds", "Time to first byte of the response body",
-                               ["worker", "model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self._duration = Histogram("hpcgate_gateway_request_duration_seconds", "Request duration",
-                                   ["worker", "model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self._tokens = Counter("hpcgate_gateway_tokens", "Tokens by model and kind (prompt|completion)",
-                               ["worker", "model", "kind"], registry=r)
         self._upstream_errors = Counter("hpcgate_gateway_upstream_errors", "Upstream failures by endpoint",
                                         ["worker", "backend", "kind"], registry=r)
         self._retries = Counter("hpcgate_gateway_retries", "Requests retried on another endpoint",
                                 ["worker", "model"], registry=r)
         self._ejections = Counter("hpcgate_gateway_ejections", "Endpoints ejected as outliers",
                                   ["worker", "backend"], registry=r)
-        self._req_children: dict[tuple[str, int], Counter] = {}
-        self._model_children: dict[str, tuple[Histogram, Histogram, Counter, Counter]] = {}
-
-    def _model(self, model: str) -> tuple[Histogram, Histogram, Counter, Counter]:
-        c = self._model_children.get(model)
-        if c is None:
-            w = self.worker
-            c = self._model_children[model] = (
-                self._ttft.labels(w, model), self._duration.labels(w, model),
-                self._tokens.labels(w, model, "prompt"), self._tokens.labels(w, model, "completion"),
-            )
-        return c
+        self._models: dict[str, _ModelStats] = {}
+        r.register(_RequestCollector(worker, self._models))
 
     def prepare_models(self, models: list[str]) -> None:
-        """Build the children of a new table's models off the hot path."""
+        """Create the per-model series of a new table off the hot path."""
         for m in models:
-            self._model(m)
-            self.request_counter(m, 200)
-
-    def request_counter(self, model: str, status: int) -> Counter:
-        key = (model, status)
-        c = self._req_children.get(key)
-        if c is None:
-            c = self._req_children[key] = self._requests.labels(self.worker, model, str(status))
-        return c
+            if m not in self._models:
+                self._models[m] = _ModelStats()
 
     def observe(self, model: str, status: int, ttft_s: float | None, duration_s: float, *,
                 prompt: int, completion: int) -> None:
-        self.request_counter(model, status).inc()
-        ttft, duration, p, c = self._model(model)
+        stats = self._models.get(model)
+        if stats is None:
+            stats = self._models[model] = _ModelStats()
+        statuses = stats.statuses
+        statuses[status] = statuses.get(status, 0) + 1
         if ttft_s is not None:
-            ttft.observe(ttft_s)
-        duration.observe(duration_s)
-        if prompt:
-            p.inc(prompt)
-        if completion:
-            c.inc(completion)
+            stats.ttft.observe(ttft_s)
+        stats.duration.observe(duration_s)
+        stats.prompt += prompt
+        stats.completion += completion
 
     def upstream_error(self, backend: str, kind: str) -> None:
         self._upstream_errors.labels(self.worker, backend, kind).inc()  # rare path
@@ -97,6 +102,42 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RequestCollector(Collector):
+    """Exports the hot-path counters and histograms, read at scrape time."""
+
+    def __init__(self, worker: str, models: dict[str, _ModelStats]) -> None:
+        self._worker = worker
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        w = self._worker
+        requests = CounterMetricFamily("hpcgate_gateway_requests", "Requests by model and status",
+                                       labels=["worker", "model", "status"])
+        tokens = CounterMetricFamily("hpcgate_gateway_tokens",
+                                     "Tokens by model and kind (prompt|completion)",
+                                     labels=["worker", "model", "kind"])
+        ttft = HistogramMetricFamily("hpcgate_gateway_ttft_seconds",
+                                     "Time to first byte of the response body", labels=["worker", "model"])
+        duration = HistogramMetricFamily("hpcgate_gateway_request_duration_seconds", "Request duration",
+                                         labels=["worker", "model"])
+        for model, st in list(self._models.items()):
+            for status, n in list(st.statuses.items()):
+                requests.add_metric([w, model, str(status)], n)
+            tokens.add_metric([w, model, "prompt"], st.prompt)
+            tokens.add_metric([w, model, "completion"], st.completion)
+            for family, hist in ((ttft, st.ttft), (duration, st.duration)):
+                cumulative = 0
+                buckets: list[tuple[str, float]] = []
+                for bound, n in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), hist.counts, strict=True):
+                    cumulative += n
+                    buckets.append((bound, cumulative))
+                family.add_metric([w, model], buckets, hist.sum)
+        yield requests
+        yield tokens
+        yield ttft
+        yield duration
 
 
 class StateView:
@@ -118,7 +159,7 @@ class _StateCollector(Collector):
         self._worker = worker
         self._read = read
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         v = self._read()
         w = self._worker
         inflight = GaugeMetricFamily("hpcgate_gateway_endpoint_inflight", "Requests in flight per endpoint",
