@@ -97,7 +97,9 @@ class HttpConnection(asyncio.Protocol):
         server.connections.add(self)
         if len(server.connections) > server.settings.limit_concurrency or server.shutting_down:
             self.keep_alive = False
-            self.send_full(503, error_body(503, "gateway is at its connection limit", "overloaded"))
+            self.send_full(503, error_body(503, "gateway is at its connection limit", "overloaded"),
+                           extra=b"retry-after: 1\r\n")
+            self.transport.close()  # after the buffered answer is written
             return
         self._arm_idle()
 

@@ -237,3 +237,18 @@ async def test_revoked_key_stops_working_within_a_second(gw: Worker, pg_dsn: str
 
     await wait_until(rejected, 1.0, "the revoked key to be rejected")
     assert time.monotonic() - start < 1.0
+
+
+async def test_connection_limit_answers_503_and_closes(sim_a: SimProcess) -> None:
+    async with running_gateway(static_endpoints=(f"m1={sim_a.url}",), no_auth=True,
+                               limit_concurrency=1) as gw:
+        _, holder = await asyncio.open_connection("127.0.0.1", gw.port)  # takes the only slot
+        try:
+            await wait_until(lambda: len(gw.server.connections) == 1, 5, "the first connection")
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            reply = await asyncio.wait_for(read_response(reader), 5)
+            assert reply.status == 503 and reply.headers["retry-after"] == "1"
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+            writer.close()
+        finally:
+            holder.close()
