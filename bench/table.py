@@ -226,6 +226,26 @@ def plot(cells: list[Cell], out_dir: Path) -> list[str]:
         fig.savefig(out_dir / name, dpi=100)
         plt.close(fig)
         written.append(name)
+    # What the proxies add: via minus direct, per profile, for TTFT and E2EL medians.
+    by = {(c.profile, c.concurrency, c.target): c.metrics for c in cells if c.metrics}
+    fig, axes = plt.subplots(1, len(profiles), figsize=(5 * len(profiles), 4), squeeze=False)
+    for ax, profile in zip(axes[0], profiles, strict=True):
+        for via in ("gateway", "nginx"):
+            for key, style in (("median_ttft_ms", "-"), ("median_e2el_ms", ":")):
+                pts = sorted((lv, m[key] - d[key]) for (p, lv, t), m in by.items()
+                             if p == profile and t == via and (d := by.get((p, lv, "direct"))))
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o",
+                            label=f"{via}: {key.removeprefix('median_').removesuffix('_ms').upper()}")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_title(f"{profile}: added over direct (ms)")
+        ax.set_xlabel("concurrent requests")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "overhead.png", dpi=100)
+    plt.close(fig)
+    written.append("overhead.png")
     return written
 
 
