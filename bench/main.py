@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 import uvloop
@@ -86,10 +87,23 @@ def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
     from bench.driver import RunSettings, format_report, run_benchmark
     from bench.workload import load_burstgpt, synthetic
 
+    url = urlsplit(args.base_url)
+    if url.scheme != "http" or not url.hostname:
+        print(f"hpcgate bench run: error: --base-url must be http://HOST[:PORT], got {args.base_url!r}",
+              file=sys.stderr)
+        return 2
     if args.cpu is not None:
-        os.sched_setaffinity(0, {args.cpu})
+        try:
+            os.sched_setaffinity(0, {args.cpu})
+        except (OSError, ValueError) as exc:
+            print(f"hpcgate bench run: error: --cpu {args.cpu}: {exc}", file=sys.stderr)
+            return 2
     if args.dataset_path:
-        workload = load_burstgpt(args.dataset_path, args.num_prompts, args.seed)
+        try:
+            workload = load_burstgpt(args.dataset_path, args.num_prompts, args.seed)
+        except (OSError, ValueError) as exc:
+            print(f"hpcgate bench run: error: --dataset-path: {exc}", file=sys.stderr)
+            return 2
     else:
         workload = synthetic(args.num_prompts, args.seed)
         print("note: no --dataset-path given; using a SYNTHETIC workload (not BurstGPT)", file=sys.stderr)
@@ -98,7 +112,11 @@ def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
                       max_concurrency=args.max_concurrency,
                       request_rate=args.request_rate, burstiness=args.burstiness, seed=args.seed,
                       ignore_eos=args.ignore_eos, api_key=args.api_key)
-    doc = uvloop.run(run_benchmark(run, workload, progress=False if args.no_progress else None))
+    try:
+        doc = uvloop.run(run_benchmark(run, workload, progress=False if args.no_progress else None))
+    except RuntimeError as exc:  # the warm-up request failed: nothing was measured
+        print(f"hpcgate bench run: error: {exc}", file=sys.stderr)
+        return 1
     print(format_report(doc))
     path = Path(args.result_file or Path(settings.results_dir) / f"run-{time.strftime('%Y%m%dT%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
