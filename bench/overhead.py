@@ -62,8 +62,10 @@ async def run_overhead(levels: list[int], targets: list[str], tokens: int, per_l
                     done = asyncio.Event()
                     sampler = asyncio.create_task(procs.sample_rss_until([proxy] if proxy else [], done))
                     cpu0 = proxy.cpu_seconds() if proxy else 0.0
+                    sim_cpu0 = sim.cpu_seconds()
                     doc = await run_benchmark(settings, _workload(n, tokens))
                     cpu = (proxy.cpu_seconds() - cpu0) if proxy else None
+                    sim_cpu = sim.cpu_seconds() - sim_cpu0
                     done.set()
                     await sampler
                     m = doc["metrics"]
@@ -72,6 +74,7 @@ async def run_overhead(levels: list[int], targets: list[str], tokens: int, per_l
                         "target": target, "concurrency": level, "requests": n,
                         "completed": m["completed"], "failed": m["failed"],
                         "proxy_cpu_s_per_1000": None if cpu is None else cpu * 1000 / n,
+                        "sim_cpu_s_per_1000": sim_cpu * 1000 / n,
                         "ttft_p50_ms": m["median_ttft_ms"], "ttft_p99_ms": m["p99_ttft_ms"],
                         "request_throughput": m["request_throughput"],
                         "driver_cpu_s": doc["driver_cpu_s"],
@@ -99,12 +102,13 @@ async def run_overhead(levels: list[int], targets: list[str], tokens: int, per_l
 
 
 def render(rows: list[dict[str, object]]) -> str:
-    out = ["| target | conc. | requests | failed | proxy CPU s / 1000 req | TTFT p50 ms | TTFT p99 ms "
-           "| added TTFT p50 ms | added TTFT p99 ms | req/s | via/direct | peak RSS MB / process |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| target | conc. | requests | failed | proxy CPU s / 1000 req | sim CPU s / 1000 req "
+           "| TTFT p50 ms | TTFT p99 ms | added TTFT p50 ms | added TTFT p99 ms | req/s | via/direct "
+           "| peak RSS MB / process |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['target']} | {r['concurrency']} | {r['error']} |" + " |" * 9)
+            out.append(f"| {r['target']} | {r['concurrency']} | {r['error']} |" + " |" * 10)
             continue
 
         def f(key: str, fmt: str = "{:.2f}", r: dict[str, object] = r) -> str:
@@ -115,7 +119,8 @@ def render(rows: list[dict[str, object]]) -> str:
         assert isinstance(rss, dict)
         rss_s = ", ".join(f"{v:.0f}" for v in rss.values()) or "—"
         out.append(f"| {r['target']} | {r['concurrency']} | {r['requests']} | {r['failed']} "
-                   f"| {f('proxy_cpu_s_per_1000', '{:.3f}')} | {f('ttft_p50_ms')} | {f('ttft_p99_ms')} "
+                   f"| {f('proxy_cpu_s_per_1000', '{:.3f}')} | {f('sim_cpu_s_per_1000', '{:.3f}')} "
+                   f"| {f('ttft_p50_ms')} | {f('ttft_p99_ms')} "
                    f"| {f('added_ttft_p50_ms', '{:+.2f}')} | {f('added_ttft_p99_ms', '{:+.2f}')} "
                    f"| {f('request_throughput', '{:.1f}')} | {f('throughput_ratio', '{:.3f}')} | {rss_s} |")
     return "\n".join(out)

@@ -98,3 +98,19 @@ async def test_bench_run_rejects_bad_input_clearly(tmp_path: Path) -> None:
     code, out = await run(hpcgate_cmd("bench", "run", "--base-url", "http://127.0.0.1:9", "--num-prompts",
                                       "2", "--result-file", str(tmp_path / "r.json")), timeout=30)
     assert code == 1 and "warm-up request failed" in out and "Traceback" not in out
+
+
+async def test_quick_overhead_end_to_end(tmp_path: Path) -> None:
+    cmd = hpcgate_cmd("bench", "overhead", "--quick", "--out-dir", str(tmp_path))
+    code, out = await run(cmd, timeout=100)
+    assert code == 0, out
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    rows = {(r["target"], r["concurrency"]): r for r in doc["rows"]}
+    assert set(rows) == {(t, c) for t in ("direct", "gateway", "nginx") for c in (4, 16)}
+    for (target, _), r in rows.items():
+        assert "error" not in r, r
+        assert (r["completed"], r["failed"]) == (r["requests"], 0)
+        if target != "direct":
+            assert r["proxy_cpu_s_per_1000"] is not None and r["peak_rss_mb"]
+            assert "added_ttft_p50_ms" in r and r["throughput_ratio"] > 0
+    assert "proxy CPU s / 1000 req" in (tmp_path / "overhead.md").read_text()
