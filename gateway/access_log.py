@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 _FLUSH_AT = 64 * 1024
+_CONSTANT = b'"level":"info","logger":"hpcgate.gateway.access","event":"access",'
 
 
 class AccessLog:
@@ -26,8 +27,8 @@ class AccessLog:
 
     def write(self, fields: dict[str, Any]) -> None:
         buf = self._buf
-        buf += orjson.dumps({"ts": round(time.time(), 6), "level": "info", "logger": "hpcgate.gateway.access",
-                             "event": "access", **fields})
+        buf += b'{"ts":%.6f,%b' % (time.time(), _CONSTANT)
+        buf += orjson.dumps(fields)[1:]  # the fields' object without its "{"
         buf += b"\n"
         if len(buf) >= _FLUSH_AT:
             self.flush()

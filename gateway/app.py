@@ -91,7 +91,7 @@ class Gateway:
         self.scraper = Scraper(loop, s.scrape_interval_s, max(1.0, s.scrape_interval_s))
         self._stale_after = max(3.0 * s.scrape_interval_s, 2.0)
         self._retry_tokens = 10.0
-        self._rid_prefix = secrets.token_hex(4)
+        self._rid_prefix = secrets.token_hex(4).encode() + b"-"
         self._rid_n = 0
         self.access_log = AccessLog() if s.access_log else None
         self.metrics.add_state(self._state_view)
@@ -178,7 +178,7 @@ class Gateway:
         if given is not None and _REQUEST_ID.match(given):
             return given
         self._rid_n += 1
-        return b"%s-%d" % (self._rid_prefix.encode(), self._rid_n)
+        return self._rid_prefix + b"%d" % self._rid_n
 
     async def _proxy(self, req: Request, conn: HttpConnection, kind: str, path: bytes) -> None:
         start = time.perf_counter()

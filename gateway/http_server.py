@@ -7,7 +7,8 @@ second. Flow control: when the client's transport buffer passes its high-water m
 (``pause_writing``) the connection tells its :class:`WriteListener` (the relay pauses reading
 upstream) and :meth:`HttpConnection.drain` blocks until ``resume_writing``.
 
-Timeouts: an idle keep-alive connection is closed after ``keep_alive_timeout_s``; a request
+Timeouts: an idle keep-alive connection is closed after ``keep_alive_timeout_s`` (checked by
+the once-a-second tick, so up to a second later; no timer per request); a request
 whose headers and body do not arrive within ``request_read_timeout_s`` gets 408 and the
 connection is closed (slowloris). Beyond ``limit_concurrency`` open connections a new one gets
 503 and is closed. A disconnecting client cancels its handler task at once.
@@ -63,8 +64,9 @@ Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
-        "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task", "_timer",
-        "closed", "keep_alive", "listener", "response_started", "status", "transport", "write_paused",
+        "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
+        "closed", "idle_since", "keep_alive", "listener", "response_started", "status", "transport",
+        "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -73,7 +75,7 @@ class HttpConnection(asyncio.Protocol):
         self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes)
         self._pipeline: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None  # keep-alive idle timer
+        self.idle_since = 0.0  # when the connection became idle (0: not idle); see idle_timeout
         self._read_timer: asyncio.TimerHandle | None = None  # request read deadline
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
@@ -118,9 +120,7 @@ class HttpConnection(asyncio.Protocol):
             waiter.set_exception(ConnectionResetError("client disconnected"))
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.idle_since = 0.0
         try:
             requests = self._framer.feed(data)
         except FramingError as exc:
@@ -197,13 +197,12 @@ class HttpConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        self._timer = self._server.loop.call_later(
-            self._server.settings.keep_alive_timeout_s, self._idle_timeout
-        )
+        # No timer per request: the server's once-a-second tick closes connections idle too long.
+        self.idle_since = self._server.loop.time()
 
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self._task is None and self.transport is not None:
+    def idle_timeout(self, now: float, limit: float) -> None:
+        since = self.idle_since
+        if since and now - since >= limit and self._task is None and self.transport is not None:
             self.transport.close()
 
     def _read_timeout(self) -> None:
@@ -222,9 +221,6 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
     def _cancel_timers(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
@@ -318,6 +314,10 @@ class HttpServer:
 
     def _on_tick(self) -> None:
         _Clock.refresh()
+        now = self.loop.time()
+        limit = self.settings.keep_alive_timeout_s
+        for conn in list(self.connections):
+            conn.idle_timeout(now, limit)
         for hook in self.on_tick:
             hook()
         self._tick = self.loop.call_later(1.0, self._on_tick)

@@ -29,10 +29,10 @@ class RequestView(msgspec.Struct):
 _decode = msgspec.json.Decoder(RequestView).decode
 
 # endpoint kind -> (required field, allowed first bytes of its JSON value, description)
-_REQUIRED: dict[str, tuple[str, bytes, str]] = {
-    "chat": ("messages", b"[", "an array of messages"),
-    "completions": ("prompt", b'"[', "a string or an array"),
-    "embeddings": ("input", b'"[', "a string or an array"),
+_REQUIRED: dict[str, tuple[str, frozenset[int], str]] = {
+    "chat": ("messages", frozenset(b"["), "an array of messages"),
+    "completions": ("prompt", frozenset(b'"['), "a string or an array"),
+    "embeddings": ("input", frozenset(b'"['), "a string or an array"),
 }
 
 
@@ -52,8 +52,7 @@ def parse_view(kind: str, body: bytes) -> RequestView:
     raw = getattr(view, field)
     if raw is msgspec.UNSET:
         raise ApiError(400, f"missing required field '{field}'", "invalid_body", field)
-    value = bytes(raw)
-    if value[:1] not in (first[i:i + 1] for i in range(len(first))):
+    if memoryview(raw)[0] not in first:  # raw JSON is never empty; no copy of the payload
         raise ApiError(400, f"'{field}' must be {what}", "invalid_body", field)
     if view.stream and kind == "embeddings":
         raise ApiError(400, "embeddings cannot be streamed", "invalid_body", "stream")

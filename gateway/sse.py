@@ -80,21 +80,27 @@ class SseScanner:
         return tail
 
     def _take_usage(self, data: bytes) -> bytes:
-        events = data.split(_SEP)
-        kept: list[bytes] = []
-        for event in events:
-            if b'"usage"' in event and event.startswith(_DATA):
-                try:
-                    view = decode_usage_view(event[len(_DATA):])
-                except msgspec.DecodeError:
-                    kept.append(event)
-                    continue
-                if view.usage is not None:
-                    self.usage = view.usage
-                    if self.strip_usage and not view.choices:
-                        continue
-            kept.append(event)
-        return _SEP.join(kept)
+        """Read (and maybe cut out) the events of ``data`` that mention "usage"; others untouched."""
+        pos = 0
+        while (hit := data.find(b'"usage"', pos)) >= 0:
+            start = data.rfind(_SEP, 0, hit)
+            start = 0 if start < 0 else start + 2
+            end = data.find(_SEP, hit)
+            end = len(data) if end < 0 else end + 2
+            pos = end
+            event = data[start:end]
+            if not event.startswith(_DATA):
+                continue
+            try:
+                view = decode_usage_view(event[len(_DATA):].rstrip(b"\n"))
+            except msgspec.DecodeError:
+                continue
+            if view.usage is not None:
+                self.usage = view.usage
+                if self.strip_usage and not view.choices:
+                    data = data[:start] + data[end:]
+                    pos = start
+        return data
 
     @property
     def content_events(self) -> int:
