@@ -133,6 +133,12 @@ class Gateway:
         log.info("table_installed", version=table.version, models=len(table.models), endpoints=len(live))
         return gone
 
+    def check_stalls(self) -> None:
+        """Once a second (server tick): fail upstream requests that stopped reading."""
+        now = self.loop.time()
+        for b in self.backends.values():
+            b.pool.check_stalls(now)
+
     def _state_view(self) -> StateView:
         queues = {r.name: self.queues.length(r.name) for r in self.table.models}
         return StateView(list(self.backends.values()), self.table.version, self.table.generated_at,

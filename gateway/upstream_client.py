@@ -7,9 +7,9 @@ transport without a task switch per chunk, and backpressure is :meth:`pause_read
 transport while the client's is full. Invariants: a connection goes back to its pool only after
 a complete response that allows keep-alive; any other ending closes it (an aborted request
 frees the engine's slot, because vLLM aborts a request whose connection closed). Every request
-has a connect timeout and a per-read timeout (a stall is detected one to two timeouts after the
-last read); the read timer is suspended while reading is paused for the client, and there is no
-total timeout.
+has a connect timeout and a per-read timeout, enforced by :meth:`UpstreamPool.check_stalls`
+which the owner calls about once a second (a stall is detected up to a second late; no timer
+per request); time paused for a slow client does not count, and there is no total timeout.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_paused",
         "_pool",
         "_reads",
-        "_timer",
+        "_stalled_since",
         "closed",
         "on_body",
         "reused",
@@ -71,7 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self._reads = 0  # reads so far; the read timer compares it instead of taking the time per read
         self._checked_reads = -1
-        self._timer: asyncio.TimerHandle | None = None
+        self._stalled_since = 0.0
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self.closed = False
@@ -88,7 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._stop_timer()
+        self._not_busy()
         self._pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is not None:
@@ -131,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.on_head(self._parser.get_status_code(), self._headers)
 
     def on_message_complete(self) -> None:
-        self._stop_timer()
+        self._not_busy()
         sink, self.sink = self.sink, None
         keep = self._parser.should_keep_alive()
         body = self._body
@@ -153,7 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self._checked_reads = -1
         self.transport.write(request)
-        self._timer = self._loop.call_later(self._pool.read_timeout, self._check_read)
+        self._pool.busy.add(self)  # the pool's sweep watches it for stalls (no timer per request)
 
     def pause_reading(self) -> None:
         if not self._paused and self.transport is not None and not self.closed:
@@ -166,22 +166,20 @@ class UpstreamConnection(asyncio.Protocol):
             self._checked_reads = -1  # a fresh period starts now
             self.transport.resume_reading()
 
-    def _check_read(self) -> None:
-        # One timer per request, rescheduled every read_timeout: a stall is detected between one
-        # and two periods after the last read, at no cost per read.
-        self._timer = None
+    def check_stall(self, now: float, limit: float) -> None:
+        """Called about once a second while a request is in flight: fail it after ``limit`` s
+        without a read (not counting time paused for a slow client)."""
         if self.sink is None or self.closed:
+            self._pool.busy.discard(self)
             return
         if self._paused or self._reads != self._checked_reads:
             self._checked_reads = self._reads
-            self._timer = self._loop.call_later(self._pool.read_timeout, self._check_read)
-            return
-        self._fail(UpstreamError("timeout", "upstream read timed out", not self._head_seen))
+            self._stalled_since = now
+        elif now - self._stalled_since >= limit:
+            self._fail(UpstreamError("timeout", "upstream read timed out", not self._head_seen))
 
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _not_busy(self) -> None:
+        self._pool.busy.discard(self)
 
     def _fail(self, exc: UpstreamError) -> None:
         sink, self.sink = self.sink, None
@@ -192,14 +190,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once (RST): the upstream sees the disconnect and aborts the request."""
-        self._stop_timer()
+        self._not_busy()
         self.sink = None
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:
-        self._stop_timer()
+        self._not_busy()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
@@ -208,8 +206,8 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one endpoint; at most ``max_idle`` idle ones are kept (LIFO)."""
 
-    __slots__ = ("_idle", "closed", "connect_timeout", "host", "loop", "max_idle", "open_count", "port",
-                 "read_timeout")
+    __slots__ = ("_idle", "busy", "closed", "connect_timeout", "host", "loop", "max_idle", "open_count",
+                 "port", "read_timeout")
 
     def __init__(
         self, host: str, port: int, *, loop: asyncio.AbstractEventLoop, max_idle: int,
@@ -222,6 +220,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: list[UpstreamConnection] = []
+        self.busy: set[UpstreamConnection] = set()  # a request in flight
         self.open_count = 0
         self.closed = False
 
@@ -253,6 +252,13 @@ class UpstreamPool:
             raise UpstreamError("connect", f"upstream connect failed: {exc.strerror or exc}", True) from None
         self.open_count += 1
         return proto
+
+    def check_stalls(self, now: float) -> None:
+        """The per-read timeout, swept once a second by the owner (see UpstreamConnection)."""
+        if self.busy:
+            limit = self.read_timeout
+            for conn in list(self.busy):
+                conn.check_stall(now, limit)
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self._idle) >= self.max_idle:

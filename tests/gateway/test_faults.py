@@ -239,3 +239,25 @@ async def test_postgres_down_known_keys_still_served(sim_a: SimProcess, pg_dsn: 
 def _body() -> bytes:
     return b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":2}'
 
+
+
+async def test_stalled_upstream_times_out_with_504() -> None:
+    """An engine that accepts the request and never answers: 504 after the per-read timeout."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running_gateway(static_endpoints=(f"m1=http://127.0.0.1:{port}",), no_auth=True,
+                                   upstream_read_timeout_s=0.5, max_retries=0) as gw:
+            reply = await raw_exchange(gw.port, _chat("m1"), timeout=10)
+            assert reply.status == 504 and reply.json()["error"]["code"] == "upstream_timeout"
+            await wait_until(lambda: handler_tasks(gw) == 0, 5, "handler tasks to end")
+    finally:
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
