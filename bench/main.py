@@ -70,6 +70,8 @@ def _overhead_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--requests-per-level", type=int, help="requests per concurrency level (default 3x level)")
     p.add_argument("--tokens", type=int, default=64, help="output tokens per stream (ignore_eos)")
     p.add_argument("--gateway-workers", type=int, default=1)
+    p.add_argument("--upstream-profile", choices=["paced", "fast"], default="paced",
+                   help="simulator upstream: paced (20 ms steps, default) or fast (as fast as the CPU)")
     p.add_argument("--out-dir")
     p.add_argument("--quick", action="store_true", help="small counts, for tests")
 

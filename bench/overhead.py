@@ -1,7 +1,9 @@
 """``hpcgate bench overhead``: what a proxy costs on the data plane (issue 4, "Performance").
 
-One run, one simulator upstream (profile ``fast`` with max_num_seqs 1024, so the engine is
-never what limits), 64-token streams (``ignore_eos``), concurrency levels 100/500/1000 (each
+One run, one simulator upstream (profile ``paced`` by default: 20 ms per step for any batch,
+i.e. 50 tokens/s per stream like a GPU decoding, max_num_seqs 1024, so the engine never
+queues; ``--upstream-profile fast`` streams as fast as the CPU allows, which saturates any
+proxy on a small machine), 64-token streams (``ignore_eos``), concurrency levels 100/500/1000 (each
 level sends 3x its concurrency in requests), targets direct / gateway / nginx. Per target and
 level: CPU seconds of the proxy's whole process tree (gateway workers; nginx master and
 workers) per 1000 requests, TTFT p50/p99 and the TTFT added over direct, request throughput
@@ -37,9 +39,9 @@ def _workload(n: int, tokens: int) -> Workload:
 
 
 async def run_overhead(levels: list[int], targets: list[str], tokens: int, per_level: int | None,
-                       gateway_workers: int) -> list[dict[str, object]]:
+                       gateway_workers: int, *, upstream: str = "paced") -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
-    sim = await procs.start_sim("fast", MODEL, "--max-num-seqs", "1024")
+    sim = await procs.start_sim(upstream, MODEL, "--max-num-seqs", "1024")
     try:
         for target in targets:
             proxy: procs.Child | None = None
@@ -129,14 +131,17 @@ def render(rows: list[dict[str, object]]) -> str:
 def cmd_overhead(args: argparse.Namespace, results_dir: str) -> int:
     levels = [4, 16] if args.quick else [int(x) for x in args.concurrency.split(",") if x.strip()]
     per_level = args.requests_per_level or (20 if args.quick else None)
+    tokens = min(args.tokens, 8) if args.quick else args.tokens  # quick: seconds, not minutes
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    rows = uvloop.run(run_overhead(levels, targets, args.tokens, per_level, args.gateway_workers))
+    rows = uvloop.run(run_overhead(levels, targets, tokens, per_level, args.gateway_workers,
+                                   upstream=args.upstream_profile))
     out_dir = Path(args.out_dir or Path(results_dir) / f"overhead-{time.strftime('%Y%m%dT%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     md = render(rows)
     header = (f"Commit `{git_commit()}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-              f"{machine()['cpu_count']} CPUs; upstream: hpcgate sim (fast, max_num_seqs 1024); "
-              f"{args.tokens}-token streams (ignore_eos); driver pinned to CPU 0.")
+              f"{machine()['cpu_count']} CPUs; upstream: hpcgate sim ({args.upstream_profile}, "
+              "max_num_seqs 1024); "
+              f"{tokens}-token streams (ignore_eos); driver pinned to CPU 0.")
     (out_dir / "overhead.md").write_text(header + "\n\n" + md + "\n")
     (out_dir / "overhead.json").write_text(json.dumps({"header": header, "machine": machine(),
                                                        "git_commit": git_commit(), "rows": rows}, indent=1))

@@ -42,7 +42,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     host: str = "127.0.0.1"
     port: Port = 8000
     model: list[str] = msgspec.field(default_factory=lambda: ["sim-model"])  # first = default
-    profile: Literal["fast", "gpu-s", "gpu-l"] = "fast"
+    profile: Literal["fast", "paced", "gpu-s", "gpu-l"] = "fast"
     api_key: str | None = None
     max_num_seqs: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: the profile's
     max_model_len: Annotated[int, msgspec.Meta(ge=2)] = 32768

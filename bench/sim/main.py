@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port, 0 for any free one (default 8000)")
     p.add_argument("--model", action="append", help="served model name; repeatable, the first is the default "
                    "(default sim-model)")
-    p.add_argument("--profile", choices=["fast", "gpu-s", "gpu-l"], help="step-cost profile (default fast)")
+    p.add_argument("--profile", choices=["fast", "paced", "gpu-s", "gpu-l"],
+                   help="step-cost profile (default fast)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer TOKEN' on /v1/*")
     p.add_argument("--max-num-seqs", type=int, help="max running sequences (default: the profile's, 256 "
                    "for fast and gpu-s, 1024 for gpu-l)")

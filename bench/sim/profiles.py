@@ -43,6 +43,12 @@ PROFILES: dict[str, Profile] = {
         name="fast", base_s=0.001, per_seq_s=0.0, per_prefill_token_s=0.0, per_context_token_s=0.0,
         max_num_seqs=256, max_num_batched_tokens=65536, kv_cache_tokens=4_000_000,
     ),
+    # Proxy benchmarks: a GPU-like token pace (20 ms per step, 50 tokens/s per stream) with no
+    # batch or prefill cost, so 1000 streams ask a proxy for a realistic 50k chunks/s.
+    "paced": Profile(
+        name="paced", base_s=0.020, per_seq_s=0.0, per_prefill_token_s=0.0, per_context_token_s=0.0,
+        max_num_seqs=1024, max_num_batched_tokens=1_000_000, kv_cache_tokens=4_000_000,
+    ),
     # 2x L40S (TP 2), Mistral Small 3.2 24B bf16. vLLM's defaults for a <70 GiB device:
     # max_num_seqs 256, max_num_batched_tokens 2048.
     "gpu-s": Profile(
