@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import random
 import shlex
 import signal
@@ -30,6 +31,10 @@ from hpcgate.settings import load_settings
 
 log = get_logger("hpcgate.control.jobs")
 NOTIFY_CHANNEL = "hpcgate_endpoint_table"
+# Payloads (table names) that can change a plan. Endpoint rows change on every probe round
+# (last_probe_at); readiness also moves the job row, so those notifications can be ignored.
+WAKE_TABLES = frozenset({"ai_model_configurations", "ai_model_endpoint_jobs"})
+MIN_PASS_SPACING_S = 0.25  # bounds squeue/slurmrestd load when notifications are frequent
 # Errors that end a pass early; the next pass (after backoff) redoes it.
 _TEMPORARY = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, LauncherError, TimeoutError)
 
@@ -61,6 +66,7 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
     backoff = 0.5
     failing: str | None = None
     pool: asyncpg.Pool | None = None
+    worker: JobWorker | None = None
     listener: asyncpg.Connection | None = None
     log.info("jobs_worker_started", launcher=launcher.kind, job_name_prefix=settings.job_name_prefix,
              output_dir=str(settings.resolved_output_dir()),
@@ -68,13 +74,13 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
             try:
-                if pool is None:
+                if pool is None or worker is None:
                     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4,
                                                      command_timeout=30)
+                    worker = JobWorker(settings, pool, launcher)
                 if listener is None or listener.is_closed():
                     listener = await asyncpg.connect(settings.database_url)
-                    await listener.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
-                worker = JobWorker(settings, pool, launcher)
+                    await listener.add_listener(NOTIFY_CHANNEL, functools.partial(_on_notify, wake))
                 wake.clear()
                 await worker.reconcile_once()
                 if failing is not None:
@@ -98,13 +104,18 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
             stop_wait.cancel()
             wake_wait.cancel()
             if wake.is_set() and not stop.is_set():
-                await asyncio.sleep(0.05)  # coalesce a burst of notifications into one pass
+                await asyncio.sleep(MIN_PASS_SPACING_S)  # coalesce a burst of notifications
     finally:
         await _close(listener)
         if pool is not None:
             await pool.close()
         await launcher.close()
         log.info("jobs_worker_stopped")
+
+
+def _on_notify(wake: asyncio.Event, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    if payload in WAKE_TABLES:
+        wake.set()
 
 
 async def _close(conn: asyncpg.Connection | None) -> None:

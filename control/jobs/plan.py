@@ -44,6 +44,7 @@ class ModelView(msgspec.Struct, frozen=True, kw_only=True):
     generation: int
     startup_timeout_s: float
     retry_not_before: float | None = None  # unix time; no new job before it (failure backoff)
+    failures: int = 0  # consecutive start failures so far
     config_error: str | None = None  # resources/template invalid: terminal until changed
 
 
@@ -222,7 +223,7 @@ def plan_model(
 
     if model.state == "active" and model.config_error is not None:
         actions.append(FailModel(model.model_id, model.config_error))
-    if any(j.state == "ready" for j in active):
+    if (model.failures or model.retry_not_before is not None) and any(j.state == "ready" for j in active):
         actions.append(ResetFailures(model.model_id))
 
     wanted = 0 if model.state == "draining" else model.desired

@@ -88,8 +88,15 @@ class JobWorker:
     async def reconcile_once(self) -> None:
         """One full pass. Raises LauncherError / database errors for the caller to back off."""
         async with self.pool.acquire() as conn:
-            await store.clear_stale_failures(conn, self.settings.max_failures)
             models = await store.load_models(conn)
+            # An admin set a failed model back to active: count its failures afresh. (Only
+            # touch rows that need it: every UPDATE statement notifies the table listeners.)
+            stale = [m.model_id for m in models
+                     if m.state == "active" and m.consecutive_failures >= self.settings.max_failures]
+            for model_id in stale:
+                await store.reset_failures(conn, model_id)
+            if stale:
+                models = await store.load_models(conn)
             rows = await store.load_live_jobs(conn, self.launcher.kind)
         observed_list = await self.launcher.observe(name_prefix(self.prefix))
         ids_of = {o.name: eid for o in observed_list
@@ -120,7 +127,7 @@ class JobWorker:
             view = ModelView(
                 model_id=m.model_id, name=m.name, state=m.state, desired=m.desired_instances,
                 generation=m.generation, startup_timeout_s=float(m.startup_timeout_s),
-                retry_not_before=m.retry_not_before,
+                retry_not_before=m.retry_not_before, failures=m.consecutive_failures,
                 config_error=str(prep) if isinstance(prep, ResourceError) else None,
             )
             jobs = [JobView(endpoint_job_id=r.endpoint_job_id, generation=r.generation, state=r.state,

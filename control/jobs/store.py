@@ -241,12 +241,3 @@ async def reset_failures(conn: Conn, model_id: int) -> None:
             WHERE model_id = $1 AND (consecutive_failures <> 0 OR retry_not_before IS NOT NULL)""",
         model_id,
     )
-
-
-async def clear_stale_failures(conn: Conn, max_failures: int) -> None:
-    """An admin set a failed model back to ``active``: start counting afresh."""
-    await conn.execute(
-        """UPDATE ai_model_configurations SET consecutive_failures = 0, retry_not_before = NULL
-            WHERE state = 'active' AND consecutive_failures >= $1""",
-        max_failures,
-    )

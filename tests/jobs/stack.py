@@ -15,7 +15,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -185,6 +185,20 @@ class ControlPlane:
     async def stop(self) -> None:
         for d in reversed(self.daemons):
             await d.stop()
+
+
+@contextlib.asynccontextmanager
+async def stopping(daemon: Daemon, plane: ControlPlane | None = None) -> AsyncIterator[Daemon]:
+    """Stop ``daemon`` at the end; on an assertion failure, append the last log lines of it
+    (and of the control plane's daemons) to the message."""
+    try:
+        yield daemon
+    except AssertionError as exc:
+        shown = [daemon, *(plane.daemons if plane else [])]
+        tails = "\n".join(f"--- {d.name}:\n" + "\n".join(line[:400] for line in d.lines[-25:]) for d in shown)
+        raise AssertionError(f"{exc}\n{tails}") from exc
+    finally:
+        await daemon.stop()
 
 
 async def db_rows(dsn: str, query: str, *args: Any) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ and is cancelled -> a job killed with scancel from outside is replaced -> scale 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import uuid
@@ -22,7 +23,7 @@ from openai import AsyncOpenAI
 
 from control.jobs.naming import name_prefix
 from control.launchers.slurm_cli import SlurmCliLauncher
-from tests.jobs.stack import ControlPlane, db_rows, poll, start_daemon
+from tests.jobs.stack import ControlPlane, db_rows, poll, start_daemon, stopping
 from tests.support.services import start_slurm
 
 pytestmark = pytest.mark.slurm
@@ -101,8 +102,9 @@ async def test_model_instances_on_slurm_end_to_end(
     settings = {"launcher": "slurm", "job_name_prefix": prefix, "data_dir": str(tmp_path),
                 "interval_s": "0.5", "drain_grace_s": "0.5", "backoff_base_s": "0.5"}
     jobs = await plane.start_jobs(settings, raw_env={"SLURM_CONF": slurm_env["SLURM_CONF"]})
-    gateway = await start_daemon("gateway", ["gateway", "--port", "0"], plane.env(), "gateway_listening")
-    try:
+    async with stopping(jobs, plane), contextlib.AsyncExitStack() as stack:
+        gateway = await start_daemon("gateway", ["gateway", "--port", "0"], plane.env(), "gateway_listening")
+        await stack.enter_async_context(stopping(gateway))
         spec = {"name": model, "slurm_template": "sim", "max_instances": 3, "desired_instances": 2}
         status, body = await admin.call("POST", "/admin/models", spec)
         assert status == 201, body
@@ -154,9 +156,6 @@ async def test_model_instances_on_slurm_end_to_end(
         assert status == 200
         await poll(functools.partial(_slurm_count, slurm_env, prefix, 0), 45, "no Slurm jobs left")
         await poll(functools.partial(_no_live, dsn, model), 20, "no live job rows")
-    finally:
-        await gateway.stop()
-        await jobs.stop()
 
 
 async def _gateway_serves(client: AsyncOpenAI, model: str) -> bool:

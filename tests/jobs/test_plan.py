@@ -57,7 +57,9 @@ def test_scale_up_from_zero_creates_desired() -> None:
 
 def test_steady_state_does_nothing() -> None:
     jobs = [job(1, "ready"), job(2, "ready")]
-    acts = plan_model(model(), jobs, {1: running(1), 2: running(2)}, NOW, P)
+    assert plan_model(model(), jobs, {1: running(1), 2: running(2)}, NOW, P) == []
+    # a job reaching ready clears the failure count
+    acts = plan_model(model(failures=2), jobs, {1: running(1), 2: running(2)}, NOW, P)
     assert acts == [ResetFailures(1)]
 
 

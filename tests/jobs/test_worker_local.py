@@ -24,7 +24,7 @@ from control.launchers.base import JobSpec
 from control.launchers.local import LocalLauncher
 from control.store.tokens import hash_registration_token, new_registration_token
 from gateway.schemas import EndpointTable, RedisNames
-from tests.jobs.stack import ControlPlane, db_rows, poll
+from tests.jobs.stack import ControlPlane, db_rows, poll, stopping
 
 FAST = {"interval_s": "0.3", "drain_grace_s": "0.3", "backoff_base_s": "0.2", "backoff_max_s": "1",
         "cancel_retry_s": "2"}
@@ -96,7 +96,7 @@ async def test_scale_up_drain_down_replace_and_scale_to_zero(
 ) -> None:
     dsn, model = plane.pg_dsn, "local-m1"
     worker = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix))
-    try:
+    async with stopping(worker, plane):
         await _create_model(plane, model, max_instances=3, desired_instances=2)
         rows = await poll(lambda: _ready_n(dsn, model, 2), 60, "two ready endpoints")
         assert {r["launcher"] for r in rows} == {"local"}
@@ -131,8 +131,6 @@ async def test_scale_up_drain_down_replace_and_scale_to_zero(
         await poll(lambda: _no_live(dsn, model), 30, "no live jobs")
         await poll(lambda: _alive_n(tmp_path, prefix, 0), 15, "no local job processes")
         assert not await _jobs_with_endpoint(dsn, model)
-    finally:
-        await worker.stop()
 
 
 async def _ready_n(dsn: str, model: str, n: int) -> list[dict[str, Any]] | None:
@@ -208,7 +206,7 @@ async def test_restart_between_submit_and_database_write_adopts_the_job(
         await pool.close()
 
     daemon = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix))
-    try:
+    async with stopping(daemon, plane):
         await daemon.wait_event("job_adopted", 30, endpoint_job_id=job_id, launcher_job_id=submitted)
         os.killpg(state["pid"], signal.SIGCONT)
         rows = await poll(lambda: _ready_n(dsn, model, 1), 60, "the adopted job ready")
@@ -219,8 +217,6 @@ async def test_restart_between_submit_and_database_write_adopts_the_job(
         assert len(await _jobs(dsn, model)) == 1
         await _patch_model(plane, model, desired_instances=0)
         await poll(lambda: _alive_n(tmp_path, prefix, 0), 30, "no local job processes")
-    finally:
-        await daemon.stop()
 
 
 async def test_kill_9_of_the_worker_converges_without_duplicates(
@@ -233,7 +229,7 @@ async def test_kill_9_of_the_worker_converges_without_duplicates(
     await first.wait_event("job_created", 30)
     await first.kill9()  # somewhere between creating rows, submitting and recording
     second = await plane.start_jobs(settings)
-    try:
+    async with stopping(second, plane):
         rows = await poll(lambda: _ready_n(dsn, model, 2), 60, "two ready endpoints after the restart")
         alive = await _local_alive(tmp_path, prefix)
         assert sorted(alive) == sorted(r["launcher_job_id"] for r in rows)
@@ -241,8 +237,6 @@ async def test_kill_9_of_the_worker_converges_without_duplicates(
         await _patch_model(plane, model, desired_instances=0)
         await poll(lambda: _no_live(dsn, model), 30, "no live jobs")
         await poll(lambda: _alive_n(tmp_path, prefix, 0), 15, "no local job processes")
-    finally:
-        await second.stop()
 
 
 BAD_REGISTRATION = """#!/bin/bash
@@ -265,7 +259,7 @@ async def test_failing_models_are_marked_failed_with_the_reason(
     (templates / "badreg.sbatch").write_text(BAD_REGISTRATION)
     daemon = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix, max_failures="2",
                                                      template_dirs=str(templates)))
-    try:
+    async with stopping(daemon, plane):
         await _create_model(plane, "local-badreg", slurm_template="badreg", max_instances=1,
                             desired_instances=1)
         await _create_model(plane, "local-badsim", max_instances=1, desired_instances=1,
@@ -288,8 +282,6 @@ async def test_failing_models_are_marked_failed_with_the_reason(
         failed = [r for r in await _jobs(dsn, "local-badreg") if r["state"] == "failed"]
         assert len(failed) == 2 and all("ended before it became ready" in r["state_reason"] for r in failed)
         assert await _local_alive(tmp_path, prefix) == []
-    finally:
-        await daemon.stop()
 
 
 async def _model_failed(plane: ControlPlane, name: str) -> bool:
@@ -304,7 +296,7 @@ async def test_walltime_replacement_keeps_the_model_serving(
     once the replacement is ready, so a ready endpoint exists at every moment."""
     dsn, model = plane.pg_dsn, "local-walltime"
     daemon = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix, walltime_lead_s="56"))
-    try:
+    async with stopping(daemon, plane):
         await _create_model(plane, model, max_instances=1, desired_instances=1, slurm_resources={"time": "1"})
         await poll(lambda: _ready_n(dsn, model, 1), 60, "the first job ready")
         samples = []
@@ -325,6 +317,4 @@ async def test_walltime_replacement_keeps_the_model_serving(
         await _patch_model(plane, model, desired_instances=0)
         await poll(lambda: _no_live(dsn, model), 30, "no live jobs")
         await poll(lambda: _alive_n(tmp_path, prefix, 0), 15, "no local job processes")
-    finally:
-        await daemon.stop()
 
