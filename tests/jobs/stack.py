@@ -164,8 +164,10 @@ class ControlPlane:
                 **extra}
 
     async def start(self) -> None:
-        # A port range of this run's own, so jobs never collide with stray servers of other runs.
-        base = random.randrange(30000, 60000, 100)
+        # A port range of this run's own, so jobs never collide with stray servers of other runs,
+        # below the kernel's ephemeral range (32768+, where port-0 servers and client sockets
+        # live) and above the API's default range (20000-20999) that other tests use.
+        base = random.randrange(21000, 32000, 100)
         api_env = self.env(HPCGATE_API_PORT_RANGE_START=str(base), HPCGATE_API_PORT_RANGE_END=str(base + 99))
         self.daemons.append(await start_daemon("api", ["control", "api", "--port", str(self.api_port)],
                                                api_env, "api_listening"))
