@@ -8,10 +8,11 @@ second. Flow control: when the client's transport buffer passes its high-water m
 upstream) and :meth:`HttpConnection.drain` blocks until ``resume_writing``.
 
 Timeouts: an idle keep-alive connection is closed after ``keep_alive_timeout_s`` (checked by
-the once-a-second tick, so up to a second later; no timer per request); a request
-whose headers and body do not arrive within ``request_read_timeout_s`` gets 408 and the
-connection is closed (slowloris). Beyond ``limit_concurrency`` open connections a new one gets
-503 and is closed. A disconnecting client cancels its handler task at once.
+the once-a-second tick, so up to a second later; no timer per request); a request whose
+headers and body do not arrive within ``request_read_timeout_s`` gets 408 and the connection
+is closed (slowloris); a client whose transport stays full (it reads nothing) for
+``client_send_timeout_s`` is cut, like nginx's ``send_timeout``. Beyond ``limit_concurrency``
+open connections a new one gets 503 and is closed. A disconnecting client cancels its handler task at once.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
-        "closed", "idle_since", "keep_alive", "listener", "response_started", "status", "transport",
-        "write_paused",
+        "closed", "idle_since", "keep_alive", "listener", "paused_since", "response_started", "status",
+        "transport", "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -75,7 +76,8 @@ class HttpConnection(asyncio.Protocol):
         self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes)
         self._pipeline: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
-        self.idle_since = 0.0  # when the connection became idle (0: not idle); see idle_timeout
+        self.idle_since = 0.0  # when the connection became idle (0: not idle); see sweep
+        self.paused_since = 0.0  # when the client's transport last went over its high-water mark
         self._read_timer: asyncio.TimerHandle | None = None  # request read deadline
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
@@ -144,6 +146,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.paused_since = self._server.loop.time()
         if self.listener is not None:
             self.listener.client_paused()
 
@@ -200,10 +203,14 @@ class HttpConnection(asyncio.Protocol):
         # No timer per request: the server's once-a-second tick closes connections idle too long.
         self.idle_since = self._server.loop.time()
 
-    def idle_timeout(self, now: float, limit: float) -> None:
+    def sweep(self, now: float, idle_limit: float, send_limit: float) -> None:
+        """Once a second: close a keep-alive connection idle too long; cut a client that has not
+        read anything for ``send_limit`` seconds (its stream would hold an engine slot forever)."""
         since = self.idle_since
-        if since and now - since >= limit and self._task is None and self.transport is not None:
+        if since and now - since >= idle_limit and self._task is None and self.transport is not None:
             self.transport.close()
+        elif self.write_paused and now - self.paused_since >= send_limit and self.transport is not None:
+            self.transport.abort()
 
     def _read_timeout(self) -> None:
         self._read_timer = None
@@ -315,9 +322,10 @@ class HttpServer:
     def _on_tick(self) -> None:
         _Clock.refresh()
         now = self.loop.time()
-        limit = self.settings.keep_alive_timeout_s
+        idle_limit = self.settings.keep_alive_timeout_s
+        send_limit = self.settings.client_send_timeout_s
         for conn in list(self.connections):
-            conn.idle_timeout(now, limit)
+            conn.sweep(now, idle_limit, send_limit)
         for hook in self.on_tick:
             hook()
         self._tick = self.loop.call_later(1.0, self._on_tick)

@@ -33,6 +33,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     max_header_bytes: PositiveInt = 16 * 1024
     keep_alive_timeout_s: PositiveFloat = 5.0
     request_read_timeout_s: PositiveFloat = 10.0  # headers + body of one request (slowloris)
+    client_send_timeout_s: PositiveFloat = 60.0  # a client that reads nothing for this long is cut
     limit_concurrency: PositiveInt = 10_000  # open client connections per worker; beyond: 503
     # upstream side
     upstream_connect_timeout_s: PositiveFloat = 5.0

@@ -293,3 +293,53 @@ def test_static_endpoint_specs() -> None:
     for bad in ("m", "=http://a:1", "m=ftp://a", "m=http://a:x"):
         with pytest.raises(SettingsError):
             parse_static_endpoints([bad])
+
+
+# -- client connection timeouts (protocol driven by a fake transport) ----------------------------
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+        self.aborted = False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_idle_keep_alive_and_non_reading_client_are_cut_by_the_sweep() -> None:
+    import asyncio
+
+    from gateway.http_server import HttpConnection, HttpServer
+    from gateway.settings import GatewaySettings
+
+    async def never(_req: object, _conn: object) -> None:
+        raise AssertionError("no request expected")
+
+    settings = GatewaySettings(static_endpoints=("m=http://h:1",), no_auth=True, keep_alive_timeout_s=5,
+                               client_send_timeout_s=60)
+    loop = asyncio.get_running_loop()
+    server = HttpServer(never, settings, loop)
+    idle, stuck = HttpConnection(server), HttpConnection(server)
+    t_idle, t_stuck = _FakeTransport(), _FakeTransport()
+    idle.connection_made(t_idle)  # type: ignore[arg-type]
+    stuck.connection_made(t_stuck)  # type: ignore[arg-type]
+    stuck.idle_since = 0.0  # as if a response were in progress
+    stuck.pause_writing()  # its client stopped reading
+    now = loop.time()
+    for conn in (idle, stuck):
+        conn.sweep(now + 1, 5, 60)
+    assert (t_idle.closed, t_stuck.aborted) == (False, False)
+    for conn in (idle, stuck):
+        conn.sweep(now + 6, 5, 60)
+    assert (t_idle.closed, t_stuck.aborted) == (True, False)
+    stuck.sweep(now + 61, 5, 60)
+    assert (t_idle.closed, t_stuck.aborted) == (True, True)
