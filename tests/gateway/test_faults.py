@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.metrics_text import parse_engine_load
+from gateway.relay import Exchange
 from gateway.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState, RedisNames
 from tests.gateway.conftest import SECRET, add_tenant, handler_tasks, post, raw_exchange, running_gateway
 from tests.gateway.cut_proxy import CuttableProxy
@@ -261,3 +262,37 @@ async def test_stalled_upstream_times_out_with_504() -> None:
             w.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_slow_reader_gets_backpressure_not_buffering(sim_a: SimProcess) -> None:
+    """A client that stops reading: the gateway pauses reading upstream instead of buffering."""
+    loop = asyncio.get_running_loop()
+    async with running_gateway(static_endpoints=(f"m1={sim_a.url}",), no_auth=True) as gw:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small kernel buffers fill fast
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            body = (b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":1500,'
+                    b'"ignore_eos":true,"stream":true}')
+            await loop.sock_sendall(sock, post("/v1/chat/completions", body))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+            conn = next(iter(gw.server.connections))
+            assert conn.transport is not None
+            conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            # ... and now the client reads nothing
+            await wait_until(lambda: conn.write_paused, 20, "the gateway to see the client's full window")
+            exchange = conn.listener
+            assert isinstance(exchange, Exchange) and exchange.upstream is not None
+            assert exchange.upstream._paused  # reading upstream stopped: that is the backpressure
+            assert conn.transport.get_write_buffer_size() < 256 * 1024  # bounded, not the whole stream
+            rest = bytearray()
+            while not rest.endswith(b"\r\n0\r\n\r\n"):  # the client reads again: all of it arrives
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
+                assert chunk, "connection closed early"
+                rest += chunk
+            assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        finally:
+            sock.close()
