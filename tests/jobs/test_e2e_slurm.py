@@ -18,11 +18,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import msgspec
 import pytest
 from openai import AsyncOpenAI
 
+from control.jobs import store
 from control.jobs.naming import name_prefix
+from control.jobs.reconcile import JobWorker
+from control.jobs.render import render_text
+from control.jobs.settings import JobsSettings
+from control.launchers.base import JobSpec
 from control.launchers.slurm_cli import SlurmCliLauncher
+from control.store.tokens import hash_registration_token, new_registration_token
 from tests.jobs.stack import ControlPlane, db_rows, poll, start_daemon, stopping
 from tests.support.services import start_slurm
 
@@ -178,3 +186,61 @@ async def _replaced(dsn: str, model: str, victim: int) -> list[dict[str, Any]] |
 
 async def _no_live(dsn: str, model: str) -> bool:
     return not _live(await _jobs(dsn, model))
+
+
+async def test_restart_between_sbatch_and_database_write_on_slurm(
+    slurm_env: dict[str, str], plane: ControlPlane, prefix: str, tmp_path: Path
+) -> None:
+    """What a kill -9 of the Job Worker right after ``sbatch`` leaves behind — a pending row
+    without a launcher id and a Slurm job carrying its name (held, like a job still queued) —
+    converges to that one job: adopted by name, never submitted twice."""
+    dsn, model = plane.pg_dsn, "e2e-restart"
+    status, body = await plane.admin().call("POST", "/admin/models", {"name": model, "desired_instances": 1,
+                                                                      "max_instances": 1})
+    assert status == 201, body
+    raw = {"launcher": "slurm", "job_name_prefix": prefix, "data_dir": str(tmp_path), "interval_s": "0.5"}
+    settings = msgspec.convert({**raw, "database_url": dsn, "control_url": plane.control_url}, JobsSettings,
+                               strict=False)
+    old_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = slurm_env["SLURM_CONF"]  # for sbatch, as the worker's environment
+    launcher = SlurmCliLauncher()
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        worker = JobWorker(settings, pool, launcher)
+        async with pool.acquire() as conn:
+            row = next(m for m in await store.load_models(conn) if m.name == model)
+            token = new_registration_token()
+            job_id, name = await store.create_job(
+                conn, model_id=row.model_id, model=model, generation=row.generation, launcher="slurm",
+                prefix=prefix, replaces=None, walltime_s=None, token_hash=hash_registration_token(token),
+                token_ttl_s=600)
+        prep = worker._prepare(row)
+        output = str(tmp_path / "jobs" / f"{name}.out")
+        (tmp_path / "jobs").mkdir(parents=True, exist_ok=True)
+        ctx = msgspec.structs.replace(prep.ctx_base, name=name, endpoint_job_id=job_id, output_path=output)
+        script = render_text(prep.template_text, ctx).replace("#SBATCH ", "#SBATCH --hold\n#SBATCH ", 1)
+        submitted = await launcher.submit(JobSpec(name=name, script=script, output_path=output,
+                                                  workdir=str(tmp_path / "jobs"),
+                                                  secret_env={"HPCGATE_JOB_REGISTRATION_TOKEN": token}))
+        # ...the worker died here, before recording the Slurm job id.
+    finally:
+        await pool.close()
+        if old_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old_conf
+
+    daemon = await plane.start_jobs(raw, raw_env={"SLURM_CONF": slurm_env["SLURM_CONF"]})
+    async with stopping(daemon, plane):
+        await daemon.wait_event("job_adopted", 30, endpoint_job_id=job_id, launcher_job_id=submitted)
+        proc = await asyncio.create_subprocess_exec("scontrol", "release", submitted,
+                                                    env={**os.environ, **slurm_env})
+        assert await proc.wait() == 0
+        rows = await poll(functools.partial(_ready_exactly, dsn, model, 1), 60, "the adopted job ready", 0.3)
+        assert [(r["endpoint_job_id"], r["launcher_job_id"]) for r in rows] == [(job_id, submitted)]
+        assert daemon.find("job_submitted") is None
+        assert [j.launcher_job_id for j in await _slurm_jobs(slurm_env, prefix)] == [submitted]
+        assert len(await _jobs(dsn, model)) == 1
+        status, _ = await plane.admin().call("PATCH", f"/admin/models/{model}", {"desired_instances": 0})
+        assert status == 200
+        await poll(functools.partial(_slurm_count, slurm_env, prefix, 0), 45, "no Slurm jobs left")
