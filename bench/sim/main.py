@@ -63,5 +63,10 @@ def main(argv: list[str]) -> int:
     overrides = {k: v for k, v in vars(args).items()}
     config = load_settings(SimConfig, "sim", overrides=overrides)
     setup_logging(config.log_level)
-    uvloop.run(serve(config))
+    try:
+        uvloop.run(serve(config))
+    except OSError as exc:  # e.g. the port is taken: one line, not a traceback
+        print(f"hpcgate sim: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     return 0
