@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 
 import openai
 
+from tests.support.procs import child_env, hpcgate_cmd
 from tests.support.sim import sim_process
 
 
@@ -26,3 +29,15 @@ async def test_port_zero_prints_port_and_serves_sdk() -> None:
         await client.close()
         proc = sim.proc
     assert proc.returncode == 0
+
+
+async def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = await asyncio.create_subprocess_exec(
+            *hpcgate_cmd("sim", "--port", str(taken.getsockname()[1])), env=child_env(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 1 and out == b""
+    assert b"cannot listen on 127.0.0.1" in err and b"Traceback" not in err
