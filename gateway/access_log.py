@@ -25,6 +25,22 @@ class AccessLog:
         self._fd = fd
         self._buf = bytearray()
 
+    def access(self, rid: bytes, *, tenant: str, model: str, backend: str | None, status: int,
+               ttft_s: float | None, duration_s: float, prompt: int, completion: int,
+               error: str | None) -> None:
+        """The access line of one request (``rid`` is a safe token: no JSON escaping needed)."""
+        buf = self._buf
+        buf += b'{"ts":%.6f,%b"request_id":"%b",' % (time.time(), _CONSTANT, rid)
+        buf += orjson.dumps({
+            "tenant": tenant, "model": model, "backend": backend, "status": status,
+            "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 3),
+            "duration_ms": round(duration_s * 1000, 3), "prompt_tokens": prompt,
+            "completion_tokens": completion, "error": error,
+        })[1:]
+        buf += b"\n"
+        if len(buf) >= _FLUSH_AT:
+            self.flush()
+
     def write(self, fields: dict[str, Any]) -> None:
         buf = self._buf
         buf += b'{"ts":%.6f,%b' % (time.time(), _CONSTANT)

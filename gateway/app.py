@@ -4,7 +4,8 @@
 limiters, usage buffer, metrics) and answers each request from it, with no database or Redis
 call. Per request: one dict lookup for the path, one HMAC and dict lookup for the key, one
 decode of the routing fields, one dict lookup for the model, an O(candidates) choice, then the
-relay (:mod:`gateway.relay`). Tables are swapped in by :meth:`install_table` from outside the
+relay (:mod:`gateway.proxy`, :mod:`gateway.relay`), without a task on the common path.
+Tables are swapped in by :meth:`install_table` from outside the
 hot path.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import time
+from collections.abc import Coroutine
+from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -22,26 +24,15 @@ from gateway.access_log import AccessLog
 from gateway.admission import ModelQueues, TenantLimiter
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
-from gateway.balancer import choose
 from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.metrics import GatewayMetrics, StateView
-from gateway.relay import Exchange
-from gateway.request_view import parse_view
-from gateway.routing_table import (
-    EMPTY,
-    RETRY_AFTER_STARTING,
-    RETRY_AFTER_STOPPED,
-    ModelRoute,
-    RoutingTable,
-    table_from_snapshot,
-)
-from gateway.schemas import EndpointTable, KeyTable, ModelState
+from gateway.proxy import ProxyCall
+from gateway.routing_table import EMPTY, RoutingTable, table_from_snapshot
+from gateway.schemas import EndpointTable, KeyTable
 from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings
-from gateway.sse import SseScanner, inject_include_usage, usage_of
-from gateway.upstream_client import UpstreamError, build_request
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
 
@@ -54,7 +45,6 @@ _POST_PATHS = {
 }
 _GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-_RETRY_BUDGET_CAP = 100.0
 
 
 class ModelInfo(msgspec.Struct):
@@ -89,8 +79,8 @@ class Gateway:
         self.metrics = GatewayMetrics(str(worker))
         self.backends: dict[BackendKey, Backend] = {}
         self.scraper = Scraper(loop, s.scrape_interval_s, max(1.0, s.scrape_interval_s))
-        self._stale_after = max(3.0 * s.scrape_interval_s, 2.0)
-        self._retry_tokens = 10.0
+        self.stale_after = max(3.0 * s.scrape_interval_s, 2.0)
+        self.retry_tokens = 10.0  # retry budget, shared by this worker's requests
         self._rid_prefix = secrets.token_hex(4).encode() + b"-"
         self._rid_n = 0
         self.access_log = AccessLog() if s.access_log else None
@@ -145,7 +135,8 @@ class Gateway:
                          self.auth.index.version, queues)
 
     # -- requests (hot path) ----------------------------------------------------------------------
-    async def handle(self, req: Request, conn: HttpConnection) -> None:
+    def handle(self, req: Request, conn: HttpConnection) -> Coroutine[Any, Any, None] | None:
+        """Called from the client protocol; see :data:`gateway.http_server.Handler`."""
         path = req.path
         q = path.find(b"?")
         if q >= 0:
@@ -154,8 +145,7 @@ class Gateway:
         if kind is not None:
             if req.method != b"POST":
                 raise ApiError(405, f"{path.decode()} only accepts POST", "method_not_allowed")
-            await self._proxy(req, conn, kind, path)
-            return
+            return ProxyCall(self, conn, path, self._request_id(req)).run(req, kind)
         if path not in _GET_PATHS:
             raise ApiError(404, f"no route for {req.method.decode()} {path.decode(errors='replace')}",
                            "unknown_url")
@@ -173,6 +163,8 @@ class Gateway:
         else:
             principal = self.auth.authenticate(req.headers.get(b"authorization"))
             conn.send_full(200, self._models_body(principal))
+        conn.request_done()
+        return None
 
     def _models_body(self, p: Principal) -> bytes:
         data = [ModelInfo(r.name, str(r.state), r.aliases) for r in self.table.models
@@ -186,188 +178,14 @@ class Gateway:
         self._rid_n += 1
         return self._rid_prefix + b"%d" % self._rid_n
 
-    async def _proxy(self, req: Request, conn: HttpConnection, kind: str, path: bytes) -> None:
-        start = time.perf_counter()
-        rid = self._request_id(req)
-        tenant = "-"
-        tenant_id = 0
-        model = "-"
-        backend: Backend | None = None
-        exchange: Exchange | None = None
-        scanner: SseScanner | None = None
-        tstate = None
-        status = 499  # if the client goes away first
-        prompt = completion = 0
-        error: str | None = None
-        try:
-            principal = self.auth.authenticate(req.headers.get(b"authorization"))
-            tenant, tenant_id = principal.name, principal.tenant_id
-            ctype = req.headers.get(b"content-type")
-            if ctype is None or ctype.partition(b";")[0].strip().lower() != b"application/json":
-                raise ApiError(415, "Content-Type must be application/json", "unsupported_media_type")
-            view = parse_view(kind, req.body)
-            route = self.table.lookup(view.model)
-            if route is None:
-                raise ApiError(404, f"The model '{view.model}' does not exist", "model_not_found", "model")
-            model = route.name
-            if not principal.may_use(route.name, view.model):
-                raise ApiError(403, f"this API key may not use model '{view.model}'", "model_not_allowed",
-                               "model")
-            if not route.backends:
-                raise _no_instance(route)
-            tstate = self.tenants.enter(principal, self.loop.time())
-            body = req.body if view.model == route.name else _with_model(req.body, route.name)
-            stream = bool(view.stream)
-            if stream:
-                strip = view.stream_options is None
-                if strip:
-                    body = inject_include_usage(body)
-                scanner = SseScanner(strip_usage=strip)
-            extra = b"x-request-id: %b\r\n" % rid
-            exchange, backend = await self._forward(route, path, body, conn, scanner=scanner,
-                                                    stream_headers=extra if stream else None)
-            status = exchange.status
-            if stream and status == 200:
-                if not exchange.committed:
-                    exchange.commit_stream(extra)
-                await exchange.wait_done()
-                assert scanner is not None
-                if scanner.usage is not None:
-                    prompt, completion = scanner.usage.prompt_tokens, scanner.usage.completion_tokens
-                else:
-                    completion = scanner.content_events
-                if exchange.error is not None:
-                    error = str(exchange.error)
-                    self._upstream_failed(backend, exchange.error.kind)
-            else:
-                await exchange.wait_done()
-                if exchange.error is not None:
-                    self._upstream_failed(backend, exchange.error.kind)
-                    raise _upstream_error(exchange.error)
-                out = exchange.body
-                if status == 200:
-                    u = usage_of(out)
-                    if u is not None:
-                        prompt, completion = u.prompt_tokens, u.completion_tokens
-                exchange.first_byte_at = time.perf_counter()
-                conn.send_full(status, out, exchange.headers.get(b"content-type", b"application/json"), extra)
-        except ApiError as exc:
-            status = exc.status
-            error = exc.message
-            conn.send_error(exc)
-        finally:
-            if exchange is not None:
-                exchange.abort()
-            if backend is not None:
-                self._release(backend)
-            if tstate is not None:
-                TenantLimiter.leave(tstate, prompt + completion)
-            end = time.perf_counter()
-            ttft = exchange.first_byte_at - start if exchange is not None and exchange.first_byte_at else None
-            ok = status < 400 and error is None
-            self.metrics.observe(model, status, ttft, end - start, prompt=prompt, completion=completion)
-            if tenant_id:
-                self.usage.add(tenant_id, model, time.time(), ok=ok, prompt=prompt, completion=completion)
-            if self.access_log is not None:
-                self.access_log.write({
-                    "request_id": rid.decode(), "tenant": tenant, "model": model,
-                    "backend": backend.label if backend is not None else None, "status": status,
-                    "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
-                    "duration_ms": round((end - start) * 1000, 3), "prompt_tokens": prompt,
-                    "completion_tokens": completion, "error": error,
-                })
-
-    async def _forward(self, route: ModelRoute, path: bytes, body: bytes, conn: HttpConnection, *,
-                       scanner: SseScanner | None, stream_headers: bytes | None) -> tuple[Exchange, Backend]:
-        """Send to the best backend; retry connect errors and 5xx before the first byte elsewhere.
-
-        On return the backend's in-flight count includes this request (the caller releases it).
-        """
-        s = self.settings
-        loop = self.loop
-        tried: list[Backend] = []
-        stale_retried = False
-        last: UpstreamError | str = "no endpoint available"
-        self._retry_tokens = min(_RETRY_BUDGET_CAP, self._retry_tokens + s.retry_budget_ratio)
-        while True:
-            backend = choose(route.backends, loop.time(), stale_after=self._stale_after,
-                             max_inflight=s.endpoint_max_inflight, exclude=tried)
-            if backend is None:
-                if tried:
-                    raise _upstream_error(last)
-                await self.queues.wait(route.name, s.queue_max, s.queue_timeout_s)
-                continue
-            backend.inflight += 1
-            backend.since_scrape += 1
-            exchange = Exchange(loop, conn, scanner, s.max_response_bytes, stream_headers)
-            reused = False
-            try:
-                up = backend.pool.take_idle() or await backend.pool.acquire()
-                reused = up.reused
-                exchange.upstream = up
-                conn.listener = exchange
-                up.send(build_request(b"POST", path, backend.host_header, backend.auth_line, body), exchange)
-                await exchange.wait_head()  # for a committed stream: its end
-                err = exchange.error
-                if exchange.committed or (err is None and exchange.status < 500):
-                    backend.record_success()
-                    return exchange, backend
-            except UpstreamError as exc:
-                err = exc
-            except BaseException:
-                exchange.abort()
-                self._release(backend)
-                raise
-            exchange.abort()
-            conn.listener = None
-            self._release(backend)
-            if err is not None and err.kind == "closed" and err.before_head and reused and not stale_retried:
-                stale_retried = True  # a keep-alive connection the engine had closed: not its fault
-                continue
-            last = err if err is not None else f"{backend.label} answered {exchange.status}"
-            self._upstream_failed(backend, err.kind if err is not None else f"http_{exchange.status}")
-            tried.append(backend)
-            if len(tried) > s.max_retries or self._retry_tokens < 1.0:
-                raise _upstream_error(last)
-            self._retry_tokens -= 1.0
-            self.metrics.retry(route.name)
-
-    def _release(self, backend: Backend) -> None:
+    def release(self, backend: Backend) -> None:
         backend.inflight -= 1
         self.queues.wake(backend.models)  # a slot is free: the oldest waiter (if any) tries again
 
-    def _upstream_failed(self, backend: Backend, kind: str) -> None:
+    def upstream_failed(self, backend: Backend, kind: str) -> None:
         self.metrics.upstream_error(backend.label, kind)
         s = self.settings
         if backend.record_failure(self.loop.time(), s.eject_after_failures, s.eject_base_s):
             self.metrics.ejected(backend.label)
             log.warning("endpoint_ejected", backend=backend.label, until_s=round(backend.ejected_until, 1),
                         reason=kind)
-
-
-_decode_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
-
-
-def _with_model(body: bytes, name: str) -> bytes:
-    """The body with ``model`` set to the canonical name (requests by alias only).
-
-    The engine serves the canonical name; only the top level is decoded, other values stay raw.
-    """
-    doc = _decode_object(body)
-    doc["model"] = msgspec.Raw(_encode(name))
-    return _encode(doc)
-
-
-def _no_instance(route: ModelRoute) -> ApiError:
-    if route.state == ModelState.STARTING:
-        return ApiError(503, f"model '{route.name}' is starting: no ready instance yet", "model_starting",
-                        retry_after=RETRY_AFTER_STARTING)
-    reason = f" ({route.reason})" if route.reason else ""
-    return ApiError(503, f"model '{route.name}' has no ready instance ({route.state}){reason}",
-                    "model_unavailable", retry_after=RETRY_AFTER_STOPPED)
-
-
-def _upstream_error(err: UpstreamError | str) -> ApiError:
-    if isinstance(err, UpstreamError) and err.kind == "timeout":
-        return ApiError(504, f"upstream timed out: {err}", "upstream_timeout")
-    return ApiError(502, f"upstream failed: {err}", "upstream_error")

@@ -1,8 +1,13 @@
-"""A lean asyncio HTTP/1.1 server: one protocol object per connection, handlers in tasks.
+"""A lean asyncio HTTP/1.1 server: one protocol object per connection, no task per request.
 
 Shape after uvicorn's httptools protocol: the parser (:mod:`gateway.http_parse`) only collects;
-each complete request runs in its own task, one at a time per connection (pipelined requests
-wait in a short deque). Status lines are prebuilt, the ``date`` header is rebuilt once a
+each complete request is handed to the handler *synchronously* from ``data_received``, one at a
+time per connection (pipelined requests wait in a short deque). The handler either answers
+and/or continues in callbacks (it returns None and calls :meth:`HttpConnection.request_done`
+exactly once when the response is complete; the proxy's common path), or returns a coroutine
+for the rare slow paths, which then runs in a task (``request_done`` follows it). A task per
+request, with its creation and wake-ups, was the largest per-request cost of the relay.
+ Status lines are prebuilt, the ``date`` header is rebuilt once a
 second. Flow control: when the client's transport buffer passes its high-water mark
 (``pause_writing``) the connection tells its :class:`WriteListener` (the relay pauses reading
 upstream) and :meth:`HttpConnection.drain` blocks until ``resume_writing``.
@@ -12,7 +17,8 @@ the once-a-second tick, so up to a second later; no timer per request); a reques
 headers and body do not arrive within ``request_read_timeout_s`` gets 408 and the connection
 is closed (slowloris); a client whose transport stays full (it reads nothing) for
 ``client_send_timeout_s`` is cut, like nginx's ``send_timeout``. Beyond ``limit_concurrency``
-open connections a new one gets 503 and is closed. A disconnecting client cancels its handler task at once.
+open connections a new one gets 503 and is closed. A disconnecting client cancels its handler
+task at once, or tells the callback-driven request through :meth:`WriteListener.client_lost`.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import email.utils
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from gateway.errors import ApiError, error_body
 from gateway.http_parse import FramingError, Request, RequestFramer
@@ -60,12 +66,14 @@ class WriteListener(Protocol):
     def client_lost(self) -> None: ...
 
 
-Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
+# None: the handler finished or continues in callbacks and calls ``conn.request_done()`` once;
+# a coroutine: run in a task, ``request_done`` follows it. ApiError raised: answered here.
+Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | None"]
 
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
-        "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
+        "_busy", "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
         "closed", "idle_since", "keep_alive", "listener", "paused_since", "response_started", "status",
         "transport", "write_paused",
     )
@@ -75,7 +83,8 @@ class HttpConnection(asyncio.Protocol):
         self._server = server
         self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes)
         self._pipeline: deque[Request] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # only for a request on a slow path
+        self._busy = False  # a request is being answered (in a task or in callbacks)
         self.idle_since = 0.0  # when the connection became idle (0: not idle); see sweep
         self.paused_since = 0.0  # when the client's transport last went over its high-water mark
         self._read_timer: asyncio.TimerHandle | None = None  # request read deadline
@@ -141,7 +150,7 @@ class HttpConnection(asyncio.Protocol):
             if len(self._pipeline) > _MAX_PIPELINE:
                 self._reject(400, "too many pipelined requests")
                 return
-            if self._task is None:
+            if not self._busy:
                 self._start_next()
 
     def pause_writing(self) -> None:
@@ -166,11 +175,36 @@ class HttpConnection(asyncio.Protocol):
         self.keep_alive = request.keep_alive and not self._server.shutting_down
         self.response_started = False
         self.status = 0
-        self._task = self._server.loop.create_task(self._run(request))
-
-    async def _run(self, request: Request) -> None:
+        self._busy = True
         try:
-            await self._server.handler(request, self)
+            slow = self._server.handler(request, self)
+        except ApiError as exc:
+            self.send_error(exc)
+            self.request_done()
+            return
+        except Exception:
+            log.exception("handler_failed")
+            self._internal_error()
+            self.request_done()
+            return
+        if slow is not None:
+            self._task = self._server.loop.create_task(self._run(slow))
+
+    def run_slow(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Continue the request in progress in a task (a slow path that must wait); the
+        connection calls :meth:`request_done` when it ends and cancels it if the client leaves."""
+        self._task = self._server.loop.create_task(self._run(coro))
+
+    def _internal_error(self) -> None:
+        if not self.response_started:
+            self.keep_alive = False
+            self.send_full(500, error_body(500, "internal gateway error", "internal_error"))
+        elif self.transport is not None:
+            self.transport.abort()
+
+    async def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
         except ApiError as exc:
             if not self.response_started:
                 self.send_error(exc)
@@ -178,22 +212,23 @@ class HttpConnection(asyncio.Protocol):
             pass
         except Exception:
             log.exception("handler_failed")
-            if not self.response_started:
-                self.keep_alive = False
-                self.send_full(500, error_body(500, "internal gateway error", "internal_error"))
-            elif self.transport is not None:
-                self.transport.abort()
+            self._internal_error()
         finally:
             self._task = None
-            self.listener = None
-            if not self.closed:
-                if not self.keep_alive:
-                    if self.transport is not None:
-                        self.transport.close()
-                elif self._pipeline:
-                    self._start_next()
-                else:
-                    self._arm_idle()
+            self.request_done()
+
+    def request_done(self) -> None:
+        """The response in progress is complete (or abandoned): next request, idle, or close."""
+        self._busy = False
+        self.listener = None
+        if not self.closed:
+            if not self.keep_alive:
+                if self.transport is not None:
+                    self.transport.close()
+            elif self._pipeline:
+                self._start_next()
+            else:
+                self._arm_idle()
 
     def _arm_idle(self) -> None:
         if self._server.shutting_down:
@@ -207,14 +242,14 @@ class HttpConnection(asyncio.Protocol):
         """Once a second: close a keep-alive connection idle too long; cut a client that has not
         read anything for ``send_limit`` seconds (its stream would hold an engine slot forever)."""
         since = self.idle_since
-        if since and now - since >= idle_limit and self._task is None and self.transport is not None:
+        if since and now - since >= idle_limit and not self._busy and self.transport is not None:
             self.transport.close()
         elif self.write_paused and now - self.paused_since >= send_limit and self.transport is not None:
             self.transport.abort()
 
     def _read_timeout(self) -> None:
         self._read_timer = None
-        if self._task is None:
+        if not self._busy:
             self._reject(408, "request not received in time")
         elif self.transport is not None:
             self.keep_alive = False  # a pipelined request stalled: finish the current one, then close
@@ -222,7 +257,7 @@ class HttpConnection(asyncio.Protocol):
     def _reject(self, status: int, message: str) -> None:
         self._pipeline.clear()
         self.keep_alive = False
-        if self._task is None and not self.response_started:
+        if not self._busy and not self.response_started:
             self.send_full(status, error_body(status, message))
         if self.transport is not None:
             self.transport.close()
@@ -235,7 +270,7 @@ class HttpConnection(asyncio.Protocol):
     def close_when_idle(self) -> None:
         """Shutdown: close now if idle, else after the response in progress."""
         self.keep_alive = False
-        if self._task is None and self.transport is not None:
+        if not self._busy and self.transport is not None:
             self.transport.close()
 
     # -- responses ---------------------------------------------------------------------------
@@ -297,7 +332,7 @@ class HttpConnection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self._task is not None
+        return self._busy
 
 
 class HttpServer:

@@ -9,12 +9,18 @@ Backpressure: a full client transport pauses reading upstream; the kernel's sock
 then push back on the engine. A client that goes away aborts the upstream connection at once
 (the engine frees the slot). An upstream failure after commit ends the stream with an SSE
 error event and a proper last chunk: the client never hangs.
+
+The handler learns of progress in one of two ways: an :class:`ExchangeOwner` is called from the
+callbacks (the task-free common path: ``exchange_head`` for a head not committed as a stream,
+``exchange_done`` once when the exchange ends, fails or the client leaves), or, without an
+owner, a task awaits :meth:`wait_head` / :meth:`wait_done` (futures made only then).
 """
 
 from __future__ import annotations
 
 import asyncio
 from time import perf_counter
+from typing import Protocol
 
 from gateway.errors import sse_error_event
 from gateway.http_server import HttpConnection
@@ -22,24 +28,33 @@ from gateway.sse import SseScanner
 from gateway.upstream_client import UpstreamConnection, UpstreamError
 
 
+class ExchangeOwner(Protocol):
+    def exchange_head(self, exchange: Exchange) -> None: ...  # a head that was not committed
+    def exchange_done(self, exchange: Exchange) -> None: ...  # ended, failed or client gone; once
+
+
 class Exchange:
     __slots__ = (
-        "_buffer", "_done", "_head", "_limit", "_loop", "_size", "client", "client_gone",
-        "committed", "ended", "error", "first_byte_at", "headers", "scanner", "status", "stream_headers",
-        "upstream",
+        "_buffer", "_done", "_head", "_head_seen", "_limit", "_loop", "_settled", "_size", "client",
+        "client_gone", "committed", "ended", "error", "first_byte_at", "headers", "owner", "scanner",
+        "status", "stream_headers", "upstream",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
-                 scanner: SseScanner | None, limit: int, stream_headers: bytes | None = None) -> None:
+                 scanner: SseScanner | None, limit: int, stream_headers: bytes | None = None, *,
+                 owner: ExchangeOwner | None = None) -> None:
         """``stream_headers``: extra response headers if a 200 answer is to be streamed."""
         self._loop = loop
         self.client = client
         self.scanner = scanner
+        self.owner = owner
         self._limit = limit
         self._buffer: list[bytes] = []
         self._size = 0
-        self._head: asyncio.Future[None] = loop.create_future()
-        self._done: asyncio.Future[None] = loop.create_future()
+        self._head: asyncio.Future[None] | None = None  # made by wait_head, if a task waits
+        self._done: asyncio.Future[None] | None = None
+        self._head_seen = False  # wait_head may return
+        self._settled = False  # wait_done may return
         self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
@@ -60,7 +75,11 @@ class Exchange:
             # wake-up is the end of the stream (wait_head resolves then).
             self.commit_stream(self.stream_headers)
             return
-        if not self._head.done():
+        self._head_seen = True
+        owner = self.owner
+        if owner is not None:
+            owner.exchange_head(self)
+        elif self._head is not None and not self._head.done():
             self._head.set_result(None)
 
     def on_data(self, data: bytes) -> None:
@@ -116,9 +135,15 @@ class Exchange:
         self._resolve()
 
     def _resolve(self) -> None:
-        if not self._head.done():
+        self._head_seen = self._settled = True
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            owner.exchange_done(self)
+            return
+        if self._head is not None and not self._head.done():
             self._head.set_result(None)
-        if not self._done.done():
+        if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
     # -- WriteListener (called from the client protocol) ----------------------------------------
@@ -137,10 +162,16 @@ class Exchange:
 
     # -- used by the handler ----------------------------------------------------------------------
     async def wait_head(self) -> None:
-        await self._head
+        if not self._head_seen:
+            if self._head is None:
+                self._head = self._loop.create_future()
+            await self._head
 
     async def wait_done(self) -> None:
-        await self._done
+        if not self._settled:
+            if self._done is None:
+                self._done = self._loop.create_future()
+            await self._done
 
     @property
     def body(self) -> bytes:

@@ -1,4 +1,10 @@
-"""A TCP proxy a test can cut, after asyncpg's ``TCPFuzzingProxy``: 'PostgreSQL is down'."""
+"""A TCP proxy a test can cut, after asyncpg's ``TCPFuzzingProxy``: 'PostgreSQL is down'.
+
+Two request faults for an HTTP upstream behind it: ``drop_next`` drops the connection on the
+next N requests (a keep-alive connection the engine closed), ``answer_reused`` answers every
+request after the first of a connection with those bytes instead of forwarding it (a 5xx
+from a reused connection). Requests are told apart by a read starting with ``POST``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,10 @@ class CuttableProxy:
         self.refused = 0
         self.cut_off = False
         self.port = 0
+        self.drop_next = 0
+        self.dropped = 0
+        self.answer_reused: bytes | None = None
+        self.answered = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
@@ -31,7 +41,7 @@ class CuttableProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
-        pumps = [asyncio.ensure_future(self._pump(reader, up_writer)),
+        pumps = [asyncio.ensure_future(self._requests(reader, writer, up_writer)),
                  asyncio.ensure_future(self._pump(up_reader, writer))]
         self._tasks.update(pumps)
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -47,6 +57,26 @@ class CuttableProxy:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        up_writer: asyncio.StreamWriter) -> None:
+        seen = 0
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if data.startswith(b"POST "):
+                    seen += 1
+                    if self.drop_next > 0:
+                        self.drop_next -= 1
+                        self.dropped += 1
+                        writer.transport.abort()
+                        up_writer.transport.abort()
+                        return
+                    if self.answer_reused is not None and seen > 1:
+                        self.answered += 1
+                        writer.write(self.answer_reused)
+                        continue
+                up_writer.write(data)
+                await up_writer.drain()
 
     def cut(self) -> None:
         """Drop every open connection and refuse new ones."""

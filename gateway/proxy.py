@@ -1,0 +1,369 @@
+"""One proxied request: prelude, a task-free first attempt, slow paths in a task, bookkeeping.
+
+The common path creates no task and no future. :meth:`ProxyCall.run` is called from the client
+protocol's ``data_received``: the prelude (auth, content type, routing view, route, tenant
+admission) raises :class:`ApiError` for bad input; then the first attempt takes an idle
+keep-alive connection of the chosen backend and writes the upstream request at once. The
+response is relayed by the :class:`Exchange` from the upstream protocol's callbacks, and this
+object, as its :class:`ExchangeOwner`, finishes the request there (``exchange_done``).
+
+The rare paths that must wait run the same steps in a task (:meth:`ProxyCall._slow`, started
+through ``HttpConnection.run_slow``): no idle connection (connect), every backend saturated
+(the model's FIFO queue), and a retry after a failure before the first byte.
+
+Invariants: :meth:`_finish` runs exactly once (bookkeeping, then ``request_done`` unless a task
+owns the end); the backend's in-flight count includes this request exactly while
+``self.backend`` is set; the tenant's admission is left exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from time import perf_counter, time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from gateway.admission import TenantLimiter, TenantState
+from gateway.backend import Backend
+from gateway.balancer import choose
+from gateway.errors import ApiError
+from gateway.http_parse import Request
+from gateway.http_server import HttpConnection
+from gateway.relay import Exchange
+from gateway.request_view import parse_view
+from gateway.routing_table import RETRY_AFTER_STARTING, RETRY_AFTER_STOPPED, ModelRoute
+from gateway.schemas import ModelState
+from gateway.sse import SseScanner, inject_include_usage, usage_of
+from gateway.upstream_client import UpstreamConnection, UpstreamError, build_request
+from hpcgate.logs import get_logger
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = get_logger("hpcgate.gateway.proxy")
+
+RETRY_BUDGET_CAP = 100.0
+_JSON = b"application/json"
+_POST = b"POST"
+
+
+class ProxyCall:
+    __slots__ = (
+        "backend", "body", "completion", "conn", "error", "exchange", "extra", "finished", "gw", "in_task",
+        "last", "model", "path", "prompt", "rid", "route", "scanner", "stale_retried", "start", "status",
+        "stream", "tenant", "tenant_id", "tried", "tstate",
+    )
+
+    def __init__(self, gw: Gateway, conn: HttpConnection, path: bytes, rid: bytes) -> None:
+        self.gw = gw
+        self.conn = conn
+        self.path = path
+        self.rid = rid
+        self.start = perf_counter()
+        self.tenant = "-"
+        self.tenant_id = 0
+        self.model = "-"
+        self.route: ModelRoute | None = None
+        self.body = b""
+        self.stream = False
+        self.extra = b""
+        self.scanner: SseScanner | None = None
+        self.tstate: TenantState | None = None
+        self.backend: Backend | None = None  # set while counted in the backend's in-flight
+        self.exchange: Exchange | None = None
+        self.status = 499  # if the client goes away first
+        self.prompt = 0
+        self.completion = 0
+        self.error: str | None = None
+        self.tried: list[Backend] = []
+        self.stale_retried = False
+        self.last: UpstreamError | str = "no endpoint available"
+        self.in_task = False  # a task owns the end (it calls request_done)
+        self.finished = False
+
+    # -- the common path, in callbacks ------------------------------------------------------------
+    def run(self, req: Request, kind: str) -> Coroutine[Any, Any, None] | None:
+        """Start the request; a coroutine when it must continue in a task."""
+        try:
+            self._prelude(req, kind)
+            if self._first_attempt():
+                return None
+        except ApiError as exc:
+            self._reply_error(exc)
+            self._finish()
+            return None
+        except BaseException:
+            self.in_task = True  # the connection answers 500 and calls request_done
+            self._finish()
+            raise
+        self.in_task = True
+        return self._slow()
+
+    def _prelude(self, req: Request, kind: str) -> None:
+        gw = self.gw
+        headers = req.headers
+        principal = gw.auth.authenticate(headers.get(b"authorization"))
+        self.tenant, self.tenant_id = principal.name, principal.tenant_id
+        ctype = headers.get(b"content-type")
+        if ctype != _JSON and (ctype is None or ctype.partition(b";")[0].strip().lower() != _JSON):
+            raise ApiError(415, "Content-Type must be application/json", "unsupported_media_type")
+        view = parse_view(kind, req.body)
+        route = gw.table.lookup(view.model)
+        if route is None:
+            raise ApiError(404, f"The model '{view.model}' does not exist", "model_not_found", "model")
+        self.model = route.name
+        if not principal.may_use(route.name, view.model):
+            raise ApiError(403, f"this API key may not use model '{view.model}'", "model_not_allowed",
+                           "model")
+        if not route.backends:
+            raise _no_instance(route)
+        self.route = route
+        self.tstate = gw.tenants.enter(principal, gw.loop.time())
+        body = req.body if view.model == route.name else _with_model(req.body, route.name)
+        if view.stream:
+            self.stream = True
+            strip = view.stream_options is None
+            if strip:
+                body = inject_include_usage(body)
+            self.scanner = SseScanner(strip_usage=strip)
+        self.body = body
+        self.extra = b"x-request-id: %b\r\n" % self.rid
+
+    def _first_attempt(self) -> bool:
+        """Send on an idle connection now; False if that needs waiting (connect, queue)."""
+        gw = self.gw
+        s = gw.settings
+        gw.retry_tokens = min(RETRY_BUDGET_CAP, gw.retry_tokens + s.retry_budget_ratio)
+        assert self.route is not None
+        backend = choose(self.route.backends, gw.loop.time(), stale_after=gw.stale_after,
+                         max_inflight=s.endpoint_max_inflight)
+        if backend is None:
+            return False
+        up = backend.pool.take_idle()
+        if up is None:
+            return False
+        self._count(backend)
+        self._send(up)
+        return True
+
+    def _count(self, backend: Backend) -> None:
+        backend.inflight += 1
+        backend.since_scrape += 1
+        self.backend = backend
+
+    def _send(self, up: UpstreamConnection) -> Exchange:
+        backend = self.backend
+        assert backend is not None
+        gw = self.gw
+        ex = Exchange(gw.loop, self.conn, self.scanner, gw.settings.max_response_bytes,
+                      self.extra if self.stream else None, owner=None if self.in_task else self)
+        self.exchange = ex
+        ex.upstream = up
+        self.conn.listener = ex
+        up.send(build_request(_POST, self.path, backend.host_header, backend.auth_line, self.body), ex)
+        return ex
+
+    # ExchangeOwner: called from the upstream (or client) protocol's callbacks.
+    def exchange_head(self, ex: Exchange) -> None:
+        if ex.status < 500:
+            assert self.backend is not None
+            self.backend.record_success()  # the body follows; exchange_done answers
+            return
+        try:  # 5xx before the first byte: try another endpoint, in a task
+            self._attempt_failed(None, ex.status, reused=True)
+        except ApiError as exc:
+            self._reply_error(exc)
+            self._finish()
+            return
+        self._continue_in_task()
+
+    def exchange_done(self, ex: Exchange) -> None:
+        try:
+            if ex.client_gone:
+                pass  # 499
+            elif ex.committed:
+                self.backend.record_success()  # type: ignore[union-attr]
+                self._stream_ended(ex)
+            elif ex.error is not None and not ex.status:  # nothing of the response: retry elsewhere
+                self._attempt_failed(ex.error, 0, reused=True)
+                self._continue_in_task()
+                return
+            else:
+                self._respond(ex)
+        except ApiError as exc:
+            self._reply_error(exc)
+        except Exception:
+            log.exception("proxy_failed")
+            self.status, self.error = 500, "internal gateway error"
+            self.conn.keep_alive = False
+            if self.conn.transport is not None:
+                self.conn.transport.abort()
+        self._finish()
+
+    def _continue_in_task(self) -> None:
+        if self.conn.closed:
+            self._finish()
+            return
+        self.in_task = True
+        self.conn.run_slow(self._slow())
+
+    # -- shared by both paths ---------------------------------------------------------------------
+    def _attempt_failed(self, err: UpstreamError | None, status: int, reused: bool) -> None:
+        """The attempt failed before the first byte: return to try again, or raise ApiError."""
+        gw = self.gw
+        backend = self.backend
+        assert backend is not None and self.route is not None
+        ex = self.exchange
+        if ex is not None:
+            ex.owner = None
+            ex.abort()
+            self.exchange = None
+        self.conn.listener = None
+        self.backend = None
+        gw.release(backend)
+        if err is not None and err.kind == "closed" and err.before_head and reused and not self.stale_retried:
+            self.stale_retried = True  # a keep-alive connection the engine had closed: not its fault
+            return
+        self.last = err if err is not None else f"{backend.label} answered {status}"
+        gw.upstream_failed(backend, err.kind if err is not None else f"http_{status}")
+        self.tried.append(backend)
+        if len(self.tried) > gw.settings.max_retries or gw.retry_tokens < 1.0:
+            raise upstream_error(self.last)
+        gw.retry_tokens -= 1.0
+        gw.metrics.retry(self.route.name)
+
+    def _stream_ended(self, ex: Exchange) -> None:
+        self.status = ex.status
+        scanner = self.scanner
+        assert scanner is not None
+        if scanner.usage is not None:
+            self.prompt, self.completion = scanner.usage.prompt_tokens, scanner.usage.completion_tokens
+        else:
+            self.completion = scanner.content_events
+        if ex.error is not None:
+            self.error = str(ex.error)
+            self.gw.upstream_failed(self.backend, ex.error.kind)  # type: ignore[arg-type]
+
+    def _respond(self, ex: Exchange) -> None:
+        """A complete (not streamed) answer: relay it with its status."""
+        self.status = ex.status
+        if ex.error is not None:
+            self.gw.upstream_failed(self.backend, ex.error.kind)  # type: ignore[arg-type]
+            raise upstream_error(ex.error)
+        out = ex.body
+        if ex.status == 200:
+            u = usage_of(out)
+            if u is not None:
+                self.prompt, self.completion = u.prompt_tokens, u.completion_tokens
+        ex.first_byte_at = perf_counter()
+        self.conn.send_full(ex.status, out, ex.headers.get(b"content-type", _JSON), self.extra)
+
+    def _reply_error(self, exc: ApiError) -> None:
+        self.status = exc.status
+        self.error = exc.message
+        self.conn.send_error(exc)
+
+    # -- the slow path, in a task -----------------------------------------------------------------
+    async def _slow(self) -> None:
+        try:
+            ex = await self._forward()
+            await ex.wait_done()
+            if ex.committed:
+                self._stream_ended(ex)
+            else:
+                self._respond(ex)
+        except ApiError as exc:
+            self._reply_error(exc)
+        finally:
+            self._finish()
+
+    async def _forward(self) -> Exchange:
+        """Send to the best backend; retry connect errors and 5xx before the first byte elsewhere."""
+        gw = self.gw
+        s = gw.settings
+        route = self.route
+        assert route is not None
+        while True:
+            backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
+                             max_inflight=s.endpoint_max_inflight, exclude=self.tried)
+            if backend is None:
+                if self.tried:
+                    raise upstream_error(self.last)
+                await gw.queues.wait(route.name, s.queue_max, s.queue_timeout_s)
+                continue
+            self._count(backend)
+            reused = False
+            try:
+                up = backend.pool.take_idle() or await backend.pool.acquire()
+                reused = up.reused
+                ex = self._send(up)
+                await ex.wait_head()  # for a committed stream: its end
+                err = ex.error
+                if ex.committed or (err is None and ex.status < 500):
+                    backend.record_success()
+                    return ex
+                status = ex.status
+            except UpstreamError as exc:
+                err, status = exc, 0
+            self._attempt_failed(err, status, reused)
+
+    # -- the end ----------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        gw = self.gw
+        ex = self.exchange
+        if ex is not None:
+            ex.owner = None
+            ex.abort()
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            gw.release(backend)
+        prompt, completion = self.prompt, self.completion
+        if self.tstate is not None:
+            TenantLimiter.leave(self.tstate, prompt + completion)
+        duration = perf_counter() - self.start
+        ttft = ex.first_byte_at - self.start if ex is not None and ex.first_byte_at else None
+        status = self.status
+        gw.metrics.observe(self.model, status, ttft, duration, prompt=prompt, completion=completion)
+        if self.tenant_id:
+            gw.usage.add(self.tenant_id, self.model, time(), ok=status < 400 and self.error is None,
+                         prompt=prompt, completion=completion)
+        if gw.access_log is not None:
+            gw.access_log.access(self.rid, tenant=self.tenant, model=self.model,
+                                 backend=backend.label if backend else None, status=status, ttft_s=ttft,
+                                 duration_s=duration, prompt=prompt, completion=completion, error=self.error)
+        if not self.in_task:
+            self.conn.request_done()
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def _with_model(body: bytes, name: str) -> bytes:
+    """The body with ``model`` set to the canonical name (requests by alias only).
+
+    The engine serves the canonical name; only the top level is decoded, other values stay raw.
+    """
+    doc = _decode_object(body)
+    doc["model"] = msgspec.Raw(_encode(name))
+    return _encode(doc)
+
+
+def _no_instance(route: ModelRoute) -> ApiError:
+    if route.state == ModelState.STARTING:
+        return ApiError(503, f"model '{route.name}' is starting: no ready instance yet", "model_starting",
+                        retry_after=RETRY_AFTER_STARTING)
+    reason = f" ({route.reason})" if route.reason else ""
+    return ApiError(503, f"model '{route.name}' has no ready instance ({route.state}){reason}",
+                    "model_unavailable", retry_after=RETRY_AFTER_STOPPED)
+
+
+def upstream_error(err: UpstreamError | str) -> ApiError:
+    if isinstance(err, UpstreamError) and err.kind == "timeout":
+        return ApiError(504, f"upstream timed out: {err}", "upstream_timeout")
+    return ApiError(502, f"upstream failed: {err}", "upstream_error")

@@ -1,0 +1,70 @@
+"""The task-free request path's failures before the first byte (see gateway/proxy.py).
+
+A request on an idle keep-alive connection is sent from the client's protocol callback; when
+that connection fails before the response head, or answers 5xx, the request continues in a
+task and is retried. A faulty TCP proxy in front of the simulator makes those failures happen
+on reused connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.gateway.conftest import handler_tasks, post, raw_exchange, running_gateway
+from tests.gateway.cut_proxy import CuttableProxy
+from tests.support.procs import wait_until
+from tests.support.sim import SimProcess
+
+CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
+CHAT_STREAM = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2,"stream":true}'
+ANSWER_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+              b"content-length: 2\r\n\r\n{}")
+
+
+@pytest.fixture
+async def faulty(sim_a: SimProcess) -> AsyncIterator[CuttableProxy]:
+    proxy = CuttableProxy("127.0.0.1", sim_a.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+async def metrics_text(port: int) -> str:
+    return (await raw_exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")).body.decode()
+
+
+@pytest.mark.parametrize("body", [CHAT, CHAT_STREAM], ids=["plain", "stream"])
+async def test_reused_connection_closed_before_head_is_retried_without_blame(
+        faulty: CuttableProxy, body: bytes) -> None:
+    async with running_gateway(static_endpoints=(f"m1=http://127.0.0.1:{faulty.port}",), no_auth=True) as gw:
+        assert (await raw_exchange(gw.port, post("/v1/chat/completions", body))).status == 200
+        faulty.drop_next = 1  # the idle connection the first request left behind is dropped
+        reply = await raw_exchange(gw.port, post("/v1/chat/completions", body))
+        assert reply.status == 200, reply.body
+        assert faulty.dropped == 1
+        assert "hpcgate_gateway_upstream_errors_total{" not in await metrics_text(gw.port)
+        # dropped again on the fresh connection: the only endpoint failed, so 502 (not a hang)
+        faulty.drop_next = 2
+        reply = await raw_exchange(gw.port, post("/v1/chat/completions", body))
+        assert reply.status == 502, reply.body
+        assert reply.json()["error"]["code"] == "upstream_error"
+        await wait_until(lambda: handler_tasks(gw) == 0, 5, "requests to end")
+
+
+@pytest.mark.parametrize("body", [CHAT, CHAT_STREAM], ids=["plain", "stream"])
+async def test_5xx_on_a_reused_connection_is_retried_on_another_endpoint(
+        faulty: CuttableProxy, sim_b: SimProcess, body: bytes) -> None:
+    faulty.answer_reused = ANSWER_503
+    async with running_gateway(static_endpoints=(f"m1=http://127.0.0.1:{faulty.port},{sim_b.url}",),
+                               no_auth=True, eject_after_failures=1000, retry_budget_ratio=1.0) as gw:
+        for _ in range(24):
+            reply = await raw_exchange(gw.port, post("/v1/chat/completions", body))
+            assert reply.status == 200, reply.body
+        assert faulty.answered >= 1  # some requests met the 503 and succeeded elsewhere
+        text = await metrics_text(gw.port)
+        assert 'kind="http_503"' in text and "hpcgate_gateway_retries_total" in text
+        await wait_until(lambda: handler_tasks(gw) == 0, 5, "requests to end")
