@@ -4,24 +4,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from control.db.migrate import migrate
-from tests.support.services import REDIS_URL, create_database, drop_database, unique_name
+from tests.support.services import REDIS_URL, create_migrated_database, drop_database, unique_name
 
 
 @pytest.fixture(scope="session")
 async def pg_dsn() -> AsyncIterator[str]:
     """DSN of a migrated database that lives for the whole test session."""
-    name = unique_name("hpcgate_test")
-    dsn = await create_database(name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    name, dsn = await create_migrated_database("hpcgate_test")
     yield dsn
     await drop_database(name)
 

@@ -6,9 +6,11 @@ Invariants (all enforced inside one transaction):
   token get the same answer, so ids cannot be probed;
 - a token is single-use: once ``registration_used_at`` is set, only a repeat of the same
   claim (same launcher job id and node) succeeds, and it returns the same endpoint and port;
-- ports are chosen under a transaction-level advisory lock per node as the lowest port of the
-  configured range that no endpoint on that node holds; UNIQUE(node, port) backs this up, and
-  a unique violation is retried, never surfaced as an error.
+- ports are chosen under a transaction-level advisory lock per node as the first port of the
+  configured range, after the last one handed out on that node (wrapping around), that no
+  endpoint on that node holds; UNIQUE(node, port) backs this up, and a unique violation is
+  retried, never surfaced as an error. Rotating (rather than always taking the lowest) keeps a
+  port that a foreign process occupies from breaking job after job.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ async def _register(conn: Conn, req: RegisterRequest, ports: PortRange) -> Regis
     port = await conn.fetchval(
         """SELECT p FROM generate_series($2::int, $3::int) AS p
             WHERE NOT EXISTS (SELECT 1 FROM ai_model_endpoints e WHERE e.node = $1 AND e.port = p)
-            ORDER BY p LIMIT 1""",
+            ORDER BY p <= coalesce((SELECT last_port FROM ai_node_port_cursors WHERE node = $1), 0), p
+            LIMIT 1""",
         req.node,
         ports.start,
         ports.end,
@@ -111,6 +114,12 @@ async def _register(conn: Conn, req: RegisterRequest, ports: PortRange) -> Regis
         raise RegistrationRejectedError(
             409, f"no free port left on node {req.node!r} in {ports.start}-{ports.end}"
         )
+    await conn.execute(
+        """INSERT INTO ai_node_port_cursors (node, last_port) VALUES ($1, $2)
+           ON CONFLICT (node) DO UPDATE SET last_port = EXCLUDED.last_port""",
+        req.node,
+        port,
+    )
     endpoint_id = await conn.fetchval(
         """INSERT INTO ai_model_endpoints (endpoint_job_id, model_id, node, port, bearer_token, capabilities)
            VALUES ($1, $2, $3, $4, $5, $6) RETURNING endpoint_id""",

@@ -184,7 +184,8 @@ await_up slurmd
 if [ "$RESTD" = 1 ]; then
   # slurmrestd will not run as root; local auth over a unix socket, as user nobody.
   mkdir -p "$SOCK/rest"; chown nobody:nogroup "$SOCK/rest"; rm -f "$SOCK/rest/slurmrestd.sock"
-  setsid slurmrestd -f "$CONF" -u nobody -a rest_auth/local "unix:$SOCK/rest/slurmrestd.sock" \
+  # Without slurmdbd only the v0.0.38 plugin loads (the default set also wants dbv0.0.38).
+  setsid slurmrestd -f "$CONF" -u nobody -s openapi/v0.0.38 -a rest_auth/local "unix:$SOCK/rest/slurmrestd.sock" \
     < /dev/null >> "$LOG/slurmrestd.log" 2>&1 &
   echo $! > "$RUN/slurmrestd.pid"
   for _ in $(seq 50); do [ -S "$SOCK/rest/slurmrestd.sock" ] && break; sleep 0.1; done

@@ -19,11 +19,10 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from control.db.migrate import migrate
 from control.store.tokens import hash_registration_token, new_registration_token
 from gateway.schemas import EndpointTable, KeyTable, RedisNames
 from tests.control.daemons import ADMIN_TOKEN, KEY_SECRET, http
-from tests.support.services import REDIS_URL, create_database, drop_database, unique_name
+from tests.support.services import REDIS_URL, create_migrated_database, drop_database, unique_name
 
 
 @dataclass
@@ -139,13 +138,7 @@ def stack_env(dsn: str, prefix: str, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     """A fresh deployment state (database, Redis prefix) for one test module."""
-    db_name = unique_name("hpcgate_ctl")
-    dsn = await create_database(db_name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    db_name, dsn = await create_migrated_database("hpcgate_ctl")
     prefix = f"{unique_name('hpcgate-ctl')}:"
     client = aioredis.from_url(REDIS_URL)
     s = Stack(dsn, prefix, tmp_path_factory.mktemp("ctl"), stack_env(dsn, prefix), client)

@@ -139,3 +139,17 @@ async def test_fifty_concurrent_registrations_on_one_node_get_fifty_ports(stack:
         *(stack.register(job_id, token, "reg/fifty", node="busy-node") for job_id, token in more)
     )
     assert sorted(status for status, _ in results) == [200] * 50 + [409]
+
+
+async def test_a_removed_endpoints_port_is_not_handed_out_next(stack: Stack, api: Daemon) -> None:
+    """A port a foreign process holds breaks one job, not every job after it."""
+    model_id = await stack.add_model("reg/rotate")
+    first_job, first_token = await stack.add_job(model_id)
+    status, first = await stack.register(first_job, first_token, "reg/rotate", node="rot-node")
+    assert status == 200
+    # the job failed on its port and its endpoint was removed (as the Endpoint Worker does)
+    await stack.sql("DELETE FROM ai_model_endpoints WHERE endpoint_job_id = $1", first_job)
+    second_job, second_token = await stack.add_job(model_id)
+    status, second = await stack.register(second_job, second_token, "reg/rotate", node="rot-node")
+    assert status == 200
+    assert second["port"] == first["port"] + 1

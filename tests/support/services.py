@@ -38,6 +38,20 @@ async def create_database(name: str) -> str:
     return dsn_for(name)
 
 
+async def create_migrated_database(stem: str) -> tuple[str, str]:
+    """A fresh database with the schema applied; returns (name, dsn)."""
+    from control.db.migrate import migrate
+
+    name = unique_name(stem)
+    dsn = await create_database(name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return name, dsn
+
+
 async def drop_database(name: str) -> None:
     conn = await asyncpg.connect(ADMIN_DSN)
     try:
