@@ -8,23 +8,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
-from control.db.migrate import migrate
 from tests.jobs.stack import ControlPlane
-from tests.support.services import create_database, drop_database, unique_name
+from tests.support.services import create_migrated_database, drop_database, unique_name
 
 
 @pytest.fixture(scope="module")
 async def jobs_dsn() -> AsyncIterator[str]:
-    name = unique_name("hpcgate_jobs_test")
-    dsn = await create_database(name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    name, dsn = await create_migrated_database("hpcgate_jobs_test")
     yield dsn
     await drop_database(name)
 
