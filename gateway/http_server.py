@@ -74,7 +74,8 @@ Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | Non
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_busy", "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
-        "closed", "idle_since", "keep_alive", "listener", "paused_since", "response_started", "status",
+        "closed", "idle_since", "keep_alive", "listener", "paused_since", "pending_head", "response_started",
+        "status",
         "transport", "write_paused",
     )
 
@@ -94,6 +95,7 @@ class HttpConnection(asyncio.Protocol):
         self.write_paused = False
         self.keep_alive = True
         self.response_started = False
+        self.pending_head = b""  # a chunked response's head not written yet (see start_chunked)
         self.status = 0
         self.listener: WriteListener | None = None  # the relay streaming on this connection
 
@@ -174,6 +176,7 @@ class HttpConnection(asyncio.Protocol):
         request = self._pipeline.popleft()
         self.keep_alive = request.keep_alive and not self._server.shutting_down
         self.response_started = False
+        self.pending_head = b""
         self.status = 0
         self._busy = True
         try:
@@ -297,28 +300,37 @@ class HttpConnection(asyncio.Protocol):
         self.send_full(exc.status, exc.body(), _JSON, extra)
 
     def start_chunked(self, status: int, content_type: bytes, extra: bytes = b"", first: bytes = b"") -> None:
-        """The head of a chunked response, and ``first`` as its first chunk, in one write."""
+        """The head of a chunked response, and ``first`` as its first chunk, in one write.
+
+        Without ``first`` the head is held (``pending_head``) and leaves with the first chunk or
+        the end: a head alone tells a streaming client nothing, and its own write (a syscall,
+        and a wake-up of the client) was the costliest single step of a short stream.
+        """
         if self.transport is None or self.closed:
             return
-        head = self._head(status, content_type, extra)
+        head = self._head(status, content_type, extra) + b"transfer-encoding: chunked\r\n\r\n"
         if first:
-            self.transport.write(
-                b"%btransfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (head, len(first), first)
-            )
+            self.transport.write(b"%b%x\r\n%b\r\n" % (head, len(first), first))
         else:
-            self.transport.write(head + b"transfer-encoding: chunked\r\n\r\n")
+            self.pending_head = head
 
     def write_chunk(self, data: bytes) -> None:
         if data and not self.closed and self.transport is not None:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            head = self.pending_head
+            if head:
+                self.pending_head = b""
+            self.transport.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
 
     def end_chunked(self, last: bytes = b"") -> None:
         if self.closed or self.transport is None:
             return
+        head = self.pending_head
+        if head:
+            self.pending_head = b""
         if last:
-            self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last))
+            self.transport.write(b"%b%x\r\n%b\r\n0\r\n\r\n" % (head, len(last), last))
         else:
-            self.transport.write(b"0\r\n\r\n")
+            self.transport.write(head + b"0\r\n\r\n")
 
     async def drain(self) -> None:
         """Wait while the client's transport is over its high-water mark (backpressure)."""

@@ -92,7 +92,10 @@ class Exchange:
                     self.first_byte_at = perf_counter()
                 client = self.client
                 if not client.closed:
-                    client.transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
+                    head = client.pending_head  # the held head leaves with the first chunk
+                    if head:
+                        client.pending_head = b""
+                    client.transport.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))  # type: ignore[union-attr]
             return
         self._size += len(data)
         if self._size > self._limit:

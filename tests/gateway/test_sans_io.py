@@ -343,3 +343,41 @@ async def test_idle_keep_alive_and_non_reading_client_are_cut_by_the_sweep() -> 
     assert (t_idle.closed, t_stuck.aborted) == (True, False)
     stuck.sweep(now + 61, 5, 60)
     assert (t_idle.closed, t_stuck.aborted) == (True, True)
+
+
+async def test_requests_are_handled_without_a_task_and_a_stream_head_leaves_with_its_first_chunk() -> None:
+    import asyncio
+
+    from gateway.http_parse import Request
+    from gateway.http_server import HttpConnection, HttpServer
+    from gateway.settings import GatewaySettings
+
+    seen: list[bytes] = []
+
+    def handler(req: Request, conn: HttpConnection) -> None:
+        seen.append(req.path)
+        if req.path == b"/plain":
+            conn.send_full(200, b"{}")
+            conn.request_done()
+        else:  # a stream answered later from (upstream) callbacks
+            conn.start_chunked(200, b"text/event-stream")
+
+    settings = GatewaySettings(static_endpoints=("m=http://h:1",), no_auth=True)
+    loop = asyncio.get_running_loop()
+    tasks_before = len(asyncio.all_tasks())
+    conn = HttpConnection(HttpServer(handler, settings, loop))
+    t = _FakeTransport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    conn.data_received(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\nGET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert seen == [b"/plain", b"/stream"]  # both answered in data_received: the second after request_done
+    assert len(asyncio.all_tasks()) == tasks_before
+    assert len(t.written) == 1 and t.written[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert conn.busy and conn.pending_head  # the stream's head is held ...
+    conn.write_chunk(b"data: 1\n\n")  # ... and leaves with the first chunk, in one write
+    assert len(t.written) == 2
+    assert t.written[1].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert t.written[1].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    conn.end_chunked()
+    conn.request_done()
+    assert t.written[2] == b"0\r\n\r\n"
+    assert (conn.busy, conn.pending_head) == (False, b"")
