@@ -95,6 +95,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._flush_body(sink)
             sink.on_error(UpstreamError("closed", "upstream closed the connection", not self._head_seen))
 
+    def eof_received(self) -> None:
+        # The engine closed its side: never hand this connection out again. (The transport is
+        # closed now but connection_lost runs a loop iteration later; a request written in
+        # between would raise in transport.write.)
+        self.closed = True
+
     def data_received(self, data: bytes) -> None:
         self._reads += 1
         if self.sink is None:  # bytes nobody asked for: the connection is out of sync

@@ -48,21 +48,30 @@ async def running(sim: SimProcess) -> float | None:
 
 
 async def test_endpoint_dead_before_first_byte_is_retried_elsewhere(sim_a: SimProcess) -> None:
-    async with sim_process("--model", "m1") as doomed:
-        dead_url = doomed.url
-    # the dead endpoint refuses connections; every request must still succeed on the live one
+    # The dead endpoint refuses connections: a port bound but not listening (a stopped server's
+    # port could be taken by another process before the test uses it, making it alive again).
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    # Every request must still succeed on the live one. Which endpoint a request tries first is
+    # the balancer's (partly random) choice: send until the dead one has been tried, with a
+    # retry budget that cannot run out, instead of a fixed count that may never pick it.
     async with running_gateway(static_endpoints=(f"m1={dead_url},{sim_a.url}",), no_auth=True,
-                               eject_after_failures=100) as gw:
+                               eject_after_failures=1000, retry_budget_ratio=1.0) as gw:
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+        metrics = ""
         try:
-            for _ in range(8):
+            for _ in range(60):
                 r = await client.chat.completions.create(
                     model="m1", messages=[{"role": "user", "content": "x"}], max_tokens=2)
                 assert r.choices[0].message.content
+                metrics = (await raw_exchange(gw.port, b"GET /metrics HTTP/1.1\r\n\r\n")).body.decode()
+                if 'kind="connect"' in metrics:
+                    break
         finally:
             await client.close()
-        metrics = (await raw_exchange(gw.port, b"GET /metrics HTTP/1.1\r\n\r\n")).body.decode()
-        assert "hpcgate_gateway_retries_total" in metrics and 'kind="connect"' in metrics
+        assert "hpcgate_gateway_retries_total{" in metrics and 'kind="connect"' in metrics
+    dead.close()
 
 
 async def test_endpoint_killed_mid_stream_ends_with_sse_error() -> None:
