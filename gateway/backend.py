@@ -18,7 +18,8 @@ BackendKey = tuple[str, str | None]  # (base URL, bearer token)
 class Backend:
     __slots__ = (
         "auth_line", "ejected_until", "ejections", "failures", "host", "host_header", "inflight",
-        "kv_usage", "label", "models", "pool", "port", "queue", "scraped_at", "since_scrape", "token", "url",
+        "kv_usage", "label", "models", "pool", "port", "queue", "scrape_failures", "scraped_at",
+        "since_scrape", "token", "url",
     )
 
     def __init__(
@@ -38,6 +39,7 @@ class Backend:
         self.queue: float | None = None  # running + waiting at the last scrape; None: unknown
         self.kv_usage: float | None = None
         self.scraped_at = -1e18
+        self.scrape_failures = 0  # consecutive scrapes that got no metrics (refused, timeout, 5xx)
         self.failures = 0  # consecutive failures
         self.ejections = 0
         self.ejected_until = 0.0
@@ -47,6 +49,7 @@ class Backend:
         self.kv_usage = load.kv_usage
         self.scraped_at = now
         self.since_scrape = 0
+        self.scrape_failures = 0
 
     def record_success(self) -> None:
         self.failures = 0

@@ -3,7 +3,10 @@
 Score of a backend = the engine's queue (running + waiting) at its last fresh scrape plus the
 requests this worker sent it since that scrape. Without a fresh scrape the load is unknown: the
 score is this worker's own in-flight count plus a half, so an idle backend with known metrics
-wins over one we know nothing about, but an unknown one is still used. Ejected backends are
+wins over one we know nothing about, but an unknown one is still used. A backend whose last
+scrapes failed outright (refused, timed out, 5xx) is likely down: it scores behind every
+backend that answers, so it does not draw every other request until outlier ejection catches
+up, yet it is still chosen when nothing better is left. Ejected backends are
 skipped unless every candidate is ejected (then ejection is ignored rather than failing all).
 A backend is saturated at ``max_inflight`` requests of this worker (0: no cap); when all are,
 :func:`choose` returns None and the caller queues the request.
@@ -17,6 +20,7 @@ from collections.abc import Callable, Collection
 from gateway.backend import Backend
 
 _UNKNOWN_PENALTY = 0.5
+_UNREACHABLE_PENALTY = 1e6
 
 
 def choose(
@@ -57,4 +61,6 @@ def choose(
 def _score(b: Backend, now: float, stale_after: float) -> float:
     if b.queue is not None and now - b.scraped_at <= stale_after:
         return b.queue + b.since_scrape
+    if b.scrape_failures:
+        return b.inflight + _UNREACHABLE_PENALTY
     return b.inflight + _UNKNOWN_PENALTY

@@ -68,7 +68,8 @@ class Scraper:
         try:
             await asyncio.sleep(random.random() * self._interval)
             while True:
-                await self.scrape_once(b, pool, request)
+                if not await self.scrape_once(b, pool, request):
+                    b.scrape_failures += 1
                 await asyncio.sleep(self._interval * (0.8 + 0.4 * random.random()))
         finally:
             pool.close()

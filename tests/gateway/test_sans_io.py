@@ -188,6 +188,19 @@ def test_least_queue_uses_scrapes_and_own_in_flight() -> None:
     assert choose((a, b), now + 10, stale_after=3) is b
 
 
+def test_a_backend_whose_scrapes_fail_comes_after_every_answering_one() -> None:
+    busy, down, unknown = backend(1), backend(2), backend(3)
+    now = 100.0
+    busy.queue, busy.scraped_at, busy.since_scrape = 40.0, now, 5
+    down.scrape_failures = 2  # /metrics refused: probably dead
+    assert choose((busy, down), now, stale_after=3) is busy
+    assert choose((down, unknown), now, stale_after=3) is unknown  # never scraped yet: just unknown
+    assert choose((down,), now, stale_after=3) is down  # still used when nothing else is left
+    down.record_load(parse_engine_load(b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"), now)
+    assert down.scrape_failures == 0
+    assert choose((busy, down), now, stale_after=3) is down
+
+
 def test_ties_are_broken_randomly() -> None:
     bs = tuple(backend(i) for i in range(4))
     seen = {choose(bs, 0.0, stale_after=1, rand=lambda r=r: r).port for r in (0.0, 0.3, 0.6, 0.99)}  # type: ignore[union-attr,misc]
