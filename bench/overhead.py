@@ -44,12 +44,8 @@ async def run_overhead(levels: list[int], targets: list[str], tokens: int, per_l
     sim = await procs.start_sim(upstream, MODEL, "--max-num-seqs", "1024")
     try:
         for target in targets:
-            proxy: procs.Child | None = None
             try:
-                if target == "gateway":
-                    proxy = await procs.start_gateway(MODEL, sim.url, gateway_workers)
-                elif target == "nginx":
-                    proxy = await procs.start_nginx(f"127.0.0.1:{sim.port}", gateway_workers)
+                proxy = await procs.start_proxy(target, MODEL, sim, gateway_workers)
             except procs.TargetUnavailableError as exc:
                 rows += [{"target": target, "concurrency": lv, "error": str(exc)} for lv in levels]
                 continue

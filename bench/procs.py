@@ -203,6 +203,15 @@ async def start_nginx(upstream_hostport: str, workers: int = 1) -> Child:
     raise TargetUnavailableError(f"nginx did not start: {tail}")
 
 
+async def start_proxy(target: str, model: str, sim: Child, workers: int = 1) -> Child | None:
+    """The proxy in front of ``sim`` for a benchmark target; None for "direct"."""
+    if target == "gateway":
+        return await start_gateway(model, sim.url, workers)
+    if target == "nginx":
+        return await start_nginx(f"127.0.0.1:{sim.port}", workers)
+    return None
+
+
 async def stop(child: Child) -> None:
     proc = child.proc
     if proc.returncode is None:

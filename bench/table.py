@@ -64,10 +64,7 @@ async def run_cell(profile: str, concurrency: int, target: str, workload: Worklo
     sim = await procs.start_sim(profile, MODEL)
     proxy: procs.Child | None = None
     try:
-        if target == "gateway":
-            proxy = await procs.start_gateway(MODEL, sim.url, gateway_workers)
-        elif target == "nginx":
-            proxy = await procs.start_nginx(f"127.0.0.1:{sim.port}", gateway_workers)
+        proxy = await procs.start_proxy(target, MODEL, sim, gateway_workers)
         base = proxy.url if proxy else sim.url
         settings = RunSettings(base_url=base, model=MODEL, num_prompts=concurrency,
                                max_concurrency=concurrency, ignore_eos=ignore_eos, seed=seed,
