@@ -16,11 +16,18 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import msgspec
 
+from control.jobs import store
+from control.jobs.reconcile import JobWorker
+from control.jobs.render import render_text
+from control.jobs.settings import JobsSettings
+from control.launchers.base import JobSpec, Launcher
+from control.store.tokens import hash_registration_token, new_registration_token
 from hpcgate.settings import COMMON_FIELDS
 from tests.support.procs import child_env, hpcgate_cmd
 
@@ -221,3 +228,30 @@ async def poll(pred: Callable[[], Any], timeout: float, what: str, interval: flo
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+async def submit_without_recording(settings: JobsSettings, launcher: Launcher, model: str, workdir: Path,
+                                   edit_script: Callable[[str], str] = lambda text: text) -> tuple[int, str]:
+    """Leave exactly what a Job Worker killed between ``submit()`` and the database write leaves:
+    a pending job row without a launcher id, and a launcher job carrying the row's name.
+    Returns (endpoint_job_id, launcher_job_id)."""
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        worker = JobWorker(settings, pool, launcher)
+        async with pool.acquire() as conn:
+            row = next(m for m in await store.load_models(conn) if m.name == model)
+            token = new_registration_token()
+            job_id, name = await store.create_job(
+                conn, model_id=row.model_id, model=model, generation=row.generation, launcher=launcher.kind,
+                prefix=settings.job_name_prefix, replaces=None, walltime_s=None,
+                token_hash=hash_registration_token(token), token_ttl_s=600)
+        prep = worker._prepare(row)
+        await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+        output = str(workdir / f"{name}.out")
+        ctx = msgspec.structs.replace(prep.ctx_base, name=name, endpoint_job_id=job_id, output_path=output)
+        submitted = await launcher.submit(JobSpec(
+            name=name, script=edit_script(render_text(prep.template_text, ctx)), output_path=output,
+            workdir=str(workdir), secret_env={"HPCGATE_JOB_REGISTRATION_TOKEN": token}))
+    finally:
+        await pool.close()
+    return job_id, submitted

@@ -18,20 +18,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 import pytest
 from openai import AsyncOpenAI
 
-from control.jobs import store
 from control.jobs.naming import name_prefix
-from control.jobs.reconcile import JobWorker
-from control.jobs.render import render_text
 from control.jobs.settings import JobsSettings
-from control.launchers.base import JobSpec
 from control.launchers.slurm_cli import SlurmCliLauncher
-from control.store.tokens import hash_registration_token, new_registration_token
-from tests.jobs.stack import ControlPlane, db_rows, poll, start_daemon, stopping
+from tests.jobs.stack import ControlPlane, db_rows, poll, start_daemon, stopping, submit_without_recording
 from tests.support.services import start_slurm
 
 pytestmark = pytest.mark.slurm
@@ -203,28 +197,12 @@ async def test_restart_between_sbatch_and_database_write_on_slurm(
                                strict=False)
     old_conf = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = slurm_env["SLURM_CONF"]  # for sbatch, as the worker's environment
-    launcher = SlurmCliLauncher()
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
-        worker = JobWorker(settings, pool, launcher)
-        async with pool.acquire() as conn:
-            row = next(m for m in await store.load_models(conn) if m.name == model)
-            token = new_registration_token()
-            job_id, name = await store.create_job(
-                conn, model_id=row.model_id, model=model, generation=row.generation, launcher="slurm",
-                prefix=prefix, replaces=None, walltime_s=None, token_hash=hash_registration_token(token),
-                token_ttl_s=600)
-        prep = worker._prepare(row)
-        output = str(tmp_path / "jobs" / f"{name}.out")
-        (tmp_path / "jobs").mkdir(parents=True, exist_ok=True)
-        ctx = msgspec.structs.replace(prep.ctx_base, name=name, endpoint_job_id=job_id, output_path=output)
-        script = render_text(prep.template_text, ctx).replace("#SBATCH ", "#SBATCH --hold\n#SBATCH ", 1)
-        submitted = await launcher.submit(JobSpec(name=name, script=script, output_path=output,
-                                                  workdir=str(tmp_path / "jobs"),
-                                                  secret_env={"HPCGATE_JOB_REGISTRATION_TOKEN": token}))
-        # ...the worker died here, before recording the Slurm job id.
+        # A held job, like one still queued in Slurm; the worker "dies" right after sbatch.
+        job_id, submitted = await submit_without_recording(
+            settings, SlurmCliLauncher(), model, tmp_path / "jobs",
+            edit_script=lambda text: text.replace("#SBATCH ", "#SBATCH --hold\n#SBATCH ", 1))
     finally:
-        await pool.close()
         if old_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:

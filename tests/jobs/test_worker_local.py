@@ -16,15 +16,11 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from control.jobs import store
 from control.jobs.naming import name_prefix
-from control.jobs.reconcile import JobWorker
 from control.jobs.settings import JobsSettings
-from control.launchers.base import JobSpec
 from control.launchers.local import LocalLauncher
-from control.store.tokens import hash_registration_token, new_registration_token
 from gateway.schemas import EndpointTable, RedisNames
-from tests.jobs.stack import ControlPlane, db_rows, poll, stopping
+from tests.jobs.stack import ControlPlane, db_rows, poll, stopping, submit_without_recording
 
 FAST = {"interval_s": "0.3", "drain_grace_s": "0.3", "backoff_base_s": "0.2", "backoff_max_s": "1",
         "cancel_retry_s": "2"}
@@ -177,33 +173,12 @@ async def test_restart_between_submit_and_database_write_adopts_the_job(
     await _create_model(plane, model, max_instances=1, desired_instances=1)
     settings = msgspec.convert(_jobs_settings(plane, tmp_path, prefix, database_url=dsn,
                                               control_url=plane.control_url), JobsSettings, strict=False)
-    launcher = LocalLauncher(tmp_path / "jobs" / "local-state")
-    import asyncpg
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    try:
-        worker = JobWorker(settings, pool, launcher)
-        async with pool.acquire() as conn:
-            row = next(m for m in await store.load_models(conn) if m.name == model)
-            token = new_registration_token()
-            job_id, name = await store.create_job(
-                conn, model_id=row.model_id, model=model, generation=row.generation, launcher="local",
-                prefix=prefix, replaces=None, walltime_s=None, token_hash=hash_registration_token(token),
-                token_ttl_s=600)
-        prep = worker._prepare(row)
-        output = str(tmp_path / "jobs" / f"{name}.out")
-        ctx = msgspec.structs.replace(prep.ctx_base, name=name, endpoint_job_id=job_id, output_path=output)
-        from control.jobs.render import render_text
-
-        submitted = await launcher.submit(JobSpec(name=name, script=render_text(prep.template_text, ctx),
-                                                  output_path=output, workdir=str(tmp_path),
-                                                  secret_env={"HPCGATE_JOB_REGISTRATION_TOKEN": token}))
-        # ...and here the worker died: no record_submitted. The job is held (SIGSTOP) like a job
-        # still queued in Slurm, so it cannot register before the new worker looks at it.
-        state = msgspec.json.decode((tmp_path / "jobs" / "local-state" / f"{submitted}.json").read_bytes())
-        os.killpg(state["pid"], signal.SIGSTOP)
-    finally:
-        await pool.close()
+    job_id, submitted = await submit_without_recording(
+        settings, LocalLauncher(tmp_path / "jobs" / "local-state"), model, tmp_path / "jobs")
+    # ...and here the worker died: no record_submitted. The job is held (SIGSTOP) like a job
+    # still queued in Slurm, so it cannot register before the new worker looks at it.
+    state = msgspec.json.decode((tmp_path / "jobs" / "local-state" / f"{submitted}.json").read_bytes())
+    os.killpg(state["pid"], signal.SIGSTOP)
 
     daemon = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix))
     async with stopping(daemon, plane):
