@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -31,7 +31,6 @@ class Child:
     argv: list[str]
     log_path: Path
     proc: asyncio.subprocess.Process | None = None
-    info: dict[str, object] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -69,17 +68,17 @@ class Supervisor:
             start_new_session=True,  # its own process group: stop_all reaches grandchildren
         )
         self.children.append(child)
-        ready: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # The copier runs for the child's whole life, so the child never blocks on a full pipe.
         self._copiers.append(asyncio.ensure_future(self._copy_output(child, ready_event, ready)))
         try:
-            child.info = await asyncio.wait_for(asyncio.shield(ready), timeout)
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
         except TimeoutError:
             msg = f"{child.name} not ready after {timeout:.0f}s; log {child.log_path}"
             raise ChildFailedError(msg) from None
         return child
 
-    async def _copy_output(self, child: Child, event: str, ready: asyncio.Future[dict[str, object]]) -> None:
+    async def _copy_output(self, child: Child, event: str, ready: asyncio.Future[None]) -> None:
         """Copy the child's output to its log file; resolve ``ready`` at the readiness event."""
         assert child.proc is not None and child.proc.stdout is not None
         with child.log_path.open("ab") as log_file:
@@ -90,7 +89,7 @@ class Supervisor:
                     with contextlib.suppress(orjson.JSONDecodeError):
                         doc = orjson.loads(line)
                         if isinstance(doc, dict) and doc.get("event") == event:
-                            ready.set_result(doc)
+                            ready.set_result(None)
         await child.proc.wait()
         if not ready.done():
             ready.set_exception(ChildFailedError(

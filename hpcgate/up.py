@@ -23,6 +23,8 @@ import secrets
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -34,11 +36,10 @@ import redis.asyncio as aioredis
 from control.admin_client import AdminApiError, AdminClient
 from control.db.migrate import migrate
 from control.wire import Job, KeyCreated, Model, Tenant
-from hpcgate.logs import get_logger, setup_logging
+from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, Port, PostgresUrl, RedisUrl, load_settings
 from hpcgate.supervisor import ChildFailedError, Supervisor, hpcgate_argv
 
-log = get_logger("hpcgate.up")
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,9 +203,6 @@ class Stack:
             await asyncio.sleep(0.5)
 
     def _model_state(self, key: str) -> str:
-        import urllib.error
-        import urllib.request
-
         req = urllib.request.Request(f"http://{self.s.host}:{self.s.gateway_port}/v1/models",
                                      headers={"Authorization": f"Bearer {key}"})
         try:
