@@ -44,6 +44,10 @@ ensure_packages() {
   local pkgs=(postgresql redis-server munge slurmctld slurmd slurm-client nginx-light)
   command -v python3 > /dev/null && python_ok python3 && python3 -m venv --help > /dev/null 2>&1 \
     || pkgs+=(python3 python3-venv python3-dev)
+  # gcc and the Python headers build the gateway's C relay (gateway/_crelay.c) at install time.
+  command -v gcc > /dev/null || pkgs+=(gcc libc6-dev)
+  python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+    2> /dev/null || pkgs+=(python3-dev)
   apt_install "${pkgs[@]}"
 }
 

@@ -28,6 +28,7 @@ from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.metrics import GatewayMetrics, StateView
+from gateway.offload import make_offloader
 from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, RoutingTable, table_from_snapshot
 from gateway.schemas import EndpointTable, KeyTable
@@ -77,6 +78,8 @@ class Gateway:
         self.queues = ModelQueues(loop)
         self.usage = UsageRecorder(None if s.no_auth else s.database_url, s.usage_flush_s)
         self.metrics = GatewayMetrics(str(worker))
+        self.offloader = make_offloader(loop, s.stream_offload, s.upstream_read_timeout_s,
+                                        s.client_send_timeout_s)
         self.backends: dict[BackendKey, Backend] = {}
         self.scraper = Scraper(loop, s.scrape_interval_s, max(1.0, s.scrape_interval_s))
         self.stale_after = max(3.0 * s.scrape_interval_s, 2.0)

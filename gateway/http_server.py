@@ -74,9 +74,8 @@ Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | Non
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_busy", "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
-        "closed", "idle_since", "keep_alive", "listener", "paused_since", "pending_head", "response_started",
-        "status",
-        "transport", "write_paused",
+        "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "pending_head",
+        "response_started", "status", "transport", "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -91,6 +90,7 @@ class HttpConnection(asyncio.Protocol):
         self._read_timer: asyncio.TimerHandle | None = None  # request read deadline
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
+        self.fd = -1  # the socket's descriptor (the C relay writes to it; see gateway.offload)
         self.closed = False
         self.write_paused = False
         self.keep_alive = True
@@ -105,6 +105,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport = cast("asyncio.Transport", transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
+            self.fd = sock.fileno()
             # Why: small SSE chunks must leave at once; Nagle would hold them for the ACK.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -383,8 +384,10 @@ class HttpServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, let responses in progress finish up to ``timeout``, then cut the rest."""
+    async def shutdown(self, timeout: float,
+                       before_cut: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+        """Stop accepting, let responses in progress finish up to ``timeout``, then cut the rest
+        (``before_cut`` first: streams the C relay holds must be given back before)."""
         self.shutting_down = True
         if self._server is not None:
             self._server.close()
@@ -393,6 +396,8 @@ class HttpServer:
         deadline = self.loop.time() + timeout
         while any(c.busy for c in self.connections) and self.loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # shutdown only: polling a handful of connections is fine
+        if before_cut is not None:
+            await before_cut()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()

@@ -156,8 +156,10 @@ class ProxyCall:
         backend = self.backend
         assert backend is not None
         gw = self.gw
+        stream = self.stream
         ex = Exchange(gw.loop, self.conn, self.scanner, gw.settings.max_response_bytes,
-                      self.extra if self.stream else None, owner=None if self.in_task else self)
+                      self.extra if stream else None, owner=None if self.in_task else self,
+                      offloader=gw.offloader if stream else None)
         self.exchange = ex
         ex.upstream = up
         self.conn.listener = ex

@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import asyncio
 from time import perf_counter
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+import msgspec
 
 from gateway.errors import sse_error_event
 from gateway.http_server import HttpConnection
-from gateway.sse import SseScanner
+from gateway.sse import SseScanner, decode_usage_view
 from gateway.upstream_client import UpstreamConnection, UpstreamError
+
+if TYPE_CHECKING:
+    from gateway._crelay import RelayResult
+    from gateway.offload import Offloader
 
 
 class ExchangeOwner(Protocol):
@@ -36,14 +42,15 @@ class ExchangeOwner(Protocol):
 class Exchange:
     __slots__ = (
         "_buffer", "_done", "_head", "_head_seen", "_limit", "_loop", "_settled", "_size", "client",
-        "client_gone", "committed", "ended", "error", "first_byte_at", "headers", "owner", "scanner",
-        "status", "stream_headers", "upstream",
+        "client_gone", "committed", "ended", "error", "first_byte_at", "headers", "offloaded", "offloader",
+        "owner", "scanner", "status", "stream_headers", "upstream",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
                  scanner: SseScanner | None, limit: int, stream_headers: bytes | None = None, *,
-                 owner: ExchangeOwner | None = None) -> None:
-        """``stream_headers``: extra response headers if a 200 answer is to be streamed."""
+                 owner: ExchangeOwner | None = None, offloader: Offloader | None = None) -> None:
+        """``stream_headers``: extra response headers if a 200 answer is to be streamed;
+        ``offloader``: the C relay thread that may take a committed stream over."""
         self._loop = loop
         self.client = client
         self.scanner = scanner
@@ -64,6 +71,8 @@ class Exchange:
         self.error: UpstreamError | None = None
         self.first_byte_at = 0.0
         self.stream_headers = stream_headers
+        self.offloader = offloader
+        self.offloaded = False
 
     # -- ResponseSink (called from the upstream protocol) -----------------------------------------
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None:
@@ -105,6 +114,63 @@ class Exchange:
             self.on_error(UpstreamError("too_large", "upstream response too large", False))
             return
         self._buffer.append(data)
+
+    def take_over(self, body: bytes) -> bool:
+        """The upstream head and ``body`` (the raw rest of that read) arrived together: hand the
+        rest of a committed stream to the C relay. False: the event loop relays it."""
+        off = self.offloader
+        scanner = self.scanner
+        if (off is None or not self.committed or self._buffer or self.ended or self.error is not None
+                or scanner is None or not scanner.pristine or self.upstream is None or self.client.closed):
+            return False
+        if not off.start(self, self.upstream, body, strip_usage=scanner.strip_usage):
+            return False
+        self.offloaded = True
+        return True
+
+    def offload_finished(self, result: RelayResult) -> None:
+        """The relay gave the stream back (see gateway/offload.py for the outcomes)."""
+        _, outcome, pending, usage, events, first_byte, reusable = result
+        self.offloaded = False
+        scanner = self.scanner
+        assert scanner is not None
+        scanner.data_events += events
+        if usage is not None:
+            try:
+                view = decode_usage_view(usage)
+            except msgspec.DecodeError:
+                view = None
+            if view is not None and view.usage is not None:
+                scanner.usage = view.usage
+        if first_byte and not self.first_byte_at:
+            self.first_byte_at = first_byte
+        client, up = self.client, self.upstream
+        if outcome == "done":
+            self.ended = True
+            if up is not None:
+                self.upstream = None
+                up.offload_finished(reusable)
+            if client.transport is not None:
+                client.transport.resume_reading()
+            self._resolve()
+        elif outcome in ("client_gone", "client_timeout", "cancelled"):
+            # The client is cut; its connection_lost tells this exchange (client_lost), which
+            # aborts the upstream request and settles the exchange.
+            client.keep_alive = False
+            if client.transport is not None:
+                client.transport.abort()
+            else:
+                self.client_lost()
+        else:  # the upstream failed mid-stream: what the client has not taken, then the error event
+            if up is not None:
+                up.offload_finished(False)
+            if client.transport is not None:
+                client.transport.resume_reading()
+                if pending:
+                    client.transport.write(pending)
+            message = {"closed": "upstream closed the connection", "timeout": "upstream read timed out",
+                       "protocol": "malformed upstream response"}.get(outcome, "relay failed")
+            self.on_error(UpstreamError(outcome, message, False))
 
     def _take_buffered(self) -> bytes:
         buffered = self._buffer

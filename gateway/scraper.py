@@ -33,6 +33,9 @@ class _Collect:
     def on_data(self, data: bytes) -> None:
         self.body.append(data)
 
+    def take_over(self, body: bytes) -> bool:
+        return False  # a metrics page is read here, never relayed
+
     def on_end(self, last: bytes) -> None:
         if last:
             self.body.append(last)

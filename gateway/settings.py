@@ -40,6 +40,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     upstream_read_timeout_s: PositiveFloat = 300.0  # per read, never a total timeout on streams
     upstream_max_idle: PositiveInt = 512  # idle keep-alive connections kept per endpoint
     max_response_bytes: PositiveInt = 64 * 1024 * 1024  # buffered non-streaming response
+    # committed streams relayed by a C thread (gateway.offload); false: by the event loop
+    stream_offload: bool = True
     scrape_interval_s: PositiveFloat = 1.0
     max_retries: NonNegInt = 2
     retry_budget_ratio: Ratio = 0.2

@@ -74,6 +74,11 @@ class SseScanner:
             data = self._take_usage(data)
         return data
 
+    @property
+    def pristine(self) -> bool:
+        """Nothing held and still scanning: the C relay can carry on from here."""
+        return not self._tail and not self._passthrough
+
     def flush(self) -> bytes:
         """At the end of the stream: whatever partial event is still held."""
         tail, self._tail = self._tail, b""

@@ -35,6 +35,9 @@ class UpstreamError(Exception):
 class ResponseSink(Protocol):
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None: ...
     def on_data(self, data: bytes) -> None: ...  # the body bytes of one read (all its HTTP chunks)
+    # The head and ``body`` (the raw, still chunked rest of that read) came in one read: True if
+    # the sink took the connection's reading over (gateway.offload); it then gives it back.
+    def take_over(self, body: bytes) -> bool: ...
     def on_end(self, last: bytes) -> None: ...  # ``last``: body bytes of the final read not yet given
     def on_error(self, exc: UpstreamError) -> None: ...
 
@@ -43,6 +46,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_checked_reads",
+        "_head_in_read",
         "_head_seen",
         "_headers",
         "_loop",
@@ -52,6 +56,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_reads",
         "_stalled_since",
         "closed",
+        "fd",
         "on_body",
         "reused",
         "sink",
@@ -68,7 +73,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_body: Callable[[bytes], object] = self._body.append
         self._parser = httptools.HttpResponseParser(self)
         self._head_seen = False
+        self._head_in_read = False  # the head completed in the read being parsed
         self._paused = False
+        self.fd = -1
         self._reads = 0  # reads so far; the read timer compares it instead of taking the time per read
         self._checked_reads = -1
         self._stalled_since = 0.0
@@ -83,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast("asyncio.Transport", transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
+            self.fd = sock.fileno()
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -111,14 +119,40 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}", not self._head_seen))
             return
-        # One read may hold many HTTP chunks (tokens): the sink gets them as one piece.
         body = self._body
+        if self._head_in_read:
+            self._head_in_read = False
+            if self.sink is not None and self._offer(data):
+                body.clear()
+                return
+        # One read may hold many HTTP chunks (tokens): the sink gets them as one piece.
         if body:
             sink = self.sink
             if sink is not None:
                 data = body[0] if len(body) == 1 else b"".join(body)
                 body.clear()
                 sink.on_data(data)
+
+    def _offer(self, data: bytes) -> bool:
+        """Offer the rest of a response whose whole head is in ``data`` to the sink's relay."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or not data.startswith(b"HTTP/1.1 200 ") or not self._parser.should_keep_alive():
+            return False  # the head began in an earlier read, an unusual answer, or no keep-alive
+        assert self.sink is not None
+        if not self.sink.take_over(data[end + 4:]):
+            return False
+        self._not_busy()  # the relay enforces the read timeout now
+        return True
+
+    def offload_finished(self, reusable: bool) -> None:
+        """The relay gave the connection back: pool it after a complete response, else close."""
+        self.sink = None
+        if reusable and not self.closed and self.transport is not None:
+            self._parser = httptools.HttpResponseParser(self)  # the old one stopped mid-body
+            self.transport.resume_reading()
+            self._pool.release(self)
+        else:
+            self.abort()
 
     def _flush_body(self, sink: ResponseSink) -> None:
         body = self._body
@@ -133,6 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_seen = True
+        self._head_in_read = True
         if self.sink is not None:
             self.sink.on_head(self._parser.get_status_code(), self._headers)
 
@@ -156,6 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self._headers = {}
         self._head_seen = False
+        self._head_in_read = False
         self._paused = False
         self._checked_reads = -1
         self.transport.write(request)

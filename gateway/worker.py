@@ -91,7 +91,8 @@ class Worker:
             await self._load_keys_once()
 
     async def stop(self) -> None:
-        await self.server.shutdown(self.settings.shutdown_timeout_s)
+        off = self.gateway.offloader
+        await self.server.shutdown(self.settings.shutdown_timeout_s, off.drain if off is not None else None)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -100,6 +101,8 @@ class Worker:
         self.gateway.scraper.close()
         for b in self.gateway.backends.values():
             b.pool.close()
+        if off is not None:
+            off.close()
         await self.gateway.usage.close()
         if self.gateway.access_log is not None:
             self.gateway.access_log.flush()

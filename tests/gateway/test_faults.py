@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import shutil
 import socket
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -18,6 +21,7 @@ import redis.asyncio as aioredis
 from gateway.metrics_text import parse_engine_load
 from gateway.relay import Exchange
 from gateway.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState, RedisNames
+from gateway.worker import Worker
 from tests.gateway.conftest import SECRET, add_tenant, handler_tasks, post, raw_exchange, running_gateway
 from tests.gateway.cut_proxy import CuttableProxy
 from tests.support.procs import wait_until
@@ -74,9 +78,18 @@ async def test_endpoint_dead_before_first_byte_is_retried_elsewhere(sim_a: SimPr
     dead.close()
 
 
-async def test_endpoint_killed_mid_stream_ends_with_sse_error() -> None:
+BOTH_RELAYS = pytest.mark.parametrize("offload", [True, False], ids=["c-relay", "event-loop"])
+
+
+def assert_relayed_by(gw: Worker, offload: bool, streams: int = 1) -> None:
+    off = gw.gateway.offloader
+    assert (off.started if off is not None else 0) == (streams if offload else 0)
+
+
+@BOTH_RELAYS
+async def test_endpoint_killed_mid_stream_ends_with_sse_error(offload: bool) -> None:
     async with sim_process(*SLOW) as sim, running_gateway(static_endpoints=(f"m1={sim.url}",),
-                                                          no_auth=True) as gw:
+                                                          no_auth=True, stream_offload=offload) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         try:
             writer.write(post("/v1/chat/completions", LONG_STREAM))
@@ -87,8 +100,9 @@ async def test_endpoint_killed_mid_stream_ends_with_sse_error() -> None:
             rest = await asyncio.wait_for(reader.read(), 10)  # a clean end, never a hang
         finally:
             writer.close()
-        assert b'data: {"error":' in rest
+        assert b'data: {"error":' in rest and b'"code":"closed"' in rest
         assert rest.endswith(b"0\r\n\r\n")  # the chunked response is properly terminated
+        assert_relayed_by(gw, offload)
         await wait_until(lambda: handler_tasks(gw) == 0, 5, "handler tasks to end")
 
 
@@ -108,10 +122,11 @@ async def test_openai_sdk_sees_mid_stream_failure_as_error() -> None:
             await client.close()
 
 
-@pytest.mark.parametrize("streaming", [True, False])
-async def test_client_disconnect_aborts_the_upstream_request(streaming: bool) -> None:
+@pytest.mark.parametrize(("streaming", "offload"), [(True, True), (True, False), (False, False)],
+                         ids=["stream-c-relay", "stream-event-loop", "plain"])
+async def test_client_disconnect_aborts_the_upstream_request(streaming: bool, offload: bool) -> None:
     async with sim_process(*SLOW) as sim, running_gateway(static_endpoints=(f"m1={sim.url}",),
-                                                          no_auth=True) as gw:
+                                                          no_auth=True, stream_offload=offload) as gw:
         before = await aborted(sim)
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(post("/v1/chat/completions", LONG_STREAM if streaming else LONG_PLAIN))
@@ -123,6 +138,7 @@ async def test_client_disconnect_aborts_the_upstream_request(streaming: bool) ->
         await wait_until(lambda: _gt(aborted(sim), before), 5, "the simulator to count an abort")
         assert await running(sim) == 0
         await wait_until(lambda: handler_tasks(gw) == 0, 5, "handler tasks to end")
+        assert_relayed_by(gw, offload, 1 if streaming else 0)
 
 
 async def _gt(value: object, than: float) -> bool:
@@ -273,10 +289,12 @@ async def test_stalled_upstream_times_out_with_504() -> None:
         await server.wait_closed()
 
 
-async def test_slow_reader_gets_backpressure_not_buffering(sim_a: SimProcess) -> None:
-    """A client that stops reading: the gateway pauses reading upstream instead of buffering."""
+@pytest.mark.parametrize("offload", [True, False], ids=["c-relay", "event-loop"])
+async def test_slow_reader_gets_backpressure_not_buffering(sim_a: SimProcess, offload: bool) -> None:
+    """A client that stops reading: the gateway stops reading upstream instead of buffering."""
     loop = asyncio.get_running_loop()
-    async with running_gateway(static_endpoints=(f"m1={sim_a.url}",), no_auth=True) as gw:
+    async with running_gateway(static_endpoints=(f"m1={sim_a.url}",), no_auth=True,
+                               stream_offload=offload) as gw:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small kernel buffers fill fast
         sock.setblocking(False)
@@ -291,17 +309,31 @@ async def test_slow_reader_gets_backpressure_not_buffering(sim_a: SimProcess) ->
             conn = next(iter(gw.server.connections))
             assert conn.transport is not None
             conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            # ... and now the client reads nothing
-            await wait_until(lambda: conn.write_paused, 20, "the gateway to see the client's full window")
             exchange = conn.listener
             assert isinstance(exchange, Exchange) and exchange.upstream is not None
-            assert exchange.upstream._paused  # reading upstream stopped: that is the backpressure
-            assert conn.transport.get_write_buffer_size() < 256 * 1024  # bounded, not the whole stream
+            # ... and now the client reads nothing
+            assert_relayed_by(gw, offload)
+            if offload:
+                assert exchange.offloaded  # the C relay carries the stream
+                # The relay stops reading upstream: the engine's bytes pile up unread in the
+                # gateway's receive queue (bounded by the kernel), not in the gateway's memory.
+                up_fd = exchange.upstream.fd
+                await wait_until(lambda: _unread(up_fd) > 32 * 1024, 20, "unread upstream bytes to pile up")
+            else:
+                await wait_until(lambda: conn.write_paused, 20, "the gateway to see the client's full window")
+                assert exchange.upstream._paused  # reading upstream stopped: that is the backpressure
+                assert conn.transport.get_write_buffer_size() < 256 * 1024  # bounded, not the whole stream
             rest = bytearray()
             while not rest.endswith(b"\r\n0\r\n\r\n"):  # the client reads again: all of it arrives
                 chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
                 assert chunk, "connection closed early"
                 rest += chunk
             assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+            assert rest.count(b"data: ") == 1500 + 2  # the role chunk, 1500 tokens (usage cut), [DONE]
         finally:
             sock.close()
+
+
+def _unread(fd: int) -> int:
+    """Bytes in a socket's receive queue that nobody has read yet."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
