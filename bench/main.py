@@ -73,6 +73,8 @@ def _overhead_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--upstream-profile", choices=["paced", "fast"], default="paced",
                    help="simulator upstream: paced (20 ms steps, default) or fast (as fast as the CPU)")
     p.add_argument("--out-dir")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="an unmeasured warm-up of LEVEL 1-token requests before each level (default on)")
     p.add_argument("--quick", action="store_true", help="small counts, for tests")
 
 

@@ -6,8 +6,10 @@ queues; ``--upstream-profile fast`` streams as fast as the CPU allows, which sat
 proxy on a small machine), 64-token streams (``ignore_eos``), concurrency levels 100/500/1000 (each
 level sends 3x its concurrency in requests), targets direct / gateway / nginx. Per target and
 level: CPU seconds of the proxy's whole process tree (gateway workers; nginx master and
-workers) per 1000 requests, TTFT p50/p99 and the TTFT added over direct, request throughput
-and its via/direct ratio, errors, peak RSS per proxy process.
+workers) per 1000 requests (each level after an unmeasured warm-up of ``level`` 1-token
+requests at that concurrency, so every proxy's upstream keep-alive pool is open, as in steady
+service; ``--no-warmup`` measures the connects too), TTFT p50/p99 and the TTFT added over
+direct, request throughput and its via/direct ratio, errors, peak RSS per proxy process.
 
 The machine has 2 cores: the driver pins itself to CPU 0 after starting the children (which
 keep both CPUs), so the driver competes with them as little as it can; read the results as
@@ -39,7 +41,8 @@ def _workload(n: int, tokens: int) -> Workload:
 
 
 async def run_overhead(levels: list[int], targets: list[str], tokens: int, per_level: int | None,
-                       gateway_workers: int, *, upstream: str = "paced") -> list[dict[str, object]]:
+                       gateway_workers: int, *, upstream: str = "paced",
+                       warmup: bool = True) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     sim = await procs.start_sim(upstream, MODEL, "--max-num-seqs", "1024")
     try:
@@ -57,6 +60,11 @@ async def run_overhead(levels: list[int], targets: list[str], tokens: int, per_l
                     settings = RunSettings(base_url=proxy.url if proxy else sim.url, model=MODEL,
                                            num_prompts=n, max_concurrency=level, ignore_eos=True,
                                            label=f"{target} c={level}")
+                    if warmup:  # not measured: `level` upstream connections opened and pooled
+                        await run_benchmark(RunSettings(base_url=settings.base_url, model=MODEL,
+                                                        num_prompts=level, max_concurrency=level,
+                                                        ignore_eos=True, label=f"{target} warm-up"),
+                                            _workload(level, 1))
                     done = asyncio.Event()
                     sampler = asyncio.create_task(procs.sample_rss_until([proxy] if proxy else [], done))
                     cpu0 = proxy.cpu_seconds() if proxy else 0.0
@@ -130,14 +138,16 @@ def cmd_overhead(args: argparse.Namespace, results_dir: str) -> int:
     tokens = min(args.tokens, 8) if args.quick else args.tokens  # quick: seconds, not minutes
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     rows = uvloop.run(run_overhead(levels, targets, tokens, per_level, args.gateway_workers,
-                                   upstream=args.upstream_profile))
+                                   upstream=args.upstream_profile, warmup=args.warmup))
     out_dir = Path(args.out_dir or Path(results_dir) / f"overhead-{time.strftime('%Y%m%dT%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     md = render(rows)
     header = (f"Commit `{git_commit()}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{machine()['cpu_count']} CPUs; upstream: hpcgate sim ({args.upstream_profile}, "
               "max_num_seqs 1024); "
-              f"{tokens}-token streams (ignore_eos); driver pinned to CPU 0.")
+              f"{tokens}-token streams (ignore_eos); driver pinned to CPU 0; "
+              + ("each level after an unmeasured warm-up of `level` 1-token requests (pools open)."
+                 if args.warmup else "no warm-up (upstream connects inside the measurement)."))
     (out_dir / "overhead.md").write_text(header + "\n\n" + md + "\n")
     (out_dir / "overhead.json").write_text(json.dumps({"header": header, "machine": machine(),
                                                        "git_commit": git_commit(), "rows": rows}, indent=1))

@@ -121,13 +121,15 @@ async def start_sim(profile: str, model: str, *extra: str) -> Child:
          "--log-level", "warning", *extra], timeout=15)
 
 
-async def start_gateway(model: str, upstream: str, workers: int = 1) -> Child:
+async def start_gateway(model: str, upstream: str, workers: int = 1, *, offload: bool = True) -> Child:
+    """``offload=False``: every token through the event loop (the target "gateway-loop")."""
     args = [HPCGATE, "gateway", "--host", "127.0.0.1", "--port", "0", "--no-auth",
             "--static-endpoint", f"{model}={upstream}"]
     if workers != 1:
         args += ["--workers", str(workers)]
     return await _start_announcing("gateway", "gateway_listening", args, timeout=20,
-                                   env={"HPCGATE_LOG_LEVEL": "warning"})
+                                   env={"HPCGATE_LOG_LEVEL": "warning",
+                                        "HPCGATE_GATEWAY_STREAM_OFFLOAD": str(offload).lower()})
 
 
 NGINX_CONF = """\
@@ -205,8 +207,8 @@ async def start_nginx(upstream_hostport: str, workers: int = 1) -> Child:
 
 async def start_proxy(target: str, model: str, sim: Child, workers: int = 1) -> Child | None:
     """The proxy in front of ``sim`` for a benchmark target; None for "direct"."""
-    if target == "gateway":
-        return await start_gateway(model, sim.url, workers)
+    if target in ("gateway", "gateway-loop"):
+        return await start_gateway(model, sim.url, workers, offload=target == "gateway")
     if target == "nginx":
         return await start_nginx(f"127.0.0.1:{sim.port}", workers)
     return None
