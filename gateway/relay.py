@@ -10,6 +10,11 @@ then push back on the engine. A client that goes away aborts the upstream connec
 (the engine frees the slot). An upstream failure after commit ends the stream with an SSE
 error event and a proper last chunk: the client never hangs.
 
+A committed stream whose head came whole in one upstream read is usually not relayed here at
+all: :meth:`Exchange.take_over` hands its rest to the C relay thread (:mod:`gateway.offload`),
+and :meth:`Exchange.offload_finished` takes it back at its end, with the same outcomes (end,
+upstream failure with an SSE error event, client gone) as the paths here.
+
 The handler learns of progress in one of two ways: an :class:`ExchangeOwner` is called from the
 callbacks (the task-free common path: ``exchange_head`` for a head not committed as a stream,
 ``exchange_done`` once when the exchange ends, fails or the client leaves), or, without an
