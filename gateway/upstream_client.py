@@ -136,8 +136,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _offer(self, data: bytes) -> bool:
         """Offer the rest of a response whose whole head is in ``data`` to the sink's relay."""
         end = data.find(b"\r\n\r\n")
-        if end < 0 or not data.startswith(b"HTTP/1.1 200 ") or not self._parser.should_keep_alive():
-            return False  # the head began in an earlier read, an unusual answer, or no keep-alive
+        if (end < 0 or not data.startswith(b"HTTP/1.1 200 ") or not self._parser.should_keep_alive()
+                or self._headers.get(b"transfer-encoding", b"").lower() != b"chunked"):
+            return False  # the head began in an earlier read, an unusual answer (not chunked), no keep-alive
         assert self.sink is not None
         if not self.sink.take_over(data[end + 4:]):
             return False

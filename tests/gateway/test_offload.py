@@ -211,3 +211,23 @@ async def test_shutdown_cuts_offloaded_streams_after_the_deadline() -> None:
         assert not rest.endswith(b"0\r\n\r\n")  # cut, not finished
         assert off.active == 0
         writer.close()
+
+
+async def test_a_stream_that_is_not_chunked_stays_on_the_event_loop() -> None:
+    """The relay only de-chunks: a length-delimited SSE answer is relayed by the loop, intact."""
+    body = CHUNK + USAGE + DONE
+
+    async def sized(w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%b"
+                % (len(body), CHUNK))
+        await asyncio.sleep(0.02)
+        w.write(USAGE + DONE)
+
+    async with scripted_upstream(sized) as (_, port), running_gateway(
+            static_endpoints=(f"m1=http://127.0.0.1:{port}",), no_auth=True) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(STREAM)
+        reply = await asyncio.wait_for(read_response(reader), 10)
+        writer.close()
+        assert reply.status == 200 and reply.body == CHUNK + DONE
+        assert gw.gateway.offloader is not None and gw.gateway.offloader.started == 0
