@@ -1,16 +1,18 @@
-"""``hpcgate gateway`` as a process: several workers on one port, graceful SIGTERM."""
+"""``hpcgate gateway`` as a process: several workers on one port, graceful SIGTERM, a dead worker
+replaced."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import tempfile
 
 import openai
 
 from tests.gateway.conftest import post, raw_exchange
-from tests.support.procs import child_env, hpcgate_cmd
+from tests.support.procs import child_env, hpcgate_cmd, wait_until
 from tests.support.sim import sim_process
 
 
@@ -63,3 +65,38 @@ async def test_workers_share_a_port_and_sigterm_finishes_streams_in_flight() -> 
                 err.seek(0)
                 log = err.read().decode()
             assert "worker_stopped" in log, log
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(x) for x in f.read().split()}
+
+
+async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving() -> None:
+    async with sim_process("--model", "m1") as sim:
+        with tempfile.TemporaryFile() as err:
+            proc = await asyncio.create_subprocess_exec(
+                *hpcgate_cmd("gateway", "--port", "0", "--workers", "2", "--no-auth",
+                             "--static-endpoint", f"m1={sim.url}"),
+                stdout=asyncio.subprocess.PIPE, stderr=err, env=child_env(),
+            )
+            try:
+                assert proc.stdout is not None
+                port = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))["port"]
+                before = _children(proc.pid)
+                assert len(before) == 2
+                victim = min(before)
+                os.kill(victim, signal.SIGKILL)  # a crash: no graceful anything
+                await wait_until(lambda: len(_children(proc.pid) - {victim}) == 2, 20,
+                                 "the parent to start a replacement worker")
+                body = b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":2}'
+                for _ in range(10):  # new connections land on either worker: all are answered
+                    reply = await raw_exchange(port, post("/v1/chat/completions", body))
+                    assert reply.status == 200, reply
+            finally:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                    await asyncio.wait_for(proc.wait(), 30)
+                err.seek(0)
+                log = err.read().decode()
+            assert '"event":"worker_died"' in log.replace(" ", ""), log
