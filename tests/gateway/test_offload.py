@@ -114,6 +114,8 @@ async def scripted_upstream(script: Script) -> AsyncIterator[tuple[list[int], in
         try:
             while True:  # until the gateway closes the connection (or the test ends: cancelled)
                 head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"POST "):
+                    continue  # the gateway's /metrics scrape: left unanswered (load unknown)
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
                 await reader.readexactly(length)
                 per_conn[index] += 1
@@ -182,7 +184,7 @@ async def test_keep_alive_on_both_sides_after_an_offloaded_stream() -> None:
             reply = await asyncio.wait_for(read_response(reader), 10)
             assert reply.status == 200 and reply.body == CHUNK * 2 + DONE  # usage cut out
         writer.close()
-        assert per_conn == [3]
+        assert [n for n in per_conn if n] == [3]  # (the scraper's connection carries no request)
         assert gw.gateway.offloader is not None and gw.gateway.offloader.started == 3
         # The usage the relay found is booked (when the loop takes the stream back, which can be
         # just after the client read its end).
