@@ -181,8 +181,8 @@ static int dechunk(chunker_t *c, const char *in, size_t n, buf_t *out, size_t *u
 /* sans-IO: the SSE scan (gateway/sse.py's SseScanner, in C)                                 */
 
 typedef struct {
-    int strip_usage;   /* the gateway asked for usage: cut the usage event that has no choices */
-    int count_events;  /* the client asked for usage itself: count "data: " events as a fallback */
+    int strip_usage;   /* the gateway asked for usage: cut the usage event that has no choices;
+                        * else the client asked for it: count "data: " events as a fallback */
     int passthrough;   /* an event grew past MAX_EVENT: stop scanning */
     long data_events;
     buf_t tail;        /* a partial event held until its end arrives */
@@ -224,7 +224,7 @@ static int choices_empty(const char *p, size_t n) {
 
 /* Complete events p[0:n] (n ends at a blank line): append what to forward to ``out``. */
 static int scan_events(scanner_t *s, const char *p, size_t n, buf_t *out) {
-    if (s->count_events) s->data_events += (long)count_data(p, n);
+    if (!s->strip_usage) s->data_events += (long)count_data(p, n);
     if (memmem(p, n, USAGE_KEY, sizeof(USAGE_KEY) - 1) == NULL) return buf_append(out, p, n);
     size_t start = 0;
     while (start < n) {
@@ -342,7 +342,6 @@ typedef struct {
     int thread_started;
     pthread_mutex_t lock;        /* the active list, the finished queue, the flags */
     stream_t *active;
-    long active_count;
     stream_t *done_head, *done_tail;
     int stop, cancel_all;
     side_t wake_side;
@@ -461,7 +460,6 @@ static void finish(RelayObject *r, stream_t *s, int outcome, stream_t **batch) {
     if (s->prev) s->prev->next = s->next; else if (r->active == s) r->active = s->next;
     if (s->next) s->next->prev = s->prev;
     s->prev = s->next = NULL;
-    r->active_count--;
     pthread_mutex_unlock(&r->lock);
     s->done_next = *batch;
     *batch = s;
@@ -705,13 +703,12 @@ static void Relay_dealloc(RelayObject *r) {
 }
 
 static PyObject *Relay_start(RelayObject *r, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"client_fd", "upstream_fd", "head", "body", "strip_usage", "count_events", "token",
-                             NULL};
-    int cl_fd, up_fd, strip_usage, count_events;
+    static char *kwlist[] = {"client_fd", "upstream_fd", "head", "body", "strip_usage", "token", NULL};
+    int cl_fd, up_fd, strip_usage;
     Py_buffer head, body;
     PyObject *token;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiy*y*ppO", kwlist, &cl_fd, &up_fd, &head, &body,
-                                     &strip_usage, &count_events, &token))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiy*y*pO", kwlist, &cl_fd, &up_fd, &head, &body,
+                                     &strip_usage, &token))
         return NULL;
     PyObject *result = NULL;
     if (!r->thread_started) {
@@ -732,7 +729,6 @@ static PyObject *Relay_start(RelayObject *r, PyObject *args, PyObject *kwds) {
     s->outcome = OUT_NONE;
     s->reusable = 1;
     s->scanner.strip_usage = strip_usage;
-    s->scanner.count_events = count_events;
     s->up_side = (side_t){s, 1};
     s->cl_side = (side_t){s, 0};
     Py_INCREF(token);
@@ -756,7 +752,6 @@ static PyObject *Relay_start(RelayObject *r, PyObject *args, PyObject *kwds) {
         s->next = r->active;
         if (r->active) r->active->prev = s;
         r->active = s;
-        r->active_count++;
         s->registered = 1;
         arm(r, s, EPOLL_CTL_ADD);
         pthread_mutex_unlock(&r->lock);
@@ -814,13 +809,6 @@ static PyObject *Relay_close(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Relay_active(RelayObject *r, void *Py_UNUSED(closure)) {
-    pthread_mutex_lock(&r->lock);
-    long n = r->active_count;
-    pthread_mutex_unlock(&r->lock);
-    return PyLong_FromLong(n);
-}
-
 static PyMethodDef Relay_methods[] = {
     {"start", (PyCFunction)(void (*)(void))Relay_start, METH_VARARGS | METH_KEYWORDS,
      "Relay the rest of a committed stream (see the module's contract)."},
@@ -829,11 +817,6 @@ static PyMethodDef Relay_methods[] = {
     {"cancel_all", (PyCFunction)Relay_cancel_all, METH_NOARGS, "End every stream in flight (shutdown)."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "Cancel everything and stop the thread."},
     {NULL, NULL, 0, NULL},
-};
-
-static PyGetSetDef Relay_getset[] = {
-    {"active", (getter)Relay_active, NULL, "streams in flight", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject RelayType = {
@@ -846,23 +829,21 @@ static PyTypeObject RelayType = {
     .tp_init = (initproc)Relay_init,
     .tp_dealloc = (destructor)Relay_dealloc,
     .tp_methods = Relay_methods,
-    .tp_getset = Relay_getset,
 };
 
 /* ---------------------------------------------------------------------------------------- */
 /* the sans-IO core, for tests: what the relay would write for a sequence of upstream reads  */
 
 static PyObject *transform(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"reads", "strip_usage", "count_events", NULL};
+    static char *kwlist[] = {"reads", "strip_usage", NULL};
     PyObject *reads;
-    int strip_usage, count_events;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opp", kwlist, &reads, &strip_usage, &count_events)) return NULL;
+    int strip_usage;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Op", kwlist, &reads, &strip_usage)) return NULL;
     PyObject *seq = PySequence_Fast(reads, "reads must be a sequence of bytes");
     if (seq == NULL) return NULL;
     chunker_t c = {0};
     scanner_t s = {0};
     s.strip_usage = strip_usage;
-    s.count_events = count_events;
     buf_t body = {0}, payload = {0};
     PyObject *outs = PyList_New(0);
     const char *error = NULL;

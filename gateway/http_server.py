@@ -24,7 +24,6 @@ task at once, or tells the callback-driven request through :meth:`WriteListener.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import socket
 import time
@@ -36,6 +35,7 @@ from typing import Any, Protocol, cast
 from gateway.errors import ApiError, error_body
 from gateway.http_parse import FramingError, Request, RequestFramer
 from gateway.settings import GatewaySettings
+from gateway.tcp import nodelay_fd
 from hpcgate.logs import get_logger
 
 log = get_logger("hpcgate.gateway.http")
@@ -103,12 +103,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
         self.transport = cast("asyncio.Transport", transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self.fd = sock.fileno()
-            # Why: small SSE chunks must leave at once; Nagle would hold them for the ACK.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fd = nodelay_fd(transport)
         server = self._server
         server.connections.add(self)
         if len(server.connections) > server.settings.limit_concurrency or server.shutting_down:

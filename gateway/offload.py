@@ -44,7 +44,7 @@ class Offloader:
         self._relay = _crelay.Relay(read_timeout, send_timeout)
         self._fd = self._relay.fileno()
         self.active = 0  # streams handed over and not yet given back
-        self.started = 0  # streams handed over since start (tests and metrics read it)
+        self.started = 0  # streams handed over since start (the tests read it)
         loop.add_reader(self._fd, self._collect)
 
     def start(self, ex: Exchange, up: UpstreamConnection, body: bytes, *, strip_usage: bool) -> bool:
@@ -58,8 +58,7 @@ class Offloader:
         ct.pause_reading()
         ut.pause_reading()
         try:
-            # The client asked for usage itself: count events, a fallback if none is reported.
-            self._relay.start(client.fd, up.fd, head, body, strip_usage, not strip_usage, ex)
+            self._relay.start(client.fd, up.fd, head, body, strip_usage, ex)
         except (OSError, ValueError, RuntimeError, MemoryError) as exc:
             log.warning("offload_failed", error=str(exc))
             client.pending_head = head

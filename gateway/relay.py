@@ -39,6 +39,11 @@ if TYPE_CHECKING:
     from gateway.offload import Offloader
 
 
+# The relay's upstream failure outcomes, worded as the event-loop path words them.
+_RELAY_FAILURES = {"closed": "upstream closed the connection", "timeout": "upstream read timed out",
+                   "protocol": "malformed upstream response"}
+
+
 class ExchangeOwner(Protocol):
     def exchange_head(self, exchange: Exchange) -> None: ...  # a head that was not committed
     def exchange_done(self, exchange: Exchange) -> None: ...  # ended, failed or client gone; once
@@ -47,8 +52,8 @@ class ExchangeOwner(Protocol):
 class Exchange:
     __slots__ = (
         "_buffer", "_done", "_head", "_head_seen", "_limit", "_loop", "_settled", "_size", "client",
-        "client_gone", "committed", "ended", "error", "first_byte_at", "headers", "offloaded", "offloader",
-        "owner", "scanner", "status", "stream_headers", "upstream",
+        "client_gone", "committed", "ended", "error", "first_byte_at", "headers", "offloader", "owner",
+        "scanner", "status", "stream_headers", "upstream",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
@@ -77,7 +82,6 @@ class Exchange:
         self.first_byte_at = 0.0
         self.stream_headers = stream_headers
         self.offloader = offloader
-        self.offloaded = False
 
     # -- ResponseSink (called from the upstream protocol) -----------------------------------------
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None:
@@ -128,15 +132,11 @@ class Exchange:
         if (off is None or not self.committed or self._buffer or self.ended or self.error is not None
                 or scanner is None or not scanner.pristine or self.upstream is None or self.client.closed):
             return False
-        if not off.start(self, self.upstream, body, strip_usage=scanner.strip_usage):
-            return False
-        self.offloaded = True
-        return True
+        return off.start(self, self.upstream, body, strip_usage=scanner.strip_usage)
 
     def offload_finished(self, result: RelayResult) -> None:
         """The relay gave the stream back (see gateway/offload.py for the outcomes)."""
         _, outcome, pending, usage, events, first_byte, reusable = result
-        self.offloaded = False
         scanner = self.scanner
         assert scanner is not None
         scanner.data_events += events
@@ -173,9 +173,7 @@ class Exchange:
                 client.transport.resume_reading()
                 if pending:
                     client.transport.write(pending)
-            message = {"closed": "upstream closed the connection", "timeout": "upstream read timed out",
-                       "protocol": "malformed upstream response"}.get(outcome, "relay failed")
-            self.on_error(UpstreamError(outcome, message, False))
+            self.on_error(UpstreamError(outcome, _RELAY_FAILURES.get(outcome, "relay failed"), False))
 
     def _take_buffered(self) -> bytes:
         buffered = self._buffer

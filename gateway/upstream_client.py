@@ -15,12 +15,12 @@ per request); time paused for a slow client does not count, and there is no tota
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
+
+from gateway.tcp import nodelay_fd
 
 
 class UpstreamError(Exception):
@@ -88,11 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
         self.transport = cast("asyncio.Transport", transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self.fd = sock.fileno()
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fd = nodelay_fd(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -278,12 +274,9 @@ class UpstreamPool:
         return None
 
     async def acquire(self) -> UpstreamConnection:
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                conn.reused = True
-                return conn
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, proto = await self.loop.create_connection(

@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import openai
 
@@ -16,55 +18,72 @@ from tests.support.procs import child_env, hpcgate_cmd, wait_until
 from tests.support.sim import sim_process
 
 
-async def test_workers_share_a_port_and_sigterm_finishes_streams_in_flight() -> None:
-    async with sim_process("--model", "m1", "--profile", "gpu-s") as sim:
-        with tempfile.TemporaryFile() as err:
-            proc = await asyncio.create_subprocess_exec(
-                *hpcgate_cmd("gateway", "--port", "0", "--workers", "2", "--no-auth",
-                             "--static-endpoint", f"m1={sim.url}"),
-                stdout=asyncio.subprocess.PIPE, stderr=err, env=child_env(),
-            )
-            try:
-                assert proc.stdout is not None
-                line = await asyncio.wait_for(proc.stdout.readline(), 30)
-                event = json.loads(line)
-                assert event["event"] == "gateway_listening" and event["port"] > 0
-                port = event["port"]
-                # both workers answer on the one port (each /metrics is per worker, labelled)
-                workers = set()
-                for _ in range(40):
-                    reply = await raw_exchange(port, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
-                    text = reply.body
-                    workers |= {w for w in ("0", "1") if f'worker="{w}"'.encode() in text}
-                    if len(workers) == 2:
-                        break
-                assert workers == {"0", "1"}
-                client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                                            max_retries=0)
+class GatewayProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.log = ""  # its stderr, filled in when the process has been stopped
+
+
+@asynccontextmanager
+async def two_workers(upstream: str) -> AsyncIterator[GatewayProcess]:
+    """``hpcgate gateway --workers 2`` in front of ``upstream``; SIGTERM (then SIGKILL) on exit."""
+    with tempfile.TemporaryFile() as err:
+        proc = await asyncio.create_subprocess_exec(
+            *hpcgate_cmd("gateway", "--port", "0", "--workers", "2", "--no-auth",
+                         "--static-endpoint", f"m1={upstream}"),
+            stdout=asyncio.subprocess.PIPE, stderr=err, env=child_env(),
+        )
+        gw: GatewayProcess | None = None
+        try:
+            assert proc.stdout is not None
+            event = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+            assert event["event"] == "gateway_listening" and event["port"] > 0
+            gw = GatewayProcess(proc, event["port"])
+            yield gw
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
                 try:
-                    stream = await client.chat.completions.create(
-                        model="m1", messages=[{"role": "user", "content": "x"}], max_tokens=30, stream=True,
-                        extra_body={"ignore_eos": True})
-                    first = await stream.__anext__()
-                    proc.send_signal(signal.SIGTERM)  # graceful: the stream in flight must finish
-                    rest = [c async for c in stream]
-                    tokens = [c for c in [first, *rest] if c.choices and c.choices[0].delta.content]
-                    assert len(tokens) == 30
-                finally:
-                    await client.close()
-                assert await asyncio.wait_for(proc.wait(), 30) == 0
-                try:
-                    await raw_exchange(port, post("/v1/chat/completions", b"{}"), timeout=2)
-                    raise AssertionError("the gateway still accepts connections after SIGTERM")
-                except OSError:
-                    pass
-            finally:
-                if proc.returncode is None:
+                    await asyncio.wait_for(proc.wait(), 30)
+                except TimeoutError:
                     proc.kill()
                     await proc.wait()
-                err.seek(0)
-                log = err.read().decode()
-            assert "worker_stopped" in log, log
+            err.seek(0)
+            if gw is not None:
+                gw.log = err.read().decode()
+
+
+async def test_workers_share_a_port_and_sigterm_finishes_streams_in_flight() -> None:
+    async with sim_process("--model", "m1", "--profile", "gpu-s") as sim:
+        async with two_workers(sim.url) as gw:
+            # both workers answer on the one port (each /metrics is per worker, labelled)
+            workers = set()
+            for _ in range(40):
+                reply = await raw_exchange(gw.port, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+                workers |= {w for w in ("0", "1") if f'worker="{w}"'.encode() in reply.body}
+                if len(workers) == 2:
+                    break
+            assert workers == {"0", "1"}
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+            try:
+                stream = await client.chat.completions.create(
+                    model="m1", messages=[{"role": "user", "content": "x"}], max_tokens=30, stream=True,
+                    extra_body={"ignore_eos": True})
+                first = await stream.__anext__()
+                gw.proc.send_signal(signal.SIGTERM)  # graceful: the stream in flight must finish
+                rest = [c async for c in stream]
+                tokens = [c for c in [first, *rest] if c.choices and c.choices[0].delta.content]
+                assert len(tokens) == 30
+            finally:
+                await client.close()
+            assert await asyncio.wait_for(gw.proc.wait(), 30) == 0
+            try:
+                await raw_exchange(gw.port, post("/v1/chat/completions", b"{}"), timeout=2)
+                raise AssertionError("the gateway still accepts connections after SIGTERM")
+            except OSError:
+                pass
+        assert "worker_stopped" in gw.log, gw.log
 
 
 def _children(pid: int) -> set[int]:
@@ -74,29 +93,15 @@ def _children(pid: int) -> set[int]:
 
 async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving() -> None:
     async with sim_process("--model", "m1") as sim:
-        with tempfile.TemporaryFile() as err:
-            proc = await asyncio.create_subprocess_exec(
-                *hpcgate_cmd("gateway", "--port", "0", "--workers", "2", "--no-auth",
-                             "--static-endpoint", f"m1={sim.url}"),
-                stdout=asyncio.subprocess.PIPE, stderr=err, env=child_env(),
-            )
-            try:
-                assert proc.stdout is not None
-                port = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))["port"]
-                before = _children(proc.pid)
-                assert len(before) == 2
-                victim = min(before)
-                os.kill(victim, signal.SIGKILL)  # a crash: no graceful anything
-                await wait_until(lambda: len(_children(proc.pid) - {victim}) == 2, 20,
-                                 "the parent to start a replacement worker")
-                body = b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":2}'
-                for _ in range(10):  # new connections land on either worker: all are answered
-                    reply = await raw_exchange(port, post("/v1/chat/completions", body))
-                    assert reply.status == 200, reply
-            finally:
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                    await asyncio.wait_for(proc.wait(), 30)
-                err.seek(0)
-                log = err.read().decode()
-            assert '"event":"worker_died"' in log.replace(" ", ""), log
+        async with two_workers(sim.url) as gw:
+            before = _children(gw.proc.pid)
+            assert len(before) == 2
+            victim = min(before)
+            os.kill(victim, signal.SIGKILL)  # a crash: no graceful anything
+            await wait_until(lambda: len(_children(gw.proc.pid) - {victim}) == 2, 20,
+                             "the parent to start a replacement worker")
+            body = b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":2}'
+            for _ in range(10):  # new connections land on either worker: all are answered
+                reply = await raw_exchange(gw.port, post("/v1/chat/completions", body))
+                assert reply.status == 200, reply
+        assert '"event":"worker_died"' in gw.log.replace(" ", ""), gw.log

@@ -289,7 +289,7 @@ async def test_stalled_upstream_times_out_with_504() -> None:
         await server.wait_closed()
 
 
-@pytest.mark.parametrize("offload", [True, False], ids=["c-relay", "event-loop"])
+@BOTH_RELAYS
 async def test_slow_reader_gets_backpressure_not_buffering(sim_a: SimProcess, offload: bool) -> None:
     """A client that stops reading: the gateway stops reading upstream instead of buffering."""
     loop = asyncio.get_running_loop()
@@ -314,7 +314,7 @@ async def test_slow_reader_gets_backpressure_not_buffering(sim_a: SimProcess, of
             # ... and now the client reads nothing
             assert_relayed_by(gw, offload)
             if offload:
-                assert exchange.offloaded  # the C relay carries the stream
+                assert gw.gateway.offloader is not None and gw.gateway.offloader.active == 1  # carried in C
                 # The relay stops reading upstream: the engine's bytes pile up unread in the
                 # gateway's receive queue (bounded by the kernel), not in the gateway's memory.
                 up_fd = exchange.upstream.fd
@@ -330,6 +330,36 @@ async def test_slow_reader_gets_backpressure_not_buffering(sim_a: SimProcess, of
                 rest += chunk
             assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
             assert rest.count(b"data: ") == 1500 + 2  # the role chunk, 1500 tokens (usage cut), [DONE]
+        finally:
+            sock.close()
+
+
+@BOTH_RELAYS
+async def test_a_client_that_reads_nothing_is_cut_after_the_send_timeout(offload: bool) -> None:
+    """Like nginx's send_timeout: the client is cut and the engine's request aborted."""
+    loop = asyncio.get_running_loop()
+    async with sim_process("--model", "m1") as sim, running_gateway(
+            static_endpoints=(f"m1={sim.url}",), no_auth=True, stream_offload=offload,
+            client_send_timeout_s=0.5) as gw:
+        before = await aborted(sim)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            body = (b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":20000,'
+                    b'"ignore_eos":true,"stream":true}')
+            await loop.sock_sendall(sock, post("/v1/chat/completions", body))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+            conn = next(iter(gw.server.connections))
+            assert conn.transport is not None  # small kernel buffers: the client's window fills fast
+            conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            # ... and from now on the client reads nothing
+            await wait_until(lambda: _gt(aborted(sim), before), 10, "the engine to see the abort")
+            await wait_until(lambda: handler_tasks(gw) == 0, 5, "the request to end")
+            assert_relayed_by(gw, offload)
         finally:
             sock.close()
 

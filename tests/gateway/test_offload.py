@@ -18,7 +18,7 @@ import pytest
 
 from gateway import _crelay
 from gateway.sse import SseScanner, decode_usage_view
-from tests.gateway.conftest import post, read_response, running_gateway
+from tests.gateway.conftest import post, raw_exchange, read_response, running_gateway
 from tests.support.procs import wait_until
 
 CHUNK = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
@@ -62,7 +62,7 @@ def test_c_core_matches_the_python_relay_on_every_split(strip: bool, framing: st
     raw = chunked(CHUNK, CHUNK + CHUNK, USAGE, DONE, ext=fancy, trailer=fancy)
     for cut in range(1, len(raw)):  # every split of the response body into two reads
         reads = [raw[:cut], raw[cut:]]
-        payloads, usage, events, error, complete, extra = _crelay.transform(reads, strip, not strip)
+        payloads, usage, events, error, complete, extra = _crelay.transform(reads, strip)
         want, want_usage, want_events = reference(reads, strip)
         assert (error, complete, extra) == (None, True, False)
         assert b"".join(payloads) == want, cut
@@ -81,21 +81,21 @@ def test_c_core_on_random_reads_and_edge_cases() -> None:
         cuts = sorted(rng.sample(range(1, len(raw)), rng.randint(1, 30)))
         reads = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
         for strip in (True, False):
-            payloads, usage, n, error, complete, _ = _crelay.transform(reads, strip, not strip)
+            payloads, usage, n, error, complete, _ = _crelay.transform(reads, strip)
             want, _, want_n = reference(reads, strip)
             assert (b"".join(payloads), n, error, complete) == (want, want_n, None, True)
             assert usage is not None and decode_usage_view(usage).usage is not None
     # A usage event with choices is read but never cut (the client may be reading them).
     with_choices = b'data: {"choices":[{"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
-    payloads, usage, *_ = _crelay.transform([chunked(with_choices, DONE)], True, False)
+    payloads, usage, *_ = _crelay.transform([chunked(with_choices, DONE)], True)
     assert b"".join(payloads) == with_choices + DONE and usage is not None
     # Framing errors and bytes after the end.
     for bad in (b"zz\r\nabc\r\n", b"3\r\nabcX\r\n", b"3\nabc\r\n", b"1234567890abcdef0\r\n"):
-        assert _crelay.transform([bad], True, False)[3] == "protocol", bad
-    assert _crelay.transform([chunked(DONE) + b"HTTP/1.1 200"], True, False)[4:] == (True, True)
+        assert _crelay.transform([bad], True)[3] == "protocol", bad
+    assert _crelay.transform([chunked(DONE) + b"HTTP/1.1 200"], True)[4:] == (True, True)
     # An event longer than 1 MiB with no end passes through instead of being held.
     big = b"data: " + b"x" * (1 << 20)
-    payloads, *_ = _crelay.transform([b"%x\r\n%b\r\n" % (len(big), big)], True, False)
+    payloads, *_ = _crelay.transform([b"%x\r\n%b\r\n" % (len(big), big)], True)
     assert payloads == [big]
 
 
@@ -144,10 +144,7 @@ async def test_upstream_stalling_mid_stream_ends_with_a_timeout_event() -> None:
     async with scripted_upstream(stall) as (_, port), running_gateway(
             static_endpoints=(f"m1=http://127.0.0.1:{port}",), no_auth=True,
             upstream_read_timeout_s=0.5) as gw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(STREAM)
-        reply = await asyncio.wait_for(read_response(reader), 10)
-        writer.close()
+        reply = await raw_exchange(gw.port, STREAM)
         assert gw.gateway.offloader is not None and gw.gateway.offloader.started == 1
         assert reply.status == 200 and reply.body.startswith(CHUNK)
         assert b'"code":"timeout"' in reply.body  # an SSE error event, then a proper last chunk
@@ -162,10 +159,7 @@ async def test_broken_chunk_framing_mid_stream_ends_with_a_protocol_event() -> N
 
     async with scripted_upstream(broken) as (_, port), running_gateway(
             static_endpoints=(f"m1=http://127.0.0.1:{port}",), no_auth=True) as gw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(STREAM)
-        reply = await asyncio.wait_for(read_response(reader), 10)
-        writer.close()
+        reply = await raw_exchange(gw.port, STREAM)
         assert reply.status == 200 and reply.body.startswith(CHUNK)
         assert b'"code":"protocol"' in reply.body
 
@@ -227,9 +221,6 @@ async def test_a_stream_that_is_not_chunked_stays_on_the_event_loop() -> None:
 
     async with scripted_upstream(sized) as (_, port), running_gateway(
             static_endpoints=(f"m1=http://127.0.0.1:{port}",), no_auth=True) as gw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(STREAM)
-        reply = await asyncio.wait_for(read_response(reader), 10)
-        writer.close()
+        reply = await raw_exchange(gw.port, STREAM)
         assert reply.status == 200 and reply.body == CHUNK + DONE
         assert gw.gateway.offloader is not None and gw.gateway.offloader.started == 0
