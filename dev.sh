@@ -6,8 +6,8 @@
 #
 # Both are idempotent: each step checks before it acts, so a second run only re-runs the work.
 # Installs: Debian packages (PostgreSQL, Redis, Slurm + munge, nginx) only when absent, a
-# virtual environment in .venv pinned by constraints.txt (re-installed only when pyproject.toml
-# or constraints.txt changed), and starts PostgreSQL / Redis / the local Slurm cluster only
+# virtual environment in .venv pinned by constraints.txt (re-installed only when pyproject.toml,
+# constraints.txt or the C relay's source changed), and starts PostgreSQL / Redis / the local Slurm cluster only
 # when they are not already running.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -78,7 +78,8 @@ ensure_redis() {
 
 ensure_venv() {
   local py=python3 stamp="$VENV/.hpcgate-installed" want
-  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+  # The C relay is compiled at install time: an edited gateway/_crelay.c needs a reinstall too.
+  want=$(cat pyproject.toml constraints.txt gateway/_crelay.c | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/hpcgate" ]; then return 0; fi
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV"

@@ -7,21 +7,32 @@
  * chunk, write. A Relay owns one thread with its own epoll set and does exactly that, for every
  * stream handed to it, the way a C proxy does.
  *
- * Contract with the Python side (gateway/offload.py):
+ * Contract with the Python side (gateway/offload.py, gateway/relay.py):
  * - start() is called with the GIL, on the loop thread, after the upstream head was parsed and
- *   while both uvloop transports have reading paused and an empty write buffer. The file
- *   descriptors stay owned by those transports: the relay never closes them, and Python must not
- *   close, read or write them until the stream is collected.
+ *   while both uvloop transports have reading paused and an empty write buffer, and nothing of
+ *   the response has been written to the client: the relay gets the client's response head and
+ *   writes it with the first data (or the end). The file descriptors stay owned by those
+ *   transports: the relay never closes them, and Python must not close, read or write them
+ *   until the stream is collected.
  * - start() processes the body bytes that came with the head at once (the first token leaves
- *   without waiting for the thread), then registers both descriptors with the relay's epoll.
- * - A finished stream is queued and the completion eventfd (fileno()) becomes readable; collect()
- *   returns (token, outcome, pending, usage, data_events, first_byte, reusable) tuples:
- *   outcome "done" (the whole response was written, last chunk included), "closed" / "protocol" /
- *   "timeout" / "internal" (the upstream failed; ``pending`` holds bytes not yet written to the
- *   client, the SSE error event is Python's), "client_gone", "client_timeout", "cancelled".
- * - The relay thread never touches a Python object. A stream is freed only by collect(), and a
- *   finished stream is queued only after the epoll batch that finished it, so no event of that
- *   batch can point at freed memory.
+ *   without waiting for the thread), then queues the stream to the relay thread and wakes it.
+ *   Only the relay thread touches its epoll set (every epoll_ctl) and the list of active
+ *   streams; the loop thread and the relay thread share only the incoming and finished queues
+ *   and the flags, under one mutex.
+ * - Once start() returned, the stream comes back through collect() exactly once: the completion
+ *   eventfd (fileno()) becomes readable and collect() returns (token, outcome, pending, usage,
+ *   data_events, first_byte, reusable, head_sent) tuples. outcome "done": the whole response was
+ *   written, last chunk included. "closed" / "protocol" / "timeout" / "internal": the upstream
+ *   (or the relay) failed; ``pending`` holds bytes not yet written to the client, and
+ *   ``head_sent`` false means nothing at all reached the client (the head is Python's again: it
+ *   may retry elsewhere or answer with an error status). "client_gone", "client_timeout",
+ *   "cancelled": the client is to be cut.
+ * - The relay thread never touches a Python object and runs with every signal blocked. A
+ *   stream is freed only by collect(), and a finished stream is queued only after the epoll
+ *   batch that finished it, so no event of that batch can point at freed memory.
+ * - Every system call's result is checked; one that fails where it cannot fail in a correct
+ *   program is counted (syscall_errors(), which the tests assert is zero) and ends its stream
+ *   with "internal". A failing epoll_wait ends every stream and the thread; start() then raises.
  *
  * Semantics match gateway/sse.py (SseScanner) and the Python relay: one client write per upstream
  * read, events held until complete (at most MAX_EVENT bytes, then everything passes through),
@@ -32,6 +43,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -305,28 +317,49 @@ enum { OUT_NONE = -1, OUT_DONE, OUT_CLOSED, OUT_PROTOCOL, OUT_TIMEOUT, OUT_INTER
 static const char *const OUTCOME_NAMES[] = {"done", "closed", "protocol", "timeout", "internal",
                                             "client_gone", "client_timeout", "cancelled"};
 
+/* System calls that failed where they should not have (the tests assert none did), with the
+ * name and errno of one of them. Counted from any thread; the name and errno are two separate
+ * relaxed stores, so with concurrent failures they may come from different calls. */
+static long sys_errors = 0;
+static const char *last_sys_call = NULL;
+static int last_sys_errno = 0;
+
+static int sys_error(const char *call, int err) {
+    __atomic_add_fetch(&sys_errors, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&last_sys_call, call, __ATOMIC_RELAXED);
+    __atomic_store_n(&last_sys_errno, err, __ATOMIC_RELAXED);
+    return -1;
+}
+
 struct stream;
 typedef struct {
     struct stream *stream;
     int upstream;  /* 1: the upstream side, 0: the client side, -1: the relay's wake-up fd */
 } side_t;
 
+/* Ownership: from start() until it is queued on ``incoming`` a stream belongs to the loop
+ * thread; from adoption until finish() to the relay thread, which alone registers its
+ * descriptors with epoll, lists it as active and reads or writes its sockets; once finished it
+ * is on the done queue and belongs to collect(), which frees it. */
 typedef struct stream {
     int up_fd, cl_fd;
-    int registered;
-    PyObject *token;        /* touched only with the GIL (start, collect) */
+    int up_armed, cl_armed;  /* registered with the relay's epoll set */
+    int armed_waiting;       /* the registration is for "client full" (EPOLLOUT, no upstream reads) */
+    PyObject *token;         /* touched only with the GIL (start, collect, dealloc) */
     chunker_t chunker;
     scanner_t scanner;
-    buf_t head;             /* the client's response head, held until the first data */
-    buf_t pending;          /* bytes the client has not taken yet (upstream reading stops) */
+    buf_t head;              /* the client's response head, held until the first data or the end */
+    buf_t pending;           /* bytes the client has not taken yet (upstream reading stops) */
     size_t pending_off;
-    int complete;           /* the upstream message ended; finish once pending is written */
-    int reusable;           /* nothing followed the message on the upstream connection */
+    int complete;            /* the upstream message ended; finish once pending is written */
+    int reusable;            /* nothing followed the message on the upstream connection */
     int outcome;
-    double last_read, paused_since, first_byte;
+    double last_read;        /* the last upstream read, or the end of a wait for the client */
+    double paused_since;     /* the client's last progress while bytes wait for it */
+    double first_byte;
     side_t up_side, cl_side;
-    struct stream *prev, *next;  /* the active list (under the relay's lock) */
-    struct stream *done_next;    /* the finished queue */
+    struct stream *prev, *next;  /* the active list (relay thread only) */
+    struct stream *link;         /* the incoming queue, then the finished queue (under the lock) */
 } stream_t;
 
 typedef struct {
@@ -339,18 +372,24 @@ typedef struct {
     int epfd, done_fd, wake_fd;
     double read_timeout, send_timeout;
     pthread_t thread;
-    int thread_started;
-    pthread_mutex_t lock;        /* the active list, the finished queue, the flags */
-    stream_t *active;
+    int thread_started;          /* loop thread only */
+    int lock_ready;
+    pthread_mutex_t lock;        /* guards the fields up to ``active`` */
+    stream_t *incoming;          /* started, not yet adopted by the relay thread */
     stream_t *done_head, *done_tail;
-    int stop, cancel_all;
+    int stop, cancel_all, dead;  /* dead: the thread gave up (a failed epoll_wait); start() refuses */
+    stream_t *active;            /* relay thread only */
     side_t wake_side;
     work_t *main_work;           /* scratch for start() on the loop thread */
 } RelayObject;
 
 static double now_mono(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);  /* the clock of Python's time.perf_counter on Linux */
+    /* the clock of Python's time.perf_counter on Linux; fails only for a bad clock id */
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) < 0) {
+        sys_error("clock_gettime", errno);
+        return 0.0;
+    }
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
@@ -367,13 +406,14 @@ static void stream_free(stream_t *s) {
     free(s);
 }
 
-/* Write iov to the client; keep what the socket did not take. 0, or an outcome. */
-static int emit(stream_t *s, struct iovec *iov, int cnt) {
+/* Write iov to the client; keep what the socket did not take. OUT_NONE, or an outcome. */
+static int emit(stream_t *s, struct iovec *iov, int cnt, double now) {
     size_t total = 0;
     for (int i = 0; i < cnt; i++) total += iov[i].iov_len;
     if (total == 0) return OUT_NONE;
     ssize_t n = 0;
-    if (s->pending.len == s->pending_off) {
+    int was_empty = s->pending.len == s->pending_off;
+    if (was_empty) {
         struct msghdr msg;
         memset(&msg, 0, sizeof msg);
         msg.msg_iov = iov;
@@ -397,6 +437,7 @@ static int emit(stream_t *s, struct iovec *iov, int cnt) {
         if (buf_append(&s->pending, (const char *)iov[i].iov_base + skip, len - skip) < 0) return OUT_INTERNAL;
         skip = 0;
     }
+    if (was_empty) s->paused_since = now;  /* the client send timeout starts now */
     return OUT_NONE;
 }
 
@@ -434,59 +475,80 @@ static int process(stream_t *s, work_t *w, const char *data, size_t n, double no
     } else if (w->payload.len) {
         iov[cnt++] = (struct iovec){"\r\n", 2};
     }
-    rc = emit(s, iov, cnt);
-    if (with_head) s->head.len = 0;
+    rc = emit(s, iov, cnt, now);
+    if (with_head && rc != OUT_CLIENT_GONE) s->head.len = 0;  /* written, or pending with the rest */
     if (rc != OUT_NONE) return rc;
     if (s->complete && s->pending.len == s->pending_off) return OUT_DONE;
     return OUT_NONE;
 }
 
-static void arm(RelayObject *r, stream_t *s, int op) {
-    struct epoll_event ev;
+/* Relay thread: register both sides, or update them after the client filled up or drained.
+ * -1 if epoll refused (the caller ends the stream). */
+static int arm(RelayObject *r, stream_t *s) {
     int waiting = s->pending.len > s->pending_off;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
     ev.events = waiting ? 0 : EPOLLIN;  /* backpressure: no upstream read while the client is full */
     ev.data.ptr = &s->up_side;
-    epoll_ctl(r->epfd, op, s->up_fd, &ev);
+    if (epoll_ctl(r->epfd, s->up_armed ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, s->up_fd, &ev) < 0)
+        return sys_error("epoll_ctl(upstream)", errno);
+    s->up_armed = 1;
     ev.events = EPOLLRDHUP | (waiting ? EPOLLOUT : 0);
     ev.data.ptr = &s->cl_side;
-    epoll_ctl(r->epfd, op, s->cl_fd, &ev);
+    if (epoll_ctl(r->epfd, s->cl_armed ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, s->cl_fd, &ev) < 0)
+        return sys_error("epoll_ctl(client)", errno);
+    s->cl_armed = 1;
+    s->armed_waiting = waiting;
+    return 0;
 }
 
-/* Relay thread: a stream ends; it is queued for collect() after the current batch. */
+/* Relay thread: a stream ends; it joins ``batch``, queued for collect() after the epoll batch
+ * that finished it, so no event of that batch can point at freed memory. */
 static void finish(RelayObject *r, stream_t *s, int outcome, stream_t **batch) {
     if (s->outcome != OUT_NONE) return;
     s->outcome = outcome;
-    if (s->registered) {
-        epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->up_fd, NULL);
-        epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->cl_fd, NULL);
-        s->registered = 0;
-    }
-    pthread_mutex_lock(&r->lock);
+    if (s->up_armed && epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->up_fd, NULL) < 0) sys_error("epoll_ctl(DEL)", errno);
+    if (s->cl_armed && epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->cl_fd, NULL) < 0) sys_error("epoll_ctl(DEL)", errno);
+    s->up_armed = s->cl_armed = 0;
     if (s->prev) s->prev->next = s->next; else if (r->active == s) r->active = s->next;
     if (s->next) s->next->prev = s->prev;
     s->prev = s->next = NULL;
-    pthread_mutex_unlock(&r->lock);
-    s->done_next = *batch;
+    s->link = *batch;
     *batch = s;
 }
 
+static void signal_fd(int fd, const char *what) {
+    uint64_t one = 1;
+    ssize_t rc;
+    do {
+        rc = write(fd, &one, sizeof one);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0) sys_error(what, errno);  /* EAGAIN only at 2^64-1 pending signals */
+}
+
+static void drain_fd(int fd, const char *what) {
+    uint64_t v;
+    ssize_t rc;
+    do {
+        rc = read(fd, &v, sizeof v);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0 && errno != EAGAIN && errno != EWOULDBLOCK) sys_error(what, errno);
+}
+
+/* Queue finished streams for collect() and make the completion eventfd readable. */
 static void publish(RelayObject *r, stream_t *batch) {
     if (batch == NULL) return;
     pthread_mutex_lock(&r->lock);
     int was_empty = r->done_head == NULL;
     while (batch) {
-        stream_t *next = batch->done_next;
-        batch->done_next = NULL;
-        if (r->done_tail) r->done_tail->done_next = batch; else r->done_head = batch;
+        stream_t *next = batch->link;
+        batch->link = NULL;
+        if (r->done_tail) r->done_tail->link = batch; else r->done_head = batch;
         r->done_tail = batch;
         batch = next;
     }
     pthread_mutex_unlock(&r->lock);
-    if (was_empty) {
-        uint64_t one = 1;
-        ssize_t rc = write(r->done_fd, &one, sizeof one);
-        (void)rc;
-    }
+    if (was_empty) signal_fd(r->done_fd, "write(done eventfd)");
 }
 
 static void on_upstream(RelayObject *r, stream_t *s, work_t *w, double now, stream_t **batch) {
@@ -507,9 +569,8 @@ static void on_upstream(RelayObject *r, stream_t *s, work_t *w, double now, stre
     int rc = process(s, w, w->rbuf, (size_t)n, now);
     if (rc != OUT_NONE) {
         finish(r, s, rc, batch);
-    } else if (s->pending.len > s->pending_off) {
-        s->paused_since = now;
-        arm(r, s, EPOLL_CTL_MOD);
+    } else if (s->pending.len > s->pending_off && !s->armed_waiting && arm(r, s) < 0) {
+        finish(r, s, OUT_INTERNAL, batch);
     }
 }
 
@@ -524,6 +585,8 @@ static void on_client_writable(RelayObject *r, stream_t *s, double now, stream_t
         finish(r, s, OUT_CLIENT_GONE, batch);
         return;
     }
+    /* Any progress restarts the send timeout: it is the time between two successful writes. */
+    s->paused_since = now;
     s->pending_off += (size_t)n;
     if (s->pending_off < s->pending.len) return;
     s->pending.len = s->pending_off = 0;
@@ -532,57 +595,64 @@ static void on_client_writable(RelayObject *r, stream_t *s, double now, stream_t
         return;
     }
     s->last_read = now;  /* time paused for a slow client does not count against the upstream */
-    arm(r, s, EPOLL_CTL_MOD);
+    if (arm(r, s) < 0) finish(r, s, OUT_INTERNAL, batch);
 }
 
-static void sweep(RelayObject *r, double now, stream_t **batch) {
-    stream_t *expired = NULL;
-    pthread_mutex_lock(&r->lock);
-    int cancel = r->cancel_all;
-    r->cancel_all = 0;
-    for (stream_t *s = r->active; s; s = s->next) {
-        int waiting = s->pending.len > s->pending_off;
-        if (cancel) s->outcome = OUT_CANCELLED;
-        else if (waiting && now - s->paused_since >= r->send_timeout) s->outcome = OUT_CLIENT_TIMEOUT;
-        else if (!waiting && now - s->last_read >= r->read_timeout) s->outcome = OUT_TIMEOUT;
-        else continue;
-        s->done_next = expired;  /* marked under the lock, finished after it */
-        expired = s;
+/* Relay thread: take over the streams start() queued. */
+static void adopt(RelayObject *r, stream_t *s, stream_t **batch) {
+    while (s) {
+        stream_t *next = s->link;
+        s->link = NULL;
+        s->prev = NULL;
+        s->next = r->active;
+        if (r->active) r->active->prev = s;
+        r->active = s;
+        if (arm(r, s) < 0) finish(r, s, OUT_INTERNAL, batch);
+        s = next;
     }
-    pthread_mutex_unlock(&r->lock);
-    while (expired) {
-        stream_t *next = expired->done_next;
-        int outcome = expired->outcome;
-        expired->outcome = OUT_NONE;
-        finish(r, expired, outcome, batch);
-        expired = next;
+}
+
+/* Relay thread: timeouts, or end everything with ``cancel`` (OUT_NONE: timeouts only). */
+static void sweep(RelayObject *r, double now, int cancel, stream_t **batch) {
+    stream_t *s = r->active;
+    while (s) {
+        stream_t *next = s->next;  /* finish() unlinks s */
+        int waiting = s->pending.len > s->pending_off;
+        if (cancel != OUT_NONE) finish(r, s, cancel, batch);
+        else if (waiting && now - s->paused_since >= r->send_timeout) finish(r, s, OUT_CLIENT_TIMEOUT, batch);
+        else if (!waiting && now - s->last_read >= r->read_timeout) finish(r, s, OUT_TIMEOUT, batch);
+        s = next;
     }
 }
 
 static void *relay_main(void *arg) {
     RelayObject *r = (RelayObject *)arg;
     work_t *w = calloc(1, sizeof(work_t));
+    int fatal = w == NULL;
+    if (fatal) sys_error("calloc", ENOMEM);
     struct epoll_event events[MAX_EVENTS];
     double next_sweep = now_mono() + 1.0;
-    for (;;) {
-        int n = epoll_wait(r->epfd, events, MAX_EVENTS, 1000);
+    int stop = 0;
+    while (!stop) {
+        int n = fatal ? 0 : epoll_wait(r->epfd, events, MAX_EVENTS, 1000);
+        if (n < 0) {
+            if (errno == EINTR) continue;  /* signals are blocked here; ptrace can still interrupt */
+            sys_error("epoll_wait", errno);
+            fatal = 1;
+            n = 0;
+        }
         double now = now_mono();
         stream_t *batch = NULL;
-        int woken = 0;
+        int woken = fatal;
         for (int i = 0; i < n; i++) {
             side_t *sd = (side_t *)events[i].data.ptr;
             if (sd->upstream < 0) {
-                uint64_t v;
-                ssize_t rc = read(r->wake_fd, &v, sizeof v);
-                (void)rc;
+                drain_fd(r->wake_fd, "read(wake eventfd)");
                 woken = 1;
                 continue;
             }
             stream_t *s = sd->stream;
-            if (s->outcome != OUT_NONE || w == NULL) {
-                if (w == NULL && s->outcome == OUT_NONE) finish(r, s, OUT_INTERNAL, &batch);
-                continue;
-            }
+            if (s->outcome != OUT_NONE) continue;  /* finished earlier in this batch */
             uint32_t ev = events[i].events;
             if (sd->upstream) {
                 on_upstream(r, s, w, now, &batch);
@@ -594,15 +664,18 @@ static void *relay_main(void *arg) {
         }
         if (woken || now >= next_sweep) {
             pthread_mutex_lock(&r->lock);
-            int stop = r->stop;
+            stream_t *incoming = r->incoming;
+            r->incoming = NULL;
+            int cancel = r->cancel_all;
+            r->cancel_all = 0;
+            stop = r->stop || fatal;
+            if (fatal) r->dead = 1;  /* from here start() refuses, and Python relays on the loop */
             pthread_mutex_unlock(&r->lock);
-            sweep(r, now, &batch);
+            adopt(r, incoming, &batch);
+            sweep(r, now, fatal ? OUT_INTERNAL : (cancel || stop) ? OUT_CANCELLED : OUT_NONE, &batch);
             if (now >= next_sweep) next_sweep = now + 1.0;
-            publish(r, batch);
-            if (stop) break;
-        } else {
-            publish(r, batch);
         }
+        publish(r, batch);
     }
     if (w) {
         buf_free(&w->body);
@@ -615,17 +688,11 @@ static void *relay_main(void *arg) {
 /* ---------------------------------------------------------------------------------------- */
 /* the Python type                                                                           */
 
-static void wake(RelayObject *r) {
-    uint64_t one = 1;
-    ssize_t rc = write(r->wake_fd, &one, sizeof one);
-    (void)rc;
-}
-
 static int Relay_init(RelayObject *r, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"read_timeout", "send_timeout", NULL};
     double read_timeout, send_timeout;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "dd", kwlist, &read_timeout, &send_timeout)) return -1;
-    if (r->thread_started) {
+    if (r->epfd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Relay already initialised");
         return -1;
     }
@@ -635,29 +702,49 @@ static int Relay_init(RelayObject *r, PyObject *args, PyObject *kwds) {
     }
     r->read_timeout = read_timeout;
     r->send_timeout = send_timeout;
-    r->epfd = epoll_create1(EPOLL_CLOEXEC);
-    r->done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    r->main_work = calloc(1, sizeof(work_t));
-    if (r->epfd < 0 || r->done_fd < 0 || r->wake_fd < 0 || r->main_work == NULL) {
+    /* Each failure below leaves what was made to Relay_dealloc, which checks every field. */
+    if ((r->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+        (r->done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0 ||
+        (r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    pthread_mutex_init(&r->lock, NULL);
-    r->wake_side.stream = NULL;
-    r->wake_side.upstream = -1;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &r->wake_side};
-    if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, r->wake_fd, &ev) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    if ((r->main_work = calloc(1, sizeof(work_t))) == NULL) {
+        PyErr_NoMemory();
         return -1;
     }
-    int rc = pthread_create(&r->thread, NULL, relay_main, r);
+    int rc = pthread_mutex_init(&r->lock, NULL);
     if (rc != 0) {
         errno = rc;
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    r->thread_started = 1;
+    r->lock_ready = 1;
+    r->wake_side.stream = NULL;
+    r->wake_side.upstream = -1;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.ptr = &r->wake_side;
+    if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, r->wake_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    /* The thread starts with every signal blocked: they are the interpreter's to handle. */
+    sigset_t all, old;
+    if (sigfillset(&all) < 0 || (rc = pthread_sigmask(SIG_SETMASK, &all, &old)) != 0) {
+        errno = rc ? rc : errno;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    rc = pthread_create(&r->thread, NULL, relay_main, r);
+    int rc2 = pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0) r->thread_started = 1;
+    if (rc != 0 || rc2 != 0) {
+        errno = rc ? rc : rc2;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     return 0;
 }
 
@@ -667,9 +754,9 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     return (PyObject *)r;
 }
 
-static void free_list(stream_t *s, int via_done) {
+static void free_list(stream_t *s, int via_link) {
     while (s) {
-        stream_t *next = via_done ? s->done_next : s->next;
+        stream_t *next = via_link ? s->link : s->next;
         Py_XDECREF(s->token);
         stream_free(s);
         s = next;
@@ -677,34 +764,51 @@ static void free_list(stream_t *s, int via_done) {
 }
 
 static void relay_stop(RelayObject *r) {
-    if (r->thread_started) {
-        pthread_mutex_lock(&r->lock);
-        r->stop = 1;
-        r->cancel_all = 1;
-        pthread_mutex_unlock(&r->lock);
-        wake(r);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(r->thread, NULL);
-        Py_END_ALLOW_THREADS
-        r->thread_started = 0;
-    }
+    if (!r->thread_started) return;
+    pthread_mutex_lock(&r->lock);
+    r->stop = 1;
+    pthread_mutex_unlock(&r->lock);
+    signal_fd(r->wake_fd, "write(wake eventfd)");
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pthread_join(r->thread, NULL);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) sys_error("pthread_join", rc);
+    r->thread_started = 0;
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0 && close(*fd) < 0) sys_error("close", errno);
+    *fd = -1;
 }
 
 static void Relay_dealloc(RelayObject *r) {
     relay_stop(r);
+    /* The thread is gone: its final sweep cancelled every stream, which collect() did not take. */
     free_list(r->active, 0);
     r->active = NULL;
+    free_list(r->incoming, 1);
+    r->incoming = NULL;
     free_list(r->done_head, 1);
     r->done_head = r->done_tail = NULL;
     if (r->main_work) {
         buf_free(&r->main_work->body);
         buf_free(&r->main_work->payload);
         free(r->main_work);
+        r->main_work = NULL;
     }
-    if (r->epfd >= 0) close(r->epfd);
-    if (r->done_fd >= 0) close(r->done_fd);
-    if (r->wake_fd >= 0) close(r->wake_fd);
+    close_fd(&r->epfd);
+    close_fd(&r->done_fd);
+    close_fd(&r->wake_fd);
+    if (r->lock_ready) pthread_mutex_destroy(&r->lock);
     Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static int relay_refuses(RelayObject *r) {
+    pthread_mutex_lock(&r->lock);
+    int refuses = r->stop || r->dead;
+    pthread_mutex_unlock(&r->lock);
+    return refuses;
 }
 
 static PyObject *Relay_start(RelayObject *r, PyObject *args, PyObject *kwds) {
@@ -716,7 +820,7 @@ static PyObject *Relay_start(RelayObject *r, PyObject *args, PyObject *kwds) {
                                      &strip_usage, &token))
         return NULL;
     PyObject *result = NULL;
-    if (!r->thread_started) {
+    if (!r->thread_started || relay_refuses(r)) {
         PyErr_SetString(PyExc_RuntimeError, "the relay is closed");
         goto out;
     }
@@ -737,30 +841,31 @@ static PyObject *Relay_start(RelayObject *r, PyObject *args, PyObject *kwds) {
     s->scanner.strip_usage = strip_usage;
     s->up_side = (side_t){s, 1};
     s->cl_side = (side_t){s, 0};
-    Py_INCREF(token);
-    s->token = token;
     double now = now_mono();
     s->last_read = s->paused_since = now;
     if (buf_append(&s->head, head.buf, (size_t)head.len) < 0) {
-        Py_DECREF(token);
         stream_free(s);
         PyErr_NoMemory();
         goto out;
     }
+    Py_INCREF(token);
+    s->token = token;
+    /* From here the stream is given back through collect() exactly once, whatever happens. */
     int rc = process(s, r->main_work, body.buf, (size_t)body.len, now);
-    if (rc != OUT_NONE) {  /* ended at once (the client went away): never seen by the thread */
+    if (rc == OUT_NONE) {
+        pthread_mutex_lock(&r->lock);
+        int refuses = r->stop || r->dead;
+        if (!refuses) {
+            s->link = r->incoming;
+            r->incoming = s;
+        }
+        pthread_mutex_unlock(&r->lock);
+        if (refuses) rc = OUT_CANCELLED;  /* the relay stopped meanwhile (close() runs on this thread) */
+        else signal_fd(r->wake_fd, "write(wake eventfd)");
+    }
+    if (rc != OUT_NONE) {  /* ended at once (the whole answer came with the head, or the client left) */
         s->outcome = rc;
         publish(r, s);
-    } else {
-        /* Registered and listed under the lock: the thread's sweep and finish() see the stream
-         * either not at all or complete. From here on it belongs to the relay thread. */
-        pthread_mutex_lock(&r->lock);
-        s->next = r->active;
-        if (r->active) r->active->prev = s;
-        r->active = s;
-        s->registered = 1;
-        arm(r, s, EPOLL_CTL_ADD);
-        pthread_mutex_unlock(&r->lock);
     }
     result = Py_NewRef(Py_None);
 out:
@@ -770,24 +875,24 @@ out:
 }
 
 static PyObject *Relay_collect(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
-    uint64_t v;
-    ssize_t rc = read(r->done_fd, &v, sizeof v);  /* first: a later finish signals again */
-    (void)rc;
+    if (r->done_fd < 0) return PyList_New(0);
+    drain_fd(r->done_fd, "read(done eventfd)");  /* first: a later publish() signals again */
     pthread_mutex_lock(&r->lock);
     stream_t *s = r->done_head;
     r->done_head = r->done_tail = NULL;
     pthread_mutex_unlock(&r->lock);
     PyObject *list = PyList_New(0);
     while (s) {
-        stream_t *next = s->done_next;
+        stream_t *next = s->link;
         if (list != NULL) {
             PyObject *item = Py_BuildValue(
-                "(Osy#NldN)", s->token, OUTCOME_NAMES[s->outcome],
+                "(Osy#NldNN)", s->token, OUTCOME_NAMES[s->outcome],
                 s->pending.p ? s->pending.p + s->pending_off : "",  /* y# makes None of NULL */
                 (Py_ssize_t)(s->pending.len - s->pending_off),
                 s->scanner.has_usage ? PyBytes_FromStringAndSize(s->scanner.usage.p, (Py_ssize_t)s->scanner.usage.len)
                                      : Py_NewRef(Py_None),
-                s->scanner.data_events, s->first_byte, PyBool_FromLong(s->reusable && s->outcome == OUT_DONE));
+                s->scanner.data_events, s->first_byte, PyBool_FromLong(s->reusable && s->outcome == OUT_DONE),
+                PyBool_FromLong(s->head.len == 0));
             if (item == NULL || PyList_Append(list, item) < 0) Py_CLEAR(list);
             Py_XDECREF(item);
         }
@@ -803,10 +908,12 @@ static PyObject *Relay_fileno(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyObject *Relay_cancel_all(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
-    pthread_mutex_lock(&r->lock);
-    r->cancel_all = 1;
-    pthread_mutex_unlock(&r->lock);
-    wake(r);
+    if (r->thread_started) {
+        pthread_mutex_lock(&r->lock);
+        r->cancel_all = 1;
+        pthread_mutex_unlock(&r->lock);
+        signal_fd(r->wake_fd, "write(wake eventfd)");
+    }
     Py_RETURN_NONE;
 }
 
@@ -903,7 +1010,15 @@ static PyObject *live_streams_py(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(i
     return PyLong_FromLong(__atomic_load_n(&live_streams, __ATOMIC_RELAXED));
 }
 
+static PyObject *syscall_errors_py(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored)) {
+    const char *call = __atomic_load_n(&last_sys_call, __ATOMIC_RELAXED);
+    return Py_BuildValue("(lzi)", __atomic_load_n(&sys_errors, __ATOMIC_RELAXED), call,
+                         __atomic_load_n(&last_sys_errno, __ATOMIC_RELAXED));
+}
+
 static PyMethodDef module_methods[] = {
+    {"syscall_errors", syscall_errors_py, METH_NOARGS,
+     "(count, call, errno): system calls of the relay that failed unexpectedly, and one of them."},
     {"live_streams", live_streams_py, METH_NOARGS,
      "Stream structs allocated and not yet freed, over every Relay of the process (tests)."},
     {"transform", (PyCFunction)(void (*)(void))transform, METH_VARARGS | METH_KEYWORDS,

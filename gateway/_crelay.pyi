@@ -3,8 +3,9 @@
 from collections.abc import Sequence
 from typing import Any
 
-# (token, outcome, pending, usage JSON or None, data events, first byte at (perf_counter s), reusable)
-RelayResult = tuple[Any, str, bytes, bytes | None, int, float, bool]
+# (token, outcome, pending, usage JSON or None, data events, first byte at (perf_counter s), reusable,
+#  head sent: some byte reached the client)
+RelayResult = tuple[Any, str, bytes, bytes | None, int, float, bool, bool]
 
 class Relay:
     def __init__(self, read_timeout: float, send_timeout: float) -> None: ...
@@ -18,3 +19,4 @@ class Relay:
 def transform(reads: Sequence[bytes], strip_usage: bool
               ) -> tuple[list[bytes], bytes | None, int, str | None, bool, bool]: ...
 def live_streams() -> int: ...
+def syscall_errors() -> tuple[int, str | None, int]: ...

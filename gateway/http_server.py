@@ -74,8 +74,8 @@ Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | Non
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_busy", "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
-        "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "pending_head",
-        "response_started", "status", "transport", "write_paused",
+        "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "response_started",
+        "transport", "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -94,9 +94,8 @@ class HttpConnection(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.keep_alive = True
-        self.response_started = False
-        self.pending_head = b""  # a chunked response's head not written yet (see start_chunked)
-        self.status = 0
+        self.response_started = False  # some byte of the current response was written (or handed
+        # to the C relay, which writes the head it was given; see gateway.relay)
         self.listener: WriteListener | None = None  # the relay streaming on this connection
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -172,8 +171,6 @@ class HttpConnection(asyncio.Protocol):
         request = self._pipeline.popleft()
         self.keep_alive = request.keep_alive and not self._server.shutting_down
         self.response_started = False
-        self.pending_head = b""
-        self.status = 0
         self._busy = True
         try:
             slow = self._server.handler(request, self)
@@ -274,8 +271,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- responses ---------------------------------------------------------------------------
     def _head(self, status: int, content_type: bytes, extra: bytes) -> bytes:
-        self.response_started = True
-        self.status = status
+        """A response head up to its last header line; no side effect (see chunked_head)."""
         return b"".join((
             STATUS_LINE.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
             b"content-type: ", content_type, b"\r\n",
@@ -288,6 +284,7 @@ class HttpConnection(asyncio.Protocol):
         """A complete response with content-length, in one write."""
         if self.transport is None or self.closed:
             return
+        self.response_started = True
         head = self._head(status, content_type, extra)
         self.transport.write(b"%bcontent-length: %d\r\n\r\n%b" % (head, len(body), body))
 
@@ -295,38 +292,12 @@ class HttpConnection(asyncio.Protocol):
         extra = b"retry-after: %d\r\n" % exc.retry_after if exc.retry_after is not None else b""
         self.send_full(exc.status, exc.body(), _JSON, extra)
 
-    def start_chunked(self, status: int, content_type: bytes, extra: bytes = b"", first: bytes = b"") -> None:
-        """The head of a chunked response, and ``first`` as its first chunk, in one write.
-
-        Without ``first`` the head is held (``pending_head``) and leaves with the first chunk or
-        the end: a head alone tells a streaming client nothing, and its own write (a syscall,
-        and a wake-up of the client) was the costliest single step of a short stream.
-        """
-        if self.transport is None or self.closed:
-            return
-        head = self._head(status, content_type, extra) + b"transfer-encoding: chunked\r\n\r\n"
-        if first:
-            self.transport.write(b"%b%x\r\n%b\r\n" % (head, len(first), first))
-        else:
-            self.pending_head = head
-
-    def write_chunk(self, data: bytes) -> None:
-        if data and not self.closed and self.transport is not None:
-            head = self.pending_head
-            if head:
-                self.pending_head = b""
-            self.transport.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
-
-    def end_chunked(self, last: bytes = b"") -> None:
-        if self.closed or self.transport is None:
-            return
-        head = self.pending_head
-        if head:
-            self.pending_head = b""
-        if last:
-            self.transport.write(b"%b%x\r\n%b\r\n0\r\n\r\n" % (head, len(last), last))
-        else:
-            self.transport.write(head + b"0\r\n\r\n")
+    def chunked_head(self, status: int, content_type: bytes, extra: bytes = b"") -> bytes:
+        """The head of a chunked response, not written: the relay (gateway.relay) holds it until
+        the first chunk and writes both at once, and sets ``response_started`` then. A head alone
+        tells a streaming client nothing, and its own write (a syscall, and a wake-up of the
+        client) was the costliest single step of a short stream."""
+        return self._head(status, content_type, extra) + b"transfer-encoding: chunked\r\n\r\n"
 
     async def drain(self) -> None:
         """Wait while the client's transport is over its high-water mark (backpressure)."""

@@ -10,11 +10,15 @@ client-send timeouts, and gives the stream back when it ends. Everything before 
 (auth, routing, retries, non-streaming answers) and after it (bookkeeping, errors to the
 client, the connection's next request) stays in Python.
 
-Invariants: while a stream is offloaded both transports have reading paused and empty write
-buffers, and Python neither writes to, reads from nor closes either socket; the relay never
-closes a socket. Each offloaded exchange gets exactly one :meth:`Exchange.offload_finished`
-call, from :meth:`Offloader._collect` on the loop thread. Shutdown cancels the streams still
-in flight (:meth:`Offloader.cancel_all`) before any transport is aborted.
+Invariants: a stream is handed over in the exchange's HELD phase (nothing written to the client
+yet) with the client's response head, which the relay writes with the first data. While a
+stream is offloaded both transports have reading paused and empty write buffers, and Python
+neither writes to, reads from nor closes either socket; the relay never closes a socket. Each
+offloaded exchange gets exactly one :meth:`Exchange.offload_finished` call, from
+:meth:`Offloader._collect` on the loop thread; it says whether the head was written, so a
+stream that failed before its first byte can still be retried or answered with an error.
+Shutdown cancels the streams still in flight (:meth:`Offloader.cancel_all`) before any
+transport is aborted.
 
 Without the compiled extension, or with ``HPCGATE_GATEWAY_STREAM_OFFLOAD=false``, streams are
 relayed by the event loop (:mod:`gateway.relay`), with the same behaviour.
@@ -41,27 +45,29 @@ class Offloader:
         from gateway import _crelay
 
         self._loop = loop
+        self._crelay = _crelay
         self._relay = _crelay.Relay(read_timeout, send_timeout)
         self._fd = self._relay.fileno()
+        self._syscall_errors = _crelay.syscall_errors()[0]
         self.active = 0  # streams handed over and not yet given back
         self.started = 0  # streams handed over since start (the tests read it)
         loop.add_reader(self._fd, self._collect)
 
-    def start(self, ex: Exchange, up: UpstreamConnection, body: bytes, *, strip_usage: bool) -> bool:
-        """Hand the rest of ``ex``'s stream to the relay; ``body``: the upstream body bytes read
-        with the head (raw, still chunked). False: not taken, the event loop relays it."""
+    def start(self, ex: Exchange, up: UpstreamConnection, head: bytes, body: bytes, *,
+              strip_usage: bool) -> bool:
+        """Hand the rest of ``ex``'s stream to the relay: ``head``, the client's response head
+        (written with the first data), ``body``, the upstream body bytes read with the upstream
+        head (raw, still chunked). False: not taken, nothing was written, the loop relays it."""
         client = ex.client
         ct, ut = client.transport, up.transport
         if ct is None or ut is None or client.fd < 0 or up.fd < 0 or ct.get_write_buffer_size():
             return False
-        head, client.pending_head = client.pending_head, b""
         ct.pause_reading()
         ut.pause_reading()
         try:
             self._relay.start(client.fd, up.fd, head, body, strip_usage, ex)
         except (OSError, ValueError, RuntimeError, MemoryError) as exc:
             log.warning("offload_failed", error=str(exc))
-            client.pending_head = head
             ct.resume_reading()
             ut.resume_reading()
             return False
@@ -72,7 +78,18 @@ class Offloader:
     def _collect(self) -> None:
         for result in self._relay.collect():
             self.active -= 1
-            result[0].offload_finished(result)
+            ex = result[0]
+            try:
+                ex.offload_finished(result)
+            except Exception:  # one stream's failure must not strand the others of the batch
+                log.exception("offload_finish_failed")
+                transport = ex.client.transport
+                if transport is not None:
+                    transport.abort()  # the client is cut; its connection_lost settles the exchange
+        errors, call, errno = self._crelay.syscall_errors()
+        if errors != self._syscall_errors:
+            self._syscall_errors = errors
+            log.error("relay_syscall_failed", call=call, errno=errno, total=errors)
 
     def cancel_all(self) -> None:
         """End every stream in flight (shutdown past its deadline); each is given back."""
@@ -98,6 +115,7 @@ def make_offloader(loop: asyncio.AbstractEventLoop, enabled: bool, read_timeout:
         return None
     try:
         return Offloader(loop, read_timeout, send_timeout)
-    except ImportError as exc:  # the extension was not built: the event loop relays everything
+    except (ImportError, OSError, RuntimeError, MemoryError) as exc:
+        # Not built, or no thread / descriptors to be had: the event loop relays every stream.
         log.warning("stream_offload_unavailable", error=str(exc))
         return None

@@ -30,7 +30,7 @@ from gateway.balancer import choose
 from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
-from gateway.relay import Exchange
+from gateway.relay import CLIENT_GONE, Exchange
 from gateway.request_view import parse_view
 from gateway.routing_table import RETRY_AFTER_STARTING, RETRY_AFTER_STOPPED, ModelRoute
 from gateway.schemas import ModelState
@@ -182,15 +182,15 @@ class ProxyCall:
 
     def exchange_done(self, ex: Exchange) -> None:
         try:
-            if ex.client_gone:
+            if ex.phase is CLIENT_GONE:
                 pass  # 499
-            elif ex.committed:
-                self.backend.record_success()  # type: ignore[union-attr]
-                self._stream_ended(ex)
-            elif ex.error is not None and not ex.status:  # nothing of the response: retry elsewhere
+            elif ex.retryable:  # the client saw nothing of it: try another endpoint, in a task
                 self._attempt_failed(ex.error, 0, reused=True)
                 self._continue_in_task()
                 return
+            elif ex.streamed:
+                self.backend.record_success()  # type: ignore[union-attr]
+                self._stream_ended(ex)
             else:
                 self._respond(ex)
         except ApiError as exc:
@@ -271,7 +271,7 @@ class ProxyCall:
         try:
             ex = await self._forward()
             await ex.wait_done()
-            if ex.committed:
+            if ex.streamed:
                 self._stream_ended(ex)
             else:
                 self._respond(ex)
@@ -300,9 +300,9 @@ class ProxyCall:
                 up = backend.pool.take_idle() or await backend.pool.acquire()
                 reused = up.reused
                 ex = self._send(up)
-                await ex.wait_head()  # for a committed stream: its end
+                await ex.wait_head()  # for a stream: its end
                 err = ex.error
-                if ex.committed or (err is None and ex.status < 500):
+                if not ex.retryable and (ex.streamed or (err is None and ex.status < 500)):
                     backend.record_success()
                     return ex
                 status = ex.status

@@ -1,29 +1,54 @@
 """One upstream exchange: receives the pushed response and relays it to the client.
 
 :class:`Exchange` is both the upstream connection's :class:`ResponseSink` and the client
-connection's :class:`WriteListener`. Before the handler *commits* (decides the response is a
-success worth streaming) body pieces are buffered; after commit each upstream read is written
-to the client from the protocol callback: the body of one upstream read (often several tokens)
-leaves as one HTTP chunk in one write, with no task switch and no queue per token.
-Backpressure: a full client transport pauses reading upstream; the kernel's socket buffers
-then push back on the engine. A client that goes away aborts the upstream connection at once
-(the engine frees the slot). An upstream failure after commit ends the stream with an SSE
-error event and a proper last chunk: the client never hangs.
+connection's :class:`WriteListener`. Its life is one :class:`Phase` at a time; every transition
+is a method here, and in each phase one party owns the response head and each socket:
 
-A committed stream whose head came whole in one upstream read is usually not relayed here at
-all: :meth:`Exchange.take_over` hands its rest to the C relay thread (:mod:`gateway.offload`),
-and :meth:`Exchange.offload_finished` takes it back at its end, with the same outcomes (end,
-upstream failure with an SSE error event, client gone) as the paths here.
+============  ====================================  ==============================  ===============
+phase         meaning                               the client's response head      both sockets
+============  ====================================  ==============================  ===============
+SENT          request written, nothing back yet     not made                        the event loop
+BUFFERING     a head not streamed (non-200, or not  not made (the handler answers)  the event loop
+              a stream): the body is collected
+HELD          a 200 stream; nothing written yet     the exchange, unwritten         the event loop
+STREAMING     the head is out; the loop relays      written                         the event loop
+OFFLOADED     the C relay thread relays             the relay (written with the     the relay
+                                                    first data)
+DONE          the answer ended and was written or   written (streams)               the event loop
+              buffered
+FAILED        the upstream failed                   ``client_saw``: written or not  the event loop
+CLIENT_GONE   the client left; upstream aborted     -                               the event loop
+============  ====================================  ==============================  ===============
+
+SENT → BUFFERING | HELD | FAILED | CLIENT_GONE; BUFFERING → DONE | FAILED | CLIENT_GONE;
+HELD → STREAMING | OFFLOADED | DONE | FAILED | CLIENT_GONE; STREAMING → DONE | FAILED |
+CLIENT_GONE; OFFLOADED → DONE | FAILED | CLIENT_GONE (only through :meth:`offload_finished`,
+which also hands the head back when the relay did not write it). DONE, FAILED and CLIENT_GONE
+are final and tell the owner once.
+
+A failure in HELD (the engine died, stalled or broke its framing after its head but before its
+first token, the usual way an engine fails) reaches the client as nothing at all: the owner
+retries it on another instance, exactly like a connect error, or answers with an error status
+(:attr:`Exchange.retryable`). After the head is out, a failure ends the stream with an SSE error
+event and a proper last chunk: the client never hangs and never gets a broken response.
+
+Relaying: each upstream read of a stream leaves as one HTTP chunk in one write, from the
+protocol callback, with no task switch; the held head leaves with the first chunk. A full
+client transport pauses reading upstream, so the kernel's socket buffers push back on the
+engine. A client that goes away aborts the upstream connection at once (the engine frees the
+slot). A stream whose head came whole in one upstream read usually goes to the C relay thread
+(:mod:`gateway.offload`) in HELD and comes back through :meth:`Exchange.offload_finished`.
 
 The handler learns of progress in one of two ways: an :class:`ExchangeOwner` is called from the
-callbacks (the task-free common path: ``exchange_head`` for a head not committed as a stream,
-``exchange_done`` once when the exchange ends, fails or the client leaves), or, without an
-owner, a task awaits :meth:`wait_head` / :meth:`wait_done` (futures made only then).
+callbacks (the task-free common path: ``exchange_head`` on entering BUFFERING, ``exchange_done``
+once on reaching a final phase), or, without an owner, a task awaits :meth:`wait_head` /
+:meth:`wait_done` (futures made only then).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from time import perf_counter
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,28 +64,57 @@ if TYPE_CHECKING:
     from gateway.offload import Offloader
 
 
+class Phase(enum.Enum):
+    SENT = "sent"
+    BUFFERING = "buffering"
+    HELD = "held"
+    STREAMING = "streaming"
+    OFFLOADED = "offloaded"
+    DONE = "done"
+    FAILED = "failed"
+    CLIENT_GONE = "client_gone"
+
+
+# Module constants: the hot path compares identities without an attribute lookup on the enum.
+SENT, BUFFERING, HELD, STREAMING, OFFLOADED, DONE, FAILED, CLIENT_GONE = Phase
+FINAL = frozenset({DONE, FAILED, CLIENT_GONE})
+_NEXT: dict[Phase, frozenset[Phase]] = {
+    SENT: frozenset({BUFFERING, HELD, FAILED, CLIENT_GONE}),
+    BUFFERING: frozenset({DONE, FAILED, CLIENT_GONE}),
+    HELD: frozenset({STREAMING, OFFLOADED, DONE, FAILED, CLIENT_GONE}),
+    STREAMING: frozenset({DONE, FAILED, CLIENT_GONE}),
+    OFFLOADED: frozenset({DONE, FAILED, CLIENT_GONE}),
+    DONE: frozenset(), FAILED: frozenset(), CLIENT_GONE: frozenset(),
+}
+
 # The relay's upstream failure outcomes, worded as the event-loop path words them.
 _RELAY_FAILURES = {"closed": "upstream closed the connection", "timeout": "upstream read timed out",
-                   "protocol": "malformed upstream response"}
+                   "protocol": "malformed upstream response", "internal": "the stream relay failed"}
+_CLIENT_CUT = frozenset({"client_gone", "client_timeout", "cancelled"})
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 class ExchangeOwner(Protocol):
-    def exchange_head(self, exchange: Exchange) -> None: ...  # a head that was not committed
-    def exchange_done(self, exchange: Exchange) -> None: ...  # ended, failed or client gone; once
+    def exchange_head(self, exchange: Exchange) -> None: ...  # entered BUFFERING
+    def exchange_done(self, exchange: Exchange) -> None: ...  # reached a final phase; once
 
 
 class Exchange:
     __slots__ = (
-        "_buffer", "_done", "_head", "_head_seen", "_limit", "_loop", "_settled", "_size", "client",
-        "client_gone", "committed", "ended", "error", "first_byte_at", "headers", "offloader", "owner",
-        "scanner", "status", "stream_headers", "upstream",
+        "_buffer", "_done", "_head", "_limit", "_loop", "_size", "client", "client_saw", "error",
+        "first_byte_at", "headers", "offloader", "owner", "phase", "scanner", "status", "stream_headers",
+        "streamed", "upstream",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
                  scanner: SseScanner | None, limit: int, stream_headers: bytes | None = None, *,
                  owner: ExchangeOwner | None = None, offloader: Offloader | None = None) -> None:
-        """``stream_headers``: extra response headers if a 200 answer is to be streamed;
-        ``offloader``: the C relay thread that may take a committed stream over."""
+        """``stream_headers``: extra response headers if a 200 answer is to be streamed (then
+        ``scanner`` is given too); ``offloader``: the C relay thread that may take it over."""
         self._loop = loop
         self.client = client
         self.scanner = scanner
@@ -70,30 +124,41 @@ class Exchange:
         self._size = 0
         self._head: asyncio.Future[None] | None = None  # made by wait_head, if a task waits
         self._done: asyncio.Future[None] | None = None
-        self._head_seen = False  # wait_head may return
-        self._settled = False  # wait_done may return
+        self.phase = SENT
         self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
-        self.committed = False
-        self.ended = False
-        self.client_gone = False
+        self.streamed = False  # a 200 stream: HELD was entered
+        self.client_saw = False  # some byte of this exchange's response was written to the client
         self.error: UpstreamError | None = None
         self.first_byte_at = 0.0
         self.stream_headers = stream_headers
         self.offloader = offloader
 
+    @property
+    def retryable(self) -> bool:
+        """Failed before the client saw anything, in a way another instance may not repeat."""
+        err = self.error
+        return (self.phase is FAILED and not self.client_saw and err is not None and err.kind != "too_large"
+                and self.status in (0, 200))
+
+    def _move(self, new: Phase) -> None:
+        assert new in _NEXT[self.phase], f"exchange: {self.phase.value} -> {new.value}"
+        self.phase = new
+
     # -- ResponseSink (called from the upstream protocol) -----------------------------------------
     def on_head(self, status: int, headers: dict[bytes, bytes]) -> None:
+        if self.phase is not SENT:
+            return
         self.status = status
         self.headers = headers
         if status == 200 and self.stream_headers is not None:
-            # A successful stream is committed right here, not after a task switch: the first
-            # token leaves in the same loop iteration that received it, and the handler's next
-            # wake-up is the end of the stream (wait_head resolves then).
-            self.commit_stream(self.stream_headers)
+            # Committed right here: the first token leaves in the loop iteration that received it,
+            # and the handler's next wake-up is the end of the stream.
+            self.streamed = True
+            self._move(HELD)
             return
-        self._head_seen = True
+        self._move(BUFFERING)
         owner = self.owner
         if owner is not None:
             owner.exchange_head(self)
@@ -101,42 +166,51 @@ class Exchange:
             self._head.set_result(None)
 
     def on_data(self, data: bytes) -> None:
-        if self.committed:  # the hot path: once per upstream read of a stream
-            scanner = self.scanner
-            if scanner is not None:
-                data = scanner.feed(data)
+        phase = self.phase
+        if phase is STREAMING:  # the hot path: once per upstream read of a stream
+            data = self.scanner.feed(data)  # type: ignore[union-attr]
             if data:
-                if not self.first_byte_at:
-                    self.first_byte_at = perf_counter()
                 client = self.client
                 if not client.closed:
-                    head = client.pending_head  # the held head leaves with the first chunk
-                    if head:
-                        client.pending_head = b""
-                    client.transport.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))  # type: ignore[union-attr]
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            upstream = self.upstream
-            if upstream is not None:
-                upstream.abort()
-            self.on_error(UpstreamError("too_large", "upstream response too large", False))
-            return
-        self._buffer.append(data)
+                    client.transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
+        elif phase is HELD:
+            data = self.scanner.feed(data)  # type: ignore[union-attr]
+            if data:  # the first byte for the client: the held head leaves with it
+                self._move(STREAMING)
+                self._write(self._client_head() + _chunk(data), head=True)
+        elif phase is BUFFERING:
+            self._size += len(data)
+            if self._size > self._limit:
+                upstream = self.upstream
+                if upstream is not None:
+                    self.upstream = None
+                    upstream.abort()
+                self.on_error(UpstreamError("too_large", "upstream response too large", False))
+                return
+            self._buffer.append(data)
 
     def take_over(self, body: bytes) -> bool:
         """The upstream head and ``body`` (the raw rest of that read) arrived together: hand the
-        rest of a committed stream to the C relay. False: the event loop relays it."""
+        rest of a held stream to the C relay. False: the event loop relays it."""
         off = self.offloader
-        scanner = self.scanner
-        if (off is None or not self.committed or self._buffer or self.ended or self.error is not None
-                or scanner is None or not scanner.pristine or self.upstream is None or self.client.closed):
+        if off is None or self.phase is not HELD or self.upstream is None or self.client.closed:
             return False
-        return off.start(self, self.upstream, body, strip_usage=scanner.strip_usage)
+        scanner = self.scanner
+        assert scanner is not None and scanner.pristine
+        if not off.start(self, self.upstream, self._client_head(), body, strip_usage=scanner.strip_usage):
+            return False
+        self.client.response_started = True  # the relay writes the head with the first data
+        self._move(OFFLOADED)
+        return True
 
     def offload_finished(self, result: RelayResult) -> None:
         """The relay gave the stream back (see gateway/offload.py for the outcomes)."""
-        _, outcome, pending, usage, events, first_byte, reusable = result
+        _, outcome, pending, usage, events, first_byte, reusable, head_sent = result
+        up, self.upstream = self.upstream, None
+        if self.phase is not OFFLOADED:  # the client was cut meanwhile (shutdown): nothing to finish
+            if up is not None:
+                up.offload_finished(False)
+            return
         scanner = self.scanner
         assert scanner is not None
         scanner.data_events += events
@@ -149,65 +223,61 @@ class Exchange:
                 scanner.usage = view.usage
         if first_byte and not self.first_byte_at:
             self.first_byte_at = first_byte
-        client, up = self.client, self.upstream
-        if outcome == "done":
-            self.ended = True
-            if up is not None:
-                self.upstream = None
-                up.offload_finished(reusable)
-            if client.transport is not None:
-                client.transport.resume_reading()
-            self._resolve()
-        elif outcome in ("client_gone", "client_timeout", "cancelled"):
-            # The client is cut; its connection_lost tells this exchange (client_lost), which
-            # aborts the upstream request and settles the exchange.
-            client.keep_alive = False
-            if client.transport is not None:
-                client.transport.abort()
-            else:
-                self.client_lost()
-        else:  # the upstream failed mid-stream: what the client has not taken, then the error event
+        self.client_saw = head_sent
+        client = self.client
+        if outcome in _CLIENT_CUT:
             if up is not None:
                 up.offload_finished(False)
-            if client.transport is not None:
-                client.transport.resume_reading()
-                if pending:
-                    client.transport.write(pending)
-            self.on_error(UpstreamError(outcome, _RELAY_FAILURES.get(outcome, "relay failed"), False))
-
-    def _take_buffered(self) -> bytes:
-        buffered = self._buffer
-        data = buffered[0] if len(buffered) == 1 else b"".join(buffered)
-        buffered.clear()
-        if self.scanner is not None:
-            data = self.scanner.feed(data)
-        if data and not self.first_byte_at:
-            self.first_byte_at = perf_counter()
-        return data
+            self._cut_client()
+            return
+        if up is not None:
+            up.offload_finished(reusable)
+        if client.transport is not None:
+            client.transport.resume_reading()
+        if outcome == "done":
+            self._settle(DONE)
+            return
+        err = UpstreamError(outcome, _RELAY_FAILURES.get(outcome, "relay failed"), False)
+        if not head_sent:  # nothing reached the client: the head is ours again, unwritten
+            client.response_started = False
+            self._fail(err)
+        else:  # what the client has not taken yet, then the error event
+            if pending:
+                self._write(pending)
+            self._fail(err)
 
     def on_end(self, last: bytes) -> None:
-        self.ended = True
-        if self.committed:
+        phase = self.phase
+        if phase is STREAMING or phase is HELD:
             scanner = self.scanner
-            if scanner is not None:
-                last = scanner.feed(last) + scanner.flush() if last else scanner.flush()
-            if last and not self.first_byte_at:
-                self.first_byte_at = perf_counter()
-            self.client.end_chunked(last)
-        elif last:
-            self._buffer.append(last)
-        self._resolve()
+            assert scanner is not None
+            last = scanner.feed(last) + scanner.flush() if last else scanner.flush()
+            out = _chunk(last) + _LAST_CHUNK if last else _LAST_CHUNK
+            if phase is HELD:
+                self._write(self._client_head() + out, head=True)
+            else:
+                self._write(out)
+        elif phase is BUFFERING:
+            if last:
+                self._buffer.append(last)
+        else:
+            return
+        self._settle(DONE)
 
     def on_error(self, exc: UpstreamError) -> None:
-        if self.ended or self.error is not None:
+        if self.phase is not OFFLOADED:  # the relay reports its own failures
+            self._fail(exc)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        if self.phase in FINAL:
             return
         self.error = exc
-        if self.committed:
-            self.client.end_chunked(sse_error_event(f"upstream failed mid-stream: {exc}", exc.kind))
-        self._resolve()
+        if self.client_saw:  # the head is out: end the stream properly, with the reason
+            self._write(_chunk(sse_error_event(f"upstream failed mid-stream: {exc}", exc.kind)) + _LAST_CHUNK)
+        self._settle(FAILED)
 
-    def _resolve(self) -> None:
-        self._head_seen = self._settled = True
+    def _settle(self, final: Phase) -> None:
+        self._move(final)
         owner = self.owner
         if owner is not None:
             self.owner = None
@@ -218,29 +288,56 @@ class Exchange:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
+    # -- writing to the client ---------------------------------------------------------------------
+    def _client_head(self) -> bytes:
+        """The stream's response head (made when it is about to leave, or to go to the relay)."""
+        assert self.stream_headers is not None
+        ctype = self.headers.get(b"content-type", b"text/event-stream")
+        return self.client.chunked_head(self.status, ctype, self.stream_headers)
+
+    def _write(self, data: bytes, head: bool = False) -> None:
+        client = self.client
+        if head:
+            self.client_saw = client.response_started = True
+        if not self.first_byte_at:
+            self.first_byte_at = perf_counter()
+        if not client.closed and client.transport is not None:
+            client.transport.write(data)
+
+    def _cut_client(self) -> None:
+        """The client is cut; its connection_lost tells this exchange (client_lost)."""
+        client = self.client
+        client.keep_alive = False
+        if client.transport is not None and not client.closed:
+            client.transport.abort()
+        else:
+            self.client_lost()
+
     # -- WriteListener (called from the client protocol) ----------------------------------------
     def client_paused(self) -> None:
-        if self.upstream is not None:
+        if self.upstream is not None and self.phase is not OFFLOADED:
             self.upstream.pause_reading()
 
     def client_resumed(self) -> None:
-        if self.upstream is not None:
+        if self.upstream is not None and self.phase is not OFFLOADED:
             self.upstream.resume_reading()
 
     def client_lost(self) -> None:
-        self.client_gone = True
+        if self.phase in FINAL:
+            return
         self.abort()
-        self._resolve()
+        self._settle(CLIENT_GONE)
 
     # -- used by the handler ----------------------------------------------------------------------
     async def wait_head(self) -> None:
-        if not self._head_seen:
+        """Until a head not streamed (BUFFERING) or the end: a stream is awaited to its end."""
+        if self.phase is not BUFFERING and self.phase not in FINAL:
             if self._head is None:
                 self._head = self._loop.create_future()
             await self._head
 
     async def wait_done(self) -> None:
-        if not self._settled:
+        if self.phase not in FINAL:
             if self._done is None:
                 self._done = self._loop.create_future()
             await self._done
@@ -249,28 +346,10 @@ class Exchange:
     def body(self) -> bytes:
         return b"".join(self._buffer)
 
-    def commit_stream(self, extra_headers: bytes) -> None:
-        """Start the client's chunked response with what arrived before the commit (one write)."""
-        client = self.client
-        ctype = self.headers.get(b"content-type", b"text/event-stream")
-        self.committed = True
-        first = self._take_buffered() if self._buffer else b""
-        if self.ended:
-            if self.scanner is not None:
-                first += self.scanner.flush()
-            client.start_chunked(self.status, ctype, extra_headers, first)
-            client.end_chunked()
-        else:
-            client.start_chunked(self.status, ctype, extra_headers, first)
-            if self.error is not None:
-                err = self.error
-                client.end_chunked(sse_error_event(f"upstream failed mid-stream: {err}", err.kind))
-        if client.write_paused:
-            self.client_paused()
-
     def abort(self) -> None:
-        """Drop the upstream request now (client gone, or the handler gave up)."""
+        """Drop the upstream request now (client gone, or the handler gave up). While the relay
+        holds the stream its sockets are not ours: it gives the connection back when it ends."""
         upstream = self.upstream
-        if upstream is not None and not self.ended:
+        if upstream is not None and self.phase is not DONE and self.phase is not OFFLOADED:
             self.upstream = None
             upstream.abort()

@@ -32,6 +32,7 @@ from hpcgate.settings import LogLevel, Port, PositiveFloat
 log = get_logger("hpcgate.sim")
 
 SLACK_S = 0.05
+FAULT_DELAY_S = 0.05  # head, then this long "in prefill", then the connection closes
 JSON = b"application/json"
 EMBEDDING_DIM = 64
 
@@ -48,6 +49,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_model_len: Annotated[int, msgspec.Meta(ge=2)] = 32768
     legacy_metrics: bool = False
     eos_mean_tokens: PositiveFloat = 256.0  # mean natural answer length without ignore_eos
+    # Fault mode: every Nth streamed request gets its response head, then the connection closes
+    # before the first token, as when an engine dies or is preempted during prefill (0: never).
+    fail_after_head_every: Annotated[int, msgspec.Meta(ge=0)] = 0
     log_level: LogLevel = "info"
 
 
@@ -117,6 +121,8 @@ class Simulator:
         self._wake = asyncio.Event()
         self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         self.aborted = 0
+        self.streams = 0  # streamed generation requests accepted
+        self.faults = 0  # streams failed on purpose by the fault mode
         self.host = config.host
         self.port = 0
         self._created = int(time.time())
@@ -251,6 +257,12 @@ class Simulator:
         sink.seq = seq
         if creq.stream:
             conn.start_stream()
+            self.streams += 1
+            every = self.config.fail_after_head_every
+            if every and self.streams % every == 0:
+                self.faults += 1  # the head is out; the "engine" dies before its first token
+                asyncio.get_running_loop().call_later(FAULT_DELAY_S, conn.drop)
+                return
         conn.on_disconnect = sink.disconnected
         self.submit(seq)
 

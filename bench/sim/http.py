@@ -155,6 +155,13 @@ class Connection(asyncio.Protocol):
         self.write(b"%b%bserver: hpcgate-sim\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
                    b"transfer-encoding: chunked\r\n\r\n" % (STATUS_LINE[200], date_header()))
 
+    def drop(self) -> None:
+        """Close the connection mid-response, as a dying engine does (the fault mode)."""
+        self.on_disconnect = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
     def finish(self, close: bool = False) -> None:
         """The current response is complete: serve a pipelined request, or close."""
         self.on_disconnect = None

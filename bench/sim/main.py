@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean answer length without ignore_eos (default 256)")
     p.add_argument("--legacy-metrics", action="store_true", default=None,
                    help="emit vLLM V0 metric names (vllm:gpu_cache_usage_perc)")
+    p.add_argument("--fail-after-head-every", type=int, metavar="N",
+                   help="fault mode: every Nth streamed request gets its head, then the connection "
+                   "closes before the first token (default 0: never)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -55,7 +58,7 @@ async def serve(config: SimConfig) -> None:
         log.info("sim_started", host=sim.host, port=sim.port, profile=config.profile, models=list(sim.models),
                  max_num_seqs=sim.engine.max_num_seqs, max_model_len=config.max_model_len)
         await stop.wait()
-    log.info("sim_stopped", aborted=sim.aborted)
+    log.info("sim_stopped", aborted=sim.aborted, faults=sim.faults)
 
 
 def main(argv: list[str]) -> int:

@@ -22,8 +22,17 @@ from gateway.metrics_text import parse_engine_load
 from gateway.relay import Exchange
 from gateway.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState, RedisNames
 from gateway.worker import Worker
-from tests.gateway.conftest import SECRET, add_tenant, handler_tasks, post, raw_exchange, running_gateway
+from tests.gateway.conftest import (
+    SECRET,
+    add_tenant,
+    handler_tasks,
+    post,
+    raw_exchange,
+    read_response,
+    running_gateway,
+)
 from tests.gateway.cut_proxy import CuttableProxy
+from tests.gateway.scripted import CHUNK, STREAM_HEAD, Script, one_chunk, scripted_upstream
 from tests.support.procs import wait_until
 from tests.support.services import ADMIN_DSN
 from tests.support.sim import SimProcess, sim_process
@@ -367,3 +376,90 @@ async def test_a_client_that_reads_nothing_is_cut_after_the_send_timeout(offload
 def _unread(fd: int) -> int:
     """Bytes in a socket's receive queue that nobody has read yet."""
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+
+
+async def _close_after_head(w: asyncio.StreamWriter) -> None:
+    w.write(STREAM_HEAD)
+    await w.drain()
+    await asyncio.sleep(0.3)  # "prefill" ...
+    w.transport.abort()  # ... and the engine dies before its first token
+
+
+async def _stall_after_head(w: asyncio.StreamWriter) -> None:
+    w.write(STREAM_HEAD)
+    await asyncio.sleep(30)
+
+
+async def _bad_framing_after_head(w: asyncio.StreamWriter) -> None:
+    w.write(STREAM_HEAD)
+    await w.drain()
+    await asyncio.sleep(0.05)
+    w.write(b"not-hex\r\n")
+    await asyncio.sleep(30)
+
+
+async def _partial_event_then_close(w: asyncio.StreamWriter) -> None:
+    w.write(STREAM_HEAD + one_chunk(CHUNK[:10]))  # part of an event: nothing the client can use
+    await w.drain()
+    await asyncio.sleep(0.05)
+    w.transport.abort()
+
+
+@BOTH_RELAYS
+@pytest.mark.parametrize(("script", "status", "code"), [
+    (_close_after_head, 502, "closed"), (_stall_after_head, 504, "timeout"),
+    (_bad_framing_after_head, 502, "protocol"), (_partial_event_then_close, 502, "closed"),
+], ids=["closed", "stalled", "bad-framing", "partial-event"])
+async def test_engine_failing_after_its_head_before_the_first_token_gets_a_proper_error(
+        offload: bool, script: Script, status: int, code: str) -> None:
+    """The held head never reached the client: the answer is a well-formed error response (no
+    other endpoint to retry on), never a bare chunk without a status line."""
+    async with scripted_upstream(script) as (_, port), running_gateway(
+            static_endpoints=(f"m1=http://127.0.0.1:{port}",), no_auth=True, stream_offload=offload,
+            upstream_read_timeout_s=0.5) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(post("/v1/chat/completions", LONG_STREAM))
+            reply = await asyncio.wait_for(read_response(reader), 10)
+            assert reply.status == status, reply
+            assert reply.headers["content-type"] == "application/json"
+            assert msgspec.json.decode(reply.body)["error"]["message"].startswith("upstream"), reply.body
+            assert f"{code}" in gw.gateway.metrics.render().decode().split("upstream_errors_total{")[1]
+            writer.write(post("/v1/chat/completions", LONG_STREAM))  # the connection is still usable
+            again = await asyncio.wait_for(read_response(reader), 10)
+            assert again.status == status
+        finally:
+            writer.close()
+        assert_relayed_by(gw, offload, streams=2)
+        await wait_until(lambda: handler_tasks(gw) == 0, 5, "handler tasks to end")
+
+
+@BOTH_RELAYS
+async def test_engine_dying_before_the_first_token_is_retried_on_another_instance(offload: bool) -> None:
+    """The simulator's fault mode kills every stream after its head: the client never sees it,
+    the gateway retries on the healthy instance and the SDK gets the whole answer."""
+    async with sim_process("--model", "m1", "--fail-after-head-every", "1") as faulty, \
+            sim_process("--model", "m1") as healthy, \
+            running_gateway(static_endpoints=(f"m1={faulty.url},{healthy.url}",), no_auth=True,
+                            stream_offload=offload, eject_after_failures=1000, retry_budget_ratio=1.0) as gw:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+        metrics = ""
+        try:
+            for _ in range(60):  # until the faulty instance was tried (the balancer's choice)
+                stream = await client.chat.completions.create(
+                    model="m1", messages=[{"role": "user", "content": "x"}], max_tokens=5, stream=True,
+                    extra_body={"ignore_eos": True})
+                text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+                assert len(text.split()) == 5
+                metrics = gw.gateway.metrics.render().decode()
+                if f'backend="{faulty.url.removeprefix("http://")}",kind="closed"' in metrics:
+                    break
+        finally:
+            await client.close()
+        assert 'kind="closed"' in metrics and "hpcgate_gateway_retries_total{" in metrics, metrics
+        # Booked when the loop takes the stream back, which can be just after the client read it.
+        await wait_until(lambda: 'status="200"' in gw.gateway.metrics.render().decode(), 5, "200 booked")
+        assert 'status="502"' not in gw.gateway.metrics.render().decode()
+        if offload:
+            off = gw.gateway.offloader
+            assert off is not None and off.started >= 2  # the failed try went through the C relay too

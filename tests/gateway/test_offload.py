@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 
 import httptools
 import pytest
@@ -19,19 +17,8 @@ import pytest
 from gateway import _crelay
 from gateway.sse import SseScanner, decode_usage_view
 from tests.gateway.conftest import post, raw_exchange, read_response, running_gateway
+from tests.gateway.scripted import CHUNK, DONE, STREAM_HEAD, USAGE, chunked, scripted_upstream
 from tests.support.procs import wait_until
-
-CHUNK = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
-USAGE = (b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,'
-         b'"total_tokens":10}}\n\n')
-DONE = b"data: [DONE]\n\n"
-STREAM_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-               b"connection: keep-alive\r\n\r\n")
-
-
-def chunked(*events: bytes, ext: bool = False, trailer: bool = False) -> bytes:
-    out = b"".join(b"%x%b\r\n%b\r\n" % (len(e), b";x=y" if ext else b"", e) for e in events)
-    return out + (b"0\r\nx-trailer: 1\r\n\r\n" if trailer else b"0\r\n\r\n")
 
 
 def reference(reads: list[bytes], strip: bool) -> tuple[bytes, tuple[int, int] | None, int]:
@@ -100,38 +87,6 @@ def test_c_core_on_random_reads_and_edge_cases() -> None:
 
 
 # -- the thread, against scripted upstreams --------------------------------------------------------
-Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
-
-
-@asynccontextmanager
-async def scripted_upstream(script: Script) -> AsyncIterator[tuple[list[int], int]]:
-    """An engine that answers every request with ``script``; yields the requests per connection."""
-    per_conn: list[int] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        index = len(per_conn)
-        per_conn.append(0)
-        try:
-            while True:  # until the gateway closes the connection (or the test ends: cancelled)
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head.startswith(b"POST "):
-                    continue  # the gateway's /metrics scrape: left unanswered (load unknown)
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-                per_conn[index] += 1
-                await script(writer)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield per_conn, server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-
-
 STREAM = post("/v1/chat/completions",
               b'{"model":"m1","messages":[{"role":"user","content":"x"}],"stream":true}')
 

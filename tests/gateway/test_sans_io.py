@@ -363,9 +363,13 @@ async def test_requests_are_handled_without_a_task_and_a_stream_head_leaves_with
 
     from gateway.http_parse import Request
     from gateway.http_server import HttpConnection, HttpServer
+    from gateway.relay import Exchange, Phase
     from gateway.settings import GatewaySettings
+    from gateway.sse import SseScanner
 
     seen: list[bytes] = []
+    exchanges: list[Exchange] = []
+    loop = asyncio.get_running_loop()
 
     def handler(req: Request, conn: HttpConnection) -> None:
         seen.append(req.path)
@@ -373,10 +377,9 @@ async def test_requests_are_handled_without_a_task_and_a_stream_head_leaves_with
             conn.send_full(200, b"{}")
             conn.request_done()
         else:  # a stream answered later from (upstream) callbacks
-            conn.start_chunked(200, b"text/event-stream")
+            exchanges.append(Exchange(loop, conn, SseScanner(strip_usage=True), 1 << 20, b""))
 
     settings = GatewaySettings(static_endpoints=("m=http://h:1",), no_auth=True)
-    loop = asyncio.get_running_loop()
     tasks_before = len(asyncio.all_tasks())
     conn = HttpConnection(HttpServer(handler, settings, loop))
     t = _FakeTransport()
@@ -385,12 +388,58 @@ async def test_requests_are_handled_without_a_task_and_a_stream_head_leaves_with
     assert seen == [b"/plain", b"/stream"]  # both answered in data_received: the second after request_done
     assert len(asyncio.all_tasks()) == tasks_before
     assert len(t.written) == 1 and t.written[0].startswith(b"HTTP/1.1 200 OK\r\n")
-    assert conn.busy and conn.pending_head  # the stream's head is held ...
-    conn.write_chunk(b"data: 1\n\n")  # ... and leaves with the first chunk, in one write
+    ex = exchanges[0]
+    ex.on_head(200, {b"content-type": b"text/event-stream"})
+    assert ex.phase is Phase.HELD and conn.busy and len(t.written) == 1  # the stream's head is held ...
+    assert not conn.response_started
+    ex.on_data(b"data: 1\n\n")  # ... and leaves with the first chunk, in one write
+    assert ex.phase is Phase.STREAMING and conn.response_started
     assert len(t.written) == 2
     assert t.written[1].startswith(b"HTTP/1.1 200 OK\r\n")
     assert t.written[1].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
-    conn.end_chunked()
+    ex.on_end(b"")
+    assert ex.phase is Phase.DONE
     conn.request_done()
     assert t.written[2] == b"0\r\n\r\n"
-    assert (conn.busy, conn.pending_head) == (False, b"")
+    assert not conn.busy
+
+
+@pytest.mark.parametrize("when", ["held", "streaming", "buffering"])
+async def test_an_upstream_failure_before_the_first_byte_leaves_nothing_written_and_is_retryable(
+        when: str) -> None:
+    """HELD and BUFFERING failures reach the client as nothing (the handler retries or answers
+    with an error status); after the first byte, the stream ends with an SSE error event."""
+    import asyncio
+
+    from gateway.http_server import HttpConnection, HttpServer
+    from gateway.relay import Exchange, Phase
+    from gateway.settings import GatewaySettings
+    from gateway.sse import SseScanner
+    from gateway.upstream_client import UpstreamError
+
+    loop = asyncio.get_running_loop()
+    conn = HttpConnection(HttpServer(lambda _r, _c: None, GatewaySettings(no_auth=True), loop))
+    t = _FakeTransport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    stream = when != "buffering"
+    ex = Exchange(loop, conn, SseScanner(strip_usage=True) if stream else None, 1 << 20,
+                  b"x-request-id: r1\r\n" if stream else None)
+    ex.on_head(200, {b"content-type": b"text/event-stream" if stream else b"application/json"})
+    assert ex.phase is (Phase.HELD if stream else Phase.BUFFERING)
+    ex.on_data(b"data: {\"choi")  # a partial event (held by the scanner) or part of a JSON body
+    if when == "streaming":
+        ex.on_data(b"ces\":[]}\n\n")
+    ex.on_error(UpstreamError("closed", "upstream closed the connection", False))
+    assert ex.phase is Phase.FAILED
+    if when == "streaming":
+        assert not ex.retryable and ex.client_saw
+        out = b"".join(t.written)
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"x-request-id: r1\r\n" in out
+        assert b'data: {"error"' in out and out.endswith(b"\r\n0\r\n\r\n")
+    else:
+        assert ex.retryable and not ex.client_saw and not conn.response_started
+        assert t.written == []
+    # A final phase stays final: late callbacks change nothing.
+    ex.on_end(b"")
+    ex.client_lost()
+    assert ex.phase is Phase.FAILED
