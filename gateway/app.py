@@ -80,6 +80,7 @@ class Gateway:
         self.metrics = GatewayMetrics(str(worker))
         self.offloader = make_offloader(loop, s.stream_offload, s.upstream_read_timeout_s,
                                         s.client_send_timeout_s)
+        self.stream_relay = "c" if self.offloader is not None else "event-loop"
         self.backends: dict[BackendKey, Backend] = {}
         self.scraper = Scraper(loop, s.scrape_interval_s, max(1.0, s.scrape_interval_s))
         self.stale_after = max(3.0 * s.scrape_interval_s, 2.0)
@@ -135,7 +136,7 @@ class Gateway:
     def _state_view(self) -> StateView:
         queues = {r.name: self.queues.length(r.name) for r in self.table.models}
         return StateView(list(self.backends.values()), self.table.version, self.table.generated_at,
-                         self.auth.index.version, queues)
+                         self.auth.index.version, queues, stream_relay=self.stream_relay)
 
     # -- requests (hot path) ----------------------------------------------------------------------
     def handle(self, req: Request, conn: HttpConnection) -> Coroutine[Any, Any, None] | None:
@@ -158,7 +159,8 @@ class Gateway:
             conn.send_full(200, b'{"status":"ok"}')
         elif path == b"/ready":
             if self.has_table:
-                conn.send_full(200, b'{"status":"ready","table_version":%d}' % self.table.version)
+                conn.send_full(200, b'{"status":"ready","table_version":%d,"stream_relay":"%b"}'
+                               % (self.table.version, self.stream_relay.encode()))
             else:
                 raise ApiError(503, "no endpoint table yet", "not_ready", retry_after=1)
         elif path == b"/metrics":

@@ -74,8 +74,8 @@ Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | Non
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_busy", "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
-        "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "response_started",
-        "transport", "write_paused",
+        "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "paused_size",
+        "response_started", "transport", "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -86,7 +86,8 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None  # only for a request on a slow path
         self._busy = False  # a request is being answered (in a task or in callbacks)
         self.idle_since = 0.0  # when the connection became idle (0: not idle); see sweep
-        self.paused_since = 0.0  # when the client's transport last went over its high-water mark
+        self.paused_since = 0.0  # since when a paused client's transport has made no progress
+        self.paused_size = 0  # its write buffer's size then (the sweep sees progress as a smaller one)
         self._read_timer: asyncio.TimerHandle | None = None  # request read deadline
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
@@ -153,6 +154,7 @@ class HttpConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.paused_since = self._server.loop.time()
+        self.paused_size = self.transport.get_write_buffer_size() if self.transport is not None else 0
         if self.listener is not None:
             self.listener.client_paused()
 
@@ -236,12 +238,22 @@ class HttpConnection(asyncio.Protocol):
 
     def sweep(self, now: float, idle_limit: float, send_limit: float) -> None:
         """Once a second: close a keep-alive connection idle too long; cut a client that has not
-        read anything for ``send_limit`` seconds (its stream would hold an engine slot forever)."""
+        read anything for ``send_limit`` seconds (its stream would hold an engine slot forever).
+        Like nginx's ``send_timeout`` the limit is between two reads of the client: a smaller
+        write buffer than at the last look is progress and starts the time again."""
         since = self.idle_since
-        if since and now - since >= idle_limit and not self._busy and self.transport is not None:
-            self.transport.close()
-        elif self.write_paused and now - self.paused_since >= send_limit and self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is None:
+            return
+        if since and now - since >= idle_limit and not self._busy:
+            transport.close()
+        elif self.write_paused:
+            size = transport.get_write_buffer_size()
+            if size < self.paused_size:
+                self.paused_since = now
+            self.paused_size = size
+            if now - self.paused_since >= send_limit:
+                transport.abort()
 
     def _read_timeout(self) -> None:
         self._read_timer = None

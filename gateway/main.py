@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 
 import orjson
 
@@ -24,6 +25,14 @@ from gateway.worker import run_worker
 from hpcgate.logs import get_logger, setup_logging
 
 log = get_logger("hpcgate.gateway.main")
+
+STABLE_S = 10.0  # a worker that lived this long is restarted at once
+
+
+def restart_delay(quick_deaths: int) -> float:
+    """Seconds before restarting a worker that died ``quick_deaths`` times in a row soon after
+    its start: 0 for the first, then 0.5 s doubling to 30 s."""
+    return 0.0 if quick_deaths <= 1 else min(30.0, 0.5 * 2.0 ** (quick_deaths - 2))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +87,8 @@ def _run_workers(settings: GatewaySettings) -> int:
     port = reserve.getsockname()[1]
     ready_r, ready_w = os.pipe()
     children: dict[int, int] = {}  # pid -> worker index
+    started: dict[int, float] = {}  # worker index -> when it was last spawned
+    quick_deaths: dict[int, int] = {}  # worker index -> deaths in a row within STABLE_S of a start
 
     def spawn(index: int, announce: bool) -> None:
         pid = os.fork()
@@ -95,6 +106,7 @@ def _run_workers(settings: GatewaySettings) -> int:
             finally:
                 os._exit(code)
         children[pid] = index
+        started[index] = time.monotonic()
 
     for i in range(settings.workers):
         spawn(i, True)
@@ -132,8 +144,15 @@ def _run_workers(settings: GatewaySettings) -> int:
             continue
         code = os.waitstatus_to_exitcode(wstatus)
         if not stopping:
-            log.error("worker_died", worker=index, exit_code=code)
-            spawn(index, False)
+            quick = time.monotonic() - started[index] < STABLE_S
+            quick_deaths[index] = quick_deaths.get(index, 0) + 1 if quick else 0
+            delay = restart_delay(quick_deaths[index])
+            log.error("worker_died", worker=index, exit_code=code, restart_in_s=delay)
+            # A worker that keeps dying at start (a bad setting, no memory, no descriptors) is
+            # restarted ever more slowly instead of in a tight loop; signals still stop us.
+            time.sleep(delay)
+            if not stopping:
+                spawn(index, False)
         elif code != 0:
             status = 1
     return status

@@ -143,10 +143,11 @@ class _RequestCollector(Collector):
 class StateView:
     """What the state collector reads: filled by the app at scrape time."""
 
-    __slots__ = ("backends", "key_version", "queues", "table_generated_at", "table_version")
+    __slots__ = ("backends", "key_version", "queues", "stream_relay", "table_generated_at", "table_version")
 
     def __init__(self, backends: list[Backend], table_version: int, table_generated_at: float,
-                 key_version: int, queues: dict[str, int]) -> None:
+                 key_version: int, queues: dict[str, int], *, stream_relay: str) -> None:
+        self.stream_relay = stream_relay
         self.backends = backends
         self.table_version = table_version
         self.table_generated_at = table_generated_at
@@ -195,3 +196,8 @@ class _StateCollector(Collector):
         for model, n in v.queues.items():
             q.add_metric([w, model], n)
         yield q
+        relay = GaugeMetricFamily("hpcgate_gateway_stream_relay",
+                                  "1 for the relay that carries this worker's committed streams (c: the C "
+                                  "relay thread, event-loop: Python)", labels=["worker", "relay"])
+        relay.add_metric([w, v.stream_relay], 1.0)
+        yield relay

@@ -105,3 +105,10 @@ async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving() -> No
                 reply = await raw_exchange(gw.port, post("/v1/chat/completions", body))
                 assert reply.status == 200, reply
         assert '"event":"worker_died"' in gw.log.replace(" ", ""), gw.log
+
+
+def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_more_slowly() -> None:
+    from gateway.main import restart_delay
+
+    assert [restart_delay(n) for n in range(6)] == [0.0, 0.0, 0.5, 1.0, 2.0, 4.0]
+    assert restart_delay(50) == 30.0

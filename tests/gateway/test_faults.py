@@ -373,6 +373,45 @@ async def test_a_client_that_reads_nothing_is_cut_after_the_send_timeout(offload
             sock.close()
 
 
+@BOTH_RELAYS
+async def test_a_slow_but_steady_reader_is_not_cut(offload: bool) -> None:
+    """The send timeout is between two reads of the client (nginx's send_timeout), not the time
+    its window has been full: a client that keeps taking a little gets the whole stream."""
+    loop = asyncio.get_running_loop()
+    async with sim_process("--model", "m1") as sim, running_gateway(
+            static_endpoints=(f"m1={sim.url}",), no_auth=True, stream_offload=offload,
+            client_send_timeout_s=1.0) as gw:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            body = (b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":6000,'
+                    b'"ignore_eos":true,"stream":true}')
+            await loop.sock_sendall(sock, post("/v1/chat/completions", body))
+            got = bytearray()
+            while b"\r\n\r\n" not in got:
+                got += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+            conn = next(iter(gw.server.connections))
+            assert conn.transport is not None  # small kernel buffers: the client's window fills fast
+            conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            deadline = loop.time() + 3.5  # three and a half send timeouts of reading 4 KiB every 0.1 s
+            while loop.time() < deadline:
+                await asyncio.sleep(0.1)  # the pace of this client, not a wait for the gateway
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+                assert chunk, "the gateway cut a client that was reading"
+                got += chunk
+            assert not got.endswith(b"\r\n0\r\n\r\n")  # the window stayed full: the test tested something
+            while not got.endswith(b"\r\n0\r\n\r\n"):  # then it reads fast: all of it arrives
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
+                assert chunk, "connection closed early"
+                got += chunk
+            assert got.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+            assert_relayed_by(gw, offload)
+        finally:
+            sock.close()
+
+
 def _unread(fd: int) -> int:
     """Bytes in a socket's receive queue that nobody has read yet."""
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]

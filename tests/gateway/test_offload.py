@@ -179,3 +179,29 @@ async def test_a_stream_that_is_not_chunked_stays_on_the_event_loop() -> None:
         reply = await raw_exchange(gw.port, STREAM)
         assert reply.status == 200 and reply.body == CHUNK + DONE
         assert gw.gateway.offloader is not None and gw.gateway.offloader.started == 0
+
+
+@pytest.mark.parametrize("setting", ["on", "off", "relay-fails"])
+async def test_which_relay_carries_streams_is_in_ready_and_metrics(setting: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that cannot start its relay thread (no descriptors, no thread) relays on the
+    loop instead of dying, and says so, like a worker with the relay turned off."""
+    if setting == "relay-fails":
+        def no_relay(*_args: object) -> None:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(_crelay, "Relay", no_relay)
+    want = "c" if setting == "on" else "event-loop"
+    async with scripted_upstream(_whole_stream) as (_, port), running_gateway(
+            static_endpoints=(f"m1=http://127.0.0.1:{port}",), no_auth=True,
+            stream_offload=setting != "off") as gw:
+        ready = await raw_exchange(gw.port, b"GET /ready HTTP/1.1\r\n\r\n")
+        assert ready.status == 200 and ready.json()["stream_relay"] == want
+        metrics = (await raw_exchange(gw.port, b"GET /metrics HTTP/1.1\r\n\r\n")).body.decode()
+        assert f'hpcgate_gateway_stream_relay{{relay="{want}",worker="0"}} 1.0' in metrics
+        reply = await raw_exchange(gw.port, STREAM)  # and streams work either way
+        assert reply.status == 200 and reply.body == CHUNK + DONE
+
+
+async def _whole_stream(w: asyncio.StreamWriter) -> None:
+    w.write(STREAM_HEAD + chunked(CHUNK, USAGE, DONE))

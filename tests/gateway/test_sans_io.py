@@ -314,9 +314,13 @@ class _FakeTransport:
         self.written: list[bytes] = []
         self.closed = False
         self.aborted = False
+        self.buffered = 0  # bytes the "kernel" has not taken (get_write_buffer_size)
 
     def get_extra_info(self, name: str) -> None:
         return None
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -341,12 +345,15 @@ async def test_idle_keep_alive_and_non_reading_client_are_cut_by_the_sweep() -> 
                                client_send_timeout_s=60)
     loop = asyncio.get_running_loop()
     server = HttpServer(never, settings, loop)
-    idle, stuck = HttpConnection(server), HttpConnection(server)
-    t_idle, t_stuck = _FakeTransport(), _FakeTransport()
+    idle, stuck, slow = HttpConnection(server), HttpConnection(server), HttpConnection(server)
+    t_idle, t_stuck, t_slow = _FakeTransport(), _FakeTransport(), _FakeTransport()
     idle.connection_made(t_idle)  # type: ignore[arg-type]
     stuck.connection_made(t_stuck)  # type: ignore[arg-type]
-    stuck.idle_since = 0.0  # as if a response were in progress
-    stuck.pause_writing()  # its client stopped reading
+    slow.connection_made(t_slow)  # type: ignore[arg-type]
+    for conn, t in ((stuck, t_stuck), (slow, t_slow)):
+        conn.idle_since = 0.0  # as if a response were in progress
+        t.buffered = 100_000
+        conn.pause_writing()  # its client stopped reading (stuck) or reads a little now and then (slow)
     now = loop.time()
     for conn in (idle, stuck):
         conn.sweep(now + 1, 5, 60)
@@ -354,8 +361,14 @@ async def test_idle_keep_alive_and_non_reading_client_are_cut_by_the_sweep() -> 
     for conn in (idle, stuck):
         conn.sweep(now + 6, 5, 60)
     assert (t_idle.closed, t_stuck.aborted) == (True, False)
+    for second in range(1, 100):  # the slow client takes 1000 bytes every 50 s
+        if second % 50 == 0:
+            t_slow.buffered -= 1000
+        slow.sweep(now + second, 5, 60)
     stuck.sweep(now + 61, 5, 60)
-    assert (t_idle.closed, t_stuck.aborted) == (True, True)
+    assert (t_idle.closed, t_stuck.aborted, t_slow.aborted) == (True, True, False)
+    slow.sweep(now + 99 + 60, 5, 60)  # then nothing for 60 s: cut
+    assert t_slow.aborted
 
 
 async def test_requests_are_handled_without_a_task_and_a_stream_head_leaves_with_its_first_chunk() -> None:
