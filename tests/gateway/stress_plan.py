@@ -175,12 +175,12 @@ class ClientPlan:
     kind: ClientKind
     scenarios: tuple[Scenario, ...]  # two for "pipeline"
     abort_after: int = 0  # "abort": disconnect after this many response bytes
-    rst: bool = False  # "abort": with a RST (else FIN)
+    rst: bool = False  # "abort": with a RST (SO_LINGER 0); else a plain close (a RST too if bytes are unread)
 
     def describe(self) -> str:
         how = ""
         if self.kind == "abort":
-            how = f" after {self.abort_after} bytes ({'RST' if self.rst else 'FIN'})"
+            how = f" after {self.abort_after} bytes ({'RST' if self.rst else 'close'})"
         return f"client {self.kind}{how}; " + "; ".join(s.describe() for s in self.scenarios)
 
 
