@@ -300,8 +300,9 @@ class HttpConnection(asyncio.Protocol):
         head = self._head(status, content_type, extra)
         self.transport.write(b"%bcontent-length: %d\r\n\r\n%b" % (head, len(body), body))
 
-    def send_error(self, exc: ApiError) -> None:
-        extra = b"retry-after: %d\r\n" % exc.retry_after if exc.retry_after is not None else b""
+    def send_error(self, exc: ApiError, extra: bytes = b"") -> None:
+        if exc.retry_after is not None:
+            extra += b"retry-after: %d\r\n" % exc.retry_after
         self.send_full(exc.status, exc.body(), _JSON, extra)
 
     def chunked_head(self, status: int, content_type: bytes, extra: bytes = b"") -> bytes:

@@ -51,8 +51,8 @@ _POST = b"POST"
 class ProxyCall:
     __slots__ = (
         "backend", "body", "completion", "conn", "error", "exchange", "extra", "finished", "gw", "in_task",
-        "last", "model", "path", "prompt", "rid", "route", "scanner", "stale_retried", "start", "status",
-        "stream", "tenant", "tenant_id", "tried", "tstate",
+        "last", "model", "path", "prompt", "rid", "route", "stale_retried", "start", "status", "stream",
+        "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
 
     def __init__(self, gw: Gateway, conn: HttpConnection, path: bytes, rid: bytes) -> None:
@@ -67,8 +67,8 @@ class ProxyCall:
         self.route: ModelRoute | None = None
         self.body = b""
         self.stream = False
-        self.extra = b""
-        self.scanner: SseScanner | None = None
+        self.extra = b"x-request-id: %b\r\n" % rid  # on every response to this request, errors too
+        self.strip_usage = False  # a stream for which the gateway asked the engine for usage
         self.tstate: TenantState | None = None
         self.backend: Backend | None = None  # set while counted in the backend's in-flight
         self.exchange: Exchange | None = None
@@ -123,12 +123,10 @@ class ProxyCall:
         body = req.body if view.model == route.name else _with_model(req.body, route.name)
         if view.stream:
             self.stream = True
-            strip = view.stream_options is None
-            if strip:
+            self.strip_usage = view.stream_options is None
+            if self.strip_usage:
                 body = inject_include_usage(body)
-            self.scanner = SseScanner(strip_usage=strip)
         self.body = body
-        self.extra = b"x-request-id: %b\r\n" % self.rid
 
     def _first_attempt(self) -> bool:
         """Send on an idle connection now; False if that needs waiting (connect, queue)."""
@@ -157,7 +155,9 @@ class ProxyCall:
         assert backend is not None
         gw = self.gw
         stream = self.stream
-        ex = Exchange(gw.loop, self.conn, self.scanner, gw.settings.max_response_bytes,
+        # Each attempt scans its own stream: a retry must not inherit a partial event of the last.
+        scanner = SseScanner(strip_usage=self.strip_usage) if stream else None
+        ex = Exchange(gw.loop, self.conn, scanner, gw.settings.max_response_bytes,
                       self.extra if stream else None, owner=None if self.in_task else self,
                       offloader=gw.offloader if stream else None)
         self.exchange = ex
@@ -237,7 +237,7 @@ class ProxyCall:
 
     def _stream_ended(self, ex: Exchange) -> None:
         self.status = ex.status
-        scanner = self.scanner
+        scanner = ex.scanner
         assert scanner is not None
         if scanner.usage is not None:
             self.prompt, self.completion = scanner.usage.prompt_tokens, scanner.usage.completion_tokens
@@ -264,7 +264,7 @@ class ProxyCall:
     def _reply_error(self, exc: ApiError) -> None:
         self.status = exc.status
         self.error = exc.message
-        self.conn.send_error(exc)
+        self.conn.send_error(exc, self.extra)
 
     # -- the slow path, in a task -----------------------------------------------------------------
     async def _slow(self) -> None:

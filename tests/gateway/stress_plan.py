@@ -109,12 +109,16 @@ class Scenario:
 
     def verdict(self, r: Response) -> str | None:
         """What is wrong with ``r`` as the answer to this request (None: nothing)."""
-        rid = r.headers.get(b"x-request-id")  # (the gateway's error responses carry none)
-        if rid != self.rid and (rid is not None or r.status == 200):
+        rid = r.headers.get(b"x-request-id")  # on every response, errors included
+        if rid != self.rid:
             return f"x-request-id {rid!r}, expected {self.rid!r} (another request's response?)"
         full = self.visible(len(self.wire))
         at_fault = self.visible(self.cut)
-        retryable = not at_fault and not self.persistent  # nothing reached the client yet
+        # A RST may drop what the engine sent before it, and bad framing fails the whole read that
+        # holds it, with the events before it in that read: then maybe nothing reached the client.
+        lossy = self.fault in ("reset", "broken")
+        unseen = not at_fault or lossy  # the client may have nothing when the engine fails
+        retryable = unseen and not self.persistent  # then the gateway tries the other instance
         if r.status == 200:
             if not r.chunked or r.headers.get(b"content-type") != b"text/event-stream":
                 return f"a 200 that is not a chunked event stream: {r.headers!r}"
@@ -132,16 +136,14 @@ class Scenario:
             if code != ERROR_CODE[self.fault]:
                 return f"error event code {code!r}, expected {ERROR_CODE[self.fault]!r}"
             sent = events[:-1]
-            # A RST may drop what the engine sent before it; bad framing fails the whole read that
-            # holds it, with the events before it in that read.
-            if sent != (at_fault if self.fault in ("die", "stall") else at_fault[:len(sent)]):
+            if sent != (at_fault[:len(sent)] if lossy else at_fault):
                 return (f"before the error event the client got {len(sent)} events, expected "
                         f"{len(at_fault)}: {_short(r.body)}")
             return None
         if r.status >= 500:
             if self.fault == "none":
                 return f"an error response to a stream that behaved: {r.status} {_short(r.body)}"
-            if self.fault != "reset":
+            if not lossy:
                 if at_fault:
                     return f"{r.status} although the client should have had {len(at_fault)} events"
                 if self.cut < self.head_len and not self.persistent:

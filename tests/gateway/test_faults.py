@@ -461,7 +461,7 @@ async def test_engine_failing_after_its_head_before_the_first_token_gets_a_prope
             writer.write(post("/v1/chat/completions", LONG_STREAM))
             reply = await asyncio.wait_for(read_response(reader), 10)
             assert reply.status == status, reply
-            assert reply.headers["content-type"] == "application/json"
+            assert reply.headers["content-type"] == "application/json" and reply.headers["x-request-id"]
             assert msgspec.json.decode(reply.body)["error"]["message"].startswith("upstream"), reply.body
             assert f"{code}" in gw.gateway.metrics.render().decode().split("upstream_errors_total{")[1]
             writer.write(post("/v1/chat/completions", LONG_STREAM))  # the connection is still usable
