@@ -245,7 +245,7 @@ async def test_streams_under_random_faults_end_well_formed_and_leave_nothing(off
             max_retries=1, retry_budget_ratio=1.0, eject_after_failures=1_000_000,
             scrape_interval_s=3600.0) as gw:
         gw.gateway.scraper.close()  # no scrape connection comes and goes during the count
-        fds, live = _fds(), _crelay.live_streams()
+        fds, live, syscall_errors = _fds(), _crelay.live_streams(), _crelay.syscall_errors()[0]
         results = await asyncio.gather(*(run_client(gw, p) for p in plans))
         failures = [f"{p.describe()}\n    -> " + "\n    -> ".join(r)
                     for p, r in zip(plans, results, strict=True) if r]
@@ -256,6 +256,8 @@ async def test_streams_under_random_faults_end_well_formed_and_leave_nothing(off
             await back_to_baseline(gw, engine, fds, live)
         except AssertionError as exc:
             failures.append(f"after the load: {exc}")
+        if _crelay.syscall_errors()[0] != syscall_errors:  # a failed epoll_ctl, eventfd write, ...
+            failures.append(f"relay system calls failed: {_crelay.syscall_errors()}")
         off = gw.gateway.offloader
         relayed_in_c = off.started if off is not None else 0
     kinds = Counter(p.kind for p in plans)
