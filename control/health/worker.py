@@ -27,7 +27,6 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from control.health.backoff import Backoff
 from control.health.observer import JobObserver, LiveJob
 from control.health.plan import Action, EndpointState, MarkReady, RecordProbe, Remove, needs_probe, plan_round
 from control.health.probe import ProbeResult, probe
@@ -35,6 +34,7 @@ from control.publish.publisher import TablePublisher
 from control.settings import HealthSettings
 from control.store.db import OUTAGE_ERRORS, Conn, OutageLog
 from gateway.schemas import RedisNames
+from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger
 
 log = get_logger("hpcgate.control.health")

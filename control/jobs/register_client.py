@@ -33,12 +33,14 @@ from typing import Annotated
 
 import msgspec
 
+from hpcgate.backoff import Backoff
 from hpcgate.settings import HttpUrl, LogLevel, PositiveFloat, load_settings
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 _MAX_BODY = 64 * 1024
+_BACKOFF_CAP_S = 8.0
 
 
 class JobSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -51,7 +53,7 @@ class JobSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     capabilities: tuple[str, ...] = ("chat", "completions")
     timeout_s: PositiveFloat = 10.0
     attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 6  # connection errors / 5xx only
-    backoff_s: PositiveFloat = 0.5  # doubles per attempt, capped at 8 s
+    backoff_s: PositiveFloat = 0.5  # the first retry's ceiling; doubles per attempt (jittered), capped at 8 s
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
@@ -90,7 +92,7 @@ def register(settings: JobSettings, reg: Registration) -> Registered:
     """POST the claim, retrying connection errors and 5xx with capped backoff; raises RegisterError."""
     url = settings.control_url.rstrip("/") + "/v1/register"
     body = msgspec.json.encode(reg)
-    delay = settings.backoff_s
+    backoff = Backoff(base_s=settings.backoff_s, cap_s=_BACKOFF_CAP_S)
     last = "no attempt made"
     for attempt in range(1, settings.attempts + 1):
         try:
@@ -110,10 +112,10 @@ def register(settings: JobSettings, reg: Registration) -> Registered:
                 raise RegisterError(f"registration refused: HTTP {status}: {text}", EXIT_REFUSED)
             last = f"registration API failed: HTTP {status}: {text}"
         if attempt < settings.attempts:
+            delay = backoff.next_delay()
             print(f"hpcgate register: attempt {attempt} failed ({last}); retrying in {delay:.1f}s",
                   file=sys.stderr)
             time.sleep(delay)
-            delay = min(delay * 2, 8.0)
     raise RegisterError(f"{last} (gave up after {settings.attempts} attempts)", EXIT_UNREACHABLE)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -11,7 +10,6 @@ import pytest
 from control.admin_cli import _resource
 from control.admin_render import render, render_table
 from control.api.http import HttpError, Route, Router, validation_error
-from control.health.backoff import Backoff
 from control.health.plan import EndpointState, MarkReady, RecordProbe, Remove, plan_endpoint, plan_round
 from control.health.probe import ProbeResult, build_request, parse_status
 from control.publish.tables import (
@@ -165,7 +163,7 @@ def test_key_table_leaves_out_keys_of_disabled_tenants() -> None:
     assert table.tenants[0].allowed_models == ("m",) and table.tenants[0].tokens_per_minute == 5
 
 
-# ----------------------------------------------------------------------------- probe, backoff, tokens
+# ----------------------------------------------------------------------------- probe, tokens
 
 
 def test_status_line_parser() -> None:
@@ -175,14 +173,6 @@ def test_status_line_parser() -> None:
     assert parse_status(b"HTTP/1.1 2000 X\r\n") is None
     assert b"Authorization: Bearer t0k\r\n" in build_request("n1", 1, "t0k")
     assert b"Authorization" not in build_request("n1", 1, None)
-
-
-def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    b = Backoff(base_s=0.1, cap_s=1.0, rand=random.Random(1))
-    delays = [b.next_delay() for _ in range(10)]
-    assert 0.05 <= delays[0] <= 0.1 and all(0.5 <= d <= 1.0 for d in delays[5:])
-    b.reset()
-    assert b.next_delay() <= 0.1
 
 
 def test_registration_tokens_are_random_and_hashed() -> None:
