@@ -1,6 +1,6 @@
 """Keeps the worker's endpoint and key tables current from Redis (snapshot key + pub/sub).
 
-Protocol (see gateway.schemas.tables): subscribe to the version channels, then GET the snapshot
+Protocol (see hpcgate.schemas.tables): subscribe to the version channels, then GET the snapshot
 keys (so no announcement can fall between the two), then apply each announced version that is
 newer than the one held; re-GET every ``table_resync_s`` as a safety net. If Redis goes away
 the last tables stay in use and the loop reconnects with capped, jittered exponential backoff.
@@ -16,9 +16,9 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.schemas import EndpointTable, KeyTable, RedisNames
 from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger
+from hpcgate.schemas import EndpointTable, KeyTable, RedisNames
 
 log = get_logger("hpcgate.gateway.tables")
 

@@ -33,9 +33,9 @@ from control.health.probe import ProbeResult, probe
 from control.publish.publisher import TablePublisher
 from control.settings import HealthSettings
 from control.store.db import OUTAGE_ERRORS, Conn, OutageLog
-from gateway.schemas import RedisNames
 from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger
+from hpcgate.schemas import RedisNames
 
 log = get_logger("hpcgate.control.health")
 
