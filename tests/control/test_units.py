@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import msgspec
 import pytest
 
@@ -11,7 +12,7 @@ from control.admin_cli import _resource
 from control.admin_render import render, render_table
 from control.api.http import HttpError, Route, Router, validation_error
 from control.health.plan import EndpointState, MarkReady, RecordProbe, Remove, plan_endpoint, plan_round
-from control.health.probe import ProbeResult, build_request, parse_status
+from control.health.probe import ProbeResult, probe
 from control.publish.tables import (
     EndpointRow,
     KeyRow,
@@ -166,13 +167,25 @@ def test_key_table_leaves_out_keys_of_disabled_tenants() -> None:
 # ----------------------------------------------------------------------------- probe, tokens
 
 
-def test_status_line_parser() -> None:
-    assert parse_status(b"HTTP/1.1 200 OK\r\n") == 200
-    assert parse_status(b"HTTP/1.0 503 Service Unavailable\r\n") == 503
-    assert parse_status(b"SSH-2.0-OpenSSH\r\n") is None
-    assert parse_status(b"HTTP/1.1 2000 X\r\n") is None
-    assert b"Authorization: Bearer t0k\r\n" in build_request("n1", 1, "t0k")
-    assert b"Authorization" not in build_request("n1", 1, None)
+async def test_probe_maps_every_answer_to_a_result_and_never_raises() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        port = request.url.port
+        if port == 1:
+            return httpx.Response(200, text="ok")
+        if port == 2:
+            return httpx.Response(503)
+        raise httpx.ConnectError("refused", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        assert await probe(client, "n1", 1, "t0k", 1.0) == ProbeResult(ok=True, status=200)
+        assert await probe(client, "n1", 2, None, 1.0) == ProbeResult(False, 503, "status_503")
+        assert await probe(client, "::1", 3, None, 1.0) == ProbeResult(ok=False, error="ConnectError")
+    assert seen[0].url == "http://n1:1/health" and seen[0].headers["authorization"] == "Bearer t0k"
+    assert "authorization" not in seen[1].headers
+    assert str(seen[2].url) == "http://[::1]:3/health"
 
 
 def test_registration_tokens_are_random_and_hashed() -> None:
