@@ -2,11 +2,16 @@
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
+
+The subcommands need the ``bench`` extra (numpy, matplotlib, psutil; ``pip install
+'hpcgate[bench]'``), which the base install leaves out; without it they stop with a one-line
+message saying so (exit 2) before importing anything of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -19,6 +24,13 @@ import uvloop
 
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
+
+# What each subcommand imports beyond the base install.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "run": ("numpy",),
+    "table": ("numpy", "matplotlib", "psutil"),
+    "overhead": ("numpy", "psutil"),
+}
 
 
 class BenchSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -131,6 +143,11 @@ def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    missing = [name for name in NEEDS[args.command] if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"hpcgate bench {args.command}: error: {', '.join(missing)} not installed; "
+              "install hpcgate[bench] (pip install 'hpcgate[bench]')", file=sys.stderr)
+        return 2
     settings = load_settings(BenchSettings, "bench")
     setup_logging(settings.log_level)
     if args.command == "run":
