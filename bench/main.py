@@ -1,9 +1,10 @@
-"""``hpcgate bench run|table|overhead``: the load driver, Table 1 reproduction, proxy overhead.
+"""``hpcgate bench run|table|overhead|footprint``: the load driver, Table 1 reproduction, proxy
+overhead, and the install's footprint.
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
 
-The subcommands need the ``bench`` extra (numpy, matplotlib, psutil; ``pip install
+The load subcommands need the ``bench`` extra (numpy, matplotlib, psutil; ``pip install
 'hpcgate[bench]'``), which the base install leaves out; without it they stop with a one-line
 message saying so (exit 2) before importing anything of it.
 """
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
+from bench import footprint
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
 
@@ -30,6 +32,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "run": ("numpy",),
     "table": ("numpy", "matplotlib", "psutil"),
     "overhead": ("numpy", "psutil"),
+    "footprint": (),
 }
 
 
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     _table_parser(sub)
     _overhead_parser(sub)
+    footprint.add_parser(sub)
     return parser
 
 
@@ -152,6 +156,8 @@ def main(argv: list[str]) -> int:
     setup_logging(settings.log_level)
     if args.command == "run":
         return _cmd_run(args, settings)
+    if args.command == "footprint":
+        return footprint.cmd_footprint(args)
     if args.command == "table":
         from bench.table import cmd_table
 
