@@ -1,8 +1,8 @@
 """The routes of ``hpcgate control api``: registration, admin, service discovery, health.
 
-Each handler declares its input as typed parameters (a ``data`` body Struct, path and query
-parameters with the bounded aliases of :mod:`control.wire`), calls one store function and
-returns a wire Struct. Litestar decodes and validates from those declarations and generates
+Each handler declares its input as typed parameters (a ``data`` body Struct of
+:mod:`control.wire`, path and query parameters with the bounded aliases below), calls one store
+function and returns a wire Struct. Litestar decodes and validates from those declarations and generates
 the OpenAPI document (``/admin/openapi.json``) from the same ones, so the document cannot drift
 from the code. The dependencies ``db``, ``ports`` and ``key_secret`` come from
 :func:`control.api.app.build_app`; the guards sit on the routers there.
@@ -97,14 +97,14 @@ def errors(*codes: int, body: bool = False, auth: bool = True) -> dict[int, Resp
 # ----------------------------------------------------------------------------- meta, registration
 
 
-@get("/health", summary="Liveness of the API process", tags=["meta"], security=[],
+@get("/health", summary="Liveness of the API process", tags=["meta"],
      responses=errors(auth=False))
 async def health() -> Health:
     return Health()
 
 
 @post("/v1/register", status_code=200, summary="Register a running job; returns its port",
-      tags=["registration"], security=[], responses=errors(401, 409, body=True, auth=False))
+      tags=["registration"], responses=errors(401, 409, body=True, auth=False))
 async def register(db: Db, ports: NamedDependency[PortRange],
                    data: JSONBody[RegisterRequest]) -> RegisterResponse:
     return await registration.register(db, data, ports)

@@ -62,8 +62,8 @@ async def test_schemathesis_finds_no_server_error(stack: Stack, api: Daemon, tmp
         "not_a_server_error",
         "--max-examples",
         "15",
-        "--workers",
-        "2",
+        "--workers",  # one: CPython 3.11.7's ast.parse is not thread-safe (gh-106905), and hypothesis
+        "1",  # parses lambdas while schemathesis negates this document's oneOf schemas
         "--phases",
         "coverage,fuzzing,stateful",
         "--generation-database",
