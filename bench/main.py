@@ -1,12 +1,18 @@
-"""``hpcgate bench run|table|overhead``: the load driver, Table 1 reproduction, proxy overhead.
+"""``hpcgate bench run|table|overhead|footprint``: the load driver, Table 1 reproduction, proxy
+overhead, and the install's footprint.
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
+
+The load subcommands need the ``bench`` extra (numpy, matplotlib, psutil; ``pip install
+'hpcgate[bench]'``), which the base install leaves out; without it they stop with a one-line
+message saying so (exit 2) before importing anything of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -17,8 +23,17 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
+from bench import footprint
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
+
+# What each subcommand imports beyond the base install.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "run": ("numpy",),
+    "table": ("numpy", "matplotlib", "psutil"),
+    "overhead": ("numpy", "psutil"),
+    "footprint": (),
+}
 
 
 class BenchSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -84,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     _table_parser(sub)
     _overhead_parser(sub)
+    footprint.add_parser(sub)
     return parser
 
 
@@ -131,10 +147,17 @@ def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    missing = [name for name in NEEDS[args.command] if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"hpcgate bench {args.command}: error: {', '.join(missing)} not installed; "
+              "install hpcgate[bench] (pip install 'hpcgate[bench]')", file=sys.stderr)
+        return 2
     settings = load_settings(BenchSettings, "bench")
     setup_logging(settings.log_level)
     if args.command == "run":
         return _cmd_run(args, settings)
+    if args.command == "footprint":
+        return footprint.cmd_footprint(args)
     if args.command == "table":
         from bench.table import cmd_table
 

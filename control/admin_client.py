@@ -4,18 +4,19 @@ Invariants: every call sends the admin token and JSON, decodes the answer into t
 the server declares for that route, and turns any non-2xx answer into :class:`AdminApiError`
 carrying the server's :class:`control.wire.ErrorBody`; a network failure is an
 :class:`AdminApiError` with status 0. Path segments are percent-encoded (model names contain
-``/``). Standard library only (urllib): this is a CLI, one request at a time.
+``/``). A CLI, one request at a time: a synchronous httpx client
+(:func:`control.http_client.tool_client`).
 """
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from typing import Any, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
+import httpx
 import msgspec
 
+from control.http_client import tool_client
 from control.wire import ErrorBody
 
 T = TypeVar("T")
@@ -41,33 +42,26 @@ class AdminClient:
 
     def raw(self, method: str, path: str, body: object = None, query: dict[str, Any] | None = None) -> bytes:
         """The answer body of a 2xx; raises AdminApiError otherwise."""
-        url = self._base + path
         params = {k: _query_value(v) for k, v in (query or {}).items() if v is not None}
-        if params:
-            url += "?" + urlencode(params)
         data = None if body is None else msgspec.json.encode(body)
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        headers = {"authorization": f"Bearer {self._token}", "accept": "application/json"}
         if data is not None:
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+            headers["content-type"] = "application/json"
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                payload: bytes = response.read()
-                return payload
-        except urllib.error.HTTPError as exc:
-            text = exc.read()
-            try:
-                error = msgspec.json.decode(text, type=ErrorBody)
-            except msgspec.DecodeError:
-                error = ErrorBody(
-                    error="http_error", message=text.decode(errors="replace")[:200] or exc.reason
-                )
-            raise AdminApiError(exc.code, error) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise AdminApiError(
-                0, ErrorBody(error="unreachable", message=f"{self._base}: {reason}")
-            ) from None
+            with tool_client(self._timeout) as client:
+                response = client.request(method, self._base + path, params=params, content=data,
+                                          headers=headers)
+        except httpx.HTTPError as exc:
+            message = f"{self._base}: {str(exc) or type(exc).__name__}"
+            raise AdminApiError(0, ErrorBody(error="unreachable", message=message)) from None
+        if response.is_success:
+            return response.content
+        try:
+            error = msgspec.json.decode(response.content, type=ErrorBody)
+        except msgspec.DecodeError:
+            text = response.content.decode(errors="replace")[:200]
+            error = ErrorBody(error="http_error", message=text or response.reason_phrase)
+        raise AdminApiError(response.status_code, error)
 
     def call(
         self, cls: type[T], method: str, path: str, body: object = None, query: dict[str, Any] | None = None

@@ -1,12 +1,15 @@
 """Typed wire format of the control API: registration, admin and error bodies.
 
-Shared by the API server (decodes requests, encodes responses, generates the OpenAPI
-document from these types), the store (returns the response views) and ``hpcgate admin``
-(decodes them). msgspec and the standard library only.
+Shared by the API server (Litestar decodes requests into these types, encodes responses from
+them and generates the OpenAPI document from them), the store (takes the query bundles,
+returns the response views) and ``hpcgate admin`` (decodes them). msgspec and the standard
+library only.
 
-Invariants: every request type rejects unknown fields and bounds every value so that anything
-it accepts also fits the database (lengths, integer ranges, the name patterns of the schema's
-CHECK constraints, no NUL characters in text); ``UNSET`` in an update means "leave as is".
+Invariants: every request body type rejects unknown fields, and every request type or
+parameter alias bounds every value so that anything it accepts also fits the database
+(lengths, integer ranges, the name patterns of the schema's CHECK constraints, no NUL
+characters in text); ``UNSET`` in an update means "leave as is". The ``*Query`` structs only
+carry already validated query parameters from a handler to the store.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 # Patterns mirror the CHECK constraints of control/db/migrations/0001_initial.sql.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}$"
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+KEY_PREFIX_PATTERN = r"^[A-Za-z0-9_-]{1,16}$"
+MAX_ID = 2**63 - 1  # PostgreSQL bigint
 NODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$"
 
-Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+Id = Annotated[int, Meta(ge=1, le=MAX_ID)]
 Count = Annotated[int, Meta(ge=0, le=100_000)]
 PosInt32 = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 ModelName = Annotated[str, Meta(pattern=NAME_PATTERN)]
@@ -82,7 +87,7 @@ class TenantCreate(Struct, kw_only=True, forbid_unknown_fields=True):
     tokens_per_minute: PosInt32 | None = None
 
 
-class TenantUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
+class TenantUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     enabled: bool | UnsetType = UNSET
     allowed_models: Annotated[list[ModelName], Meta(max_length=1000)] | UnsetType | None = UNSET
     max_concurrent_requests: PosInt32 | UnsetType | None = UNSET
@@ -104,13 +109,13 @@ class Tenant(Struct, kw_only=True):
 # ----------------------------------------------------------------------------- API keys
 
 
-class KeyCreate(Struct, kw_only=True, forbid_unknown_fields=True):
+class KeyCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     description: Text = ""
     expires_at: Timestamp | None = None
     expires_in_s: PosInt32 | None = None  # alternative to expires_at
 
 
-class KeyUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
+class KeyUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     description: Text | UnsetType = UNSET
     expires_at: Timestamp | UnsetType | None = UNSET  # None: never expires
 
@@ -149,7 +154,7 @@ class ModelCreate(Struct, kw_only=True, forbid_unknown_fields=True):
     max_model_len: PosInt32 | None = None
 
 
-class ModelUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
+class ModelUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     aliases: Annotated[list[ModelName], Meta(max_length=64)] | UnsetType = UNSET  # replaces the set
     engine_args: Annotated[list[EngineArg], Meta(max_length=256)] | UnsetType = UNSET
     slurm_template: TemplateName | UnsetType = UNSET
@@ -186,11 +191,14 @@ class Model(Struct, kw_only=True):
 # ----------------------------------------------------------------------------- jobs, endpoints
 
 
-class JobQuery(Struct, kw_only=True, forbid_unknown_fields=True):
-    model: ModelName | None = None
-    state: JobState | None = None
-    all: bool = False  # include ended and failed jobs
-    limit: Annotated[int, Meta(ge=1, le=1000)] = 200
+class JobQuery(Struct, kw_only=True):
+    """The filters of ``GET /admin/jobs``; its query parameters (control/api/routes.py) give the
+    bounds and defaults."""
+
+    model: str | None
+    state: JobState | None
+    all: bool  # include ended and failed jobs
+    limit: int
 
 
 class Job(Struct, kw_only=True):
@@ -211,8 +219,8 @@ class Job(Struct, kw_only=True):
     port: int | None
 
 
-class EndpointQuery(Struct, kw_only=True, forbid_unknown_fields=True):
-    model: ModelName | None = None
+class EndpointQuery(Struct, kw_only=True):
+    model: str | None
 
 
 class Endpoint(Struct, kw_only=True):
@@ -235,17 +243,17 @@ class Endpoint(Struct, kw_only=True):
 # ----------------------------------------------------------------------------- keys query, usage
 
 
-class KeyQuery(Struct, kw_only=True, forbid_unknown_fields=True):
-    prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,16}$")] | None = None
-    tenant: TenantName | None = None
-    all: bool = False  # include revoked and expired keys
+class KeyQuery(Struct, kw_only=True):
+    prefix: str | None
+    tenant: str | None
+    all: bool  # include revoked and expired keys
 
 
-class UsageQuery(Struct, kw_only=True, forbid_unknown_fields=True):
-    since: Timestamp | None = None  # default: 24 hours before `until`
-    until: Timestamp | None = None  # default: now
-    tenant: TenantName | None = None
-    model: ModelName | None = None
+class UsageQuery(Struct, kw_only=True):
+    since: datetime | None  # None: 24 hours before `until`
+    until: datetime | None  # None: now
+    tenant: str | None
+    model: str | None
 
 
 class UsageRow(Struct, kw_only=True):

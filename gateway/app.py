@@ -31,11 +31,11 @@ from gateway.metrics import GatewayMetrics, StateView
 from gateway.offload import make_offloader
 from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, RoutingTable, table_from_snapshot
-from gateway.schemas import EndpointTable, KeyTable
 from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
+from hpcgate.schemas import EndpointTable, KeyTable
 
 log = get_logger("hpcgate.gateway")
 

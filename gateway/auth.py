@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from gateway.errors import ApiError
-from gateway.schemas import KeyTable, hash_api_key
+from hpcgate.schemas import KeyTable, hash_api_key
 
 
 class Principal:

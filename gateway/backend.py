@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.metrics_text import EngineLoad
 from gateway.upstream_client import UpstreamPool
+from hpcgate.metrics_text import EngineLoad
 
 BackendKey = tuple[str, str | None]  # (base URL, bearer token)
 

@@ -12,7 +12,7 @@ import time
 
 import asyncpg
 
-from gateway.schemas import ApiKeyEntry, KeyTable, TenantEntry
+from hpcgate.schemas import ApiKeyEntry, KeyTable, TenantEntry
 
 _VERSION = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM published_table_version"
 _TENANTS = """

@@ -33,10 +33,10 @@ from gateway.http_server import HttpConnection
 from gateway.relay import CLIENT_GONE, Exchange
 from gateway.request_view import parse_view
 from gateway.routing_table import RETRY_AFTER_STARTING, RETRY_AFTER_STOPPED, ModelRoute
-from gateway.schemas import ModelState
 from gateway.sse import SseScanner, inject_include_usage, usage_of
 from gateway.upstream_client import UpstreamConnection, UpstreamError, build_request
 from hpcgate.logs import get_logger
+from hpcgate.schemas import ModelState
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

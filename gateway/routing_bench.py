@@ -18,8 +18,8 @@ import orjson
 from gateway.backend import Backend
 from gateway.balancer import choose
 from gateway.routing_table import table_from_snapshot
-from gateway.schemas import EndpointEntry, EndpointTable
 from gateway.upstream_client import UpstreamPool
+from hpcgate.schemas import EndpointEntry, EndpointTable
 
 PER_MODEL = 10
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from gateway.backend import Backend, BackendKey
-from gateway.schemas import EndpointTable, ModelState
+from hpcgate.schemas import EndpointTable, ModelState
 
 # Retry-After seconds for a model that exists but has no ready instance.
 RETRY_AFTER_STARTING = 10

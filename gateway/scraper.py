@@ -12,8 +12,8 @@ import asyncio
 import random
 
 from gateway.backend import Backend
-from gateway.metrics_text import parse_engine_load
 from gateway.upstream_client import UpstreamError, UpstreamPool
+from hpcgate.metrics_text import parse_engine_load
 
 
 class _Collect:

@@ -1,6 +1,6 @@
 """Keeps the worker's endpoint and key tables current from Redis (snapshot key + pub/sub).
 
-Protocol (see gateway.schemas.tables): subscribe to the version channels, then GET the snapshot
+Protocol (see hpcgate.schemas.tables): subscribe to the version channels, then GET the snapshot
 keys (so no announcement can fall between the two), then apply each announced version that is
 newer than the one held; re-GET every ``table_resync_s`` as a safety net. If Redis goes away
 the last tables stay in use and the loop reconnects with capped, jittered exponential backoff.
@@ -10,15 +10,15 @@ A snapshot that does not decode is logged and ignored, never installed.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.schemas import EndpointTable, KeyTable, RedisNames
+from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger
+from hpcgate.schemas import EndpointTable, KeyTable, RedisNames
 
 log = get_logger("hpcgate.gateway.tables")
 
@@ -52,6 +52,7 @@ class RedisTableSync:
 
     async def run(self) -> None:
         failures = 0
+        backoff = Backoff(base_s=0.1, cap_s=self._backoff_max)
         channels = self._channels()
         while True:
             client = aioredis.from_url(self._url, socket_connect_timeout=2.0, health_check_interval=2)
@@ -63,6 +64,7 @@ class RedisTableSync:
                 if failures:
                     log.info("redis_reconnected", after_failures=failures)
                 failures = 0
+                backoff.reset()
                 self.connected.set()
                 loop = asyncio.get_running_loop()
                 next_resync = loop.time() + self._resync_s
@@ -79,7 +81,7 @@ class RedisTableSync:
             except (RedisError, OSError) as exc:
                 self.connected.clear()
                 failures += 1
-                delay = min(self._backoff_max, 0.1 * (2 ** min(failures, 10))) * (0.5 + random.random() / 2)
+                delay = backoff.next_delay()
                 log.warning("redis_unavailable", error=str(exc) or type(exc).__name__,
                             retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)

@@ -19,10 +19,10 @@ from gateway.app import Gateway
 from gateway.http_server import HttpServer
 from gateway.key_source import load_key_table
 from gateway.routing_table import ModelRoute, RoutingTable
-from gateway.schemas import ModelState
 from gateway.settings import GatewaySettings, parse_static_endpoints
 from gateway.table_sync import RedisTableSync
 from hpcgate.logs import get_logger
+from hpcgate.schemas import ModelState
 
 log = get_logger("hpcgate.gateway.worker")
 

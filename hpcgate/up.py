@@ -23,18 +23,18 @@ import secrets
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import asyncpg
+import httpx
 import msgspec
 import orjson
 import redis.asyncio as aioredis
 
 from control.admin_client import AdminApiError, AdminClient
 from control.db.migrate import migrate
+from control.http_client import tool_client
 from control.wire import Job, KeyCreated, Model, Tenant
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, Port, PostgresUrl, RedisUrl, load_settings
@@ -203,12 +203,12 @@ class Stack:
             await asyncio.sleep(0.5)
 
     def _model_state(self, key: str) -> str:
-        req = urllib.request.Request(f"http://{self.s.host}:{self.s.gateway_port}/v1/models",
-                                     headers={"Authorization": f"Bearer {key}"})
         try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                doc = orjson.loads(resp.read())
-        except (urllib.error.URLError, OSError, orjson.JSONDecodeError) as exc:
+            with tool_client(5.0) as client:
+                response = client.get(f"http://{self.s.host}:{self.s.gateway_port}/v1/models",
+                                      headers={"authorization": f"Bearer {key}"})
+            doc = orjson.loads(response.raise_for_status().content)
+        except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
             return f"gateway not answering ({exc})"
         for entry in doc.get("data", []):
             if entry.get("id") == self.s.model:

@@ -1,388 +1,278 @@
 """The routes of ``hpcgate control api``: registration, admin, service discovery, health.
 
-Each handler decodes its input with the typed helpers of :mod:`control.api.http`, calls one
-store function and returns a wire Struct; the :class:`Route` entries carry the same types for
-the OpenAPI document (``/admin/openapi.json``), so the document cannot drift from the code
-without the schemathesis test noticing.
+Each handler declares its input as typed parameters (a ``data`` body Struct of
+:mod:`control.wire`, path and query parameters with the bounded aliases below), calls one store
+function and returns a wire Struct. Litestar decodes and validates from those declarations and generates
+the OpenAPI document (``/admin/openapi.json``) from the same ones, so the document cannot drift
+from the code. The dependencies ``db``, ``ports`` and ``key_secret`` come from
+:func:`control.api.app.build_app`; the guards sit on the routers there.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
-from control.api.http import Auth, Call, Route
-from control.settings import ApiSettings
+from litestar import get, patch, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import SecurityRequirement
+from litestar.params import JSONBody, PathParameter, QueryParameter
+
+from control.api.errors import ApiError
+from control.api.security import ADMIN_SCHEME, SD_SCHEME
 from control.store import jobs, models, registration, tenants, usage
 from control.store.db import Database
 from control.store.registration import PortRange
 from control.wire import (
+    KEY_PREFIX_PATTERN,
+    MAX_ID,
+    NAME_PATTERN,
+    TENANT_PATTERN,
     ApiKey,
     Endpoint,
     EndpointQuery,
+    ErrorBody,
     Health,
-    Id,
     Job,
     JobQuery,
+    JobState,
     KeyCreate,
     KeyCreated,
     KeyQuery,
     KeyUpdate,
     Model,
     ModelCreate,
-    ModelName,
     ModelUpdate,
     RegisterRequest,
     RegisterResponse,
     SdTargetGroup,
     Tenant,
     TenantCreate,
-    TenantName,
     TenantUpdate,
     Usage,
     UsageQuery,
 )
 
+_STATUS_TEXT = {
+    400: "Malformed JSON or request",
+    401: "Missing or wrong token",
+    404: "Not found",
+    409: "Conflict",
+    413: "Body too large",
+    415: "Not JSON",
+    422: "Validation error",
+    503: "Database unavailable",
+}
+# An empty body means {} (Litestar hands a handler its default when there is no body).
+_NO_TENANT_CHANGE, _NO_KEY_CHANGE, _NO_MODEL_CHANGE = TenantUpdate(), KeyUpdate(), ModelUpdate()
+_DEFAULT_KEY = KeyCreate()
+# Path and query parameters restate the bounds of the wire aliases from the same constants:
+# Litestar documents and enforces ``PathParameter``/``QueryParameter`` constraints, not msgspec's
+# ``Meta``, outside Structs.
+TenantPath = Annotated[str, PathParameter(pattern=TENANT_PATTERN)]
+ModelPath = Annotated[str, PathParameter(pattern=NAME_PATTERN)]
+IdPath = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
+TenantFilter = Annotated[str | None, QueryParameter(pattern=TENANT_PATTERN)]
+ModelFilter = Annotated[str | None, QueryParameter(pattern=NAME_PATTERN)]
+KeyPrefixFilter = Annotated[str | None, QueryParameter(pattern=KEY_PREFIX_PATTERN)]
+StateFilter = Annotated[JobState | None, QueryParameter(name="state")]  # "state" is reserved by Litestar
+TimeFilter = Annotated[datetime | None, QueryParameter()]  # with a time zone: see _aware()
+Flag = Annotated[bool, QueryParameter()]
+ListLimit = Annotated[int, QueryParameter(ge=1, le=1000)]
+Db = NamedDependency[Database]
+ADMIN: list[SecurityRequirement] = [{ADMIN_SCHEME: []}]
+SD: list[SecurityRequirement] = [{SD_SCHEME: []}, {}]  # {}: open unless sd_token is set
 
-class ControlRoutes:
-    """Handlers bound to the database and settings of one API process."""
 
-    def __init__(self, db: Database, settings: ApiSettings) -> None:
-        self.db = db
-        self.ports = PortRange(settings.port_range_start, settings.port_range_end)
-        self.secret = settings.key_hash_secret.encode()
+def errors(*codes: int, body: bool = False, auth: bool = True) -> dict[int, ResponseSpec]:
+    """The documented error answers of a route: 400, 422 and 503 always, the body's and auth's, ``codes``."""
+    wanted = {400, 422, 503, *codes} | ({413, 415} if body else set()) | ({401} if auth else set())
+    return {
+        code: ResponseSpec(data_container=ErrorBody, description=_STATUS_TEXT[code], generate_examples=False)
+        for code in sorted(wanted)
+    }
 
-    # -- liveness
-    async def health(self, call: Call) -> Health:
-        return Health()
 
-    # -- registration
-    async def register(self, call: Call) -> RegisterResponse:
-        return await registration.register(self.db, call.json(RegisterRequest), self.ports)
+# ----------------------------------------------------------------------------- meta, registration
 
-    # -- tenants and keys
-    async def create_tenant(self, call: Call) -> Tenant:
-        return await tenants.create_tenant(self.db, call.json(TenantCreate))
 
-    async def list_tenants(self, call: Call) -> list[Tenant]:
-        return await tenants.list_tenants(self.db)
+@get("/health", summary="Liveness of the API process", tags=["meta"],
+     responses=errors(auth=False))
+async def health() -> Health:
+    return Health()
 
-    async def get_tenant(self, call: Call) -> Tenant:
-        return await tenants.get_tenant(self.db, call.param("name", TenantName))
 
-    async def update_tenant(self, call: Call) -> Tenant:
-        name = call.param("name", TenantName)
-        return await tenants.update_tenant(self.db, name, call.json(TenantUpdate))
+@post("/v1/register", status_code=200, summary="Register a running job; returns its port",
+      tags=["registration"], responses=errors(401, 409, body=True, auth=False))
+async def register(db: Db, ports: NamedDependency[PortRange],
+                   data: JSONBody[RegisterRequest]) -> RegisterResponse:
+    return await registration.register(db, data, ports)
 
-    async def create_key(self, call: Call) -> KeyCreated:
-        name = call.param("name", TenantName)
-        return await tenants.create_key(self.db, self.secret, name, call.json(KeyCreate))
 
-    async def list_keys(self, call: Call) -> list[ApiKey]:
-        return await tenants.list_keys(self.db, call.query_as(KeyQuery))
+# ----------------------------------------------------------------------------- tenants and keys
 
-    async def update_key(self, call: Call) -> ApiKey:
-        key_id = call.param("key_id", Id)
-        return await tenants.update_key(self.db, key_id, call.json(KeyUpdate))
 
-    async def revoke_key(self, call: Call) -> ApiKey:
-        return await tenants.revoke_key(self.db, call.param("key_id", Id))
+@post("/tenants", summary="Create a tenant", tags=["tenants"], responses=errors(409, body=True))
+async def create_tenant(db: Db, data: JSONBody[TenantCreate]) -> Tenant:
+    return await tenants.create_tenant(db, data)
 
-    # -- models
-    async def create_model(self, call: Call) -> Model:
-        return await models.create_model(self.db, call.json(ModelCreate))
 
-    async def list_models(self, call: Call) -> list[Model]:
-        return await models.list_models(self.db)
+@get("/tenants", summary="List tenants", tags=["tenants"], responses=errors())
+async def list_tenants(db: Db) -> list[Tenant]:
+    return await tenants.list_tenants(db)
 
-    async def get_model(self, call: Call) -> Model:
-        return await models.get_model(self.db, call.param("name", ModelName))
 
-    async def update_model(self, call: Call) -> Model:
-        name = call.param("name", ModelName)
-        return await models.update_model(self.db, name, call.json(ModelUpdate))
+@get("/tenants/{name:str}", summary="Show a tenant", tags=["tenants"], responses=errors(404))
+async def get_tenant(db: Db, name: TenantPath) -> Tenant:
+    return await tenants.get_tenant(db, name)
 
-    async def drain_model(self, call: Call) -> Model:
-        return await models.drain_model(self.db, call.param("name", ModelName))
 
-    # -- jobs and endpoints
-    async def list_jobs(self, call: Call) -> list[Job]:
-        return await jobs.list_jobs(self.db, call.query_as(JobQuery))
+@patch("/tenants/{name:str}", summary="Update a tenant (enabled=false disables it and all its keys)",
+       tags=["tenants"], responses=errors(404, body=True))
+async def update_tenant(db: Db, name: TenantPath, data: JSONBody[TenantUpdate] = _NO_TENANT_CHANGE) -> Tenant:
+    return await tenants.update_tenant(db, name, data)
 
-    async def get_job(self, call: Call) -> Job:
-        return await jobs.get_job(self.db, call.param("job_id", Id))
 
-    async def cancel_job(self, call: Call) -> Job:
-        return await jobs.cancel_job(self.db, call.param("job_id", Id))
+@post("/tenants/{name:str}/keys", summary="Create an API key; the key is in this answer only",
+      tags=["keys"], responses=errors(404, 409, body=True))
+async def create_key(db: Db, key_secret: NamedDependency[bytes], name: TenantPath,
+                     data: JSONBody[KeyCreate] = _DEFAULT_KEY) -> KeyCreated:
+    return await tenants.create_key(db, key_secret, name, data)
 
-    async def drain_job(self, call: Call) -> Job:
-        return await jobs.drain_job(self.db, call.param("job_id", Id))
 
-    async def list_endpoints(self, call: Call) -> list[Endpoint]:
-        return await jobs.list_endpoints(self.db, call.query_as(EndpointQuery))
+@get("/keys", summary="List API keys (by prefix, tenant)", tags=["keys"], responses=errors())
+async def list_keys(db: Db, prefix: KeyPrefixFilter = None, tenant: TenantFilter = None,
+                    all: Flag = False) -> list[ApiKey]:  # all: include revoked and expired keys
+    return await tenants.list_keys(db, KeyQuery(prefix=prefix, tenant=tenant, all=all))
 
-    async def drain_endpoint(self, call: Call) -> Endpoint:
-        return await jobs.drain_endpoint(self.db, call.param("endpoint_id", Id))
 
-    # -- usage
-    async def usage(self, call: Call) -> Usage:
-        return await usage.usage(self.db, call.query_as(UsageQuery))
+@patch("/keys/{key_id:str}", summary="Change a key's expiry or description", tags=["keys"],
+       responses=errors(404, body=True))
+async def update_key(db: Db, key_id: IdPath, data: JSONBody[KeyUpdate] = _NO_KEY_CHANGE) -> ApiKey:
+    return await tenants.update_key(db, key_id, data)
 
-    # -- Prometheus HTTP SD
-    async def sd_vllm(self, call: Call) -> list[SdTargetGroup]:
-        return [
-            SdTargetGroup(
-                targets=[f"{ep.node}:{ep.port}"],
-                labels={
-                    "model": ep.model,
-                    "node": ep.node,
-                    "endpoint_id": str(ep.endpoint_id),
-                    "endpoint_job_id": str(ep.endpoint_job_id),
-                    "launcher_job_id": ep.launcher_job_id or "",
-                    "draining": "true"
-                    if ep.draining or ep.job_state in ("draining", "cancelling")
-                    else "false",
-                    "__metrics_path__": "/metrics",
-                },
-            )
-            for ep in await jobs.ready_endpoints(self.db)
-        ]
 
-    def routes(self) -> list[Route]:
-        a: Auth = "admin"
-        n: Auth = "none"
-        name_p: dict[str, Any] = {"name": TenantName}
-        model_p: dict[str, Any] = {"name": ModelName}
-        return [
-            Route("GET", "/health", self.health, n, "Liveness of the API process", "meta", response=Health),
-            Route(
-                "POST",
-                "/v1/register",
-                self.register,
-                n,
-                "Register a running job; returns its port",
-                "registration",
-                body=RegisterRequest,
-                response=RegisterResponse,
-                errors=(401, 409),
-            ),
-            Route(
-                "POST",
-                "/admin/tenants",
-                self.create_tenant,
-                a,
-                "Create a tenant",
-                "tenants",
-                body=TenantCreate,
-                response=Tenant,
-                status=201,
-                errors=(409,),
-            ),
-            Route(
-                "GET",
-                "/admin/tenants",
-                self.list_tenants,
-                a,
-                "List tenants",
-                "tenants",
-                response=list[Tenant],
-            ),
-            Route(
-                "GET",
-                "/admin/tenants/{name}",
-                self.get_tenant,
-                a,
-                "Show a tenant",
-                "tenants",
-                response=Tenant,
-                params=name_p,
-                errors=(404,),
-            ),
-            Route(
-                "PATCH",
-                "/admin/tenants/{name}",
-                self.update_tenant,
-                a,
-                "Update a tenant (enabled=false disables it and all its keys)",
-                "tenants",
-                body=TenantUpdate,
-                response=Tenant,
-                params=name_p,
-                errors=(404,),
-            ),
-            Route(
-                "POST",
-                "/admin/tenants/{name}/keys",
-                self.create_key,
-                a,
-                "Create an API key; the key is in this answer only",
-                "keys",
-                body=KeyCreate,
-                response=KeyCreated,
-                status=201,
-                params=name_p,
-                errors=(404, 409),
-            ),
-            Route(
-                "GET",
-                "/admin/keys",
-                self.list_keys,
-                a,
-                "List API keys (by prefix, tenant)",
-                "keys",
-                query=KeyQuery,
-                response=list[ApiKey],
-            ),
-            Route(
-                "PATCH",
-                "/admin/keys/{key_id}",
-                self.update_key,
-                a,
-                "Change a key's expiry or description",
-                "keys",
-                body=KeyUpdate,
-                response=ApiKey,
-                params={"key_id": Id},
-                errors=(404,),
-            ),
-            Route(
-                "POST",
-                "/admin/keys/{key_id}/revoke",
-                self.revoke_key,
-                a,
-                "Revoke an API key",
-                "keys",
-                response=ApiKey,
-                params={"key_id": Id},
-                errors=(404,),
-            ),
-            Route(
-                "POST",
-                "/admin/models",
-                self.create_model,
-                a,
-                "Create a model configuration",
-                "models",
-                body=ModelCreate,
-                response=Model,
-                status=201,
-                errors=(409,),
-            ),
-            Route("GET", "/admin/models", self.list_models, a, "List models", "models", response=list[Model]),
-            Route(
-                "GET",
-                "/admin/models/{name}",
-                self.get_model,
-                a,
-                "Show a model",
-                "models",
-                response=Model,
-                params=model_p,
-                errors=(404,),
-            ),
-            Route(
-                "PATCH",
-                "/admin/models/{name}",
-                self.update_model,
-                a,
-                "Update a model configuration",
-                "models",
-                body=ModelUpdate,
-                response=Model,
-                params=model_p,
-                errors=(404, 409),
-            ),
-            Route(
-                "POST",
-                "/admin/models/{name}/drain",
-                self.drain_model,
-                a,
-                "Drain a model: no new requests, the Job Worker stops its jobs",
-                "models",
-                response=Model,
-                params=model_p,
-                errors=(404,),
-            ),
-            Route(
-                "GET",
-                "/admin/jobs",
-                self.list_jobs,
-                a,
-                "List endpoint jobs",
-                "jobs",
-                query=JobQuery,
-                response=list[Job],
-            ),
-            Route(
-                "GET",
-                "/admin/jobs/{job_id}",
-                self.get_job,
-                a,
-                "Show an endpoint job",
-                "jobs",
-                response=Job,
-                params={"job_id": Id},
-                errors=(404,),
-            ),
-            Route(
-                "POST",
-                "/admin/jobs/{job_id}/cancel",
-                self.cancel_job,
-                a,
-                "Cancel a job (state cancelling; the Job Worker stops it)",
-                "jobs",
-                response=Job,
-                params={"job_id": Id},
-                errors=(404, 409),
-            ),
-            Route(
-                "POST",
-                "/admin/jobs/{job_id}/drain",
-                self.drain_job,
-                a,
-                "Drain a job (no new requests; the Job Worker replaces and stops it)",
-                "jobs",
-                response=Job,
-                params={"job_id": Id},
-                errors=(404, 409),
-            ),
-            Route(
-                "GET",
-                "/admin/endpoints",
-                self.list_endpoints,
-                a,
-                "List registered endpoints",
-                "endpoints",
-                query=EndpointQuery,
-                response=list[Endpoint],
-            ),
-            Route(
-                "POST",
-                "/admin/endpoints/{endpoint_id}/drain",
-                self.drain_endpoint,
-                a,
-                "Drain an endpoint (and its job)",
-                "endpoints",
-                response=Endpoint,
-                params={"endpoint_id": Id},
-                errors=(404, 409),
-            ),
-            Route(
-                "GET",
-                "/admin/usage",
-                self.usage,
-                a,
-                "Token usage per tenant and model over a time range",
-                "usage",
-                query=UsageQuery,
-                response=Usage,
-            ),
-            Route(
-                "GET",
-                "/sd/vllm",
-                self.sd_vllm,
-                "sd",
-                "Prometheus HTTP service discovery of ready vLLM endpoints",
-                "discovery",
-                response=list[SdTargetGroup],
-            ),
-        ]
+@post("/keys/{key_id:str}/revoke", status_code=200, summary="Revoke an API key", tags=["keys"],
+      responses=errors(404))
+async def revoke_key(db: Db, key_id: IdPath) -> ApiKey:
+    return await tenants.revoke_key(db, key_id)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@post("/models", summary="Create a model configuration", tags=["models"], responses=errors(409, body=True))
+async def create_model(db: Db, data: JSONBody[ModelCreate]) -> Model:
+    return await models.create_model(db, data)
+
+
+@get("/models", summary="List models", tags=["models"], responses=errors())
+async def list_models(db: Db) -> list[Model]:
+    return await models.list_models(db)
+
+
+@get("/models/{name:str}", summary="Show a model", tags=["models"], responses=errors(404))
+async def get_model(db: Db, name: ModelPath) -> Model:
+    return await models.get_model(db, name)
+
+
+@patch("/models/{name:str}", summary="Update a model configuration", tags=["models"],
+       responses=errors(404, 409, body=True))
+async def update_model(db: Db, name: ModelPath, data: JSONBody[ModelUpdate] = _NO_MODEL_CHANGE) -> Model:
+    return await models.update_model(db, name, data)
+
+
+@post("/models/{name:str}/drain", status_code=200, tags=["models"], responses=errors(404),
+      summary="Drain a model: no new requests, the Job Worker stops its jobs")
+async def drain_model(db: Db, name: ModelPath) -> Model:
+    return await models.drain_model(db, name)
+
+
+# ----------------------------------------------------------------------------- jobs and endpoints
+
+
+@get("/jobs", summary="List endpoint jobs", tags=["jobs"], responses=errors())
+async def list_jobs(db: Db, model: ModelFilter = None, job_state: StateFilter = None,
+                    all: Flag = False, limit: ListLimit = 200) -> list[Job]:  # all: ended and failed too
+    return await jobs.list_jobs(db, JobQuery(model=model, state=job_state, all=all, limit=limit))
+
+
+@get("/jobs/{job_id:str}", summary="Show an endpoint job", tags=["jobs"], responses=errors(404))
+async def get_job(db: Db, job_id: IdPath) -> Job:
+    return await jobs.get_job(db, job_id)
+
+
+@post("/jobs/{job_id:str}/cancel", status_code=200, tags=["jobs"], responses=errors(404, 409),
+      summary="Cancel a job (state cancelling; the Job Worker stops it)")
+async def cancel_job(db: Db, job_id: IdPath) -> Job:
+    return await jobs.cancel_job(db, job_id)
+
+
+@post("/jobs/{job_id:str}/drain", status_code=200, tags=["jobs"], responses=errors(404, 409),
+      summary="Drain a job (no new requests; the Job Worker replaces and stops it)")
+async def drain_job(db: Db, job_id: IdPath) -> Job:
+    return await jobs.drain_job(db, job_id)
+
+
+@get("/endpoints", summary="List registered endpoints", tags=["endpoints"], responses=errors())
+async def list_endpoints(db: Db, model: ModelFilter = None) -> list[Endpoint]:
+    return await jobs.list_endpoints(db, EndpointQuery(model=model))
+
+
+@post("/endpoints/{endpoint_id:str}/drain", status_code=200, summary="Drain an endpoint (and its job)",
+      tags=["endpoints"], responses=errors(404, 409))
+async def drain_endpoint(db: Db, endpoint_id: IdPath) -> Endpoint:
+    return await jobs.drain_endpoint(db, endpoint_id)
+
+
+# ----------------------------------------------------------------------------- usage
+
+
+@get("/usage", summary="Token usage per tenant and model over a time range", tags=["usage"],
+     responses=errors())
+async def usage_report(db: Db, since: TimeFilter = None, until: TimeFilter = None,
+                       tenant: TenantFilter = None, model: ModelFilter = None) -> Usage:
+    """``since`` defaults to 24 hours before ``until``, ``until`` to now."""
+    query = UsageQuery(since=_aware(since, "since"), until=_aware(until, "until"), tenant=tenant, model=model)
+    return await usage.usage(db, query)
+
+
+def _aware(value: datetime | None, name: str) -> datetime | None:
+    """Litestar has no time-zone constraint for parameters: a naive time is refused here."""
+    if value is not None and value.tzinfo is None:
+        reason = "Expected `datetime` with a timezone component"
+        raise ApiError(422, "validation_error", reason, f"query.{name}")
+    return value
+
+
+# ----------------------------------------------------------------------------- Prometheus HTTP SD
+
+
+@get("/sd/vllm", summary="Prometheus HTTP service discovery of ready vLLM endpoints", tags=["discovery"],
+     security=SD, responses=errors())
+async def sd_vllm(db: Db) -> list[SdTargetGroup]:
+    return [
+        SdTargetGroup(
+            targets=[f"{ep.node}:{ep.port}"],
+            labels={
+                "model": ep.model,
+                "node": ep.node,
+                "endpoint_id": str(ep.endpoint_id),
+                "endpoint_job_id": str(ep.endpoint_job_id),
+                "launcher_job_id": ep.launcher_job_id or "",
+                "draining": "true" if ep.draining or ep.job_state in ("draining", "cancelling") else "false",
+                "__metrics_path__": "/metrics",
+            },
+        )
+        for ep in await jobs.ready_endpoints(db)
+    ]
+
+
+OPEN_ROUTES: list[Any] = [health, register]
+SD_ROUTES: list[Any] = [sd_vllm]
+ADMIN_ROUTES: list[Any] = [
+    create_tenant, list_tenants, get_tenant, update_tenant, create_key, list_keys, update_key, revoke_key,
+    create_model, list_models, get_model, update_model, drain_model,
+    list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report,
+]

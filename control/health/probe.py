@@ -1,8 +1,10 @@
 """One ``GET /health`` probe of an endpoint, over a fresh connection, with one deadline.
 
-The status-line parser is sans-IO (:func:`parse_status`); :func:`probe` only does the socket
-work. A probe never raises: every failure is a :class:`ProbeResult` with ``ok=False`` and a
-short reason, so one bad endpoint cannot disturb a probe round.
+:func:`probe` never raises: every failure is a :class:`ProbeResult` with ``ok=False`` and a
+short reason (``timeout``, ``status_503``, or the name of the transport error), so one bad
+endpoint cannot disturb a probe round. Only the status line matters: the body is never read.
+The Endpoint Worker opens one client per round (:func:`probe_client`) with keep-alive off, so
+every probe sees whether the port still accepts connections.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-MAX_STATUS_LINE = 1024
+import httpx
+
+from control.http_client import daemon_client, node_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,43 +24,22 @@ class ProbeResult:
     error: str | None = None
 
 
-def build_request(host: str, port: int, bearer_token: str | None) -> bytes:
-    lines = [
-        "GET /health HTTP/1.1",
-        f"Host: {host}:{port}",
-        "Connection: close",
-        "User-Agent: hpcgate-health",
-    ]
-    if bearer_token:
-        lines.append(f"Authorization: Bearer {bearer_token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+def probe_client(timeout_s: float, max_concurrent: int) -> httpx.AsyncClient:
+    return daemon_client(timeout_s, max_connections=max_concurrent, keep_alive=False)
 
 
-def parse_status(line: bytes) -> int | None:
-    """The status code of an HTTP/1.x status line, or None if it is not one."""
-    parts = line.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
-        return None
-    return int(parts[1])
-
-
-async def probe(host: str, port: int, bearer_token: str | None, timeout_s: float) -> ProbeResult:
+async def probe(client: httpx.AsyncClient, host: str, port: int, bearer_token: str | None,
+                timeout_s: float) -> ProbeResult:
     try:
-        return await asyncio.wait_for(_probe(host, port, bearer_token), timeout=timeout_s)
-    except TimeoutError:
+        status = await asyncio.wait_for(_status(client, host, port, bearer_token), timeout=timeout_s)
+    except (TimeoutError, httpx.TimeoutException):
         return ProbeResult(ok=False, error="timeout")
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+    except httpx.HTTPError as exc:
         return ProbeResult(ok=False, error=type(exc).__name__)
-
-
-async def _probe(host: str, port: int, bearer_token: str | None) -> ProbeResult:
-    reader, writer = await asyncio.open_connection(host, port, limit=MAX_STATUS_LINE)
-    try:
-        writer.write(build_request(host, port, bearer_token))
-        await writer.drain()
-        status = parse_status(await reader.readuntil(b"\r\n"))
-    finally:
-        writer.close()
-    if status is None:
-        return ProbeResult(ok=False, error="not_http")
     return ProbeResult(ok=status == 200, status=status, error=None if status == 200 else f"status_{status}")
+
+
+async def _status(client: httpx.AsyncClient, host: str, port: int, bearer_token: str | None) -> int:
+    headers = {"authorization": f"Bearer {bearer_token}"} if bearer_token else {}
+    async with client.stream("GET", node_url(host, port, "/health"), headers=headers) as response:
+        return response.status_code

@@ -24,18 +24,19 @@ import contextlib
 from datetime import UTC, datetime
 
 import asyncpg
+import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from control.health.backoff import Backoff
 from control.health.observer import JobObserver, LiveJob
 from control.health.plan import Action, EndpointState, MarkReady, RecordProbe, Remove, needs_probe, plan_round
-from control.health.probe import ProbeResult, probe
+from control.health.probe import ProbeResult, probe, probe_client
 from control.publish.publisher import TablePublisher
 from control.settings import HealthSettings
 from control.store.db import OUTAGE_ERRORS, Conn, OutageLog
-from gateway.schemas import RedisNames
+from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger
+from hpcgate.schemas import RedisNames
 
 log = get_logger("hpcgate.control.health")
 
@@ -139,15 +140,18 @@ class EndpointWorker:
         return bool(actions)  # the publisher skips the snapshot if its content did not change
 
     async def _probe_all(self, endpoints: list[EndpointState]) -> dict[int, ProbeResult]:
-        limit = asyncio.Semaphore(self.settings.max_concurrent_probes)
+        if not endpoints:
+            return {}
+        s = self.settings
+        limit = asyncio.Semaphore(s.max_concurrent_probes)
 
-        async def one(ep: EndpointState) -> tuple[int, ProbeResult]:
+        async def one(client: httpx.AsyncClient, ep: EndpointState) -> tuple[int, ProbeResult]:
             async with limit:
-                return ep.endpoint_id, await probe(
-                    ep.node, ep.port, ep.bearer_token, self.settings.probe_timeout_s
-                )
+                result = await probe(client, ep.node, ep.port, ep.bearer_token, s.probe_timeout_s)
+            return ep.endpoint_id, result
 
-        return dict(await asyncio.gather(*(one(ep) for ep in endpoints)))
+        async with probe_client(s.probe_timeout_s, s.max_concurrent_probes) as client:
+            return dict(await asyncio.gather(*(one(client, ep) for ep in endpoints)))
 
     async def _gone(self, endpoints: list[EndpointState]) -> frozenset[int]:
         if self._observer is None or not endpoints:

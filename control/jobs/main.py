@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import random
 import shlex
 import signal
 import sys
@@ -26,6 +25,7 @@ import asyncpg
 from control.jobs.reconcile import JobWorker
 from control.jobs.settings import JobsSettings
 from control.launchers.base import Launcher, LauncherError
+from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.settings import load_settings
 
@@ -63,7 +63,7 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
     if not settings.ssh_prefix:
         settings.resolved_output_dir().mkdir(parents=True, exist_ok=True)
     wake = asyncio.Event()
-    backoff = 0.5
+    backoff = Backoff(base_s=0.5, cap_s=settings.outage_backoff_max_s)
     failing: str | None = None
     pool: asyncpg.Pool | None = None
     worker: JobWorker | None = None
@@ -86,7 +86,7 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
                 if failing is not None:
                     log.info("jobs_worker_recovered", was=failing)
                     failing = None
-                backoff = 0.5
+                backoff.reset()
                 delay = settings.interval_s
             except _TEMPORARY as exc:
                 kind = type(exc).__name__
@@ -96,8 +96,7 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
                 if isinstance(exc, (OSError, asyncpg.InterfaceError)) and not isinstance(exc, LauncherError):
                     await _close(listener)
                     listener = None
-                delay = min(backoff, settings.outage_backoff_max_s) * (0.5 + random.random() / 2)
-                backoff = min(backoff * 2, settings.outage_backoff_max_s)
+                delay = backoff.next_delay()
             stop_wait = asyncio.ensure_future(stop.wait())
             wake_wait = asyncio.ensure_future(wake.wait())
             await asyncio.wait({stop_wait, wake_wait}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)

@@ -18,6 +18,7 @@ from pathlib import Path
 import asyncpg
 import msgspec
 
+from control.http_client import daemon_client
 from control.jobs import store
 from control.jobs.inflight import scrape_in_flight
 from control.jobs.naming import endpoint_job_id_of, name_prefix
@@ -148,8 +149,13 @@ class JobWorker:
 
     async def _scrape_draining(self, rows: list[store.JobRow]) -> dict[int, int | None]:
         targets = [r for r in rows if r.state == "draining" and r.node and r.port]
-        counts = await asyncio.gather(*(scrape_in_flight(r.node or "", r.port or 0, r.bearer_token,
-                                                         self.settings.metrics_timeout_s) for r in targets))
+        if not targets:
+            return {}
+        timeout = self.settings.metrics_timeout_s
+        async with daemon_client(timeout) as client:
+            scrapes = (scrape_in_flight(client, r.node or "", r.port or 0, r.bearer_token, timeout)
+                       for r in targets)
+            counts = await asyncio.gather(*scrapes)
         return {r.endpoint_job_id: c for r, c in zip(targets, counts, strict=True)}
 
     # --- apply ---------------------------------------------------------------------------

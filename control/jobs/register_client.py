@@ -27,18 +27,19 @@ import shlex
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Annotated
 
+import httpx
 import msgspec
 
+from control.http_client import tool_client
+from hpcgate.backoff import Backoff
 from hpcgate.settings import HttpUrl, LogLevel, PositiveFloat, load_settings
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
-_MAX_BODY = 64 * 1024
+_BACKOFF_CAP_S = 8.0
 
 
 class JobSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -51,7 +52,7 @@ class JobSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     capabilities: tuple[str, ...] = ("chat", "completions")
     timeout_s: PositiveFloat = 10.0
     attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 6  # connection errors / 5xx only
-    backoff_s: PositiveFloat = 0.5  # doubles per attempt, capped at 8 s
+    backoff_s: PositiveFloat = 0.5  # the first retry's ceiling; doubles per attempt (jittered), capped at 8 s
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,45 +77,42 @@ class RegisterError(Exception):
         self.exit_code = exit_code
 
 
-def _post(url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return int(resp.status), resp.read(_MAX_BODY)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read(_MAX_BODY)
-
-
 def register(settings: JobSettings, reg: Registration) -> Registered:
     """POST the claim, retrying connection errors and 5xx with capped backoff; raises RegisterError."""
     url = settings.control_url.rstrip("/") + "/v1/register"
     body = msgspec.json.encode(reg)
-    delay = settings.backoff_s
+    backoff = Backoff(base_s=settings.backoff_s, cap_s=_BACKOFF_CAP_S)
     last = "no attempt made"
-    for attempt in range(1, settings.attempts + 1):
-        try:
-            status, payload = _post(url, body, settings.timeout_s)
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            last = f"cannot reach {url}: {reason}"
-        else:
-            text = payload.decode("utf-8", "replace").strip()[:500]
-            if status == 200:
-                try:
-                    return msgspec.json.decode(payload, type=Registered)
-                except msgspec.DecodeError as exc:
-                    raise RegisterError(f"registration API answered 200 with an unexpected body: {exc}",
-                                        EXIT_UNREACHABLE) from None
-            if status < 500:
-                raise RegisterError(f"registration refused: HTTP {status}: {text}", EXIT_REFUSED)
-            last = f"registration API failed: HTTP {status}: {text}"
-        if attempt < settings.attempts:
-            print(f"hpcgate register: attempt {attempt} failed ({last}); retrying in {delay:.1f}s",
-                  file=sys.stderr)
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
+    with tool_client(settings.timeout_s) as client:
+        for attempt in range(1, settings.attempts + 1):
+            result, last = _attempt(client, url, body)
+            if result is not None:
+                return result
+            if attempt < settings.attempts:
+                delay = backoff.next_delay()
+                print(f"hpcgate register: attempt {attempt} failed ({last}); retrying in {delay:.1f}s",
+                      file=sys.stderr)
+                time.sleep(delay)
     raise RegisterError(f"{last} (gave up after {settings.attempts} attempts)", EXIT_UNREACHABLE)
+
+
+def _attempt(client: httpx.Client, url: str, body: bytes) -> tuple[Registered | None, str]:
+    """One POST: the result, or None and why it may be retried; raises RegisterError if it may not."""
+    try:
+        response = client.post(url, content=body, headers={"content-type": "application/json"})
+    except httpx.HTTPError as exc:
+        return None, f"cannot reach {url}: {exc or type(exc).__name__}"
+    status, payload = response.status_code, response.content
+    text = payload.decode("utf-8", "replace").strip()[:500]
+    if status == 200:
+        try:
+            return msgspec.json.decode(payload, type=Registered), ""
+        except msgspec.DecodeError as exc:
+            raise RegisterError(f"registration API answered 200 with an unexpected body: {exc}",
+                                EXIT_UNREACHABLE) from None
+    if status < 500:
+        raise RegisterError(f"registration refused: HTTP {status}: {text}", EXIT_REFUSED)
+    return None, f"registration API failed: HTTP {status}: {text}"
 
 
 def format_result(result: Registered, bearer_token: str, fmt: str) -> str:

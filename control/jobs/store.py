@@ -21,6 +21,7 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from control.jobs.naming import job_name
+from hpcgate.backoff import ceiling
 
 
 class ModelRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -184,7 +185,7 @@ class FailurePolicy(msgspec.Struct, frozen=True, kw_only=True):
     backoff_max_s: float = 600.0
 
     def backoff_s(self, failures: int) -> float:
-        return float(min(self.backoff_max_s, self.backoff_base_s * 2 ** max(0, failures - 1)))
+        return ceiling(self.backoff_base_s, self.backoff_max_s, failures - 1)
 
 
 async def finish_job(conn: Conn, job_id: int, state: str, reason: str, *, failure: bool,

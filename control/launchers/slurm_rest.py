@@ -1,19 +1,19 @@
 """Slurm through slurmrestd (its REST API), where a site runs it.
 
-Talks HTTP/1.1 (one request per connection, bounded by a timeout and a size cap) to
-``http(s)://host:port`` with a JWT (``X-SLURM-USER-NAME`` / ``X-SLURM-USER-TOKEN``), or to a
-unix socket (``unix:///run/slurmrestd.sock``, local auth). Request and response mapping is in
+Talks HTTP to ``http(s)://host:port`` with a JWT (``X-SLURM-USER-NAME`` / ``X-SLURM-USER-TOKEN``),
+or to a unix socket (``unix:///run/slurmrestd.sock``, local auth), through one httpx client per
+launcher (connect/read timeouts, a size cap on every answer). Request and response mapping is in
 :mod:`control.launchers.slurm_rest_map` (pure); this module only moves bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ssl
 from urllib.parse import urlsplit
 
+import httpx
 import msgspec
 
+from control.http_client import BodyTooLargeError, daemon_client, read_capped
 from control.launchers.base import JobSpec, LauncherError, ObservedJob
 from control.launchers.slurm_parse import SlurmParseError
 from control.launchers.slurm_rest_map import (
@@ -34,71 +34,30 @@ class SlurmRestLauncher:
         parts = urlsplit(url)
         if parts.scheme not in {"http", "https", "unix"}:
             raise ValueError(f"slurmrest_url {url!r}: use http(s)://host:port or unix:///path")
-        self._scheme = parts.scheme
-        self._host = parts.hostname or "localhost"
-        self._port = parts.port or (443 if parts.scheme == "https" else 6820)
-        self._socket = parts.path if parts.scheme == "unix" else None
+        if parts.scheme == "unix":
+            transport: httpx.AsyncBaseTransport | None = httpx.AsyncHTTPTransport(uds=parts.path)
+            base_url = "http://localhost"
+        else:
+            transport = None
+            host = parts.hostname or "localhost"
+            host = f"[{host}]" if ":" in host else host
+            base_url = f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 6820)}"
         self._base = f"/slurm/{api_version}"
         self._version = api_version
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"content-type": "application/json", "accept": "application/json"}
         if user:
-            self._headers["X-SLURM-USER-NAME"] = user
+            headers["x-slurm-user-name"] = user
         if token:
-            self._headers["X-SLURM-USER-TOKEN"] = token
-        self._timeout = timeout_s
+            headers["x-slurm-user-token"] = token
+        self._client = daemon_client(timeout_s, max_connections=8, transport=transport, base_url=base_url)
+        self._client.headers.update(headers)
 
     async def _request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         try:
-            return await asyncio.wait_for(self._exchange(method, path, body), self._timeout)
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+            async with self._client.stream(method, path, content=body or None) as response:
+                return response.status_code, await read_capped(response, _MAX_BODY)
+        except (httpx.HTTPError, BodyTooLargeError) as exc:
             raise LauncherError(f"slurmrestd {method} {path}: {exc or type(exc).__name__}") from None
-
-    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
-        if self._socket is not None:
-            reader, writer = await asyncio.open_unix_connection(self._socket)
-        else:
-            tls = ssl.create_default_context() if self._scheme == "https" else None
-            reader, writer = await asyncio.open_connection(self._host, self._port, ssl=tls)
-        try:
-            head = [f"{method} {path} HTTP/1.1", f"Host: {self._host}", "Connection: close",
-                    f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in self._headers.items())]
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            await writer.drain()
-            status_line = await reader.readline()
-            parts = status_line.split(b" ", 2)
-            if len(parts) < 2 or not parts[1].isdigit():
-                raise ValueError(f"bad status line {status_line[:100]!r}")
-            length = None
-            chunked = False
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                name, _, value = line.decode("latin-1").partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value.strip())
-                elif name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
-                    chunked = True
-            if chunked:
-                data = bytearray()
-                while True:
-                    size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        break
-                    data += await reader.readexactly(size + 2)
-                    del data[-2:]
-                    if len(data) > _MAX_BODY:
-                        raise ValueError("response too large")
-                payload = bytes(data)
-            elif length is not None:
-                if length > _MAX_BODY:
-                    raise ValueError("response too large")
-                payload = await reader.readexactly(length)
-            else:
-                payload = await reader.read(_MAX_BODY)
-            return int(parts[1]), payload
-        finally:
-            writer.close()
 
     async def submit(self, spec: JobSpec) -> str:
         body = msgspec.json.encode(submit_body(spec, self._version))
@@ -136,4 +95,4 @@ class SlurmRestLauncher:
             return None
 
     async def close(self) -> None:
-        return None
+        await self._client.aclose()

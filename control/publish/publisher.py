@@ -1,6 +1,6 @@
 """Publishing the endpoint and key tables to Redis, versioned from PostgreSQL.
 
-Protocol (shared with the gateway, see gateway/schemas/tables.py): the snapshot is
+Protocol (shared with the gateway, see hpcgate/schemas/tables.py): the snapshot is
 ``msgspec.json.encode(table)`` stored with SET under ``RedisNames.endpoint_table`` (resp.
 ``key_table``), then the version is PUBLISHed as ASCII digits on the matching channel, both in
 one MULTI/EXEC.
@@ -30,7 +30,7 @@ from control.publish.tables import (
     build_key_table,
 )
 from control.store.db import Conn
-from gateway.schemas import EndpointTable, KeyTable, RedisNames
+from hpcgate.schemas import EndpointTable, KeyTable, RedisNames
 
 _ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by all publishers
 _KEY_LOCK = 0x6870_6770_0002

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.schemas import (
+from hpcgate.schemas import (
     ApiKeyEntry,
     EndpointEntry,
     EndpointTable,

@@ -24,7 +24,7 @@ from control.wire import (
     TenantCreate,
     TenantUpdate,
 )
-from gateway.schemas import hash_api_key, key_prefix, new_api_key
+from hpcgate.schemas import hash_api_key, key_prefix, new_api_key
 
 _TENANT_SELECT = """
 SELECT t.tenant_id, t.name, t.enabled, t.allowed_models, t.max_concurrent_requests, t.tokens_per_minute,

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from control.store.tokens import hash_registration_token, new_registration_token
-from gateway.schemas import EndpointTable, KeyTable, RedisNames
+from hpcgate.schemas import EndpointTable, KeyTable, RedisNames
 from tests.control.daemons import ADMIN_TOKEN, KEY_SECRET, http
 from tests.support.services import REDIS_URL, create_migrated_database, drop_database, unique_name
 

@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
-from gateway.schemas import EndpointTable, KeyTable
+from hpcgate.schemas import EndpointTable, KeyTable
 from tests.control.conftest import Stack
 from tests.support.services import REDIS_URL
 

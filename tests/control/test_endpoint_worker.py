@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.schemas import EndpointTable, KeyTable, hash_api_key
+from hpcgate.schemas import EndpointTable, KeyTable, hash_api_key
 from tests.control.conftest import Stack
 from tests.control.daemons import KEY_SECRET, Daemon, start_api, start_health
 from tests.control.subscriber import Subscriber

@@ -44,7 +44,8 @@ def test_openapi_document_covers_every_route() -> None:
         ("GET", "/sd/vllm"),
     } <= ops
     register = doc["paths"]["/v1/register"]["post"]
-    assert register["security"] == [] and {"401", "409", "422"} <= set(register["responses"])
+    assert "security" not in register and "security" not in doc  # no requirement: open
+    assert {"401", "409", "422"} <= set(register["responses"])
     assert doc["paths"]["/admin/tenants"]["post"]["security"] == [{"adminToken": []}]
 
 
@@ -61,8 +62,8 @@ async def test_schemathesis_finds_no_server_error(stack: Stack, api: Daemon, tmp
         "not_a_server_error",
         "--max-examples",
         "15",
-        "--workers",
-        "2",
+        "--workers",  # one: CPython 3.11.7's ast.parse is not thread-safe (gh-106905), and hypothesis
+        "1",  # parses lambdas while schemathesis negates this document's oneOf schemas
         "--phases",
         "coverage,fuzzing,stateful",
         "--generation-database",

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.schemas import KeyTable, hash_api_key
+from hpcgate.schemas import KeyTable, hash_api_key
 from tests.control.conftest import Stack
 from tests.control.daemons import KEY_SECRET, Daemon, start_api, start_health
 from tests.control.subscriber import Subscriber

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
 from control.admin_cli import _resource
 from control.admin_render import render, render_table
-from control.api.http import HttpError, Route, Router, validation_error
-from control.health.backoff import Backoff
+from control.api.app import ApiEdge, build_app
+from control.api.decoding import routing_path
+from control.api.errors import ApiError, validation_error
+from control.api.security import sd_guards
 from control.health.plan import EndpointState, MarkReady, RecordProbe, Remove, plan_endpoint, plan_round
-from control.health.probe import ProbeResult, build_request, parse_status
+from control.health.probe import ProbeResult, probe
 from control.publish.tables import (
     EndpointRow,
     KeyRow,
@@ -22,6 +25,8 @@ from control.publish.tables import (
     build_endpoint_table,
     build_key_table,
 )
+from control.settings import ApiSettings
+from control.store.db import Database
 from control.store.tokens import hash_registration_token, new_registration_token
 from control.wire import ModelCreate, RegisterRequest, Tenant
 
@@ -165,24 +170,28 @@ def test_key_table_leaves_out_keys_of_disabled_tenants() -> None:
     assert table.tenants[0].allowed_models == ("m",) and table.tenants[0].tokens_per_minute == 5
 
 
-# ----------------------------------------------------------------------------- probe, backoff, tokens
+# ----------------------------------------------------------------------------- probe, tokens
 
 
-def test_status_line_parser() -> None:
-    assert parse_status(b"HTTP/1.1 200 OK\r\n") == 200
-    assert parse_status(b"HTTP/1.0 503 Service Unavailable\r\n") == 503
-    assert parse_status(b"SSH-2.0-OpenSSH\r\n") is None
-    assert parse_status(b"HTTP/1.1 2000 X\r\n") is None
-    assert b"Authorization: Bearer t0k\r\n" in build_request("n1", 1, "t0k")
-    assert b"Authorization" not in build_request("n1", 1, None)
+async def test_probe_maps_every_answer_to_a_result_and_never_raises() -> None:
+    seen: list[httpx.Request] = []
 
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        port = request.url.port
+        if port == 1:
+            return httpx.Response(200, text="ok")
+        if port == 2:
+            return httpx.Response(503)
+        raise httpx.ConnectError("refused", request=request)
 
-def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    b = Backoff(base_s=0.1, cap_s=1.0, rand=random.Random(1))
-    delays = [b.next_delay() for _ in range(10)]
-    assert 0.05 <= delays[0] <= 0.1 and all(0.5 <= d <= 1.0 for d in delays[5:])
-    b.reset()
-    assert b.next_delay() <= 0.1
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        assert await probe(client, "n1", 1, "t0k", 1.0) == ProbeResult(ok=True, status=200)
+        assert await probe(client, "n1", 2, None, 1.0) == ProbeResult(False, 503, "status_503")
+        assert await probe(client, "::1", 3, None, 1.0) == ProbeResult(ok=False, error="ConnectError")
+    assert seen[0].url == "http://n1:1/health" and seen[0].headers["authorization"] == "Bearer t0k"
+    assert "authorization" not in seen[1].headers
+    assert str(seen[2].url) == "http://[::1]:3/health"
 
 
 def test_registration_tokens_are_random_and_hashed() -> None:
@@ -192,38 +201,68 @@ def test_registration_tokens_are_random_and_hashed() -> None:
     assert len(hash_registration_token(a)) == 32
 
 
-# ----------------------------------------------------------------------------- http layer, wire types
+# ----------------------------------------------------------------------------- the API's edges, wire types
 
 
-async def _noop(call: object) -> None:
-    return None
+async def _call(
+    app: ApiEdge, method: str, raw_path: bytes, token: str | None = None
+) -> tuple[int, dict[str, str], Any]:
+    """One request through the ASGI app, no sockets: status, headers, decoded JSON body."""
+    sent: list[dict[str, Any]] = []
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    raw_path, _, query = raw_path.partition(b"?")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "server": ("127.0.0.1", 8081), "client": ("127.0.0.1", 5000),
+             "root_path": "", "path": raw_path.decode("latin-1"), "raw_path": raw_path, "query_string": query,
+             "headers": headers}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    head = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], head, msgspec.json.decode(b"".join(m.get("body", b"") for m in sent[1:]))
 
 
-def test_router_matches_templates_and_separates_404_from_405() -> None:
-    router = Router(
-        [
-            Route("GET", "/admin/models/{name}", _noop, "admin", "", "t"),
-            Route("POST", "/admin/models/{name}/drain", _noop, "admin", "", "t"),
-        ]
-    )
-    route, params = router.match("GET", ["admin", "models", "org/m"])  # "org%2Fm" decoded per segment
-    assert route.path == "/admin/models/{name}" and params == {"name": "org/m"}
-    with pytest.raises(HttpError) as e405:
-        router.match("DELETE", ["admin", "models", "x"])
-    assert e405.value.status == 405
-    with pytest.raises(HttpError) as e404:
-        router.match("GET", ["admin", "nothing"])
-    assert e404.value.status == 404
+def test_routing_path_keeps_encoded_slashes_inside_their_segment() -> None:
+    assert routing_path(b"/admin/models/org%2Fm/drain?x=1") == "/admin/models/org%2Fm/drain"
+    assert routing_path(b"/admin/models/a%25b%20c") == "/admin/models/a%25b c"  # "%" stays escaped
+    assert routing_path(b"/admin/models/%FF") is None
+
+
+async def test_routes_errors_and_guards_answer_error_bodies() -> None:
+    settings = ApiSettings(admin_token="adm", sd_token="sdt", key_hash_secret="k")
+    app = build_app(Database(settings.database_url), settings)  # never opened: no route below reaches it
+    status, _, body = await _call(app, "GET", b"/admin/models/org%2Fm")  # routed: its guard answers
+    assert (status, body["error"]) == (401, "unauthorized")
+    status, head, body = await _call(app, "DELETE", b"/admin/models/x", "adm")
+    assert (status, body["error"]) == (405, "method_not_allowed") and "GET" in head["allow"]
+    status, _, body = await _call(app, "GET", b"/admin/nothing", "adm")
+    assert (status, body) == (404, {"error": "not_found", "message": "no such route", "path": None})
+    status, _, body = await _call(app, "GET", b"/admin/models/%FF", "adm")
+    assert (status, body["error"]) == (404, "not_found")
+    status, _, body = await _call(app, "GET", b"/admin/jobs/abc", "adm")
+    assert (status, body["error"], body["path"]) == (422, "validation_error", "path.job_id")
+    assert [(await _call(app, "GET", b"/sd/vllm", t))[0] for t in (None, "x")] == [401, 401]
+    bad_queries = ((b"state=bogus", "query.state"), (b"limit=0", "query.limit"), (b"all=maybe", "query.all"))
+    for query, path in bad_queries:
+        status, _, body = await _call(app, "GET", b"/admin/jobs?" + query, "adm")
+        assert (status, body["path"]) == (422, path), body
+    status, _, body = await _call(app, "GET", b"/admin/usage?since=2026-01-01T00:00:00", "adm")  # no zone
+    assert (status, body["path"]) == (422, "query.since"), body
 
 
 def test_validation_errors_name_the_field() -> None:
     with pytest.raises(msgspec.ValidationError) as exc:
         msgspec.json.decode(b'{"name": "m", "min_instances": -1}', type=ModelCreate)
-    err = validation_error(exc.value, "$")
+    err = validation_error(exc.value)
     assert err.status == 422 and err.body.path == "$.min_instances"
     with pytest.raises(msgspec.DecodeError) as bad:
         msgspec.json.decode(b"{", type=ModelCreate)
-    assert validation_error(bad.value, "$").status == 400
+    assert validation_error(bad.value).status == 400
 
 
 @pytest.mark.parametrize("token", ["a b", "a\r\nX-Injected: 1", "", "x" * 513])
@@ -261,45 +300,24 @@ def test_cli_rendering_and_resource_parsing() -> None:
     assert render([]) == "(none)"
 
 
-async def test_sd_token_when_set_admits_it_or_the_admin_token() -> None:
-    from control.api.http import ApiApp
+def test_sd_token_when_set_admits_it_or_the_admin_token() -> None:
+    class Connection:
+        def __init__(self, auth: str | None) -> None:
+            self.headers = {"authorization": auth} if auth else {}
 
-    async def sd(call: object) -> list[str]:
-        return []
+    def admitted(guards: list[Any], auth: str | None) -> bool:
+        try:
+            for guard in guards:
+                guard(Connection(auth), None)
+        except ApiError as exc:
+            assert exc.status == 401 and exc.headers == {"www-authenticate": "Bearer"}
+            return False
+        return True
 
-    async def status_of(app: ApiApp, auth: str | None) -> int:
-        sent: list[dict[str, object]] = []
-        headers = [(b"authorization", auth.encode())] if auth else []
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": "/sd/vllm",
-            "raw_path": b"/sd/vllm",
-            "query_string": b"",
-            "headers": headers,
-        }
-
-        async def receive() -> dict[str, object]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
-
-        await app(scope, receive, send)
-        status = sent[0]["status"]
-        assert isinstance(status, int)
-        return status
-
-    router = Router([Route("GET", "/sd/vllm", sd, "sd", "", "t")])
-    closed = ApiApp(router, admin_token="adm", sd_token="sdt", max_body_bytes=100)
-    assert [await status_of(closed, a) for a in (None, "Bearer x", "Bearer sdt", "Bearer adm")] == [
-        401,
-        401,
-        200,
-        200,
-    ]
-    opened = ApiApp(router, admin_token="adm", sd_token="", max_body_bytes=100)
-    assert await status_of(opened, None) == 200
+    closed = sd_guards("sdt", "adm")
+    assert [admitted(closed, a) for a in (None, "Bearer x", "Bearer sdt", "bearer adm", "Basic sdt")] == [
+        False, False, True, True, False]
+    assert admitted(sd_guards("", "adm"), None)  # open unless sd_token is set
 
 
 async def test_launcher_observer_judges_only_jobs_older_than_its_look() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 
 import orjson
 
@@ -42,3 +43,14 @@ def test_log_lines_are_json_with_event_and_fields() -> None:
     doc = orjson.loads(lines[0])
     assert doc["event"] == "endpoint_ready"
     assert doc["endpoint_id"] == 3 and doc["new"] == "ready" and doc["level"] == "info"
+
+
+def test_bench_without_its_extra_says_what_to_install() -> None:
+    """The base install has no numpy/matplotlib/psutil: ``hpcgate bench`` says so in one line."""
+    hide = "import sys; sys.modules['numpy'] = None; from hpcgate.cli import main; "
+    for args in (["run", "--base-url", "http://127.0.0.1:9"], ["table", "--quick"], ["overhead", "--quick"]):
+        code = hide + f"sys.exit(main(['bench', *{args!r}]))"
+        proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "numpy" in proc.stderr
+        assert "install hpcgate[bench]" in proc.stderr

@@ -12,9 +12,9 @@ import msgspec
 import pytest
 
 from gateway.http_server import bind_socket
-from gateway.schemas import hash_api_key, key_prefix, new_api_key
 from gateway.settings import GatewaySettings
 from gateway.worker import Worker
+from hpcgate.schemas import hash_api_key, key_prefix, new_api_key
 from tests.support.sim import SimProcess, sim_process
 
 SECRET = "gateway-test-secret"

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.schemas import EndpointTable, ModelEntry, ModelState, RedisNames
 from gateway.worker import Worker
+from hpcgate.schemas import EndpointTable, ModelEntry, ModelState, RedisNames
 from tests.gateway.conftest import SECRET, add_tenant, post, raw_exchange, running_gateway
 from tests.support.procs import wait_until
 from tests.support.sim import SimProcess

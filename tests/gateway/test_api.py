@@ -16,8 +16,8 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.schemas import KeyTable, RedisNames
 from gateway.worker import Worker
+from hpcgate.schemas import KeyTable, RedisNames
 from tests.gateway.conftest import (
     SECRET,
     add_tenant,

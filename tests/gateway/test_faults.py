@@ -18,10 +18,10 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.metrics_text import parse_engine_load
 from gateway.relay import Exchange
-from gateway.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState, RedisNames
 from gateway.worker import Worker
+from hpcgate.metrics_text import parse_engine_load
+from hpcgate.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState, RedisNames
 from tests.gateway.conftest import (
     SECRET,
     add_tenant,

@@ -13,10 +13,13 @@ from gateway.backend import Backend
 from gateway.balancer import choose
 from gateway.errors import ApiError
 from gateway.http_parse import FramingError, RequestFramer
-from gateway.metrics_text import parse_engine_load
 from gateway.request_view import parse_view
 from gateway.routing_table import table_from_snapshot
-from gateway.schemas import (
+from gateway.settings import parse_static_endpoints
+from gateway.sse import SseScanner, inject_include_usage
+from gateway.upstream_client import UpstreamPool
+from hpcgate.metrics_text import parse_engine_load
+from hpcgate.schemas import (
     ApiKeyEntry,
     EndpointEntry,
     EndpointTable,
@@ -26,9 +29,6 @@ from gateway.schemas import (
     TenantEntry,
     hash_api_key,
 )
-from gateway.settings import parse_static_endpoints
-from gateway.sse import SseScanner, inject_include_usage
-from gateway.upstream_client import UpstreamPool
 from hpcgate.settings import SettingsError
 
 

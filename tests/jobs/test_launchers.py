@@ -1,5 +1,6 @@
 """The launchers against the real thing: bash process groups (local) and the single-node Slurm
-(CLI); slurmrestd's request/response mapping on recorded shapes; the in-flight parser."""
+(CLI); slurmrestd's request/response mapping on recorded shapes, and its launcher against a
+loopback server that answers in chunks as slurmrestd does; the in-flight parser."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from control.launchers.base import (
 )
 from control.launchers.local import LocalLauncher
 from control.launchers.slurm_cli import SlurmCliLauncher, classify_sbatch_error
+from control.launchers.slurm_rest import SlurmRestLauncher
 from control.launchers.slurm_rest_map import (
     cancel_ok,
     parse_jobs_response,
@@ -171,12 +173,75 @@ def test_slurmrest_responses() -> None:
     assert not cancel_ok(500, b'{"errors":[{"error":"Access denied"}]}')
 
 
+class FakeSlurmrestd:
+    """Answers submit, list and cancel with recorded bodies, chunked; keeps what it was sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                fields = (ln.partition(":") for ln in lines if ln)
+                headers = {k.strip().lower(): v.strip() for k, _, v in fields}
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                method, path, _ = request_line.split(" ")
+                self.requests.append((f"{method} {path}", headers, body))
+                payload = {"POST": b'{"job_id": 77, "step_id": "batch", "errors": []}',
+                           "GET": (FIX / "squeue-22.05.json").read_bytes()}.get(method, b"{}")
+                pieces = [payload[i:i + 700] for i in range(0, len(payload), 700)]
+                chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+async def test_slurmrest_launcher_submits_lists_and_cancels(tmp_path: Path, over: str) -> None:
+    fake = FakeSlurmrestd()
+    if over == "tcp":
+        server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    else:
+        server = await asyncio.start_unix_server(fake.serve, str(tmp_path / "rest.sock"))
+        url = f"unix://{tmp_path}/rest.sock"
+    launcher = SlurmRestLauncher(url, "v0.0.38", user="svc", token="jwt-1", timeout_s=5)
+    try:
+        assert await launcher.submit(_spec(tmp_path, "hpcgate-rec-a", "sleep 1")) == "77"
+        assert len(await launcher.observe("hpcgate-rec-")) == 4
+        await launcher.cancel("77")
+    finally:
+        await launcher.close()
+        server.close()
+    assert [r[0] for r in fake.requests] == [
+        "POST /slurm/v0.0.38/job/submit", "GET /slurm/v0.0.38/jobs", "DELETE /slurm/v0.0.38/job/77"]
+    submitted = msgspec.json.decode(fake.requests[0][2])
+    assert submitted["job"]["name"] == "hpcgate-rec-a"
+    for _, headers, _ in fake.requests:
+        assert headers["x-slurm-user-token"] == "jwt-1" and headers["x-slurm-user-name"] == "svc"
+
+
+async def test_slurmrest_launcher_unreachable_is_a_launcher_error(tmp_path: Path) -> None:
+    launcher = SlurmRestLauncher(f"unix://{tmp_path}/absent.sock", timeout_s=2)
+    try:
+        with pytest.raises(LauncherError, match="slurmrestd GET"):
+            await launcher.observe("x-")
+    finally:
+        await launcher.close()
+
+
 def test_in_flight_from_metrics() -> None:
-    text = ('# HELP vllm:num_requests_running x\nvllm:num_requests_running{model_name="m"} 2.0\n'
-            'vllm:num_requests_waiting{model_name="m"} 3.0\nvllm:num_requests_swapped 9\n')
+    text = (b'# HELP vllm:num_requests_running x\nvllm:num_requests_running{model_name="m"} 2.0\n'
+            b'vllm:num_requests_waiting{model_name="m"} 3.0\nvllm:num_requests_swapped 9\n')
     assert in_flight_from_metrics(text) == 5
-    assert in_flight_from_metrics('vllm:num_requests_running{model_name="m"} 0.0\n') == 0
-    assert in_flight_from_metrics("other_metric 1\n") is None
+    assert in_flight_from_metrics(b'vllm:num_requests_running{model_name="m"} 0.0\n') == 0
+    assert in_flight_from_metrics(b"other_metric 1\n") is None
 
 
 async def test_local_launcher_finds_a_job_whose_submitter_died_before_recording(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from control.jobs.naming import name_prefix
 from control.jobs.settings import JobsSettings
 from control.launchers.local import LocalLauncher
-from gateway.schemas import EndpointTable, RedisNames
+from hpcgate.schemas import EndpointTable, RedisNames
 from tests.jobs.stack import ControlPlane, db_rows, poll, stopping, submit_without_recording
 
 FAST = {"interval_s": "0.3", "drain_grace_s": "0.3", "backoff_base_s": "0.2", "backoff_max_s": "1",

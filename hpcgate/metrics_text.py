@@ -1,4 +1,7 @@
-"""Sans-IO parsing of a vLLM ``/metrics`` page into the load figures routing needs.
+"""Sans-IO parsing of a vLLM ``/metrics`` page into the load figures routing and draining need.
+
+The one Prometheus-text parser of the project: the gateway's scraper routes on it and the Job
+Worker's in-flight probe (:mod:`control.jobs.inflight`) decides when a draining job is empty.
 
 Accepts current and legacy metric names (``vllm:kv_cache_usage_perc`` and the older
 ``vllm:gpu_cache_usage_perc``). Running and waiting are summed over all label sets (several

@@ -1,0 +1,34 @@
+"""Wire types shared by the data plane and the control plane.
+
+This package is the bottom layer's wire contract: it imports only msgspec and the standard
+library, so ``gateway`` and ``control`` both import it and neither imports the other.
+Everything that crosses a process boundary between them is defined here: the published
+endpoint and key tables, their Redis key names, and the keyed hash of API keys.
+"""
+
+from hpcgate.schemas.api_keys import KEY_PREFIX_LEN, hash_api_key, key_prefix, new_api_key
+from hpcgate.schemas.tables import (
+    ApiKeyEntry,
+    EndpointEntry,
+    EndpointTable,
+    KeyTable,
+    ModelEntry,
+    ModelState,
+    RedisNames,
+    TenantEntry,
+)
+
+__all__ = [
+    "KEY_PREFIX_LEN",
+    "ApiKeyEntry",
+    "EndpointEntry",
+    "EndpointTable",
+    "KeyTable",
+    "ModelEntry",
+    "ModelState",
+    "RedisNames",
+    "TenantEntry",
+    "hash_api_key",
+    "key_prefix",
+    "new_api_key",
+]
