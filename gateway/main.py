@@ -22,6 +22,7 @@ import orjson
 from gateway.http_server import bind_socket
 from gateway.settings import GatewaySettings, load_gateway_settings
 from gateway.worker import run_worker
+from hpcgate.backoff import ceiling
 from hpcgate.logs import get_logger, setup_logging
 
 log = get_logger("hpcgate.gateway.main")
@@ -31,8 +32,8 @@ STABLE_S = 10.0  # a worker that lived this long is restarted at once
 
 def restart_delay(quick_deaths: int) -> float:
     """Seconds before restarting a worker that died ``quick_deaths`` times in a row soon after
-    its start: 0 for the first, then 0.5 s doubling to 30 s."""
-    return 0.0 if quick_deaths <= 1 else min(30.0, 0.5 * 2.0 ** (quick_deaths - 2))
+    its start: 0 for the first, then 0.5 s doubling to 30 s (no jitter: one parent restarts it)."""
+    return 0.0 if quick_deaths <= 1 else ceiling(0.5, 30.0, quick_deaths - 2)
 
 
 def _parser() -> argparse.ArgumentParser:
