@@ -46,6 +46,12 @@ async def run_overhead(levels: list[int], targets: list[str], tokens: int, per_l
     rows: list[dict[str, object]] = []
     sim = await procs.start_sim(upstream, MODEL, "--max-num-seqs", "1024")
     try:
+        # The simulator's own first run (allocations, first code paths) would cost the first target
+        # measured, whichever it is (+20 ms TTFT p99 at 100 streams): one unmeasured run at it first,
+        # with or without --warmup (which is about the proxies' connection pools).
+        top = max(levels)
+        await run_benchmark(RunSettings(base_url=sim.url, model=MODEL, num_prompts=top, max_concurrency=top,
+                                        ignore_eos=True, label="simulator warm-up"), _workload(top, tokens))
         for target in targets:
             try:
                 proxy = await procs.start_proxy(target, MODEL, sim, gateway_workers)
