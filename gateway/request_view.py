@@ -46,6 +46,8 @@ def parse_view(kind: str, body: bytes) -> RequestView:
         raise ApiError(400, f"invalid request body: {exc}", "invalid_body", _param(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+    except UnicodeDecodeError as exc:  # well-formed JSON whose string holds bytes that are not UTF-8
+        raise ApiError(400, f"request body is not valid UTF-8 at byte {exc.start}", "invalid_json") from None
     if not view.model:
         raise ApiError(400, "'model' must be a non-empty string", "invalid_body", "model")
     field, first, what = _REQUIRED[kind]

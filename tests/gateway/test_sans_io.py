@@ -101,6 +101,7 @@ def test_view_reads_only_routing_fields() -> None:
         ("completions", b'{"model":"m","prompt":5}', "prompt"),
         ("embeddings", b'{"model":"m"}', "input"),
         ("embeddings", b'{"model":"m","input":"x","stream":true}', "stream"),
+        ("chat", b'{"model":"\xff\xfe","messages":[]}', None),  # invalid UTF-8 in a string: was a 500
     ],
 )
 def test_view_rejects_bad_bodies_with_400(kind: str, body: bytes, param: str | None) -> None:
