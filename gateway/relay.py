@@ -193,10 +193,10 @@ class Exchange:
         """The upstream head and ``body`` (the raw rest of that read) arrived together: hand the
         rest of a held stream to the C relay. False: the event loop relays it."""
         off = self.offloader
-        if off is None or self.phase is not HELD or self.upstream is None or self.client.closed:
-            return False
         scanner = self.scanner
-        assert scanner is not None and scanner.pristine
+        if (off is None or self.phase is not HELD or self.upstream is None or self.client.closed
+                or scanner is None or not scanner.pristine):
+            return False
         if not off.start(self, self.upstream, self._client_head(), body, strip_usage=scanner.strip_usage):
             return False
         self.client.response_started = True  # the relay writes the head with the first data
