@@ -18,6 +18,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.http_server import HttpConnection
 from gateway.relay import Exchange
 from gateway.worker import Worker
 from hpcgate.metrics_text import parse_engine_load
@@ -298,79 +299,71 @@ async def test_stalled_upstream_times_out_with_504() -> None:
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def small_window_stream(gw: Worker,
+                              max_tokens: int) -> AsyncIterator[tuple[socket.socket, HttpConnection]]:
+    """A client with 4 KiB kernel buffers (and the gateway's side of it too, so its window fills
+    fast) that has sent a long stream request and read the response head; closed on exit."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+        body = (b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":%d,'
+                b'"ignore_eos":true,"stream":true}' % max_tokens)
+        await loop.sock_sendall(sock, post("/v1/chat/completions", body))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+        conn = next(iter(gw.server.connections))
+        assert conn.transport is not None
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        yield sock, conn
+    finally:
+        sock.close()
+
+
 @BOTH_RELAYS
 async def test_slow_reader_gets_backpressure_not_buffering(sim_a: SimProcess, offload: bool) -> None:
     """A client that stops reading: the gateway stops reading upstream instead of buffering."""
     loop = asyncio.get_running_loop()
     async with running_gateway(static_endpoints=(f"m1={sim_a.url}",), no_auth=True,
-                               stream_offload=offload) as gw:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small kernel buffers fill fast
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
-            body = (b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":1500,'
-                    b'"ignore_eos":true,"stream":true}')
-            await loop.sock_sendall(sock, post("/v1/chat/completions", body))
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
-            conn = next(iter(gw.server.connections))
-            assert conn.transport is not None
-            conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            exchange = conn.listener
-            assert isinstance(exchange, Exchange) and exchange.upstream is not None
-            # ... and now the client reads nothing
-            assert_relayed_by(gw, offload)
-            if offload:
-                assert gw.gateway.offloader is not None and gw.gateway.offloader.active == 1  # carried in C
-                # The relay stops reading upstream: the engine's bytes pile up unread in the
-                # gateway's receive queue (bounded by the kernel), not in the gateway's memory.
-                up_fd = exchange.upstream.fd
-                await wait_until(lambda: _unread(up_fd) > 32 * 1024, 20, "unread upstream bytes to pile up")
-            else:
-                await wait_until(lambda: conn.write_paused, 20, "the gateway to see the client's full window")
-                assert exchange.upstream._paused  # reading upstream stopped: that is the backpressure
-                assert conn.transport.get_write_buffer_size() < 256 * 1024  # bounded, not the whole stream
-            rest = bytearray()
-            while not rest.endswith(b"\r\n0\r\n\r\n"):  # the client reads again: all of it arrives
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
-                assert chunk, "connection closed early"
-                rest += chunk
-            assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
-            assert rest.count(b"data: ") == 1500 + 2  # the role chunk, 1500 tokens (usage cut), [DONE]
-        finally:
-            sock.close()
+                               stream_offload=offload) as gw, small_window_stream(gw, 1500) as (sock, conn):
+        exchange = conn.listener
+        assert isinstance(exchange, Exchange) and exchange.upstream is not None
+        # ... and now the client reads nothing
+        assert_relayed_by(gw, offload)
+        if offload:
+            assert gw.gateway.offloader is not None and gw.gateway.offloader.active == 1  # carried in C
+            # The relay stops reading upstream: the engine's bytes pile up unread in the
+            # gateway's receive queue (bounded by the kernel), not in the gateway's memory.
+            up_fd = exchange.upstream.fd
+            await wait_until(lambda: _unread(up_fd) > 32 * 1024, 20, "unread upstream bytes to pile up")
+        else:
+            await wait_until(lambda: conn.write_paused, 20, "the gateway to see the client's full window")
+            assert exchange.upstream._paused  # reading upstream stopped: that is the backpressure
+            assert conn.transport.get_write_buffer_size() < 256 * 1024  # bounded, not the whole stream
+        rest = bytearray()
+        while not rest.endswith(b"\r\n0\r\n\r\n"):  # the client reads again: all of it arrives
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
+            assert chunk, "connection closed early"
+            rest += chunk
+        assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        assert rest.count(b"data: ") == 1500 + 2  # the role chunk, 1500 tokens (usage cut), [DONE]
 
 
 @BOTH_RELAYS
 async def test_a_client_that_reads_nothing_is_cut_after_the_send_timeout(offload: bool) -> None:
     """Like nginx's send_timeout: the client is cut and the engine's request aborted."""
-    loop = asyncio.get_running_loop()
     async with sim_process("--model", "m1") as sim, running_gateway(
             static_endpoints=(f"m1={sim.url}",), no_auth=True, stream_offload=offload,
             client_send_timeout_s=0.5) as gw:
         before = await aborted(sim)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
-            body = (b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":20000,'
-                    b'"ignore_eos":true,"stream":true}')
-            await loop.sock_sendall(sock, post("/v1/chat/completions", body))
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
-            conn = next(iter(gw.server.connections))
-            assert conn.transport is not None  # small kernel buffers: the client's window fills fast
-            conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            # ... and from now on the client reads nothing
+        async with small_window_stream(gw, 20000):  # ... and from now on the client reads nothing
             await wait_until(lambda: _gt(aborted(sim), before), 10, "the engine to see the abort")
             await wait_until(lambda: handler_tasks(gw) == 0, 5, "the request to end")
             assert_relayed_by(gw, offload)
-        finally:
-            sock.close()
 
 
 @BOTH_RELAYS
@@ -380,36 +373,21 @@ async def test_a_slow_but_steady_reader_is_not_cut(offload: bool) -> None:
     loop = asyncio.get_running_loop()
     async with sim_process("--model", "m1") as sim, running_gateway(
             static_endpoints=(f"m1={sim.url}",), no_auth=True, stream_offload=offload,
-            client_send_timeout_s=1.0) as gw:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
-            body = (b'{"model":"m1","messages":[{"role":"user","content":"x"}],"max_tokens":6000,'
-                    b'"ignore_eos":true,"stream":true}')
-            await loop.sock_sendall(sock, post("/v1/chat/completions", body))
-            got = bytearray()
-            while b"\r\n\r\n" not in got:
-                got += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
-            conn = next(iter(gw.server.connections))
-            assert conn.transport is not None  # small kernel buffers: the client's window fills fast
-            conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            deadline = loop.time() + 3.5  # three and a half send timeouts of reading 4 KiB every 0.1 s
-            while loop.time() < deadline:
-                await asyncio.sleep(0.1)  # the pace of this client, not a wait for the gateway
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
-                assert chunk, "the gateway cut a client that was reading"
-                got += chunk
-            assert not got.endswith(b"\r\n0\r\n\r\n")  # the window stayed full: the test tested something
-            while not got.endswith(b"\r\n0\r\n\r\n"):  # then it reads fast: all of it arrives
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
-                assert chunk, "connection closed early"
-                got += chunk
-            assert got.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
-            assert_relayed_by(gw, offload)
-        finally:
-            sock.close()
+            client_send_timeout_s=1.0) as gw, small_window_stream(gw, 6000) as (sock, _):
+        got = bytearray()
+        deadline = loop.time() + 3.5  # three and a half send timeouts of reading 4 KiB every 0.1 s
+        while loop.time() < deadline:
+            await asyncio.sleep(0.1)  # the pace of this client, not a wait for the gateway
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+            assert chunk, "the gateway cut a client that was reading"
+            got += chunk
+        assert not got.endswith(b"\r\n0\r\n\r\n")  # the window stayed full: the test tested something
+        while not got.endswith(b"\r\n0\r\n\r\n"):  # then it reads fast: all of it arrives
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
+            assert chunk, "connection closed early"
+            got += chunk
+        assert got.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        assert_relayed_by(gw, offload)
 
 
 def _unread(fd: int) -> int:
