@@ -31,9 +31,9 @@ from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.relay import CLIENT_GONE, Exchange
-from gateway.request_view import parse_view
+from gateway.request_view import ask_for_usage, parse_view, with_model
 from gateway.routing_table import RETRY_AFTER_STARTING, RETRY_AFTER_STOPPED, ModelRoute
-from gateway.sse import SseScanner, inject_include_usage, usage_of
+from gateway.sse import SseScanner, usage_of
 from gateway.upstream_client import UpstreamConnection, UpstreamError, build_request
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
@@ -120,12 +120,15 @@ class ProxyCall:
             raise _no_instance(route)
         self.route = route
         self.tstate = gw.tenants.enter(principal, gw.loop.time())
-        body = req.body if view.model == route.name else _with_model(req.body, route.name)
+        body = req.body if view.model == route.name else with_model(req.body, route.name)
         if view.stream:
             self.stream = True
-            self.strip_usage = view.stream_options is None
+            opts = view.stream_options
+            # The client did not ask for usage: ask the engine anyway (every request is booked
+            # with its exact tokens) and strip the usage event from the client's stream.
+            self.strip_usage = not (opts and opts.include_usage)
             if self.strip_usage:
-                body = inject_include_usage(body)
+                body = ask_for_usage(body, opts is not msgspec.UNSET)
         self.body = body
 
     def _first_attempt(self) -> bool:
@@ -340,20 +343,6 @@ class ProxyCall:
                                  duration_s=duration, prompt=prompt, completion=completion, error=self.error)
         if not self.in_task:
             self.conn.request_done()
-
-
-_encode = msgspec.json.Encoder().encode
-_decode_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
-
-
-def _with_model(body: bytes, name: str) -> bytes:
-    """The body with ``model`` set to the canonical name (requests by alias only).
-
-    The engine serves the canonical name; only the top level is decoded, other values stay raw.
-    """
-    doc = _decode_object(body)
-    doc["model"] = msgspec.Raw(_encode(name))
-    return _encode(doc)
 
 
 def _no_instance(route: ModelRoute) -> ApiError:

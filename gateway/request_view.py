@@ -1,8 +1,12 @@
-"""The few fields of a client's JSON body the gateway reads; the body itself is forwarded as is.
+"""The few fields of a client's JSON body the gateway reads, and the two edits it makes to it.
 
 One decoder built at import reads ``model``, ``stream``, ``stream_options`` and keeps the
 required payload field (``messages``, ``prompt`` or ``input``) as raw JSON, only checked for its
-type; everything else is skipped by msgspec without building objects.
+type; everything else is skipped by msgspec without building objects. The body is forwarded as
+is but for two edits, each decoding only the top level and keeping every other value's bytes:
+``model`` set to the canonical name for a request by alias (:func:`with_model`), and
+``stream_options.include_usage`` set for a stream whose client did not ask for usage
+(:func:`ask_for_usage`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ class StreamOptions(msgspec.Struct):
 class RequestView(msgspec.Struct):
     model: str
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | msgspec.UnsetType | None = msgspec.UNSET  # UNSET: absent, None: null
     max_tokens: int | None = None
     messages: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
@@ -66,3 +70,38 @@ def _param(message: str) -> str | None:
         if f"`{name}`" in message or f"$.{name}" in message:
             return name
     return None
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+_TRUE = msgspec.Raw(b"true")
+
+
+def with_model(body: bytes, name: str) -> bytes:
+    """The body with ``model`` set to the canonical name (the engine serves that name)."""
+    doc = _decode_object(body)
+    doc["model"] = msgspec.Raw(_encode(name))
+    return _encode(doc)
+
+
+def ask_for_usage(body: bytes, has_stream_options: bool) -> bytes:
+    """The body of a streaming request with ``stream_options.include_usage`` set to true, so the
+    engine reports exact token counts whatever the client asked (the gateway then strips the
+    usage event from the client's stream when the client did not ask for it).
+
+    Without ``stream_options`` (the common case) the key is inserted without decoding the body;
+    with one (null, ``{}``, ``include_usage`` false or null) the top level is decoded to raw
+    values and ``stream_options`` rebuilt with its other options kept.
+    """
+    if not has_stream_options:
+        i = body.find(b"{")
+        return body[: i + 1] + b'"stream_options":{"include_usage":true},' + body[i + 1:]
+    doc = _decode_object(body)
+    raw = doc.get("stream_options")
+    try:
+        options = _decode_object(raw) if raw is not None else {}
+    except msgspec.DecodeError:  # null (anything else failed the request view already)
+        options = {}
+    options["include_usage"] = _TRUE
+    doc["stream_options"] = msgspec.Raw(_encode(options))
+    return _encode(doc)

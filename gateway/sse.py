@@ -116,12 +116,3 @@ class SseScanner:
         """
         extra = 1 if self.usage is not None else 0
         return max(0, self.data_events - 1 - extra)
-
-
-def inject_include_usage(body: bytes) -> bytes:
-    """Ask the upstream for a usage chunk: add ``stream_options`` to a JSON object body.
-
-    Only called when the client sent no ``stream_options`` (so no duplicate key arises).
-    """
-    i = body.find(b"{")
-    return body[: i + 1] + b'"stream_options":{"include_usage":true},' + body[i + 1:]

@@ -13,10 +13,10 @@ from gateway.backend import Backend
 from gateway.balancer import choose
 from gateway.errors import ApiError
 from gateway.http_parse import FramingError, RequestFramer
-from gateway.request_view import parse_view
+from gateway.request_view import ask_for_usage, parse_view
 from gateway.routing_table import table_from_snapshot
 from gateway.settings import parse_static_endpoints
-from gateway.sse import SseScanner, inject_include_usage
+from gateway.sse import SseScanner
 from gateway.upstream_client import UpstreamPool
 from hpcgate.metrics_text import parse_engine_load
 from hpcgate.schemas import (
@@ -112,11 +112,17 @@ def test_view_rejects_bad_bodies_with_400(kind: str, body: bytes, param: str | N
         assert err.value.param == param
 
 
-def test_inject_include_usage_keeps_the_body_valid() -> None:
-    body = b'  {"model":"m","messages":[],"stream":true}'
-    out = msgspec.json.decode(inject_include_usage(body))
-    assert out["stream_options"] == {"include_usage": True}
-    assert out["model"] == "m"
+@pytest.mark.parametrize("options", [None, b"null", b"{}", b'{"include_usage":false}',
+                                     b'{"include_usage":null,"continuous_usage_stats":true}'])
+def test_the_engine_is_always_asked_for_usage_and_the_rest_of_the_body_kept(options: bytes | None) -> None:
+    extra = b"" if options is None else b',"stream_options":' + options
+    body = b'  {"model":"m","messages":[{"role":"user","content":"\xc3\xa9"}],"stream":true%b}' % extra
+    view = parse_view("chat", body)
+    out = msgspec.json.decode(ask_for_usage(body, view.stream_options is not msgspec.UNSET))
+    assert out["stream_options"]["include_usage"] is True
+    if options and b"continuous" in options:
+        assert out["stream_options"]["continuous_usage_stats"] is True  # other options kept
+    assert out["model"] == "m" and out["messages"][0]["content"] == "é" and out["stream"] is True
 
 
 # -- SSE ---------------------------------------------------------------------------------------
