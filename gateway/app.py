@@ -12,10 +12,12 @@ hot path.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import re
 import secrets
 from collections.abc import Coroutine
 from typing import Any
+from urllib.parse import unquote
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -24,13 +26,14 @@ from gateway.access_log import AccessLog
 from gateway.admission import ModelQueues, TenantLimiter
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
+from gateway.cors import Cors
 from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.metrics import GatewayMetrics, StateView
 from gateway.offload import make_offloader
 from gateway.proxy import ProxyCall
-from gateway.routing_table import EMPTY, RoutingTable, table_from_snapshot
+from gateway.routing_table import EMPTY, ModelRoute, RoutingTable, table_from_snapshot
 from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings
 from gateway.usage import UsageRecorder
@@ -55,6 +58,12 @@ class ModelInfo(msgspec.Struct):
     object: str = "model"
     created: int = 0
     owned_by: str = "hpcgate"
+    max_model_len: int | msgspec.UnsetType = msgspec.UNSET  # the context length, where known
+
+
+def _model_info(r: ModelRoute) -> ModelInfo:
+    length = msgspec.UNSET if r.max_model_len is None else r.max_model_len
+    return ModelInfo(r.name, str(r.state), r.aliases, max_model_len=length)
 
 
 class ModelList(msgspec.Struct):
@@ -88,6 +97,8 @@ class Gateway:
         self._rid_prefix = secrets.token_hex(4).encode() + b"-"
         self._rid_n = 0
         self.access_log = AccessLog() if s.access_log else None
+        self.cors = Cors(s.cors_allowed_origins) if s.cors_allowed_origins else None
+        self._metrics_auth = b"Bearer " + s.metrics_token.encode() if s.metrics_token else None
         self.metrics.add_state(self._state_view)
 
     # -- tables (control path) --------------------------------------------------------------------
@@ -141,6 +152,20 @@ class Gateway:
     # -- requests (hot path) ----------------------------------------------------------------------
     def handle(self, req: Request, conn: HttpConnection) -> Coroutine[Any, Any, None] | None:
         """Called from the client protocol; see :data:`gateway.http_server.Handler`."""
+        rid = self._request_id(req)
+        headers = b"x-request-id: %b\r\n" % rid  # on every response to this request, errors too
+        cors = self.cors
+        if cors is not None:
+            origin = req.headers.get(b"origin")
+            if origin is not None and cors.allows(origin):
+                headers += cors.response_headers(origin)
+                if req.method == b"OPTIONS" and b"access-control-request-method" in req.headers:
+                    conn.response_headers = headers
+                    conn.send_full(204, b"", extra=cors.preflight_headers(
+                        req.headers.get(b"access-control-request-headers")))
+                    conn.request_done()
+                    return None
+        conn.response_headers = headers
         path = req.path
         q = path.find(b"?")
         if q >= 0:
@@ -149,7 +174,12 @@ class Gateway:
         if kind is not None:
             if req.method != b"POST":
                 raise ApiError(405, f"{path.decode()} only accepts POST", "method_not_allowed")
-            return ProxyCall(self, conn, path, self._request_id(req)).run(req, kind)
+            return ProxyCall(self, conn, path, rid).run(req, kind)
+        if path.startswith(b"/v1/models/") and req.method == b"GET":
+            principal = self.auth.authenticate(req.headers.get(b"authorization"))
+            conn.send_full(200, self._model_body(principal, path[len(b"/v1/models/"):]))
+            conn.request_done()
+            return None
         if path not in _GET_PATHS:
             raise ApiError(404, f"no route for {req.method.decode()} {path.decode(errors='replace')}",
                            "unknown_url")
@@ -164,6 +194,10 @@ class Gateway:
             else:
                 raise ApiError(503, "no endpoint table yet", "not_ready", retry_after=1)
         elif path == b"/metrics":
+            token = self._metrics_auth
+            if token is not None and not hmac.compare_digest(req.headers.get(b"authorization") or b"", token):
+                raise ApiError(401, "/metrics needs the metrics token (Authorization: Bearer ...)",
+                               "invalid_metrics_token")
             conn.send_full(200, self.metrics.render(), CONTENT_TYPE_LATEST.encode())
         else:
             principal = self.auth.authenticate(req.headers.get(b"authorization"))
@@ -172,9 +206,16 @@ class Gateway:
         return None
 
     def _models_body(self, p: Principal) -> bytes:
-        data = [ModelInfo(r.name, str(r.state), r.aliases) for r in self.table.models
-                if p.may_use(r.name, *r.aliases)]
+        data = [_model_info(r) for r in self.table.models if p.may_use(r.name, *r.aliases)]
         return _encode(ModelList(data))
+
+    def _model_body(self, p: Principal, raw_name: bytes) -> bytes:
+        """``GET /v1/models/{id}`` (the SDK's ``models.retrieve``): by name or alias."""
+        name = unquote(raw_name.decode("utf-8", "replace"))
+        route = self.table.lookup(name)
+        if route is None or not p.may_use(route.name, name):  # a model the key may not use is not shown
+            raise ApiError(404, f"The model '{name}' does not exist", "model_not_found", "model")
+        return _encode(_model_info(route))
 
     def _request_id(self, req: Request) -> bytes:
         given = req.headers.get(b"x-request-id")

@@ -75,7 +75,7 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_busy", "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
         "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "paused_size",
-        "response_started", "transport", "write_paused",
+        "response_headers", "response_started", "transport", "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -97,6 +97,7 @@ class HttpConnection(asyncio.Protocol):
         self.keep_alive = True
         self.response_started = False  # some byte of the current response was written (or handed
         # to the C relay, which writes the head it was given; see gateway.relay)
+        self.response_headers = b""  # header lines every response to the current request carries
         self.listener: WriteListener | None = None  # the relay streaming on this connection
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -173,6 +174,7 @@ class HttpConnection(asyncio.Protocol):
         request = self._pipeline.popleft()
         self.keep_alive = request.keep_alive and not self._server.shutting_down
         self.response_started = False
+        self.response_headers = b""
         self._busy = True
         try:
             slow = self._server.handler(request, self)
@@ -218,6 +220,7 @@ class HttpConnection(asyncio.Protocol):
     def request_done(self) -> None:
         """The response in progress is complete (or abandoned): next request, idle, or close."""
         self._busy = False
+        self.response_headers = b""
         self.listener = None
         if not self.closed:
             if not self.keep_alive:
@@ -289,6 +292,7 @@ class HttpConnection(asyncio.Protocol):
             b"content-type: ", content_type, b"\r\n",
             _Clock.line,
             b"" if self.keep_alive else b"connection: close\r\n",
+            self.response_headers,
             extra,
         ))
 

@@ -50,7 +50,7 @@ _POST = b"POST"
 
 class ProxyCall:
     __slots__ = (
-        "backend", "body", "completion", "conn", "error", "exchange", "extra", "finished", "gw", "in_task",
+        "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
         "last", "model", "path", "prompt", "rid", "route", "stale_retried", "start", "status", "stream",
         "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
@@ -67,7 +67,6 @@ class ProxyCall:
         self.route: ModelRoute | None = None
         self.body = b""
         self.stream = False
-        self.extra = b"x-request-id: %b\r\n" % rid  # on every response to this request, errors too
         self.strip_usage = False  # a stream for which the gateway asked the engine for usage
         self.tstate: TenantState | None = None
         self.backend: Backend | None = None  # set while counted in the backend's in-flight
@@ -161,12 +160,14 @@ class ProxyCall:
         # Each attempt scans its own stream: a retry must not inherit a partial event of the last.
         scanner = SseScanner(strip_usage=self.strip_usage) if stream else None
         ex = Exchange(gw.loop, self.conn, scanner, gw.settings.max_response_bytes,
-                      self.extra if stream else None, owner=None if self.in_task else self,
+                      stream, owner=None if self.in_task else self,
                       offloader=gw.offloader if stream else None)
         self.exchange = ex
         ex.upstream = up
         self.conn.listener = ex
-        up.send(build_request(_POST, self.path, backend.host_header, backend.auth_line, self.body), ex)
+        # The request id goes to the engine too: one id follows a request through gateway and engine logs.
+        up.send(build_request(_POST, self.path, backend.host_header,
+                              backend.auth_line + b"x-request-id: %b\r\n" % self.rid, self.body), ex)
         return ex
 
     # ExchangeOwner: called from the upstream (or client) protocol's callbacks.
@@ -262,12 +263,12 @@ class ProxyCall:
             if u is not None:
                 self.prompt, self.completion = u.prompt_tokens, u.completion_tokens
         ex.first_byte_at = perf_counter()
-        self.conn.send_full(ex.status, out, ex.headers.get(b"content-type", _JSON), self.extra)
+        self.conn.send_full(ex.status, out, ex.headers.get(b"content-type", _JSON))
 
     def _reply_error(self, exc: ApiError) -> None:
         self.status = exc.status
         self.error = exc.message
-        self.conn.send_error(exc, self.extra)
+        self.conn.send_error(exc)
 
     # -- the slow path, in a task -----------------------------------------------------------------
     async def _slow(self) -> None:

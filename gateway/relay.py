@@ -106,15 +106,15 @@ class ExchangeOwner(Protocol):
 class Exchange:
     __slots__ = (
         "_buffer", "_done", "_head", "_limit", "_loop", "_size", "client", "client_saw", "error",
-        "first_byte_at", "headers", "offloader", "owner", "phase", "scanner", "status", "stream_headers",
+        "first_byte_at", "headers", "offloader", "owner", "phase", "scanner", "status", "stream",
         "streamed", "upstream",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
-                 scanner: SseScanner | None, limit: int, stream_headers: bytes | None = None, *,
+                 scanner: SseScanner | None, limit: int, stream: bool = False, *,
                  owner: ExchangeOwner | None = None, offloader: Offloader | None = None) -> None:
-        """``stream_headers``: extra response headers if a 200 answer is to be streamed (then
-        ``scanner`` is given too); ``offloader``: the C relay thread that may take it over."""
+        """``stream``: a 200 answer is to be streamed (then ``scanner`` is given too);
+        ``offloader``: the C relay thread that may take it over."""
         self._loop = loop
         self.client = client
         self.scanner = scanner
@@ -132,7 +132,7 @@ class Exchange:
         self.client_saw = False  # some byte of this exchange's response was written to the client
         self.error: UpstreamError | None = None
         self.first_byte_at = 0.0
-        self.stream_headers = stream_headers
+        self.stream = stream
         self.offloader = offloader
 
     @property
@@ -152,7 +152,7 @@ class Exchange:
             return
         self.status = status
         self.headers = headers
-        if status == 200 and self.stream_headers is not None:
+        if status == 200 and self.stream:
             # Committed right here: the first token leaves in the loop iteration that received it,
             # and the handler's next wake-up is the end of the stream.
             self.streamed = True
@@ -291,9 +291,8 @@ class Exchange:
     # -- writing to the client ---------------------------------------------------------------------
     def _client_head(self) -> bytes:
         """The stream's response head (made when it is about to leave, or to go to the relay)."""
-        assert self.stream_headers is not None
         ctype = self.headers.get(b"content-type", b"text/event-stream")
-        return self.client.chunked_head(self.status, ctype, self.stream_headers)
+        return self.client.chunked_head(self.status, ctype)
 
     def _write(self, data: bytes, head: bool = False) -> None:
         client = self.client

@@ -19,10 +19,12 @@ RETRY_AFTER_STOPPED = 30
 
 
 class ModelRoute:
-    __slots__ = ("aliases", "backends", "name", "reason", "state")
+    __slots__ = ("aliases", "backends", "max_model_len", "name", "reason", "state")
 
     def __init__(self, name: str, state: ModelState, backends: tuple[Backend, ...],
-                 aliases: tuple[str, ...] = (), reason: str | None = None) -> None:
+                 aliases: tuple[str, ...] = (), reason: str | None = None, *,
+                 max_model_len: int | None = None) -> None:
+        self.max_model_len = max_model_len
         self.name = name
         self.state = state
         self.backends = backends
@@ -72,7 +74,8 @@ def table_from_snapshot(
         state = ModelState.READY if ready else (
             entry.state if entry.state != ModelState.READY else ModelState.STARTING
         )
-        routes.append(ModelRoute(entry.name, state, ready, entry.aliases, entry.reason))
+        routes.append(ModelRoute(entry.name, state, ready, entry.aliases, entry.reason,
+                                 max_model_len=entry.max_model_len))
         seen.add(entry.name)
     for name, listed in by_model.items():
         if name not in seen:  # an endpoint for a model the snapshot does not describe: still route it

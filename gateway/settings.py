@@ -58,6 +58,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     usage_flush_s: PositiveFloat = 2.0
     shutdown_timeout_s: PositiveFloat = 30.0
     access_log: bool = True
+    # browser clients: origins allowed to call the API ("*": any); empty: no CORS headers at all
+    cors_allowed_origins: tuple[str, ...] = ()
+    # a bearer token that /metrics requires (Prometheus's bearer_token); unset: /metrics is open
+    metrics_token: str | None = None
     # common (no section prefix)
     database_url: str | None = None
     redis_url: str | None = None

@@ -397,7 +397,7 @@ async def test_requests_are_handled_without_a_task_and_a_stream_head_leaves_with
             conn.send_full(200, b"{}")
             conn.request_done()
         else:  # a stream answered later from (upstream) callbacks
-            exchanges.append(Exchange(loop, conn, SseScanner(strip_usage=True), 1 << 20, b""))
+            exchanges.append(Exchange(loop, conn, SseScanner(strip_usage=True), 1 << 20, True))
 
     settings = GatewaySettings(static_endpoints=("m=http://h:1",), no_auth=True)
     tasks_before = len(asyncio.all_tasks())
@@ -442,8 +442,8 @@ async def test_an_upstream_failure_before_the_first_byte_leaves_nothing_written_
     t = _FakeTransport()
     conn.connection_made(t)  # type: ignore[arg-type]
     stream = when != "buffering"
-    ex = Exchange(loop, conn, SseScanner(strip_usage=True) if stream else None, 1 << 20,
-                  b"x-request-id: r1\r\n" if stream else None)
+    conn.response_headers = b"x-request-id: r1\r\n"  # what the handler sets for the request
+    ex = Exchange(loop, conn, SseScanner(strip_usage=True) if stream else None, 1 << 20, stream)
     ex.on_head(200, {b"content-type": b"text/event-stream" if stream else b"application/json"})
     assert ex.phase is (Phase.HELD if stream else Phase.BUFFERING)
     ex.on_data(b"data: {\"choi")  # a partial event (held by the scanner) or part of a JSON body
