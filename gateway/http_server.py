@@ -45,6 +45,8 @@ STATUS_LINE: dict[int, bytes] = {
 }
 _JSON = b"application/json"
 _MAX_PIPELINE = 16
+LINGER_S = 2.0  # a rejected connection drops what the client still sends for this long ...
+LINGER_BYTES = 8 * 1024 * 1024  # ... or this much, then closes (see HttpConnection._reject)
 
 
 class _Clock:
@@ -73,7 +75,7 @@ Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | Non
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
-        "_busy", "_drain_waiter", "_framer", "_pipeline", "_read_timer", "_server", "_task",
+        "_busy", "_drain_waiter", "_framer", "_linger_left", "_pipeline", "_read_timer", "_server", "_task",
         "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "paused_size",
         "response_headers", "response_started", "transport", "write_paused",
     )
@@ -88,7 +90,8 @@ class HttpConnection(asyncio.Protocol):
         self.idle_since = 0.0  # when the connection became idle (0: not idle); see sweep
         self.paused_since = 0.0  # since when a paused client's transport has made no progress
         self.paused_size = 0  # its write buffer's size then (the sweep sees progress as a smaller one)
-        self._read_timer: asyncio.TimerHandle | None = None  # request read deadline
+        self._read_timer: asyncio.TimerHandle | None = None  # request read deadline, or the linger's end
+        self._linger_left = -1  # >= 0: rejected, bytes still read and dropped before closing
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
         self.fd = -1  # the socket's descriptor (the C relay writes to it; see gateway.offload)
@@ -130,6 +133,11 @@ class HttpConnection(asyncio.Protocol):
             waiter.set_exception(ConnectionResetError("client disconnected"))
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_left >= 0:  # rejected: drop what the client is still sending (see _reject)
+            self._linger_left -= len(data)
+            if self._linger_left < 0 and self.transport is not None:
+                self.transport.close()
+            return
         self.idle_since = 0.0
         try:
             requests = self._framer.feed(data)
@@ -266,12 +274,27 @@ class HttpConnection(asyncio.Protocol):
             self.keep_alive = False  # a pipelined request stalled: finish the current one, then close
 
     def _reject(self, status: int, message: str) -> None:
+        """Answer a request that cannot be served (bad framing, too large, too slow) and close.
+
+        Like nginx's lingering close: when the answer is ours to give, it is followed by a FIN
+        and the connection keeps reading, and dropping, what the client still sends (a body it
+        started before reading the answer) for up to ``LINGER_S`` or ``LINGER_BYTES``. Closing
+        at once would make the kernel answer those bytes with a reset, which destroys the
+        answer in the client's receive buffer before it reads it.
+        """
         self._pipeline.clear()
         self.keep_alive = False
-        if not self._busy and not self.response_started:
-            self.send_full(status, error_body(status, message))
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if self._busy or self.response_started or not transport.can_write_eof():
+            transport.close()
+            return
+        self.send_full(status, error_body(status, message))
+        transport.write_eof()
+        self._cancel_timers()
+        self._linger_left = LINGER_BYTES
+        self._read_timer = self._server.loop.call_later(LINGER_S, transport.close)
 
     def _cancel_timers(self) -> None:
         if self._read_timer is not None:

@@ -8,6 +8,7 @@ it. Every bad input must get a clear 4xx and leave no handler task behind.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -252,3 +253,25 @@ async def test_connection_limit_answers_503_and_closes(sim_a: SimProcess) -> Non
             writer.close()
         finally:
             holder.close()
+
+
+async def test_a_rejected_client_still_sending_its_body_reads_the_answer(gw: Worker,
+                                                                        tenant: tuple[int, str]) -> None:
+    """Lingering close: a 413 decided from the head, while the client keeps sending the body it
+    announced, is still read by the client (an immediate close would answer its bytes with a
+    reset that destroys the 413 in its receive buffer)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+        head = post("/v1/chat/completions", b"", tenant[1]).replace(b"Length: 0", b"Length: 1000000")
+        await loop.sock_sendall(sock, head)
+        chunk = b"x" * 65536
+        for _ in range(15):  # ~1 MB: the whole body it announced, sent without reading anything
+            await asyncio.wait_for(loop.sock_sendall(sock, chunk), 10)
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 10):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 413 "), got[:200]
+    assert b'"request body too large' in got
