@@ -93,7 +93,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         type=_resource,
         metavar="KEY=VALUE",
-        help="Slurm resource, e.g. gpus=1, partition=gpu (repeatable; replaces the set)",
+        help="a slurm_resources field, e.g. gpus_per_node=1, partition=gpu, time=12:00:00, "
+        "image=/path/vllm.sif (repeatable; replaces the set; fields: docs/operations.md)",
     )
     p.add_argument("--min", type=int, help="minimum instances")
     p.add_argument("--max", type=int, help="maximum instances")

@@ -6,9 +6,14 @@ another model's alias; checked under a table lock so two writers cannot both pas
 max_model_len) changes, so the Job Worker replaces jobs of an older generation; ``drain`` sets
 state ``draining`` (the Job Worker treats it as zero desired instances and the published
 table marks its endpoints draining); ``state: active`` undoes a drain and clears ``failed``.
+A launch configuration is written only after the caller's :class:`LaunchCheck` accepted it
+(the whole configuration, as it will be after the change), so what is stored renders.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import asyncpg
 import msgspec
@@ -34,6 +39,14 @@ SELECT m.model_id, m.name, m.engine_args, m.slurm_template, m.slurm_resources, m
 _LAUNCH_FIELDS = ("engine_args", "slurm_template", "slurm_resources", "max_model_len")
 _JSON_FIELDS = ("engine_args", "slurm_resources")
 _json_decode = msgspec.json.Decoder()
+
+
+@runtime_checkable  # Litestar checks dependency values against their declared type
+class LaunchCheck(Protocol):
+    """Refuses (raises) a launch configuration the Job Worker could not render."""
+
+    def __call__(self, name: str, template: str, resources: Mapping[str, object],
+                 engine_args: Sequence[str]) -> None: ...
 
 
 def _model(row: asyncpg.Record) -> Model:
@@ -69,8 +82,9 @@ async def _set_aliases(conn: Conn, model_id: int, name: str, aliases: list[str])
     )
 
 
-async def create_model(db: Database, req: ModelCreate) -> Model:
+async def create_model(db: Database, req: ModelCreate, check: LaunchCheck) -> Model:
     _check_counts(req.min_instances, req.max_instances, req.desired_instances)
+    check(req.name, req.slurm_template, req.slurm_resources, req.engine_args)
     async with db.transaction() as conn:
         await conn.execute("LOCK TABLE ai_model_aliases IN SHARE ROW EXCLUSIVE MODE")
         if await conn.fetchval("SELECT 1 FROM ai_model_aliases WHERE alias = $1", req.name):
@@ -107,10 +121,12 @@ async def get_model(db: Database, name: str) -> Model:
     return _model(found(row, "row"))
 
 
-async def update_model(db: Database, name: str, req: ModelUpdate) -> Model:
+async def update_model(db: Database, name: str, req: ModelUpdate, check: LaunchCheck | None = None) -> Model:
+    """``check`` is required when ``req`` changes the launch configuration."""
     async with db.transaction() as conn:
         row = await conn.fetchrow(
-            """SELECT model_id, min_instances, max_instances, desired_instances
+            """SELECT model_id, min_instances, max_instances, desired_instances, slurm_template,
+                      slurm_resources, engine_args
                  FROM ai_model_configurations WHERE name = $1 FOR UPDATE""",
             name,
         )
@@ -133,6 +149,12 @@ async def update_model(db: Database, name: str, req: ModelUpdate) -> Model:
             changes.get("max_instances", row["max_instances"]),
             changes.get("desired_instances", row["desired_instances"]),
         )
+        if any(f in changes for f in _LAUNCH_FIELDS):
+            if check is None:
+                raise TypeError("update_model: a launch configuration change needs a LaunchCheck")
+            check(name, changes.get("slurm_template", row["slurm_template"]),
+                  changes.get("slurm_resources", _json_decode.decode(row["slurm_resources"])),
+                  changes.get("engine_args", _json_decode.decode(row["engine_args"])))
         if changes:
             sets, args = [], []
             for i, (field, value) in enumerate(changes.items(), start=2):

@@ -99,7 +99,7 @@ async def test_models(stack: Stack, api: Daemon) -> None:
         "cli-alias",
         "--engine-arg=--max-num-seqs=8",
         "--resource",
-        "gpus=1",
+        "cpus_per_task=2",
         "--resource",
         "partition=gpu",
         "--max",
@@ -112,7 +112,8 @@ async def test_models(stack: Stack, api: Daemon) -> None:
         "4096",
     )
     assert created["aliases"] == ["cli-alias"] and created["engine_args"] == ["--max-num-seqs=8"]
-    assert created["slurm_resources"] == {"gpus": 1, "partition": "gpu"} and created["generation"] == 1
+    assert created["slurm_resources"] == {"cpus_per_task": 2, "partition": "gpu"}
+    assert created["generation"] == 1
 
     scaled = await admin_json(stack, "model", "scale", "org/cli-model", "2")
     assert scaled["desired_instances"] == 2 and scaled["generation"] == 1  # scaling is not a new config

@@ -118,7 +118,7 @@ def test_layout_errors(template: str, resources: dict[str, Any], message: str) -
         ({"time": "1:75:00"}, "out of range"),
         ({"time": "0:30"}, "under one minute"),
         ({"mem": "lots"}, "mem"),
-        ({"gpus": 1}, "unknown field `gpus`"),
+        ({"gpus": 1}, "unknown field 'gpus'"),
         ({"env": {"HPCGATE_JOB_MODEL": "x"}}, "reserved"),
         ({"env": {"BAD NAME": "x"}}, "env"),
         ({"image": "relative.sif"}, "image"),
