@@ -19,7 +19,7 @@ import asyncpg
 import msgspec
 from msgspec import UNSET
 
-from control.store.db import ConflictError, Conn, Database, InvalidError, NotFoundError, found
+from control.store.db import ConflictError, Conn, Database, InvalidError, NotFoundError, found, restated
 from control.wire import Model, ModelCreate, ModelUpdate
 
 _SELECT = """
@@ -58,9 +58,12 @@ def _model(row: asyncpg.Record) -> Model:
 
 def _check_counts(min_i: int, max_i: int, desired: int) -> None:
     if max_i < min_i:
-        raise InvalidError("max_instances must be >= min_instances")
+        raise InvalidError(f"max_instances={max_i} is below min_instances={min_i}")
     if not min_i <= desired <= max_i:
-        raise InvalidError("desired_instances must be between min_instances and max_instances")
+        hint = "raise max_instances" if desired > max_i else "lower min_instances"
+        hint = f" ({hint} in the same change)"
+        raise InvalidError(f"desired_instances={desired} is not between min_instances={min_i} "
+                           f"and max_instances={max_i}{hint}")
 
 
 async def _set_aliases(conn: Conn, model_id: int, name: str, aliases: list[str]) -> None:
@@ -85,27 +88,31 @@ async def _set_aliases(conn: Conn, model_id: int, name: str, aliases: list[str])
 async def create_model(db: Database, req: ModelCreate, check: LaunchCheck) -> Model:
     _check_counts(req.min_instances, req.max_instances, req.desired_instances)
     check(req.name, req.slurm_template, req.slurm_resources, req.engine_args)
-    async with db.transaction() as conn:
-        await conn.execute("LOCK TABLE ai_model_aliases IN SHARE ROW EXCLUSIVE MODE")
-        if await conn.fetchval("SELECT 1 FROM ai_model_aliases WHERE alias = $1", req.name):
-            raise ConflictError(f"{req.name!r} is already an alias of another model")
-        model_id = await conn.fetchval(
-            """INSERT INTO ai_model_configurations
-                   (name, engine_args, slurm_template, slurm_resources, min_instances, max_instances,
-                    desired_instances, startup_timeout_s, max_model_len)
-               VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, $7, $8, $9) RETURNING model_id""",
-            req.name,
-            msgspec.json.encode(req.engine_args).decode(),
-            req.slurm_template,
-            msgspec.json.encode(req.slurm_resources).decode(),
-            req.min_instances,
-            req.max_instances,
-            req.desired_instances,
-            req.startup_timeout_s,
-            req.max_model_len,
-        )
-        await _set_aliases(conn, model_id, req.name, req.aliases)
-        return _model(found(await conn.fetchrow(_SELECT + " WHERE m.model_id = $1", model_id), "row"))
+    try:
+        async with db.transaction() as conn:
+            await conn.execute("LOCK TABLE ai_model_aliases IN SHARE ROW EXCLUSIVE MODE")
+            if await conn.fetchval("SELECT 1 FROM ai_model_aliases WHERE alias = $1", req.name):
+                raise ConflictError(f"{req.name!r} is already an alias of another model")
+            model_id = await conn.fetchval(
+                """INSERT INTO ai_model_configurations
+                       (name, engine_args, slurm_template, slurm_resources, min_instances, max_instances,
+                        desired_instances, startup_timeout_s, max_model_len)
+                   VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, $7, $8, $9) RETURNING model_id""",
+                req.name,
+                msgspec.json.encode(req.engine_args).decode(),
+                req.slurm_template,
+                msgspec.json.encode(req.slurm_resources).decode(),
+                req.min_instances,
+                req.max_instances,
+                req.desired_instances,
+                req.startup_timeout_s,
+                req.max_model_len,
+            )
+            await _set_aliases(conn, model_id, req.name, req.aliases)
+            return _model(found(await conn.fetchrow(_SELECT + " WHERE m.model_id = $1", model_id), "row"))
+    except ConflictError as exc:
+        message = f"model {req.name!r} already exists"
+        raise restated(exc, "ai_model_configurations_name_key", message) from None
 
 
 async def list_models(db: Database) -> list[Model]:
