@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import socket
@@ -32,6 +33,39 @@ async def _read_until(stream: asyncio.StreamReader, pattern: re.Pattern[str], se
     return await asyncio.wait_for(scan(), timeout)
 
 
+def _command_lines() -> list[str]:
+    """Every process's command line on this machine, as ``ps`` shows them to any user."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:  # it ended meanwhile
+                continue
+    return lines
+
+
+async def _no_secret_in_a_command_line(pg_dsn: str, data_dir: Path, key: str) -> None:
+    """The admin token, the key-hash secret, the API key and the instances' bearer tokens of the
+    running stack appear in no process's argv (they travel in environments and files)."""
+    secrets = json.loads((data_dir / "secrets.json").read_text())
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        bearers = [r["bearer_token"] for r in await conn.fetch(
+            """SELECT e.bearer_token FROM ai_model_endpoints e JOIN ai_model_configurations m USING (model_id)
+                WHERE m.name = 'up-demo'""")]
+    finally:
+        await conn.close()
+    assert bearers, "no registered instance to check"
+    wanted = {"admin token": secrets["admin_token"], "key-hash secret": secrets["key_hash_secret"],
+              "API key": key, **{f"bearer token {i}": b for i, b in enumerate(bearers)}}
+    lines = _command_lines()
+    assert any("hpcgate" in line and " sim " in line for line in lines), "no simulated instance running"
+    for what, secret in wanted.items():
+        leaks = [line for line in lines if secret in line]
+        assert not leaks, f"the {what} is on a command line: {leaks}"
+
+
 async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_path: Path) -> None:
     gateway_port, api_port = _free_port(), _free_port()
     env = child_env(
@@ -59,6 +93,7 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
         models = await client.models.list()
         assert "up-demo" in [m.id for m in models.data]
         await client.close()
+        await _no_secret_in_a_command_line(pg_dsn, tmp_path, key)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
