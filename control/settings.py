@@ -67,10 +67,12 @@ class HealthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``hpcgate admin``: the CLI client of the admin API."""
+    """``hpcgate admin``: the CLI client of the admin API. Unset URL and token are taken from
+    the stack ``hpcgate up`` runs in ``data_dir`` (its stack.json and secrets.json), if any."""
 
-    control_url: HttpUrl = DEFAULT_CONTROL_URL
+    control_url: HttpUrl | None = None  # None: the up stack's, else DEFAULT_CONTROL_URL
     admin_token: str = ""
+    data_dir: str = "var/up"  # where `hpcgate up` keeps its state (its default)
     log_level: LogLevel = "warning"
     timeout_s: PositiveFloat = 10.0
 
