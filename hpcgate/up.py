@@ -30,6 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -129,6 +130,37 @@ async def check_redis(url: str) -> None:
         await client.ping()
     finally:
         await client.aclose()
+
+
+def _where(url: str) -> tuple[str, str]:
+    """``user`` and ``host:port`` of a database URL, for messages (never the password)."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return parts.username or "(none)", f"{parts.hostname or 'localhost'}{port}"
+
+
+def postgres_hint(url: str, exc: BaseException) -> str:
+    """What failed reaching PostgreSQL and what to check, by the kind of failure."""
+    user, where = _where(url)
+    if isinstance(exc, (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+        return (f"PostgreSQL at {where} refused authentication for user {user!r} ({exc}); check the user "
+                "and password in HPCGATE_DATABASE_URL and the server's pg_hba.conf")
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return (f"PostgreSQL user {user!r} at {where} may not do this ({exc}); it needs to create the "
+                "database or own it (CREATE DATABASE, CREATE TABLE)")
+    if isinstance(exc, (OSError, asyncio.TimeoutError)):
+        return (f"cannot reach PostgreSQL at {where} ({exc or type(exc).__name__}); is it running there? "
+                "(./dev.sh up starts a local one)")
+    return f"PostgreSQL at {where} as user {user!r}: {exc}"
+
+
+def redis_hint(url: str, exc: BaseException) -> str:
+    _, where = _where(url)
+    if isinstance(exc, aioredis.AuthenticationError):
+        return f"Redis at {where} refused authentication ({exc}); check the password in HPCGATE_REDIS_URL"
+    if isinstance(exc, (OSError, aioredis.ConnectionError, aioredis.TimeoutError)):
+        return f"cannot reach Redis at {where} ({exc}); is it running there? (./dev.sh up starts a local one)"
+    return f"Redis at {where}: {exc}"
 
 
 def slurm_env() -> dict[str, str]:
@@ -289,9 +321,13 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
     say(f"hpcgate up: data in {data_dir}")
     try:
         await ensure_database(settings.database_url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        say(f"hpcgate up: error: {postgres_hint(settings.database_url, exc)}")
+        return 1
+    try:
         await check_redis(settings.redis_url)
-    except (OSError, asyncpg.PostgresError, aioredis.RedisError) as exc:
-        say(f"hpcgate up: error: {exc} (is PostgreSQL/Redis running? ./dev.sh up starts them)")
+    except (OSError, aioredis.RedisError) as exc:
+        say(f"hpcgate up: error: {redis_hint(settings.redis_url, exc)}")
         return 1
 
     stack = Stack(settings, data_dir, secrets_)

@@ -158,3 +158,17 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
     assert len(states) >= 2
     assert {r["state"] for r in states} <= {"ended", "failed"}, states
     assert keys == 1
+
+
+async def test_up_says_what_failed_reaching_postgresql(tmp_path: Path) -> None:
+    """A wrong database user is an authentication failure for that user, not "is it running?"."""
+    cases = {
+        "postgresql://hpcgate_no_such_user@127.0.0.1:5432/hpcgate":
+            "refused authentication for user 'hpcgate_no_such_user'",
+        f"postgresql://postgres@127.0.0.1:{_free_port()}/hpcgate": "cannot reach PostgreSQL at 127.0.0.1:",
+    }
+    for dsn, expected in cases.items():
+        env = child_env(HPCGATE_DATABASE_URL=dsn, HPCGATE_DATA_DIR=str(tmp_path))
+        rc, out, err = await _run(hpcgate_cmd("up"), env, tmp_path)
+        assert rc == 1 and expected in out, out + err
+        assert ("running" in out) == ("cannot reach" in expected)
