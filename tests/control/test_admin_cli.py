@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,16 +11,8 @@ import pytest
 
 from control.store.db import Database, InvalidError
 from tests.control.conftest import Stack
-from tests.control.daemons import ADMIN_TOKEN, Daemon, free_port, start_api
+from tests.control.daemons import ADMIN_TOKEN, Daemon, free_port
 from tests.support.procs import child_env, hpcgate_cmd
-
-
-@pytest.fixture(scope="module")
-async def api(stack: Stack) -> AsyncIterator[Daemon]:
-    daemon = await start_api(stack.env, stack.tmp)
-    stack.api_url = f"http://127.0.0.1:{daemon.port}"
-    yield daemon
-    await daemon.stop()
 
 
 async def run_admin(stack: Stack, *args: str, url: str | None = None) -> tuple[int, str, str]:

@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from control.jobs.resources import RESOURCE_FIELDS
 from tests.control.conftest import Stack
-from tests.control.daemons import ADMIN_TOKEN, Daemon, start_api
+from tests.control.daemons import ADMIN_TOKEN, Daemon
 from tests.support.procs import HPCGATE, child_env, hpcgate_cmd
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "admin-api.md"
@@ -25,14 +22,6 @@ def doc_script() -> str:
     blocks = _SH_BLOCK.findall(DOC.read_text())
     assert blocks and all("hpcgate admin" in b for b in blocks), "docs/admin-api.md lost its examples"
     return "set -euo pipefail\n" + "\n".join(blocks)
-
-
-@pytest.fixture(scope="module")
-async def api(stack: Stack) -> AsyncIterator[Daemon]:
-    daemon = await start_api(stack.env, stack.tmp)
-    stack.api_url = f"http://127.0.0.1:{daemon.port}"
-    yield daemon
-    await daemon.stop()
 
 
 async def test_the_admin_examples_of_the_docs_run(stack: Stack, api: Daemon) -> None:
