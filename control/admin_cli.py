@@ -10,16 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 
 from control.admin_client import AdminApiError, AdminClient, seg
 from control.admin_render import render
-from control.settings import AdminSettings, require
+from control.settings import DEFAULT_CONTROL_URL, AdminSettings
 from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
-from hpcgate.settings import load_settings
+from hpcgate.settings import SettingsError, load_settings
 
+T = TypeVar("T")
 Command = Callable[[AdminClient, argparse.Namespace], tuple[bytes, Any]]
 
 # ----------------------------------------------------------------------------- argument parsing
@@ -93,7 +95,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         type=_resource,
         metavar="KEY=VALUE",
-        help="Slurm resource, e.g. gpus=1, partition=gpu (repeatable; replaces the set)",
+        help="a slurm_resources field, e.g. gpus_per_node=1, partition=gpu, time=12:00:00, "
+        "image=/path/vllm.sif (repeatable; replaces the set; fields: docs/operations.md)",
     )
     p.add_argument("--min", type=int, help="minimum instances")
     p.add_argument("--max", type=int, help="maximum instances")
@@ -336,14 +339,47 @@ def _do(
     return raw, msgspec.json.decode(raw, type=cls)
 
 
+class _UpStack(msgspec.Struct):
+    control_url: str
+
+
+class _UpSecrets(msgspec.Struct):
+    admin_token: str
+
+
+def _read_json(path: Path, cls: type[T]) -> T | None:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=cls)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def connection(settings: AdminSettings) -> tuple[str, str]:
+    """The control URL and admin token: the settings' own, else those of the stack `hpcgate up`
+    runs in ``data_dir`` (so the CLI works right after ``up`` with nothing exported)."""
+    data_dir = Path(settings.data_dir)
+    url, token = settings.control_url, settings.admin_token
+    if url is None:
+        stack = _read_json(data_dir / "stack.json", _UpStack)
+        url = stack.control_url if stack else DEFAULT_CONTROL_URL
+    if not token:
+        found = _read_json(data_dir / "secrets.json", _UpSecrets)
+        if found is None:
+            raise SettingsError(
+                "missing setting HPCGATE_ADMIN_TOKEN (or --token): no hpcgate up stack in "
+                f"{data_dir.resolve()} either (run from the directory of `hpcgate up`, set "
+                "HPCGATE_DATA_DIR to its --data-dir, or source its env.sh)")
+        token = found.admin_token
+    return url, token
+
+
 def main(argv: list[str]) -> int:
     args = _build_parser().parse_args(argv)
     settings = load_settings(
         AdminSettings, "admin", overrides={"control_url": args.url, "admin_token": args.token}
     )
-    client = AdminClient(
-        settings.control_url, require(settings.admin_token, "admin_token"), settings.timeout_s
-    )
+    url, token = connection(settings)
+    client = AdminClient(url, token, settings.timeout_s)
     try:
         raw, value = args.fn(client, args)
     except AdminApiError as exc:

@@ -37,6 +37,9 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     db_timeout_s: PositiveFloat = 5.0  # per query; an outage answers 503 after this
     max_body_bytes: PositiveInt = 1 << 20
     sd_token: str = ""  # if set, /sd/* require "Authorization: Bearer <sd_token>"
+    # Site template directories, as the Job Worker's jobs.template_dirs: a model's template is
+    # checked against them (and the built-in ones) when it is created or changed.
+    template_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.port_range_end < self.port_range_start:
@@ -64,10 +67,12 @@ class HealthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``hpcgate admin``: the CLI client of the admin API."""
+    """``hpcgate admin``: the CLI client of the admin API. Unset URL and token are taken from
+    the stack ``hpcgate up`` runs in ``data_dir`` (its stack.json and secrets.json), if any."""
 
-    control_url: HttpUrl = DEFAULT_CONTROL_URL
+    control_url: HttpUrl | None = None  # None: the up stack's, else DEFAULT_CONTROL_URL
     admin_token: str = ""
+    data_dir: str = "var/up"  # where `hpcgate up` keeps its state (its default)
     log_level: LogLevel = "warning"
     timeout_s: PositiveFloat = 10.0
 

@@ -32,7 +32,7 @@ from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.relay import CLIENT_GONE, Exchange
 from gateway.request_view import ask_for_usage, parse_view, with_model
-from gateway.routing_table import RETRY_AFTER_STARTING, RETRY_AFTER_STOPPED, ModelRoute
+from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
 from gateway.sse import SseScanner, usage_of
 from gateway.upstream_client import UpstreamConnection, UpstreamError, build_request
 from hpcgate.logs import get_logger
@@ -347,12 +347,19 @@ class ProxyCall:
 
 
 def _no_instance(route: ModelRoute) -> ApiError:
+    """503 for a model without a routable instance; Retry-After only if one is on its way."""
     if route.state == ModelState.STARTING:
         return ApiError(503, f"model '{route.name}' is starting: no ready instance yet", "model_starting",
                         retry_after=RETRY_AFTER_STARTING)
-    reason = f" ({route.reason})" if route.reason else ""
-    return ApiError(503, f"model '{route.name}' has no ready instance ({route.state}){reason}",
-                    "model_unavailable", retry_after=RETRY_AFTER_STOPPED)
+    if route.state == ModelState.READY:  # its instances are draining or missed probes right now
+        return ApiError(503, f"model '{route.name}' has no routable instance right now",
+                        "model_unavailable", retry_after=RETRY_AFTER_STARTING)
+    why = f": {route.reason}" if route.reason else ""
+    if route.state == ModelState.FAILED:
+        return ApiError(503, f"model '{route.name}' failed{why}; no instance will start until an operator "
+                        "fixes it", "model_failed")
+    return ApiError(503, f"model '{route.name}' is stopped{why}; no instance will start until an operator "
+                    "scales it up", "model_stopped")
 
 
 def upstream_error(err: UpstreamError | str) -> ApiError:

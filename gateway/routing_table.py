@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable
 from gateway.backend import Backend, BackendKey
 from hpcgate.schemas import EndpointTable, ModelState
 
-# Retry-After seconds for a model that exists but has no ready instance.
+# Retry-After seconds for a model whose instances are starting (or briefly unroutable). A model
+# that is stopped or failed gets none: nothing will change until an operator acts.
 RETRY_AFTER_STARTING = 10
-RETRY_AFTER_STOPPED = 30
 
 
 class ModelRoute:

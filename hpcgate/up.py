@@ -7,7 +7,11 @@ served by simulated vLLM instances exist, issues a fresh API key, waits until th
 ready instance, and prints the gateway URL and the key.
 
 Invariants: idempotent (the tenant and model are created or updated, the admin token and
-key-hash secret persist in ``<data_dir>/secrets.json`` so earlier keys keep working); every
+key-hash secret persist in ``<data_dir>/secrets.json`` so earlier keys keep working, and the
+demo key is kept there too and reused while it is active, so repeated runs leave one key, not
+one per run); ``<data_dir>/stack.json`` names the running stack's control URL, so
+``hpcgate admin`` run from the same directory needs no settings, and ``<data_dir>/env.sh``
+(mode 0600) holds the ``export`` lines for other shells (admin URL and token, ``SLURM_CONF``); every
 child is started with a readiness check, never a sleep; on Ctrl-C the model is scaled to zero
 so its instances end, then the daemons stop in reverse order; a child that dies stops the
 whole stack with its log tail.
@@ -20,11 +24,13 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -35,8 +41,9 @@ import redis.asyncio as aioredis
 from control.admin_client import AdminApiError, AdminClient
 from control.db.migrate import migrate
 from control.http_client import tool_client
-from control.wire import Job, KeyCreated, Model, Tenant
+from control.wire import ApiKey, Job, KeyCreated, Model, Tenant
 from hpcgate.logs import setup_logging
+from hpcgate.schemas import key_prefix
 from hpcgate.settings import LogLevel, Port, PostgresUrl, RedisUrl, load_settings
 from hpcgate.supervisor import ChildFailedError, Supervisor, hpcgate_argv
 
@@ -64,6 +71,23 @@ class UpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class Secrets(msgspec.Struct, frozen=True):
     admin_token: str
     key_hash_secret: str
+    demo_key: str | None = None  # the demo tenant's key, reused by the next run while active
+
+
+class StackInfo(msgspec.Struct, frozen=True):
+    """``<data_dir>/stack.json``: where the stack ``up`` runs is (no secrets; see Secrets)."""
+
+    control_url: str
+    gateway_url: str
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only (mode 0600, also when it existed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def load_secrets(path: Path) -> Secrets:
@@ -75,10 +99,7 @@ def load_secrets(path: Path) -> Secrets:
             raise SystemExit(f"hpcgate up: error: {path} is damaged ({exc}); remove it to start afresh") \
                 from None
     found = Secrets(admin_token=secrets.token_urlsafe(24), key_hash_secret=secrets.token_urlsafe(32))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(msgspec.json.encode(found))
+    write_private(path, msgspec.json.encode(found))
     return found
 
 
@@ -109,6 +130,37 @@ async def check_redis(url: str) -> None:
         await client.ping()
     finally:
         await client.aclose()
+
+
+def _where(url: str) -> tuple[str, str]:
+    """``user`` and ``host:port`` of a database URL, for messages (never the password)."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return parts.username or "(none)", f"{parts.hostname or 'localhost'}{port}"
+
+
+def postgres_hint(url: str, exc: BaseException) -> str:
+    """What failed reaching PostgreSQL and what to check, by the kind of failure."""
+    user, where = _where(url)
+    if isinstance(exc, (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+        return (f"PostgreSQL at {where} refused authentication for user {user!r} ({exc}); check the user "
+                "and password in HPCGATE_DATABASE_URL and the server's pg_hba.conf")
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return (f"PostgreSQL user {user!r} at {where} may not do this ({exc}); it needs to create the "
+                "database or own it (CREATE DATABASE, CREATE TABLE)")
+    if isinstance(exc, (OSError, asyncio.TimeoutError)):
+        return (f"cannot reach PostgreSQL at {where} ({exc or type(exc).__name__}); is it running there? "
+                "(./dev.sh up starts a local one)")
+    return f"PostgreSQL at {where} as user {user!r}: {exc}"
+
+
+def redis_hint(url: str, exc: BaseException) -> str:
+    _, where = _where(url)
+    if isinstance(exc, aioredis.AuthenticationError):
+        return f"Redis at {where} refused authentication ({exc}); check the password in HPCGATE_REDIS_URL"
+    if isinstance(exc, (OSError, aioredis.ConnectionError, aioredis.TimeoutError)):
+        return f"cannot reach Redis at {where} ({exc}); is it running there? (./dev.sh up starts a local one)"
+    return f"Redis at {where}: {exc}"
 
 
 def slurm_env() -> dict[str, str]:
@@ -144,12 +196,14 @@ class Stack:
         )
         self.sup = Supervisor(data_dir / "logs", env)
         self.admin = AdminClient(self.control_url, secrets_.admin_token)
+        self.slurm_conf: str | None = None
 
     async def start_daemons(self) -> None:
         s = self.s
         if s.launcher == "slurm":
             say("starting the local Slurm cluster ...")
             self.sup.env.update(await asyncio.to_thread(slurm_env))
+            self.slurm_conf = self.sup.env.get("SLURM_CONF")
         say("starting control api, health worker, job worker ...")
         await self.sup.start("control-api", hpcgate_argv("control", "api", "--host", s.host, "--port",
                                                          str(s.api_port)), "api_listening")
@@ -167,13 +221,47 @@ class Stack:
     async def _admin(self, cls: type[T], method: str, path: str, body: object = None) -> T:
         return await asyncio.to_thread(self.admin.call, cls, method, path, body)
 
+    async def demo_key(self) -> str:
+        """The demo tenant's key of an earlier run if it is still active, else a new one (kept)."""
+        s, old = self.s, self.secrets.demo_key
+        if old:
+            keys = await asyncio.to_thread(self.admin.call, list[ApiKey], "GET", "/admin/keys",
+                                           None, {"prefix": key_prefix(old), "tenant": s.tenant})
+            if any(k.active for k in keys):
+                return old
+        created = await self._admin(KeyCreated, "POST", f"/admin/tenants/{s.tenant}/keys",
+                                    {"description": "hpcgate up"})
+        self.secrets = msgspec.structs.replace(self.secrets, demo_key=created.key)
+        write_private(self.data_dir / "secrets.json", msgspec.json.encode(self.secrets))
+        return created.key
+
+    def write_stack_files(self) -> None:
+        """stack.json (the CLI finds the stack by it) and env.sh (export lines for other shells)."""
+        s = self.s
+        info = StackInfo(control_url=self.control_url, gateway_url=f"http://{s.host}:{s.gateway_port}/v1")
+        (self.data_dir / "stack.json").write_bytes(msgspec.json.encode(info))
+        exports = "".join(f"export {line}\n" for line in self.export_lines())
+        write_private(self.data_dir / "env.sh", exports.encode())
+
+    def cli_hint(self) -> str:
+        """How to run the admin CLI from this shell: it finds the stack in its default data dir."""
+        if self.data_dir == Path(UpSettings().data_dir).resolve():
+            return f"hpcgate admin model list   (here in {Path.cwd()}: it reads {self.data_dir})"
+        return f"HPCGATE_DATA_DIR={shlex.quote(str(self.data_dir))} hpcgate admin model list"
+
+    def export_lines(self) -> list[str]:
+        lines = [f"HPCGATE_CONTROL_URL={self.control_url}",
+                 f"HPCGATE_ADMIN_TOKEN={shlex.quote(self.secrets.admin_token)}"]
+        if self.slurm_conf:
+            lines.append(f"SLURM_CONF={shlex.quote(self.slurm_conf)}")
+        return lines
+
     async def ensure_demo(self) -> str:
-        """Create or update the demo tenant and model; return a fresh API key."""
+        """Create or update the demo tenant and model; return the demo tenant's API key."""
         s = self.s
         with contextlib.suppress(AdminApiError):  # 409: it exists already
             await self._admin(Tenant, "POST", "/admin/tenants", {"name": s.tenant})
-        created = await self._admin(KeyCreated, "POST", f"/admin/tenants/{s.tenant}/keys",
-                                    {"description": "hpcgate up"})
+        key = await self.demo_key()
         model = {"name": s.model, "slurm_template": "sim", "max_instances": max(s.instances, 1),
                  "desired_instances": s.instances}
         try:
@@ -183,7 +271,7 @@ class Stack:
                 raise
             await self._admin(Model, "PATCH", f"/admin/models/{s.model}",
                               {"max_instances": max(s.instances, 1), "desired_instances": s.instances})
-        return created.key
+        return key
 
     async def wait_ready(self, key: str) -> None:
         """Poll the gateway's /v1/models as a client would, showing progress."""
@@ -233,9 +321,13 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
     say(f"hpcgate up: data in {data_dir}")
     try:
         await ensure_database(settings.database_url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        say(f"hpcgate up: error: {postgres_hint(settings.database_url, exc)}")
+        return 1
+    try:
         await check_redis(settings.redis_url)
-    except (OSError, asyncpg.PostgresError, aioredis.RedisError) as exc:
-        say(f"hpcgate up: error: {exc} (is PostgreSQL/Redis running? ./dev.sh up starts them)")
+    except (OSError, aioredis.RedisError) as exc:
+        say(f"hpcgate up: error: {redis_hint(settings.redis_url, exc)}")
         return 1
 
     stack = Stack(settings, data_dir, secrets_)
@@ -246,6 +338,7 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
     code = 0
     try:
         await stack.start_daemons()
+        stack.write_stack_files()
         key = await stack.ensure_demo()
         say(f"waiting for {settings.instances} simulated vLLM instance(s) of {settings.model!r} "
             f"({settings.launcher} launcher) ...")
@@ -257,6 +350,10 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
         say(f"  API key     : {key}")
         say(f"  model       : {settings.model}")
         say(f"  admin API   : {stack.control_url}  (token in {data_dir / 'secrets.json'})")
+        say(f"  admin CLI   : {stack.cli_hint()}")
+        say(f"  elsewhere   : . {data_dir / 'env.sh'}   (or:)")
+        for line in stack.export_lines():
+            say(f"                export {line}")
         say(f"  logs        : {data_dir / 'logs'}")
         say(f"  try         : curl -N {url}/chat/completions -H 'Authorization: Bearer {key}' "
             f"-H 'Content-Type: application/json' -d '{{\"model\": \"{settings.model}\", \"stream\": true, "

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default sim-model)")
     p.add_argument("--profile", choices=["fast", "paced", "gpu-s", "gpu-l"],
                    help="step-cost profile (default fast)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer TOKEN' on /v1/*")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer TOKEN' on /v1/*; a command line is "
+                   "visible to every user of the machine, so prefer HPCGATE_SIM_API_KEY")
     p.add_argument("--max-num-seqs", type=int, help="max running sequences (default: the profile's, 256 "
                    "for fast and gpu-s, 1024 for gpu-l)")
     p.add_argument("--max-model-len", type=int, help="context length (default 32768)")

@@ -10,7 +10,8 @@ Litestar's, configured here.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -25,8 +26,11 @@ from control.api.decoding import ApiRequest, decode_path_params, routing_path
 from control.api.errors import EXCEPTION_HANDLERS, ApiError
 from control.api.routes import ADMIN, ADMIN_ROUTES, OPEN_ROUTES, SD_ROUTES
 from control.api.security import ADMIN_SCHEME, SD_SCHEME, bearer_guard, sd_guards
+from control.jobs.render import LaunchConfig, prepare
+from control.jobs.resources import ResourceError
 from control.settings import ApiSettings
 from control.store.db import Database
+from control.store.models import LaunchCheck
 from control.store.registration import PortRange
 from hpcgate.logs import get_logger
 
@@ -61,6 +65,7 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
             "db": constant(db),
             "ports": constant(PortRange(settings.port_range_start, settings.port_range_end)),
             "key_secret": constant(settings.key_hash_secret.encode()),
+            "launch": constant(launch_check(settings)),
         },
         middleware=[decode_path_params],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
@@ -79,6 +84,22 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
         logging_config=None,
         debug=False,
     )
+
+
+def launch_check(settings: ApiSettings) -> LaunchCheck:
+    """The Job Worker's own check of a launch configuration (template found, resources valid,
+    layout fits the template, the script renders), run when a model is created or changed."""
+    search = tuple(Path(d) for d in settings.template_dirs)
+
+    def check(name: str, template: str, resources: Mapping[str, object], engine_args: Sequence[str]) -> None:
+        config = LaunchConfig(model=name, template=template, resources=resources,
+                              engine_args=list(engine_args))
+        try:
+            prepare(config, search, control_url="http://control.invalid", hpcgate_bin="hpcgate")
+        except ResourceError as exc:
+            raise ApiError(422, "validation_error", str(exc), exc.path) from None
+
+    return check
 
 
 def _bearer(description: str) -> SecurityScheme:

@@ -4,7 +4,7 @@ Each handler declares its input as typed parameters (a ``data`` body Struct of
 :mod:`control.wire`, path and query parameters with the bounded aliases below), calls one store
 function and returns a wire Struct. Litestar decodes and validates from those declarations and generates
 the OpenAPI document (``/admin/openapi.json``) from the same ones, so the document cannot drift
-from the code. The dependencies ``db``, ``ports`` and ``key_secret`` come from
+from the code. The dependencies ``db``, ``ports``, ``key_secret`` and ``launch`` come from
 :func:`control.api.app.build_app`; the guards sit on the routers there.
 """
 
@@ -23,6 +23,7 @@ from control.api.errors import ApiError
 from control.api.security import ADMIN_SCHEME, SD_SCHEME
 from control.store import jobs, models, registration, tenants, usage
 from control.store.db import Database
+from control.store.models import LaunchCheck
 from control.store.registration import PortRange
 from control.wire import (
     KEY_PREFIX_PATTERN,
@@ -163,8 +164,8 @@ async def revoke_key(db: Db, key_id: IdPath) -> ApiKey:
 
 
 @post("/models", summary="Create a model configuration", tags=["models"], responses=errors(409, body=True))
-async def create_model(db: Db, data: JSONBody[ModelCreate]) -> Model:
-    return await models.create_model(db, data)
+async def create_model(db: Db, launch: NamedDependency[LaunchCheck], data: JSONBody[ModelCreate]) -> Model:
+    return await models.create_model(db, data, launch)
 
 
 @get("/models", summary="List models", tags=["models"], responses=errors())
@@ -179,8 +180,9 @@ async def get_model(db: Db, name: ModelPath) -> Model:
 
 @patch("/models/{name:str}", summary="Update a model configuration", tags=["models"],
        responses=errors(404, 409, body=True))
-async def update_model(db: Db, name: ModelPath, data: JSONBody[ModelUpdate] = _NO_MODEL_CHANGE) -> Model:
-    return await models.update_model(db, name, data)
+async def update_model(db: Db, launch: NamedDependency[LaunchCheck], name: ModelPath,
+                       data: JSONBody[ModelUpdate] = _NO_MODEL_CHANGE) -> Model:
+    return await models.update_model(db, name, data, launch)
 
 
 @post("/models/{name:str}/drain", status_code=200, tags=["models"], responses=errors(404),

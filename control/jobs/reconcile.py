@@ -40,8 +40,8 @@ from control.jobs.plan import (
     plan_model,
     plan_orphans,
 )
-from control.jobs.render import JobContext, find_template, render_text
-from control.jobs.resources import ResourceError, parse_engine_args, parse_resources
+from control.jobs.render import JobContext, LaunchConfig, prepare, render_text
+from control.jobs.resources import ResourceError
 from control.jobs.settings import JobsSettings
 from control.launchers.base import JobSpec, Launcher, LauncherError, ObservedJob, SubmitRejectedError
 from control.store.tokens import hash_registration_token, new_registration_token
@@ -75,15 +75,10 @@ class JobWorker:
 
     def _prepare(self, model: store.ModelRow) -> _Prepared:
         """Validate a model's launch configuration into a render-ready context (ResourceError)."""
-        resources, walltime = parse_resources(model.slurm_resources)
-        engine_args = parse_engine_args(model.engine_args)
-        text = find_template(model.slurm_template, self.template_dirs).read_text()
-        ctx = JobContext(name="", model=model.name, endpoint_job_id=0, generation=model.generation,
-                         template=model.slurm_template, resources=resources, engine_args=engine_args,
-                         control_url=self.settings.control_url, output_path="", walltime_s=walltime,
-                         hpcgate_bin=self.settings.resolved_hpcgate_bin())
-        check = msgspec.structs.replace(ctx, name="check", endpoint_job_id=1, output_path="/dev/null")
-        render_text(text, check)
+        config = LaunchConfig(model=model.name, generation=model.generation, template=model.slurm_template,
+                              resources=model.slurm_resources, engine_args=model.engine_args)
+        text, ctx = prepare(config, self.template_dirs, control_url=self.settings.control_url,
+                            hpcgate_bin=self.settings.resolved_hpcgate_bin())
         return _Prepared(text, ctx)
 
     async def reconcile_once(self) -> None:
@@ -116,8 +111,6 @@ class JobWorker:
                 prepared[m.model_id] = self._prepare(m)
             except ResourceError as exc:
                 prepared[m.model_id] = exc
-            except OSError as exc:
-                prepared[m.model_id] = ResourceError(f"slurm_template {m.slurm_template!r}: {exc}")
 
         by_model: dict[int, list[store.JobRow]] = {}
         for r in rows:

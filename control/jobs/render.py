@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from control.jobs.resources import ResourceError, SlurmResources
+from control.jobs.resources import ResourceError, SlurmResources, parse_engine_args, parse_resources
 from control.launchers.slurm_parse import format_time
 
 TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -53,23 +55,26 @@ class JobContext(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _check_layout(template: str, res: SlurmResources) -> None:
+    where = "$.slurm_resources"
     if template == "vllm" and (res.nodes != 1 or res.gpus_per_node != 1):
         raise ResourceError(
             f"template vllm is for {_LAYOUTS['vllm']}; got nodes={res.nodes} "
-            f"gpus_per_node={res.gpus_per_node} (use vllm-tp or vllm-multinode)"
+            f"gpus_per_node={res.gpus_per_node} (set slurm_resources.gpus_per_node=1, "
+            "or use vllm-tp or vllm-multinode)", where
         )
     if template == "vllm-tp" and (res.nodes != 1 or res.gpus_per_node < 2):
         raise ResourceError(
             f"template vllm-tp is for {_LAYOUTS['vllm-tp']}; got nodes={res.nodes} "
-            f"gpus_per_node={res.gpus_per_node}"
+            f"gpus_per_node={res.gpus_per_node}", where
         )
     if template == "vllm-multinode" and (res.nodes < 2 or res.gpus_per_node < 1):
         raise ResourceError(
             f"template vllm-multinode is for {_LAYOUTS['vllm-multinode']}; got nodes={res.nodes} "
-            f"gpus_per_node={res.gpus_per_node}"
+            f"gpus_per_node={res.gpus_per_node}", where
         )
     if template in _LAYOUTS and res.image is None:
-        raise ResourceError(f"template {template} needs slurm_resources.image (an Apptainer image path)")
+        raise ResourceError(f"template {template} needs slurm_resources.image (an Apptainer image path)",
+                            "$.slurm_resources.image")
 
 
 def sbatch_block(ctx: JobContext) -> str:
@@ -132,13 +137,19 @@ def register_block(ctx: JobContext) -> str:
 
 def find_template(name: str, search: tuple[Path, ...]) -> Path:
     if not TEMPLATE_NAME_RE.match(name):
-        raise ResourceError(f"slurm_template {name!r}: not a valid template name ([a-z0-9_-], max 64)")
+        raise ResourceError(f"slurm_template {name!r}: not a valid template name ([a-z0-9_-], max 64)",
+                            "$.slurm_template")
     for directory in (*search, BUILTIN_TEMPLATE_DIR):
         path = directory / f"{name}{TEMPLATE_SUFFIX}"
         if path.is_file():
             return path
     raise ResourceError(f"slurm_template {name!r}: no {name}{TEMPLATE_SUFFIX} in {[str(d) for d in search]} "
-                        "or the built-in templates")
+                        f"or the built-in templates ({', '.join(builtin_templates())})", "$.slurm_template")
+
+
+def builtin_templates() -> list[str]:
+    found = BUILTIN_TEMPLATE_DIR.glob(f"*{TEMPLATE_SUFFIX}")
+    return sorted(p.name.removesuffix(TEMPLATE_SUFFIX) for p in found)
 
 
 def render_text(template_text: str, ctx: JobContext) -> str:
@@ -163,9 +174,41 @@ def render_text(template_text: str, ctx: JobContext) -> str:
     }
     unknown = sorted({m.group(1) for m in _PLACEHOLDER_RE.finditer(template_text)} - values.keys())
     if unknown:
-        raise ResourceError(f"slurm_template {ctx.template!r} uses unknown placeholders {unknown}")
+        raise ResourceError(f"slurm_template {ctx.template!r} uses unknown placeholders {unknown}",
+                            "$.slurm_template")
     return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template_text)
 
 
 def render(ctx: JobContext, search: tuple[Path, ...] = ()) -> str:
     return render_text(find_template(ctx.template, search).read_text(), ctx)
+
+
+class LaunchConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A model's launch configuration as stored (``slurm_resources`` and ``engine_args`` raw)."""
+
+    model: str
+    generation: int = 1
+    template: str
+    resources: Mapping[str, Any] | str | bytes
+    engine_args: Any
+
+
+def prepare(config: LaunchConfig, search: tuple[Path, ...], *, control_url: str,
+            hpcgate_bin: str) -> tuple[str, JobContext]:
+    """Validate a launch configuration into the template's text and a render-ready context
+    (name and ids are filled in per job); ResourceError names the field.
+
+    The one check of a configuration: the admin API runs it when a model is created or
+    changed (422), the Job Worker before it submits anything, so what the API accepts renders.
+    """
+    resources, walltime = parse_resources(config.resources)
+    engine_args = parse_engine_args(config.engine_args)
+    try:
+        text = find_template(config.template, search).read_text()
+    except OSError as exc:
+        raise ResourceError(f"slurm_template {config.template!r}: {exc}", "$.slurm_template") from None
+    ctx = JobContext(name="", model=config.model, endpoint_job_id=0, generation=config.generation,
+                     template=config.template, resources=resources, engine_args=engine_args,
+                     control_url=control_url, output_path="", walltime_s=walltime, hpcgate_bin=hpcgate_bin)
+    render_text(text, msgspec.structs.replace(ctx, name="check", endpoint_job_id=1, output_path="/dev/null"))
+    return text, ctx

@@ -29,7 +29,12 @@ _RESERVED_ENV = re.compile(r"^(HPCGATE_|HPCG_|SLURM_)")
 
 class ResourceError(ValueError):
     """The model's resources or template are invalid; the message names the field. Terminal:
-    the worker marks the model failed with this reason instead of retrying."""
+    the worker marks the model failed with this reason instead of retrying; the admin API
+    answers 422 with it. ``path`` is the JSON path of the offending field in a model body."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class SlurmResources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -58,23 +63,45 @@ def parse_resources(raw: Mapping[str, Any] | str | bytes) -> tuple[SlurmResource
         else:
             res = msgspec.convert(dict(raw), SlurmResources)
     except msgspec.ValidationError as exc:
-        raise ResourceError(f"slurm_resources: {exc}") from None
+        raise _validation_error(exc) from None
     except msgspec.DecodeError as exc:
-        raise ResourceError(f"slurm_resources is not a JSON object: {exc}") from None
+        raise ResourceError(f"slurm_resources is not a JSON object: {exc}", "$.slurm_resources") from None
     for name, value in res.env.items():
+        where = f"$.slurm_resources.env.{name}"
         if _RESERVED_ENV.match(name):
-            raise ResourceError(f"slurm_resources.env.{name}: HPCGATE_*, HPCG_* and SLURM_* are reserved")
+            reason = "HPCGATE_*, HPCG_* and SLURM_* are reserved"
+            raise ResourceError(f"slurm_resources.env.{name}: {reason}", where)
         if "\x00" in value:
-            raise ResourceError(f"slurm_resources.env.{name}: contains a NUL byte")
+            raise ResourceError(f"slurm_resources.env.{name}: contains a NUL byte", where)
     walltime = None
     if res.time is not None:
         try:
             walltime = parse_time(res.time)
         except SlurmParseError as exc:
-            raise ResourceError(f"slurm_resources.time: {exc}") from None
+            raise ResourceError(f"slurm_resources.time: {exc}", "$.slurm_resources.time") from None
         if walltime is not None and walltime < 60:
-            raise ResourceError(f"slurm_resources.time: {res.time!r} is under one minute")
+            raise ResourceError(f"slurm_resources.time: {res.time!r} is under one minute",
+                                "$.slurm_resources.time")
     return res, walltime
+
+
+_AT_RE = re.compile(r"\s*-\s*at `\$\.?([^`]*)`")
+_UNKNOWN_RE = re.compile(r"unknown field `([^`]*)`")
+RESOURCE_FIELDS = tuple(f.name for f in msgspec.structs.fields(SlurmResources))
+
+
+def _validation_error(exc: msgspec.ValidationError) -> ResourceError:
+    """msgspec's message, with the field named as ``slurm_resources.x`` and, for an unknown
+    field, the fields that exist (``gpus`` is a common guess for ``gpus_per_node``)."""
+    text = str(exc)
+    at = _AT_RE.search(text)
+    unknown = _UNKNOWN_RE.search(text)
+    sub = at.group(1) if at else (unknown.group(1) if unknown else "")
+    reason = _AT_RE.sub("", text)
+    if unknown:
+        reason = f"unknown field {unknown.group(1)!r} (known: {', '.join(RESOURCE_FIELDS)})"
+    field = f"slurm_resources.{sub}" if sub else "slurm_resources"
+    return ResourceError(f"{field}: {reason}", f"$.{field}")
 
 
 def parse_engine_args(raw: Any) -> tuple[str, ...]:
@@ -83,10 +110,10 @@ def parse_engine_args(raw: Any) -> tuple[str, ...]:
         try:
             raw = msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
-            raise ResourceError(f"engine_args is not JSON: {exc}") from None
+            raise ResourceError(f"engine_args is not JSON: {exc}", "$.engine_args") from None
     if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
-        raise ResourceError("engine_args must be an array of strings")
+        raise ResourceError("engine_args must be an array of strings", "$.engine_args")
     for i, arg in enumerate(raw):
         if "\x00" in arg or "\n" in arg or "\r" in arg:
-            raise ResourceError(f"engine_args[{i}]: contains a NUL or newline")
+            raise ResourceError(f"engine_args[{i}]: contains a NUL or newline", f"$.engine_args[{i}]")
     return tuple(raw)

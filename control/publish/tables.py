@@ -104,12 +104,21 @@ def build_endpoint_table(
             name=m.name,
             aliases=m.aliases,
             state=_model_state(m, m.name in serving),
-            reason=m.state_reason if m.state == "failed" else None,
+            reason=_model_reason(m),
             max_model_len=m.max_model_len,
         )
         for m in sorted(models, key=lambda m: m.name)
     )
     return EndpointTable(version=version, generated_at=generated_at, models=model_entries, endpoints=entries)
+
+
+def _model_reason(model: ModelRow) -> str | None:
+    """Why a model may have no instance, for the gateway's 503: the failure, a drain, zero wanted."""
+    if model.state == "failed":
+        return model.state_reason
+    if model.state == "draining":
+        return "draining"
+    return "scaled to zero" if model.desired_instances == 0 else None
 
 
 def _model_state(model: ModelRow, serving: bool) -> ModelState:

@@ -6,15 +6,20 @@ another model's alias; checked under a table lock so two writers cannot both pas
 max_model_len) changes, so the Job Worker replaces jobs of an older generation; ``drain`` sets
 state ``draining`` (the Job Worker treats it as zero desired instances and the published
 table marks its endpoints draining); ``state: active`` undoes a drain and clears ``failed``.
+A launch configuration is written only after the caller's :class:`LaunchCheck` accepted it
+(the whole configuration, as it will be after the change), so what is stored renders.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import asyncpg
 import msgspec
 from msgspec import UNSET
 
-from control.store.db import ConflictError, Conn, Database, InvalidError, NotFoundError, found
+from control.store.db import ConflictError, Conn, Database, InvalidError, NotFoundError, found, restated
 from control.wire import Model, ModelCreate, ModelUpdate
 
 _SELECT = """
@@ -36,6 +41,14 @@ _JSON_FIELDS = ("engine_args", "slurm_resources")
 _json_decode = msgspec.json.Decoder()
 
 
+@runtime_checkable  # Litestar checks dependency values against their declared type
+class LaunchCheck(Protocol):
+    """Refuses (raises) a launch configuration the Job Worker could not render."""
+
+    def __call__(self, name: str, template: str, resources: Mapping[str, object],
+                 engine_args: Sequence[str]) -> None: ...
+
+
 def _model(row: asyncpg.Record) -> Model:
     doc = dict(row)
     for field in _JSON_FIELDS:
@@ -45,9 +58,12 @@ def _model(row: asyncpg.Record) -> Model:
 
 def _check_counts(min_i: int, max_i: int, desired: int) -> None:
     if max_i < min_i:
-        raise InvalidError("max_instances must be >= min_instances")
+        raise InvalidError(f"max_instances={max_i} is below min_instances={min_i}")
     if not min_i <= desired <= max_i:
-        raise InvalidError("desired_instances must be between min_instances and max_instances")
+        hint = "raise max_instances" if desired > max_i else "lower min_instances"
+        hint = f" ({hint} in the same change)"
+        raise InvalidError(f"desired_instances={desired} is not between min_instances={min_i} "
+                           f"and max_instances={max_i}{hint}")
 
 
 async def _set_aliases(conn: Conn, model_id: int, name: str, aliases: list[str]) -> None:
@@ -69,29 +85,34 @@ async def _set_aliases(conn: Conn, model_id: int, name: str, aliases: list[str])
     )
 
 
-async def create_model(db: Database, req: ModelCreate) -> Model:
+async def create_model(db: Database, req: ModelCreate, check: LaunchCheck) -> Model:
     _check_counts(req.min_instances, req.max_instances, req.desired_instances)
-    async with db.transaction() as conn:
-        await conn.execute("LOCK TABLE ai_model_aliases IN SHARE ROW EXCLUSIVE MODE")
-        if await conn.fetchval("SELECT 1 FROM ai_model_aliases WHERE alias = $1", req.name):
-            raise ConflictError(f"{req.name!r} is already an alias of another model")
-        model_id = await conn.fetchval(
-            """INSERT INTO ai_model_configurations
-                   (name, engine_args, slurm_template, slurm_resources, min_instances, max_instances,
-                    desired_instances, startup_timeout_s, max_model_len)
-               VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, $7, $8, $9) RETURNING model_id""",
-            req.name,
-            msgspec.json.encode(req.engine_args).decode(),
-            req.slurm_template,
-            msgspec.json.encode(req.slurm_resources).decode(),
-            req.min_instances,
-            req.max_instances,
-            req.desired_instances,
-            req.startup_timeout_s,
-            req.max_model_len,
-        )
-        await _set_aliases(conn, model_id, req.name, req.aliases)
-        return _model(found(await conn.fetchrow(_SELECT + " WHERE m.model_id = $1", model_id), "row"))
+    check(req.name, req.slurm_template, req.slurm_resources, req.engine_args)
+    try:
+        async with db.transaction() as conn:
+            await conn.execute("LOCK TABLE ai_model_aliases IN SHARE ROW EXCLUSIVE MODE")
+            if await conn.fetchval("SELECT 1 FROM ai_model_aliases WHERE alias = $1", req.name):
+                raise ConflictError(f"{req.name!r} is already an alias of another model")
+            model_id = await conn.fetchval(
+                """INSERT INTO ai_model_configurations
+                       (name, engine_args, slurm_template, slurm_resources, min_instances, max_instances,
+                        desired_instances, startup_timeout_s, max_model_len)
+                   VALUES ($1, $2::jsonb, $3, $4::jsonb, $5, $6, $7, $8, $9) RETURNING model_id""",
+                req.name,
+                msgspec.json.encode(req.engine_args).decode(),
+                req.slurm_template,
+                msgspec.json.encode(req.slurm_resources).decode(),
+                req.min_instances,
+                req.max_instances,
+                req.desired_instances,
+                req.startup_timeout_s,
+                req.max_model_len,
+            )
+            await _set_aliases(conn, model_id, req.name, req.aliases)
+            return _model(found(await conn.fetchrow(_SELECT + " WHERE m.model_id = $1", model_id), "row"))
+    except ConflictError as exc:
+        message = f"model {req.name!r} already exists"
+        raise restated(exc, "ai_model_configurations_name_key", message) from None
 
 
 async def list_models(db: Database) -> list[Model]:
@@ -107,10 +128,12 @@ async def get_model(db: Database, name: str) -> Model:
     return _model(found(row, "row"))
 
 
-async def update_model(db: Database, name: str, req: ModelUpdate) -> Model:
+async def update_model(db: Database, name: str, req: ModelUpdate, check: LaunchCheck | None = None) -> Model:
+    """``check`` is required when ``req`` changes the launch configuration."""
     async with db.transaction() as conn:
         row = await conn.fetchrow(
-            """SELECT model_id, min_instances, max_instances, desired_instances
+            """SELECT model_id, min_instances, max_instances, desired_instances, slurm_template,
+                      slurm_resources, engine_args
                  FROM ai_model_configurations WHERE name = $1 FOR UPDATE""",
             name,
         )
@@ -133,6 +156,12 @@ async def update_model(db: Database, name: str, req: ModelUpdate) -> Model:
             changes.get("max_instances", row["max_instances"]),
             changes.get("desired_instances", row["desired_instances"]),
         )
+        if any(f in changes for f in _LAUNCH_FIELDS):
+            if check is None:
+                raise TypeError("update_model: a launch configuration change needs a LaunchCheck")
+            check(name, changes.get("slurm_template", row["slurm_template"]),
+                  changes.get("slurm_resources", _json_decode.decode(row["slurm_resources"])),
+                  changes.get("engine_args", _json_decode.decode(row["engine_args"])))
         if changes:
             sets, args = [], []
             for i, (field, value) in enumerate(changes.items(), start=2):

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from msgspec import UNSET
 
-from control.store.db import Database, InvalidError, NotFoundError, found
+from control.store.db import ConflictError, Database, InvalidError, NotFoundError, found, restated
 from control.wire import (
     ApiKey,
     KeyCreate,
@@ -52,18 +52,21 @@ def _key(row: asyncpg.Record) -> ApiKey:
 
 
 async def create_tenant(db: Database, req: TenantCreate) -> Tenant:
-    async with db.transaction() as conn:
-        tenant_id = await conn.fetchval(
-            """INSERT INTO identity_tenants (name, enabled, allowed_models, max_concurrent_requests,
-                                             tokens_per_minute)
-               VALUES ($1, $2, $3, $4, $5) RETURNING tenant_id""",
-            req.name,
-            req.enabled,
-            req.allowed_models,
-            req.max_concurrent_requests,
-            req.tokens_per_minute,
-        )
-        row = await conn.fetchrow(_TENANT_SELECT + " WHERE t.tenant_id = $1", tenant_id)
+    try:
+        async with db.transaction() as conn:
+            tenant_id = await conn.fetchval(
+                """INSERT INTO identity_tenants (name, enabled, allowed_models, max_concurrent_requests,
+                                                 tokens_per_minute)
+                   VALUES ($1, $2, $3, $4, $5) RETURNING tenant_id""",
+                req.name,
+                req.enabled,
+                req.allowed_models,
+                req.max_concurrent_requests,
+                req.tokens_per_minute,
+            )
+            row = await conn.fetchrow(_TENANT_SELECT + " WHERE t.tenant_id = $1", tenant_id)
+    except ConflictError as exc:
+        raise restated(exc, "identity_tenants_name_key", f"tenant {req.name!r} already exists") from None
     return _tenant(found(row, "row"))
 
 
@@ -102,14 +105,20 @@ async def update_tenant(db: Database, name: str, req: TenantUpdate) -> Tenant:
     return _tenant(row)
 
 
+def _check_future(expires_at: datetime) -> None:
+    if expires_at <= datetime.now(UTC):
+        raise InvalidError(f"expiry must be in the future, not {expires_at.isoformat()} "
+                           "(to stop a key now, revoke it)")
+
+
 async def create_key(db: Database, secret: bytes, tenant: str, req: KeyCreate) -> KeyCreated:
     if req.expires_at is not None and req.expires_in_s is not None:
         raise InvalidError("give expires_at or expires_in_s, not both")
     expires_at = req.expires_at
     if req.expires_in_s is not None:
         expires_at = datetime.now(UTC) + timedelta(seconds=req.expires_in_s)
-    if expires_at is not None and expires_at <= datetime.now(UTC):
-        raise InvalidError("expires_at must be in the future")
+    if expires_at is not None:
+        _check_future(expires_at)
     key = new_api_key()
     async with db.transaction() as conn:
         tenant_id = await conn.fetchval("SELECT tenant_id FROM identity_tenants WHERE name = $1", tenant)
@@ -170,6 +179,8 @@ async def update_key(db: Database, key_id: int, req: KeyUpdate) -> ApiKey:
             raise NotFoundError(f"no API key {key_id}")
         description = row["description"] if req.description is UNSET else req.description
         expires_at = row["expires_at"] if req.expires_at is UNSET else req.expires_at
+        if req.expires_at is not UNSET and req.expires_at is not None:
+            _check_future(req.expires_at)
         await conn.execute(
             "UPDATE identity_tenant_authentications SET description = $2, expires_at = $3"
             " WHERE authentication_id = $1",

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from control.store.tokens import hash_registration_token, new_registration_token
 from hpcgate.schemas import EndpointTable, KeyTable, RedisNames
-from tests.control.daemons import ADMIN_TOKEN, KEY_SECRET, http
+from tests.control.daemons import ADMIN_TOKEN, KEY_SECRET, Daemon, http, start_api
 from tests.support.services import REDIS_URL, create_migrated_database, drop_database, unique_name
 
 
@@ -150,3 +150,12 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             await client.delete(*keys)
         await client.aclose()
         await drop_database(db_name)
+
+
+@pytest.fixture(scope="module")
+async def api(stack: Stack) -> AsyncIterator[Daemon]:
+    """A control API on the module's stack (a module needing other settings defines its own)."""
+    daemon = await start_api(stack.env, stack.tmp)
+    stack.api_url = f"http://127.0.0.1:{daemon.port}"
+    yield daemon
+    await daemon.stop()

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from control.store.db import Database, InvalidError
 from tests.control.conftest import Stack
-from tests.control.daemons import ADMIN_TOKEN, Daemon, free_port, start_api
+from tests.control.daemons import ADMIN_TOKEN, Daemon, free_port
 from tests.support.procs import child_env, hpcgate_cmd
-
-
-@pytest.fixture(scope="module")
-async def api(stack: Stack) -> AsyncIterator[Daemon]:
-    daemon = await start_api(stack.env, stack.tmp)
-    stack.api_url = f"http://127.0.0.1:{daemon.port}"
-    yield daemon
-    await daemon.stop()
 
 
 async def run_admin(stack: Stack, *args: str, url: str | None = None) -> tuple[int, str, str]:
@@ -99,7 +91,7 @@ async def test_models(stack: Stack, api: Daemon) -> None:
         "cli-alias",
         "--engine-arg=--max-num-seqs=8",
         "--resource",
-        "gpus=1",
+        "cpus_per_task=2",
         "--resource",
         "partition=gpu",
         "--max",
@@ -112,7 +104,8 @@ async def test_models(stack: Stack, api: Daemon) -> None:
         "4096",
     )
     assert created["aliases"] == ["cli-alias"] and created["engine_args"] == ["--max-num-seqs=8"]
-    assert created["slurm_resources"] == {"gpus": 1, "partition": "gpu"} and created["generation"] == 1
+    assert created["slurm_resources"] == {"cpus_per_task": 2, "partition": "gpu"}
+    assert created["generation"] == 1
 
     scaled = await admin_json(stack, "model", "scale", "org/cli-model", "2")
     assert scaled["desired_instances"] == 2 and scaled["generation"] == 1  # scaling is not a new config
@@ -210,3 +203,41 @@ async def test_cli_errors_are_one_line_and_exit_1(stack: Stack, api: Daemon) -> 
     )
     _, err_b = await proc.communicate()
     assert proc.returncode == 1 and b"401 unauthorized" in err_b
+
+
+async def test_refusals_are_plain_and_name_the_values(stack: Stack, api: Daemon) -> None:
+    """No database text (it quotes the failing row, hash included) in an answer or a log."""
+    await admin_json(stack, "tenant", "create", "cli-plain")
+    rc, _, err = await run_admin(stack, "tenant", "create", "cli-plain")
+    assert (rc, err.strip()) == (1, "hpcgate admin: error: 409 conflict: tenant 'cli-plain' already exists")
+    await admin_json(stack, "model", "create", "cli-plain-model")
+    rc, _, err = await run_admin(stack, "model", "create", "cli-plain-model")
+    assert err.strip().endswith("409 conflict: model 'cli-plain-model' already exists")
+    rc, _, err = await run_admin(stack, "model", "scale", "cli-plain-model", "2")
+    assert rc == 1 and "desired_instances=2 is not between min_instances=0 and max_instances=1" in err
+
+    key_id = (await admin_json(stack, "key", "create", "cli-plain"))["api_key"]["key_id"]
+    (row,) = await stack.sql("SELECT encode(key_hash, 'hex') AS h FROM identity_tenant_authentications"
+                             " WHERE authentication_id = $1", key_id)
+    rc, _, err = await run_admin(stack, "key", "expire", str(key_id), "--at", "2020-01-01T00:00:00Z")
+    assert rc == 1 and "422 validation_error: expiry must be in the future" in err
+    for text in (err, api.log_path.read_text()):
+        assert row["h"] not in text and "\\x" + row["h"] not in text
+        assert "violates" not in text and "Failing row" not in text and "duplicate key" not in text
+
+
+async def test_constraint_errors_reaching_the_database_are_mapped_plainly(stack: Stack, api: Daemon) -> None:
+    """The backstop: a row the store did not pre-check, refused by a constraint."""
+    await admin_json(stack, "tenant", "create", "cli-backstop")
+    key_id = (await admin_json(stack, "key", "create", "cli-backstop"))["api_key"]["key_id"]
+    db = Database(stack.dsn)
+    await db.open()
+    try:
+        with pytest.raises(InvalidError) as caught:
+            async with db.transaction() as conn:
+                await conn.execute("UPDATE identity_tenant_authentications SET expires_at = created_at"
+                                   " - interval '1 day' WHERE authentication_id = $1", key_id)
+    finally:
+        await db.close()
+    assert str(caught.value) == "a key's expiry must be after its creation"
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__

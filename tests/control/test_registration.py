@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.control.conftest import Stack
-from tests.control.daemons import Daemon, http, start_api
-
-
-@pytest.fixture(scope="module")
-async def api(stack: Stack) -> AsyncIterator[Daemon]:
-    daemon = await start_api(stack.env, stack.tmp)
-    stack.api_url = f"http://127.0.0.1:{daemon.port}"
-    yield daemon
-    await daemon.stop()
+from tests.control.daemons import Daemon, http
 
 
 async def test_register_assigns_a_port_and_marks_the_job_registered(stack: Stack, api: Daemon) -> None:

@@ -147,9 +147,9 @@ def test_endpoint_table_states_and_routability() -> None:
     assert states == {
         "a": ("ready", None),
         "b": ("starting", None),
-        "c": ("stopped", None),
+        "c": ("stopped", "scaled to zero"),
         "d": ("failed", "boom"),
-        "e": ("stopped", None),
+        "e": ("stopped", "draining"),
     }
     assert table.models[0].aliases == ("a1",)
 

@@ -87,6 +87,7 @@ async def test_model_without_instance_is_503_and_not_ready_before_a_table(
     table = EndpointTable(version=7, generated_at=time.time(), models=(
         ModelEntry(name="cold", state=ModelState.STARTING),
         ModelEntry(name="off", state=ModelState.STOPPED, reason="scaled to zero"),
+        ModelEntry(name="broken", state=ModelState.FAILED, reason="slurm_resources.time: malformed"),
     ))
     client = aioredis.from_url(redis_url)
     try:
@@ -99,9 +100,17 @@ async def test_model_without_instance_is_503_and_not_ready_before_a_table(
     cold = await raw_exchange(gw.port, post("/v1/chat/completions", SHORT.replace(b'"m1"', b'"cold"')))
     assert cold.status == 503 and cold.headers["retry-after"] == "10"
     assert cold.json()["error"]["code"] == "model_starting"
+    # nothing will start these: no Retry-After (an SDK would wait and retry for nothing), and why
     off = await raw_exchange(gw.port, post("/v1/chat/completions", SHORT.replace(b'"m1"', b'"off"')))
-    assert off.status == 503 and "scaled to zero" in off.json()["error"]["message"]
+    assert off.status == 503 and "retry-after" not in off.headers
+    assert off.json()["error"]["code"] == "model_stopped"
+    assert off.json()["error"]["message"].startswith("model 'off' is stopped: scaled to zero")
+    broken = await raw_exchange(gw.port, post("/v1/chat/completions", SHORT.replace(b'"m1"', b'"broken"')))
+    assert broken.status == 503 and "retry-after" not in broken.headers
+    assert broken.json()["error"]["code"] == "model_failed"
+    assert "failed: slurm_resources.time: malformed" in broken.json()["error"]["message"]
     models = (await raw_exchange(gw.port, b"GET /v1/models HTTP/1.1\r\n\r\n")).json()
-    assert {(m["id"], m["state"]) for m in models["data"]} == {("cold", "starting"), ("off", "stopped")}
+    assert {(m["id"], m["state"]) for m in models["data"]} == {
+        ("cold", "starting"), ("off", "stopped"), ("broken", "failed")}
 
 

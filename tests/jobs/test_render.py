@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from typing import Any
 
 import pytest
 
 from control.jobs.naming import endpoint_job_id_of, job_name
-from control.jobs.render import JobContext, render, render_text
+from control.jobs.render import JobContext, builtin_templates, render, render_text
 from control.jobs.resources import ResourceError, parse_engine_args, parse_resources
 
 
@@ -118,7 +119,7 @@ def test_layout_errors(template: str, resources: dict[str, Any], message: str) -
         ({"time": "1:75:00"}, "out of range"),
         ({"time": "0:30"}, "under one minute"),
         ({"mem": "lots"}, "mem"),
-        ({"gpus": 1}, "unknown field `gpus`"),
+        ({"gpus": 1}, "unknown field 'gpus'"),
         ({"env": {"HPCGATE_JOB_MODEL": "x"}}, "reserved"),
         ({"env": {"BAD NAME": "x"}}, "env"),
         ({"image": "relative.sif"}, "image"),
@@ -148,3 +149,27 @@ def test_job_names() -> None:
     assert endpoint_job_id_of("hpcgate", name) == 123
     assert endpoint_job_id_of("other", name) is None
     assert endpoint_job_id_of("hpcgate", "hpcgate-whatever") is None
+
+
+_SECRETS = ("HPCG_BEARER_TOKEN", "HPCGATE_JOB_REGISTRATION_TOKEN")
+_LAYOUT_OF = {"sim": {}, "vllm": {"gpus_per_node": 1, "image": "/i.sif"},
+              "vllm-tp": {"gpus_per_node": 4, "image": "/i.sif"},
+              "vllm-multinode": {"nodes": 2, "gpus_per_node": 4, "image": "/i.sif"}}
+
+
+@pytest.mark.parametrize("template", sorted(_LAYOUT_OF))
+def test_no_secret_reaches_a_command_line(template: str) -> None:
+    """A secret is only ever exported (environment) or unset, never an argument: every user of
+    a node can read every command line."""
+    text = render(_ctx(template, _LAYOUT_OF[template]))
+    uses = []
+    for line in text.splitlines():
+        for var in _SECRETS:
+            if f"${var}" in line or f"${{{var}" in line:
+                uses.append(line)
+                assert re.fullmatch(rf'\s*export [A-Z_]+="\${var}"', line), line
+    assert uses, "the template no longer hands the server its bearer token"
+
+
+def test_every_builtin_template_is_covered() -> None:
+    assert builtin_templates() == sorted(_LAYOUT_OF)

@@ -49,6 +49,15 @@ async def _create_model(plane: ControlPlane, name: str, **fields: Any) -> dict[s
     return dict(body)
 
 
+async def _insert_model(dsn: str, name: str, template: str, resources: dict[str, Any]) -> None:
+    """A configuration written past the admin API (psql, an older version): the worker checks
+    what it finds in the database too."""
+    await db_rows(dsn, """INSERT INTO ai_model_configurations (name, slurm_template, slurm_resources,
+                                                               max_instances, desired_instances)
+                          VALUES ($1, $2, $3::jsonb, 1, 1) RETURNING model_id""",
+                  name, template, msgspec.json.encode(resources).decode())
+
+
 async def _patch_model(plane: ControlPlane, name: str, **fields: Any) -> None:
     status, body = await plane.admin().call("PATCH", f"/admin/models/{name}", fields)
     assert status == 200, body
@@ -235,12 +244,11 @@ async def test_failing_models_are_marked_failed_with_the_reason(
     daemon = await plane.start_jobs(_jobs_settings(plane, tmp_path, prefix, max_failures="2",
                                                      template_dirs=str(templates)))
     async with stopping(daemon, plane):
-        await _create_model(plane, "local-badreg", slurm_template="badreg", max_instances=1,
-                            desired_instances=1)
+        # the admin API knows only the built-in templates here (no api.template_dirs)
+        await _insert_model(dsn, "local-badreg", "badreg", {})
         await _create_model(plane, "local-badsim", max_instances=1, desired_instances=1,
                             slurm_resources={"sim_profile": "no-such-profile"})
-        await _create_model(plane, "local-badres", max_instances=1, desired_instances=1,
-                            slurm_resources={"time": "soon"})
+        await _insert_model(dsn, "local-badres", "sim", {"time": "soon"})
         for name in ("local-badreg", "local-badsim", "local-badres"):
             await poll(functools.partial(_model_failed, plane, name), 60, f"{name} failed")
         _, reg = await plane.admin().call("GET", "/admin/models/local-badreg")

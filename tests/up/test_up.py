@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import socket
@@ -32,22 +33,86 @@ async def _read_until(stream: asyncio.StreamReader, pattern: re.Pattern[str], se
     return await asyncio.wait_for(scan(), timeout)
 
 
-async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_path: Path) -> None:
-    gateway_port, api_port = _free_port(), _free_port()
-    env = child_env(
-        HPCGATE_DATABASE_URL=pg_dsn, HPCGATE_REDIS_PREFIX=f"{redis_prefix}up:",
-        HPCGATE_DATA_DIR=str(tmp_path), HPCGATE_UP_MODEL="up-demo", HPCGATE_UP_TENANT="up-demo",
-    )
+def _command_lines() -> list[str]:
+    """Every process's command line on this machine, as ``ps`` shows them to any user."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:  # it ended meanwhile
+                continue
+    return lines
+
+
+async def _no_secret_in_a_command_line(pg_dsn: str, data_dir: Path, key: str) -> None:
+    """The admin token, the key-hash secret, the API key and the instances' bearer tokens of the
+    running stack appear in no process's argv (they travel in environments and files)."""
+    secrets = json.loads((data_dir / "secrets.json").read_text())
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        bearers = [r["bearer_token"] for r in await conn.fetch(
+            """SELECT e.bearer_token FROM ai_model_endpoints e JOIN ai_model_configurations m USING (model_id)
+                WHERE m.name = 'up-demo'""")]
+    finally:
+        await conn.close()
+    assert bearers, "no registered instance to check"
+    wanted = {"admin token": secrets["admin_token"], "key-hash secret": secrets["key_hash_secret"],
+              "API key": key, **{f"bearer token {i}": b for i, b in enumerate(bearers)}}
+    lines = _command_lines()
+    assert any("hpcgate" in line and " sim " in line for line in lines), "no simulated instance running"
+    for what, secret in wanted.items():
+        leaks = [line for line in lines if secret in line]
+        assert not leaks, f"the {what} is on a command line: {leaks}"
+
+
+async def _start_up(env: dict[str, str], cwd: Path, gateway_port: int, api_port: int
+                    ) -> tuple[asyncio.subprocess.Process, list[str], str, str]:
     proc = await asyncio.create_subprocess_exec(
         *hpcgate_cmd("up", "--gateway-port", str(gateway_port), "--api-port", str(api_port),
                      "--instances", "2"),
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
     seen: list[str] = []
     try:
         url = (await _read_until(proc.stdout, re.compile(r"gateway URL : (\S+)"), seen, 90)).group(1)
         key = (await _read_until(proc.stdout, re.compile(r"API key     : (hpg_\S+)"), seen, 5)).group(1)
+        await _read_until(proc.stdout, re.compile(r"Ctrl-C stops everything"), seen, 5)
+    except BaseException:
+        await _stop_up(proc, seen)
+        raise
+    return proc, seen, url, key
+
+
+async def _stop_up(proc: asyncio.subprocess.Process, seen: list[str]) -> None:
+    assert proc.stdout is not None
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGINT)
+    rest = await asyncio.wait_for(proc.stdout.read(), 60)
+    await proc.wait()
+    assert proc.returncode == 0, "".join(seen) + rest.decode()
+
+
+async def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_path: Path) -> None:
+    """Also: the admin CLI works right after `up` with nothing exported (it reads the data dir
+    `up` uses by default, ./var/up), `env.sh` sets up any other shell, and a second `up`
+    reuses the demo key instead of leaving another one behind."""
+    gateway_port, api_port = _free_port(), _free_port()
+    env = child_env(
+        HPCGATE_DATABASE_URL=pg_dsn, HPCGATE_REDIS_PREFIX=f"{redis_prefix}up:",
+        HPCGATE_UP_MODEL="up-demo", HPCGATE_UP_TENANT="up-demo",
+    )
+    data_dir = tmp_path / "var" / "up"
+    proc, seen, url, key = await _start_up(env, tmp_path, gateway_port, api_port)
+    try:
         assert url == f"http://127.0.0.1:{gateway_port}/v1"
 
         client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
@@ -59,20 +124,51 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
         models = await client.models.list()
         assert "up-demo" in [m.id for m in models.data]
         await client.close()
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-        rest = await asyncio.wait_for(proc.stdout.read(), 60)
-        await proc.wait()
-    assert proc.returncode == 0, "".join(seen) + rest.decode()
+        await _no_secret_in_a_command_line(pg_dsn, data_dir, key)
 
-    # Ctrl-C scaled the demo model to zero: none of its jobs is left running.
+        bare = child_env()  # no HPCGATE_* at all, as in a fresh shell
+        rc, out, err = await _run(hpcgate_cmd("admin", "model", "list"), bare, tmp_path)
+        assert rc == 0 and "up-demo" in out, err
+        rc, out, err = await _run(["bash", "-c", f". {data_dir}/env.sh && cd / && "
+                                   f"{' '.join(hpcgate_cmd('admin', 'tenant', 'show', 'up-demo'))}"],
+                                  bare, tmp_path)
+        assert rc == 0 and "up-demo" in out, err
+        assert "admin CLI   : hpcgate admin model list" in "".join(seen)
+        assert oct((data_dir / "env.sh").stat().st_mode & 0o777) == "0o600"
+        rc, _, err = await _run(hpcgate_cmd("admin", "model", "list"), bare, tmp_path / "var")
+        assert rc == 2 and "HPCGATE_ADMIN_TOKEN" in err and "HPCGATE_DATA_DIR" in err
+    finally:
+        await _stop_up(proc, seen)
+
+    proc, seen, _, key_again = await _start_up(env, tmp_path, gateway_port, api_port)
+    await _stop_up(proc, seen)
+    assert key_again == key
+
+    # Ctrl-C scaled the demo model to zero: none of its jobs is left running; one key in all.
     conn = await asyncpg.connect(pg_dsn)
     try:
         states = await conn.fetch(
             """SELECT j.state FROM ai_model_endpoint_jobs j JOIN ai_model_configurations m USING (model_id)
                WHERE m.name = 'up-demo'""")
+        keys = await conn.fetchval(
+            """SELECT count(*) FROM identity_tenant_authentications k
+                 JOIN identity_tenants t USING (tenant_id) WHERE t.name = 'up-demo'""")
     finally:
         await conn.close()
     assert len(states) >= 2
     assert {r["state"] for r in states} <= {"ended", "failed"}, states
+    assert keys == 1
+
+
+async def test_up_says_what_failed_reaching_postgresql(tmp_path: Path) -> None:
+    """A wrong database user is an authentication failure for that user, not "is it running?"."""
+    cases = {
+        "postgresql://hpcgate_no_such_user@127.0.0.1:5432/hpcgate":
+            "refused authentication for user 'hpcgate_no_such_user'",
+        f"postgresql://postgres@127.0.0.1:{_free_port()}/hpcgate": "cannot reach PostgreSQL at 127.0.0.1:",
+    }
+    for dsn, expected in cases.items():
+        env = child_env(HPCGATE_DATABASE_URL=dsn, HPCGATE_DATA_DIR=str(tmp_path))
+        rc, out, err = await _run(hpcgate_cmd("up"), env, tmp_path)
+        assert rc == 1 and expected in out, out + err
+        assert ("running" in out) == ("cannot reach" in expected)
