@@ -5,10 +5,10 @@
 #   ./dev.sh test    install what is missing, then run ruff, mypy and the whole test suite
 #
 # Both are idempotent: each step checks before it acts, so a second run only re-runs the work.
-# Installs: Debian packages (PostgreSQL, Redis, Slurm + munge, nginx, jq for the docs' examples) only when absent, a
-# virtual environment in .venv pinned by constraints.txt (re-installed only when pyproject.toml,
-# constraints.txt or the C relay's source changed), and starts PostgreSQL / Redis / the local Slurm cluster only
-# when they are not already running.
+# Installs: Debian packages (PostgreSQL, Redis, Slurm + munge, nginx, jq for the docs' examples,
+# kubectl, promtool) only when absent, a virtual environment in .venv pinned by constraints.txt
+# (re-installed only when pyproject.toml, constraints.txt or the C relay's source changed), and
+# starts PostgreSQL / Redis / the local Slurm cluster only when they are not already running.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -42,6 +42,10 @@ python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/
 
 ensure_packages() {
   local pkgs=(postgresql redis-server munge slurmctld slurmd slurm-client nginx-light jq)
+  # The k8s tests render the overlays with a real kustomize (`kubectl kustomize`) and check the
+  # Prometheus rules with promtool (Debian's prometheus package; its service is never started).
+  command -v kubectl > /dev/null || pkgs+=(kubernetes-client)
+  command -v promtool > /dev/null || pkgs+=(prometheus)
   command -v python3 > /dev/null && python_ok python3 && python3 -m venv --help > /dev/null 2>&1 \
     || pkgs+=(python3 python3-venv python3-dev)
   # gcc and the Python headers build the gateway's C relay (gateway/_crelay.c) at install time.

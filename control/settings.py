@@ -64,6 +64,8 @@ class HealthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # default: the Job Worker already ends job rows whose launcher job vanished.
     observe_launcher: bool = False
     observe_interval_s: PositiveFloat = 10.0
+    # A second replica stands by (control/singleton.py): lock poll and check interval.
+    standby_poll_s: Annotated[float, msgspec.Meta(gt=0, le=2.5)] = 1.0
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -24,6 +24,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from control.api.decoding import ApiRequest, decode_path_params, routing_path
 from control.api.errors import EXCEPTION_HANDLERS, ApiError
+from control.api.metrics import metrics
 from control.api.routes import ADMIN, ADMIN_ROUTES, OPEN_ROUTES, SD_ROUTES
 from control.api.security import ADMIN_SCHEME, SD_SCHEME, bearer_guard, sd_guards
 from control.jobs.render import LaunchConfig, prepare
@@ -57,7 +58,8 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
     return Litestar(
         route_handlers=[
             *OPEN_ROUTES,
-            Router("/", route_handlers=SD_ROUTES, guards=sd_guards(settings.sd_token, settings.admin_token)),
+            Router("/", route_handlers=[*SD_ROUTES, metrics],
+                   guards=sd_guards(settings.sd_token, settings.admin_token)),
             Router("/admin", route_handlers=ADMIN_ROUTES, guards=[bearer_guard(settings.admin_token)],
                    security=ADMIN),
         ],

@@ -1,4 +1,8 @@
-"""``hpcgate control health``: run the Endpoint Worker until SIGTERM or SIGINT."""
+"""``hpcgate control health``: run the Endpoint Worker until SIGTERM or SIGINT.
+
+One replica acts at a time (the ``control-health`` advisory lock, :mod:`control.singleton`);
+a second one stands by and takes over when the first dies.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from control.jobs.naming import name_prefix
 from control.jobs.settings import JobsSettings
 from control.launchers.base import Launcher
 from control.settings import HealthSettings
+from control.singleton import SingletonLock
 from hpcgate.logs import setup_logging
 from hpcgate.settings import load_settings
 
@@ -38,8 +43,10 @@ async def _run(settings: HealthSettings) -> None:
         jobs = load_settings(JobsSettings, "jobs")
         launcher = make_launcher(jobs)
         observer = LauncherObserver(launcher, name_prefix(jobs.job_name_prefix), settings.observe_interval_s)
+    lock = SingletonLock(settings.database_url, "control-health", poll_s=settings.standby_poll_s)
     try:
-        await EndpointWorker(settings, observer=observer).run(stop)
+        # A fresh worker per activation: nothing of a lost term is carried over.
+        await lock.run(lambda body_stop: EndpointWorker(settings, observer=observer).run(body_stop), stop)
     finally:
         if launcher is not None:
             await launcher.close()

@@ -7,6 +7,10 @@ scheduler unreachable) is retried with capped, jittered backoff; the outage is l
 the recovery once. Stops cleanly on SIGINT/SIGTERM; the jobs themselves keep running and are
 found again by name on the next start.
 
+One replica acts at a time: :class:`control.singleton.SingletonLock` runs :func:`run` only while
+this process holds the ``control-jobs`` advisory lock; a second replica stands by and takes over
+within ``standby_poll_s`` when the first dies.
+
 Prints ``{"event": "jobs_worker_started", ...}`` on stderr once it has connected.
 """
 
@@ -25,6 +29,7 @@ import asyncpg
 from control.jobs.reconcile import JobWorker
 from control.jobs.settings import JobsSettings
 from control.launchers.base import Launcher, LauncherError
+from control.singleton import SingletonLock
 from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.settings import load_settings
@@ -144,7 +149,8 @@ def main(argv: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
+        lock = SingletonLock(settings.database_url, "control-jobs", poll_s=settings.standby_poll_s)
+        await lock.run(functools.partial(run, settings), stop)
 
     asyncio.run(_main())
     return 0

@@ -55,6 +55,9 @@ class JobsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     registration_ttl_s: PositiveFloat = 3 * 86400.0  # covers time queued in Slurm
     metrics_timeout_s: PositiveFloat = 2.0
     outage_backoff_max_s: PositiveFloat = 10.0
+    # A second replica stands by (control/singleton.py): how often it tries the lock, and how
+    # often the active one checks its lock session. Kept under 3 s (see that module).
+    standby_poll_s: Annotated[float, msgspec.Meta(gt=0, le=2.5)] = 1.0
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path(self.data_dir) / "jobs"

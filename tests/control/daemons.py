@@ -90,15 +90,18 @@ async def start_api(env: dict[str, str], tmp: Path, port: int | None = None) -> 
     return daemon
 
 
-async def start_health(env: dict[str, str], tmp: Path) -> Daemon:
+async def start_health(env: dict[str, str], tmp: Path, *, standby: bool = False) -> Daemon:
+    """A running Endpoint Worker; with ``standby``, one that found the lock held and waits."""
     daemon = await start_daemon(["control", "health"], env, tmp)
 
     def started() -> bool:
         if daemon.proc.returncode is not None:
             raise AssertionError(f"health worker exited: {daemon.log_path.read_text()}")
+        if standby:
+            return any(e["new"] == "standby" for e in daemon.events("singleton_state"))
         return bool(daemon.events("health_worker_started"))
 
-    await wait_until(started, 20, "health worker start")
+    await wait_until(started, 20, "health worker standby" if standby else "health worker start")
     return daemon
 
 

@@ -192,13 +192,25 @@ async def test_kill_9_of_the_worker_converges_without_duplicates(
     assert rows[0]["n"] <= 1
 
 
-async def test_two_workers_by_mistake_publish_only_growing_versions(
+async def test_a_second_worker_stands_by_and_takes_over_after_kill_9(
     stack: Stack, daemons: dict[str, Daemon]
 ) -> None:
-    second = await start_health(stack.env, stack.tmp)
+    """Two replicas by mistake (or during a rolling update): one publishes, the other waits on
+    the PostgreSQL advisory lock and takes over within a second of the first one's kill -9."""
+    env = {**stack.env, "HPCGATE_HEALTH_STANDBY_POLL_S": "0.2"}
+    second = await start_health(env, stack.tmp, standby=True)
     try:
+        (standby,) = second.events("singleton_state")
+        assert standby["old"] == "starting" and "hpcgate-control-health" in standby["holder"]
         async with endpoints(stack) as sub:
-            # forced publishes of both workers (every 2 s) arrive in order; Subscriber asserts growth
-            await sub.until(lambda t: len(sub.versions) >= 4, timeout=15)
+            before = await sub.until(lambda t: True)
+            assert not second.events("health_worker_started")  # the standby publishes nothing
+            await daemons["health"].kill9()
+            killed_at = time.time()
+            await wait_until(lambda: bool(second.events("health_worker_started")), 10, "takeover")
+            await sub.until(lambda t: t.version > before.version)  # and versions keep growing
+        active = [e for e in second.events("singleton_state") if e["new"] == "active"]
+        assert len(active) == 1 and active[0]["old"] == "standby"
+        assert active[0]["ts"] - killed_at < 1.0  # standby_poll_s 0.2, with room for a busy machine
     finally:
-        await second.stop()
+        daemons["health"] = second  # the module's worker from now on (stopped by the fixture)

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import msgspec
 import pytest
 
@@ -20,6 +21,7 @@ from gateway.settings import GatewaySettings
 from gateway.worker import Worker
 from tests.control.conftest import Stack
 from tests.control.daemons import KEY_SECRET, Daemon, start_api, start_health
+from tests.support.metric_names import exported_names, used_names
 from tests.support.procs import wait_until
 from tests.support.services import REDIS_URL
 from tests.support.sim import sim_process
@@ -59,9 +61,9 @@ async def gateway(stack: Stack, daemons: list[Daemon]) -> AsyncIterator[Worker]:
         await worker.stop()
 
 
-async def chat(port: int, key: str) -> int:
+async def chat(port: int, key: str, model: str = MODEL) -> int:
     body = json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -121,3 +123,43 @@ async def test_key_and_endpoint_changes_reach_the_gateway(stack: Stack, gateway:
 
 async def served_with(port: int, key: str, status: int) -> bool:
     return await chat(port, key) == status
+
+
+async def test_every_metric_a_rule_or_dashboard_uses_is_exported(stack: Stack, gateway: Worker) -> None:
+    """Scrape a running gateway (after it served a request), the control API and a simulator:
+    a rule or dashboard panel on a name nothing exports would silently never fire or draw."""
+    model = "chain/metrics"
+    model_id = await stack.add_model(model)
+    job_id, token = await stack.add_job(model_id)
+    status, reg = await stack.register(job_id, token, model, bearer="chain-secret")
+    assert status == 200, reg
+    assert (await stack.admin("POST", "/admin/tenants", {"name": "metrics"}))[0] == 201
+    status, created = await stack.admin("POST", "/admin/tenants/metrics/keys", {})
+    assert status == 201
+    async with sim_process("--port", str(reg["port"]), "--model", model, "--api-key", "chain-secret") as sim:
+        async def served() -> bool:
+            return await chat(gateway.port, created["key"], model) == 200
+
+        await wait_until(served, 20, "a request through the gateway to succeed")
+
+        async def usage_written() -> bool:  # the gateway flushes usage every usage_flush_s
+            return "hpcgate_control_usage_newest_bucket_age_seconds " in (await http_text(
+                f"{stack.api_url}/metrics", None))[1]
+
+        await wait_until(usage_written, 15, "the request's usage row to reach PostgreSQL")
+        exported: set[str] = set()
+        for url, token_ in ((f"http://127.0.0.1:{gateway.port}/metrics", None),
+                            (f"{stack.api_url}/metrics", None),
+                            (f"{sim.url}/metrics", "chain-secret")):
+            status, text = await http_text(url, token_)
+            assert status == 200, (url, text[:200])
+            exported |= exported_names(text)
+    missing = {name: sorted(where) for name, where in used_names().items() if name not in exported}
+    assert not missing, f"used but exported by nothing: {missing}"
+
+
+async def http_text(url: str, token: str | None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(url, headers=headers)
+    return response.status_code, response.text

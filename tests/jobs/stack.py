@@ -185,11 +185,17 @@ class ControlPlane:
     def admin(self) -> Admin:
         return Admin(self.control_url, self.admin_token)
 
-    async def start_jobs(self, settings: dict[str, str], raw_env: dict[str, str] | None = None) -> Daemon:
-        """``settings``: JobsSettings fields (common ones like data_dir included) as strings."""
+    async def start_jobs(self, settings: dict[str, str], raw_env: dict[str, str] | None = None, *,
+                         standby: bool = False) -> Daemon:
+        """``settings``: JobsSettings fields (common ones like data_dir included) as strings.
+        ``standby``: a second replica, ready once it has found the lock held."""
         env = self.env(**{(f"HPCGATE_{k.upper()}" if k in COMMON_FIELDS else f"HPCGATE_JOBS_{k.upper()}"): v
                           for k, v in settings.items()}, **(raw_env or {}))
-        return await start_daemon("jobs", ["control", "jobs"], env, "jobs_worker_started")
+        daemon = await start_daemon("jobs", ["control", "jobs"], env,
+                                    "singleton_state" if standby else "jobs_worker_started")
+        if standby:
+            assert daemon.find("singleton_state", new="standby"), daemon.lines
+        return daemon
 
     async def stop(self) -> None:
         for d in reversed(self.daemons):

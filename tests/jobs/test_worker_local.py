@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from control.jobs.naming import name_prefix
 from control.jobs.settings import JobsSettings
 from control.launchers.local import LocalLauncher
 from hpcgate.schemas import EndpointTable, RedisNames
-from tests.jobs.stack import ControlPlane, db_rows, poll, stopping, submit_without_recording
+from tests.jobs.stack import ControlPlane, Daemon, db_rows, poll, stopping, submit_without_recording
 
 FAST = {"interval_s": "0.3", "drain_grace_s": "0.3", "backoff_base_s": "0.2", "backoff_max_s": "1",
         "cancel_retry_s": "2"}
@@ -221,6 +222,45 @@ async def test_kill_9_of_the_worker_converges_without_duplicates(
         await _patch_model(plane, model, desired_instances=0)
         await poll(lambda: _no_live(dsn, model), 30, "no live jobs")
         await poll(lambda: _alive_n(tmp_path, prefix, 0), 15, "no local job processes")
+
+
+async def test_a_second_worker_stands_by_and_takes_over_after_kill_9_without_duplicates(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    """Two Job Worker replicas (a rolling update, a mistaken ``replicas: 2``): one acts, the other
+    waits on the advisory lock, submits nothing, and takes over within a second of a kill -9."""
+    settings = _jobs_settings(plane, tmp_path, prefix, standby_poll_s="0.2")
+    first = await plane.start_jobs(settings)
+    async with stopping(first, plane):
+        second = await plane.start_jobs(settings, standby=True)
+        async with stopping(second, plane):
+            await _standby_takes_over(plane, tmp_path, prefix, first, second)
+
+
+async def _standby_takes_over(plane: ControlPlane, tmp_path: Path, prefix: str, first: Daemon,
+                              second: Daemon) -> None:
+    dsn, model = plane.pg_dsn, "local-singleton"
+    assert "hpcgate-control-jobs" in second.find("singleton_state", new="standby")["holder"]
+    await _create_model(plane, model, max_instances=3, desired_instances=2)
+    rows = await poll(lambda: _ready_n(dsn, model, 2), 60, "two ready endpoints")
+    assert second.find("job_created") is None and second.find("jobs_worker_started") is None
+
+    await first.kill9()
+    killed_at = time.time()
+    active = await second.wait_event("singleton_state", 10, new="active")
+    assert active["old"] == "standby"
+    assert active["ts"] - killed_at < 1.0  # standby_poll_s 0.2, with room for a busy machine
+    await second.wait_event("jobs_worker_started", 10)
+
+    # The new active worker adopts the two jobs and acts on a change: one more, not three.
+    await _patch_model(plane, model, desired_instances=3)
+    rows = await poll(lambda: _ready_n(dsn, model, 3), 60, "three ready endpoints after the takeover")
+    all_rows = await _jobs(dsn, model)
+    assert len(all_rows) == 3, all_rows  # no job row was created twice
+    assert sorted(await _local_alive(tmp_path, prefix)) == sorted(r["launcher_job_id"] for r in rows)
+    await _patch_model(plane, model, desired_instances=0)
+    await poll(lambda: _no_live(dsn, model), 30, "no live jobs")
+    await poll(lambda: _alive_n(tmp_path, prefix, 0), 15, "no local job processes")
 
 
 BAD_REGISTRATION = """#!/bin/bash
