@@ -5,6 +5,11 @@ keys (so no announcement can fall between the two), then apply each announced ve
 newer than the one held; re-GET every ``table_resync_s`` as a safety net. If Redis goes away
 the last tables stay in use and the loop reconnects with capped, jittered exponential backoff.
 A snapshot that does not decode is logged and ignored, never installed.
+
+Stopping: :meth:`RedisTableSync.close` before cancelling the task. On Python 3.11 a cancellation
+that races with the timeout of redis-py's ``get_message`` (``asyncio.timeout``) can be swallowed
+and turned into a plain timeout, so the loop also checks its own flag after every wait: a worker
+whose stop lost that race kept installing tables instead of stopping.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class RedisTableSync:
         self._on_endpoints = on_endpoints
         self._on_keys = on_keys
         self.connected = asyncio.Event()
+        self._closed = False
 
     def _channels(self) -> dict[bytes, str]:
         n = self._names
@@ -50,11 +56,15 @@ class RedisTableSync:
             ch[n.key_table_channel.encode()] = n.key_table
         return ch
 
+    def close(self) -> None:
+        """Make :meth:`run` return at its next wake-up (cancel the task as well)."""
+        self._closed = True
+
     async def run(self) -> None:
         failures = 0
         backoff = Backoff(base_s=0.1, cap_s=self._backoff_max)
         channels = self._channels()
-        while True:
+        while not self._closed:
             client = aioredis.from_url(self._url, socket_connect_timeout=2.0, health_check_interval=2)
             pubsub = client.pubsub()
             try:
@@ -68,7 +78,7 @@ class RedisTableSync:
                 self.connected.set()
                 loop = asyncio.get_running_loop()
                 next_resync = loop.time() + self._resync_s
-                while True:
+                while not self._closed:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if msg is not None and msg.get("type") == "message":
                         target = channels.get(msg["channel"])

@@ -94,6 +94,8 @@ class Worker:
     async def stop(self) -> None:
         off = self.gateway.offloader
         await self.server.shutdown(self.settings.shutdown_timeout_s, off.drain if off is not None else None)
+        if self.sync is not None:
+            self.sync.close()  # a cancellation alone can be lost inside redis-py (see table_sync)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from gateway.http_server import HttpConnection
 from gateway.relay import Exchange
+from gateway.table_sync import RedisTableSync
 from gateway.worker import Worker
 from hpcgate.metrics_text import parse_engine_load
 from hpcgate.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState, RedisNames
@@ -35,7 +36,7 @@ from tests.gateway.conftest import (
 from tests.gateway.cut_proxy import CuttableProxy
 from tests.gateway.scripted import CHUNK, STREAM_HEAD, Script, one_chunk, scripted_upstream
 from tests.support.procs import wait_until
-from tests.support.services import ADMIN_DSN
+from tests.support.services import ADMIN_DSN, REDIS_URL
 from tests.support.sim import SimProcess, sim_process
 
 SLOW = ("--model", "m1", "--profile", "gpu-s")  # ~30 tokens/s: streams that last long enough to cut
@@ -480,3 +481,14 @@ async def test_engine_dying_before_the_first_token_is_retried_on_another_instanc
         if offload:
             off = gw.gateway.offloader
             assert off is not None and off.started >= 2  # the failed try went through the C relay too
+
+
+async def test_table_sync_stops_when_closed_even_if_its_cancellation_was_lost(redis_prefix: str) -> None:
+    """On Python 3.11 a cancellation racing redis-py's read timeout can be swallowed; the worker
+    also closes the sync, whose loop then returns by itself (without it a worker's stop hung)."""
+    sync = RedisTableSync(REDIS_URL, f"{redis_prefix}close:", resync_s=30, backoff_max_s=1,
+                          on_endpoints=lambda _t: 0, on_keys=None)
+    task = asyncio.create_task(sync.run())
+    await asyncio.wait_for(sync.connected.wait(), 5)
+    sync.close()  # and no cancel: as if it had been lost
+    await asyncio.wait_for(task, 3)
