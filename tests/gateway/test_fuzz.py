@@ -38,6 +38,10 @@ from tests.support.procs import wait_until
 from tests.support.sim import SimProcess
 from tests.support.strict_http import FramingError, Response, ResponseParser
 
+# The gateway under test runs in another thread and draws its routing tie-breaks from `random`;
+# Hypothesis takes that for a strategy using the global random and warns. It is not one.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+
 EXAMPLES = int(os.environ.get("HPCGATE_FUZZ_EXAMPLES") or 300)
 DEADLINE_S = 5.0  # per exchange; the gateway's request read timeout is 0.5 s
 PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/ready",
