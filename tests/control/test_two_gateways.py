@@ -179,7 +179,10 @@ async def test_a_load_split_across_both_loses_nothing(deployment: Deployment) ->
         return tuple(got) == expected
 
     got: list[int] = []
-    await wait_until(accounted, 10, f"usage rows to sum to {expected} (last read: {got})")
+    try:
+        await wait_until(accounted, 10, f"usage rows to sum to {expected}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; PostgreSQL has {tuple(got)}") from None
 
     def shares() -> list[int]:
         return [sum(1 for line in g.stderr_text().splitlines()
