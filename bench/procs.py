@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,15 @@ class Child:
                 t = p.cpu_times()
                 total += t.user + t.system
         return total
+
+    def stderr_text(self) -> str:
+        """What the child wrote to stderr so far. Read with ``pread``: the file offset is shared
+        with the child, and seeking it would make the child overwrite its own log."""
+        try:
+            fd = self.errfile.fileno()  # type: ignore[attr-defined]
+            return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+        except (AttributeError, OSError, ValueError):
+            return ""
 
     def sample_rss(self) -> None:
         for p in self.tree():
@@ -121,6 +131,13 @@ async def start_sim(profile: str, model: str, *extra: str) -> Child:
          "--log-level", "warning", *extra], timeout=15)
 
 
+async def start_dynamic_gateway(env: dict[str, str], workers: int = 1) -> Child:
+    """A gateway in dynamic mode: tables from Redis, keys from PostgreSQL, as ``env`` (the
+    ``HPCGATE_*`` variables of a deployment) says; one of several deployments behind a balancer."""
+    args = [HPCGATE, "gateway", "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
+    return await _start_announcing("gateway", "gateway_listening", args, timeout=20, env=env)
+
+
 async def start_gateway(model: str, upstream: str, workers: int = 1, *, offload: bool = True) -> Child:
     """``offload=False``: every token through the event loop (the target "gateway-loop")."""
     args = [HPCGATE, "gateway", "--host", "127.0.0.1", "--port", "0", "--no-auth",
@@ -149,7 +166,7 @@ http {{
     scgi_temp_path {dir}/scgi;
     keepalive_requests 1000000;
     upstream backend {{
-        server {upstream};
+{servers}
         keepalive 1024;
         keepalive_requests 1000000;
     }}
@@ -169,19 +186,23 @@ http {{
 """
 
 
-def nginx_config(workdir: str, host: str, port: int, upstream: str, workers: int) -> str:
-    return NGINX_CONF.format(dir=workdir, host=host, port=port, upstream=upstream, workers=workers)
+def nginx_config(workdir: str, host: str, port: int, upstreams: Sequence[str], workers: int) -> str:
+    """One ``server`` line per ``host:port`` upstream; nginx balances them round robin."""
+    servers = "\n".join(f"        server {u};" for u in upstreams)
+    return NGINX_CONF.format(dir=workdir, host=host, port=port, servers=servers, workers=workers)
 
 
-async def start_nginx(upstream_hostport: str, workers: int = 1) -> Child:
-    """nginx as a child (``daemon off``), its config, pid and logs in a temp dir."""
+async def start_nginx(upstreams: str | Sequence[str], workers: int = 1) -> Child:
+    """nginx as a child (``daemon off``), its config, pid and logs in a temp dir, in front of
+    one ``host:port`` upstream or several (round robin)."""
+    upstreams = [upstreams] if isinstance(upstreams, str) else list(upstreams)
     if not os.path.exists(NGINX):  # noqa: ASYNC240 - one stat at start-up
         raise TargetUnavailableError(f"nginx did not start: {NGINX} not found")
     workdir = tempfile.mkdtemp(prefix="hpcgate-nginx-")
     port = free_port()
     conf = Path(workdir, "nginx.conf")
     conf.write_text(nginx_config(  # noqa: ASYNC240 - a small local file at start-up
-        workdir, "127.0.0.1", port, upstream_hostport, workers))
+        workdir, "127.0.0.1", port, upstreams, workers))
     errfile = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
     proc = await asyncio.create_subprocess_exec(NGINX, "-p", workdir, "-c", str(conf), "-e",
                                                 f"{workdir}/error.log", stdout=asyncio.subprocess.DEVNULL,

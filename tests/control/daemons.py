@@ -137,3 +137,27 @@ async def http(
         return status, json.loads(payload) if payload else None
 
     return await asyncio.wait_for(go(), timeout)
+
+
+async def chat(port: int, key: str, model: str) -> int:
+    """The status of one small chat completion through a gateway on a fresh connection (a
+    gateway with several workers answers on whichever worker the kernel picks)."""
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer "
+            + key.encode()
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    return int(line.split(b" ", 2)[1])

@@ -7,8 +7,6 @@ within one second, and a job that dies disappears from the gateway's routing.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -20,7 +18,7 @@ from gateway.http_server import bind_socket
 from gateway.settings import GatewaySettings
 from gateway.worker import Worker
 from tests.control.conftest import Stack
-from tests.control.daemons import KEY_SECRET, Daemon, start_api, start_health
+from tests.control.daemons import KEY_SECRET, Daemon, chat, start_api, start_health
 from tests.support.metric_names import exported_names, used_names
 from tests.support.procs import wait_until
 from tests.support.services import REDIS_URL
@@ -61,28 +59,6 @@ async def gateway(stack: Stack, daemons: list[Daemon]) -> AsyncIterator[Worker]:
         await worker.stop()
 
 
-async def chat(port: int, key: str, model: str = MODEL) -> int:
-    body = json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    ).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\nAuthorization: Bearer "
-            + key.encode()
-            + b"\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), 10)
-    finally:
-        writer.close()
-    return int(line.split(b" ", 2)[1])
-
-
 async def test_key_and_endpoint_changes_reach_the_gateway(stack: Stack, gateway: Worker) -> None:
     model_id = await stack.add_model(MODEL)
     job_id, token = await stack.add_job(model_id)
@@ -96,7 +72,7 @@ async def test_key_and_endpoint_changes_reach_the_gateway(stack: Stack, gateway:
     async with sim_process("--port", str(reg["port"]), "--model", MODEL, "--api-key", "chain-secret") as sim:
 
         async def served() -> bool:
-            return await chat(gateway.port, key) == 200
+            return await chat(gateway.port, key, MODEL) == 200
 
         await wait_until(served, 20, "a request through the gateway to succeed")
 
@@ -105,7 +81,7 @@ async def test_key_and_endpoint_changes_reach_the_gateway(stack: Stack, gateway:
         revoked_at = time.monotonic()
 
         async def refused() -> bool:
-            return await chat(gateway.port, key) == 401
+            return await chat(gateway.port, key, MODEL) == 401
 
         await wait_until(refused, 1.0, "the revoked key to be refused by the gateway")
         assert time.monotonic() - revoked_at < 1.0
@@ -122,7 +98,7 @@ async def test_key_and_endpoint_changes_reach_the_gateway(stack: Stack, gateway:
 
 
 async def served_with(port: int, key: str, status: int) -> bool:
-    return await chat(port, key) == status
+    return await chat(port, key, MODEL) == status
 
 
 async def test_every_metric_a_rule_or_dashboard_uses_is_exported(stack: Stack, gateway: Worker) -> None:
