@@ -65,6 +65,8 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--ignore-eos", action="store_true", help="generate every requested output token")
     p.add_argument("--dataset-path", help="BurstGPT CSV; without it a SYNTHETIC workload is used")
     p.add_argument("--api-key", help="bearer token to send (a gateway's API key)")
+    p.add_argument("--backend", help="what serves the model, for the summary and results (default: asked "
+                   "of the server's /version; the simulator names its profile)")
     p.add_argument("--result-file", help="JSON results path (default: <results_dir>/run-<time>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cpu", type=int, help="pin the driver to this CPU (os.sched_setaffinity)")
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
-    from bench.driver import RunSettings, format_report, run_benchmark
+    from bench.driver import RunSettings, describe_backend, format_report, run_benchmark
     from bench.workload import load_burstgpt, synthetic
 
     url = urlsplit(args.base_url)
@@ -131,7 +133,9 @@ def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
     else:
         workload = synthetic(args.num_prompts, args.seed)
         print("note: no --dataset-path given; using a SYNTHETIC workload (not BurstGPT)", file=sys.stderr)
-    run = RunSettings(base_url=args.base_url.rstrip("/").removesuffix("/v1"), model=args.model,
+    base_url = args.base_url.rstrip("/").removesuffix("/v1")
+    run = RunSettings(base_url=base_url, model=args.model,
+                      backend=args.backend or describe_backend(base_url, args.api_key),
                       endpoint=args.endpoint, num_prompts=args.num_prompts,
                       max_concurrency=args.max_concurrency,
                       request_rate=args.request_rate, burstiness=args.burstiness, seed=args.seed,
