@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,6 +48,29 @@ class RunSettings(msgspec.Struct, frozen=True, kw_only=True):
     api_key: str | None = None
     timeout_s: float | None = None     # per request; None like vLLM's default (6 h)
     label: str = ""
+    backend: str = ""                  # what answered, e.g. "hpcgate sim, profile fast" (describe_backend)
+
+
+class _VersionView(msgspec.Struct):
+    version: str = ""
+    engine: str = ""
+    profile: str = ""
+
+
+def describe_backend(base_url: str, api_key: str | None = None) -> str:
+    """What serves ``base_url``, from its ``/version``: the simulator names itself and its profile
+    (``hpcgate sim, profile fast``), vLLM its version; anything else is said to be unknown."""
+    request = urllib.request.Request(base_url + "/version")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            view = msgspec.json.decode(answer.read(), type=_VersionView)
+    except (OSError, ValueError, msgspec.DecodeError):  # HTTPError is an OSError
+        return "unknown (no /version answer; name it with --backend)"
+    if view.engine:
+        return f"{view.engine}, profile {view.profile}" if view.profile else view.engine
+    return f"vLLM {view.version}" if view.version else "unknown (name it with --backend)"
 
 
 def git_commit() -> str:
@@ -185,6 +209,7 @@ def format_report(doc: dict[str, object]) -> str:
     s = doc["settings"]
     assert isinstance(s, dict)
     lines = ["{s:{c}^60}".format(s=" Serving Benchmark Result ", c="="),
+             f"{'Backend:':<40}{s.get('backend') or 'unknown'}",
              f"{'Workload:':<40}{doc['workload']}"
              + ("  (SYNTHETIC, not BurstGPT)" if doc["workload"] == "synthetic" else ""),
              f"{'Successful requests:':<40}{m['completed']}",

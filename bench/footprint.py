@@ -105,7 +105,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("footprint", help="the base install's size, the gateway's import and start time")
     p.add_argument("--source", default=str(ROOT), help="source tree to install (default: this checkout)")
     p.add_argument("--venv", help="measure this existing environment instead of installing a fresh one")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timings per measure; the median is reported")
 
 
 def cmd_footprint(args: argparse.Namespace) -> int:

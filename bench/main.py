@@ -51,43 +51,49 @@ def _positive_int(text: str) -> int:
 def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run one streaming benchmark against an OpenAI-compatible server")
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", default="sim-model")
-    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    p.add_argument("--num-prompts", type=_positive_int, default=100)
-    p.add_argument("--max-concurrency", type=_positive_int)
-    p.add_argument("--request-rate", type=float, default=float("inf"))
-    p.add_argument("--burstiness", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--model", default="sim-model", help="model name to request (default sim-model)")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="/v1/completions (default) or /v1/chat/completions")
+    p.add_argument("--num-prompts", type=_positive_int, default=100, help="requests to send (default 100)")
+    p.add_argument("--max-concurrency", type=_positive_int,
+                   help="requests in flight at most (default: no cap)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="mean requests per second (default inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival gaps; 1 is Poisson (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default 0)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate every requested output token")
     p.add_argument("--dataset-path", help="BurstGPT CSV; without it a SYNTHETIC workload is used")
-    p.add_argument("--api-key")
+    p.add_argument("--api-key", help="bearer token to send (a gateway's API key)")
+    p.add_argument("--backend", help="what serves the model, for the summary and results (default: asked "
+                   "of the server's /version; the simulator names its profile)")
     p.add_argument("--result-file", help="JSON results path (default: <results_dir>/run-<time>.json)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cpu", type=int, help="pin the driver to this CPU (os.sched_setaffinity)")
 
 
 def _table_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("table", help="reproduce the paper's Table 1: direct vs gateway vs nginx")
     p.add_argument("--quick", action="store_true", help="scaled down: fast profile, small counts (< 1 min)")
-    p.add_argument("--profiles", default="gpu-s,gpu-l")
-    p.add_argument("--concurrency", default="100,500,1000")
-    p.add_argument("--targets", default="direct,gateway,nginx")
+    p.add_argument("--profiles", default="gpu-s,gpu-l", help="simulator profiles, comma-separated")
+    p.add_argument("--concurrency", default="100,500,1000", help="concurrency levels, comma-separated")
+    p.add_argument("--targets", default="direct,gateway,nginx", help="what to measure, comma-separated")
     p.add_argument("--dataset-path", help="BurstGPT CSV; without it a SYNTHETIC workload is used")
     p.add_argument("--out-dir", help="where to write table.md, table.csv, results.json and plots")
-    p.add_argument("--gateway-workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gateway-workers", type=int, default=1, help="gateway worker processes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
 
 
 def _overhead_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("overhead", help="data-plane overhead: CPU per 1000 requests and added TTFT")
-    p.add_argument("--concurrency", default="100,500,1000")
-    p.add_argument("--targets", default="direct,gateway,nginx")
+    p.add_argument("--concurrency", default="100,500,1000", help="concurrency levels, comma-separated")
+    p.add_argument("--targets", default="direct,gateway,nginx", help="what to measure, comma-separated")
     p.add_argument("--requests-per-level", type=int, help="requests per concurrency level (default 3x level)")
     p.add_argument("--tokens", type=int, default=64, help="output tokens per stream (ignore_eos)")
-    p.add_argument("--gateway-workers", type=int, default=1)
+    p.add_argument("--gateway-workers", type=int, default=1, help="gateway worker processes (default 1)")
     p.add_argument("--upstream-profile", choices=["paced", "fast"], default="paced",
                    help="simulator upstream: paced (20 ms steps, default) or fast (as fast as the CPU)")
-    p.add_argument("--out-dir")
+    p.add_argument("--out-dir", help="where to write the results and plots")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="an unmeasured warm-up of LEVEL 1-token requests before each level (default on)")
     p.add_argument("--quick", action="store_true", help="small counts, for tests")
@@ -104,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
-    from bench.driver import RunSettings, format_report, run_benchmark
+    from bench.driver import RunSettings, describe_backend, format_report, run_benchmark
     from bench.workload import load_burstgpt, synthetic
 
     url = urlsplit(args.base_url)
@@ -127,7 +133,9 @@ def _cmd_run(args: argparse.Namespace, settings: BenchSettings) -> int:
     else:
         workload = synthetic(args.num_prompts, args.seed)
         print("note: no --dataset-path given; using a SYNTHETIC workload (not BurstGPT)", file=sys.stderr)
-    run = RunSettings(base_url=args.base_url.rstrip("/").removesuffix("/v1"), model=args.model,
+    base_url = args.base_url.rstrip("/").removesuffix("/v1")
+    run = RunSettings(base_url=base_url, model=args.model,
+                      backend=args.backend or describe_backend(base_url, args.api_key),
                       endpoint=args.endpoint, num_prompts=args.num_prompts,
                       max_concurrency=args.max_concurrency,
                       request_rate=args.request_rate, burstiness=args.burstiness, seed=args.seed,

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import uvloop
@@ -28,8 +29,13 @@ from bench.driver import RunSettings, git_commit, machine, run_benchmark
 from bench.paper import PAPER, PAPER_SOURCE, paper_value
 from bench.workload import Workload, load_burstgpt, synthetic
 
+if TYPE_CHECKING:  # matplotlib is imported only when plotting (the bench extra)
+    from matplotlib.figure import Figure
+
 MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
 TARGET_TITLES = {"direct": "vLLM Node (direct)", "gateway": "hpcgate gateway", "nginx": "nginx"}
+# One colour per target in every plot (the paper's published values in black).
+PALETTE = {"direct": "tab:blue", "gateway": "tab:orange", "nginx": "tab:green", "paper": "black"}
 ROWS: tuple[tuple[str, str, str], ...] = (
     # (metric key, title, format)
     ("completed", "Successful requests", "{:.0f}"),
@@ -126,8 +132,9 @@ def render_markdown(cells: list[Cell], workload_label: str, header: dict[str, ob
     for profile in profiles:
         out += [f"### {profile}", ""]
         cols = []
-        for level in levels:
-            cols += [(level, t) for t in targets] + [(level, "paper")]
+        for level in levels:  # a paper column only where the paper has a value: never all n/a
+            has_paper = any(paper_value(profile, level, key) is not None for key, _, _ in ROWS)
+            cols += [(level, t) for t in targets] + ([(level, "paper")] if has_paper else [])
         out.append("| metric | " + " | ".join(
             f"{lv} {TARGET_TITLES.get(t, 'paper vLLM Node')}" for lv, t in cols) + " |")
         out.append("|---|" + "---|" * len(cols))
@@ -192,12 +199,25 @@ def write_csv(cells: list[Cell], path: Path) -> None:
 
 
 def plot(cells: list[Cell], out_dir: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, fig in figures(cells).items():
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def figures(cells: list[Cell]) -> dict[str, Figure]:
+    """The plots by file name. Absolute values start at zero on both axes, so small differences
+    look small; the overhead plot shows differences and always includes its zero line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    out: dict[str, Figure] = {}
     profiles = list(dict.fromkeys(c.profile for c in cells))
     for key, title in (("median_ttft_ms", "Median TTFT (ms)"), ("median_tpot_ms", "Median TPOT (ms)"),
                        ("median_e2el_ms", "Median E2EL (ms)")):
@@ -207,22 +227,22 @@ def plot(cells: list[Cell], out_dir: Path) -> list[str]:
                 pts = sorted((c.concurrency, c.metrics[key]) for c in cells
                              if c.profile == profile and c.target == target and c.metrics)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=TARGET_TITLES[target])
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=TARGET_TITLES[target],
+                            color=PALETTE[target])
             paper = sorted((lv, v) for lv in PAPER.get(profile, {})
                            if (v := paper_value(profile, lv, key)) is not None)
             if paper:
-                ax.plot([p[0] for p in paper], [p[1] for p in paper], "k--", marker="x",
-                        label="paper vLLM Node")
+                ax.plot([p[0] for p in paper], [p[1] for p in paper], "--", marker="x",
+                        color=PALETTE["paper"], label="paper vLLM Node")
             ax.set_title(f"{profile}: {title}")
             ax.set_xlabel("concurrent requests")
             ax.set_ylabel(title)
+            ax.set_xlim(left=0)
+            ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        name = key.removeprefix("median_").removesuffix("_ms") + ".png"
-        fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
-        written.append(name)
+        out[key.removeprefix("median_").removesuffix("_ms") + ".png"] = fig
     # What the proxies add: via minus direct, per profile, for TTFT and E2EL medians.
     by = {(c.profile, c.concurrency, c.target): c.metrics for c in cells if c.metrics}
     fig, axes = plt.subplots(1, len(profiles), figsize=(5 * len(profiles), 4), squeeze=False)
@@ -232,18 +252,19 @@ def plot(cells: list[Cell], out_dir: Path) -> list[str]:
                 pts = sorted((lv, m[key] - d[key]) for (p, lv, t), m in by.items()
                              if p == profile and t == via and (d := by.get((p, lv, "direct"))))
                 if pts:
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o",
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", color=PALETTE[via],
                             label=f"{via}: {key.removeprefix('median_').removesuffix('_ms').upper()}")
         ax.axhline(0, color="grey", linewidth=0.8)
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, 0.0), max(high, 0.0))
+        ax.set_xlim(left=0)
         ax.set_title(f"{profile}: added over direct (ms)")
         ax.set_xlabel("concurrent requests")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "overhead.png", dpi=100)
-    plt.close(fig)
-    written.append("overhead.png")
-    return written
+    out["overhead.png"] = fig
+    return out
 
 
 def cmd_table(args: argparse.Namespace, results_dir: str) -> int:

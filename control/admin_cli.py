@@ -1,7 +1,7 @@
 """``hpcgate admin``: the command-line client of the admin API.
 
 Human-readable tables by default, ``--json`` for scripts (the API's JSON, unchanged). Every
-admin operation of the API has a command; the mapping is in :func:`_build_parser`. Exit status:
+admin operation of the API has a command; the mapping is in :func:`build_parser`. Exit status:
 0 on success, 1 when the API refused (the reason is printed), 2 for a usage error.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,28 @@ def _resource(text: str) -> tuple[str, str | int | float | bool]:
     return key, value
 
 
+def _limit(text: str) -> int | None:
+    """A tenant limit: a positive integer, or ``none`` to remove the limit."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, or none for no limit; got {text!r}")
+    return value
+
+
+def _time(text: str) -> str:
+    """An RFC 3339 time, or a date (``2026-11-29``), which means 00:00 UTC of that day."""
+    try:
+        return date.fromisoformat(text).isoformat() + "T00:00:00Z" if len(text) == 10 else text
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date (2026-11-29) or a time "
+                                         f"(2026-11-29T08:00:00Z), got {text!r}") from None
+
+
 def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
@@ -76,10 +99,10 @@ def _tenant_fields(args: argparse.Namespace) -> dict[str, Any]:
         out["allowed_models"] = None
     elif args.allowed_models is not None:
         out["allowed_models"] = args.allowed_models
-    if args.max_concurrent is not None:
-        out["max_concurrent_requests"] = args.max_concurrent
-    if args.tokens_per_minute is not None:
-        out["tokens_per_minute"] = args.tokens_per_minute
+    for attr, field in (("max_concurrent", "max_concurrent_requests"),
+                        ("tokens_per_minute", "tokens_per_minute")):
+        if hasattr(args, attr):  # absent unless given (SUPPRESS); None clears the limit
+            out[field] = getattr(args, attr)
     return out
 
 
@@ -98,18 +121,20 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="a slurm_resources field, e.g. gpus_per_node=1, partition=gpu, time=12:00:00, "
         "image=/path/vllm.sif (repeatable; replaces the set; fields: docs/operations.md)",
     )
-    p.add_argument("--min", type=int, help="minimum instances")
-    p.add_argument("--max", type=int, help="maximum instances")
-    p.add_argument("--desired", type=int, help="desired instances")
+    p.add_argument("--min", type=int, help="minimum instances (create: default 0)")
+    p.add_argument("--max", type=int, help="maximum instances (create: default 1; scale never goes above it)")
+    p.add_argument("--desired", type=int, help="desired instances (create: default 0)")
     p.add_argument("--startup-timeout", type=int, metavar="SECONDS", help="time to become ready")
-    p.add_argument("--max-model-len", type=int, help="context length")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the engine's)")
 
 
 def _add_tenant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-models", type=_csv, metavar="M1,M2", help="models this tenant may use")
     p.add_argument("--all-models", action="store_true", help="allow every model (the default)")
-    p.add_argument("--max-concurrent", type=int, help="max concurrent requests")
-    p.add_argument("--tokens-per-minute", type=int, help="token budget per minute")
+    for flag, what in (("--max-concurrent", "concurrent requests"),
+                       ("--tokens-per-minute", "tokens per minute")):
+        p.add_argument(flag, type=_limit, default=argparse.SUPPRESS, metavar="N|none",
+                       help=f"at most N {what}; none removes the limit (default: no limit)")
 
 
 def _set_enabled(enabled: bool) -> Command:
@@ -119,19 +144,32 @@ def _set_enabled(enabled: bool) -> Command:
     return run
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _delete(cls: type[Tenant | Model], collection: str) -> Command:
+    def run(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]:
+        return _do(client, cls, "DELETE", f"/admin/{collection}/{seg(args.name)}")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcgate admin", description="Client of the hpcgate admin API.")
     parser.add_argument("--url", help="control API URL (setting control_url, HPCGATE_CONTROL_URL)")
     parser.add_argument("--token", help="admin token (setting admin_token, HPCGATE_ADMIN_TOKEN)")
-    parser.add_argument("--json", action="store_true", help="print the API's JSON")
+    parser.add_argument("--json", action="store_true", help=_JSON_HELP)
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
 
     def cmd(sub: Any, name: str, fn: Command, help_: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(fn=fn)
+        _json_flag(p)
         return p
 
-    t = groups.add_parser("tenant", help="tenants").add_subparsers(dest="action", required=True)
+    def group(name: str, help_: str) -> Any:
+        g: argparse.ArgumentParser = groups.add_parser(name, help=help_, description=help_)
+        _json_flag(g)
+        return g.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    t = group("tenant", "tenants")
     p = cmd(
         t,
         "create",
@@ -145,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "create a tenant",
     )
     p.add_argument("name")
-    p.add_argument("--disabled", action="store_true")
+    p.add_argument("--disabled", action="store_true", help="create it disabled (its keys do not work)")
     _add_tenant_flags(p)
     cmd(t, "list", lambda c, a: _do(c, list[Tenant], "GET", "/admin/tenants"), "list tenants")
     cmd(
@@ -166,8 +204,12 @@ def _build_parser() -> argparse.ArgumentParser:
             _set_enabled(enabled),
             f"{action} a tenant (and its keys)",
         ).add_argument("name")
+    cmd(
+        t, "delete", _delete(Tenant, "tenants"),
+        "delete a tenant without active keys (its old keys and usage records go with it)",
+    ).add_argument("name")
 
-    k = groups.add_parser("key", help="API keys").add_subparsers(dest="action", required=True)
+    k = group("key", "API keys")
     p = cmd(
         k,
         "create",
@@ -181,9 +223,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "create a key (shown once)",
     )
     p.add_argument("tenant")
-    p.add_argument("--description", default="")
-    p.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2027-01-01T00:00:00Z")
-    p.add_argument("--expires-in", type=int, metavar="SECONDS")
+    p.add_argument("--description", default="", help="a note for operators (who uses the key, what for)")
+    p.add_argument("--expires-at", type=_time, metavar="TIME", help=f"expiry: {_TIME_HELP}")
+    p.add_argument("--expires-in", type=int, metavar="SECONDS", help="expiry, in seconds from now")
     p = cmd(
         k,
         "list",
@@ -197,7 +239,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "list keys",
     )
     p.add_argument("--prefix", help="the key's first characters, e.g. hpg_AbCd")
-    p.add_argument("--tenant")
+    p.add_argument("--tenant", help="only this tenant's keys")
     p.add_argument("--all", action="store_true", help="include revoked and expired keys")
     cmd(
         k,
@@ -215,10 +257,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("key_id", type=int)
     when = p.add_mutually_exclusive_group(required=True)
-    when.add_argument("--at", metavar="ISO8601")
-    when.add_argument("--never", action="store_true")
+    when.add_argument("--at", type=_time, metavar="TIME", help=f"the new expiry: {_TIME_HELP}")
+    when.add_argument("--never", action="store_true", help="the key never expires")
 
-    m = groups.add_parser("model", help="model configurations").add_subparsers(dest="action", required=True)
+    m = group("model", "model configurations")
     p = cmd(
         m,
         "create",
@@ -242,7 +284,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "set desired instances",
     )
     p.add_argument("name")
-    p.add_argument("desired", type=int)
+    p.add_argument("desired", type=int, help="between the model's min and max instances")
     cmd(m, "list", lambda c, a: _do(c, list[Model], "GET", "/admin/models"), "list models")
     cmd(
         m, "show", lambda c, a: _do(c, Model, "GET", f"/admin/models/{seg(a.name)}"), "show a model"
@@ -259,8 +301,12 @@ def _build_parser() -> argparse.ArgumentParser:
         lambda c, a: _do(c, Model, "PATCH", f"/admin/models/{seg(a.name)}", {"state": "active"}),
         "undo a drain, clear a failure",
     ).add_argument("name")
+    cmd(
+        m, "delete", _delete(Model, "models"),
+        "delete a model without live jobs (scale it to 0 first; its aliases and ended jobs go with it)",
+    ).add_argument("name")
 
-    j = groups.add_parser("job", help="endpoint jobs").add_subparsers(dest="action", required=True)
+    j = group("job", "endpoint jobs")
     p = cmd(
         j,
         "list",
@@ -273,10 +319,10 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         "list jobs",
     )
-    p.add_argument("--model")
-    p.add_argument("--state")
+    p.add_argument("--model", help="only this model's jobs")
+    p.add_argument("--state", help="only jobs in this state (e.g. running, pending, draining)")
     p.add_argument("--all", action="store_true", help="include ended and failed jobs")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=int, help="at most this many, newest first (default 200)")
     cmd(
         j, "show", lambda c, a: _do(c, Job, "GET", f"/admin/jobs/{seg(a.job_id)}"), "show a job"
     ).add_argument("job_id", type=int)
@@ -287,15 +333,13 @@ def _build_parser() -> argparse.ArgumentParser:
         j, "drain", lambda c, a: _do(c, Job, "POST", f"/admin/jobs/{seg(a.job_id)}/drain"), "drain a job"
     ).add_argument("job_id", type=int)
 
-    e = groups.add_parser("endpoint", help="registered endpoints").add_subparsers(
-        dest="action", required=True
-    )
+    e = group("endpoint", "registered endpoints")
     cmd(
         e,
         "list",
         lambda c, a: _do(c, list[Endpoint], "GET", "/admin/endpoints", query={"model": a.model}),
         "list endpoints",
-    ).add_argument("--model")
+    ).add_argument("--model", help="only this model's endpoints")
     cmd(
         e,
         "drain",
@@ -315,11 +359,25 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         "token usage per tenant and model",
     )
-    p.add_argument("--since", metavar="ISO8601")
-    p.add_argument("--until", metavar="ISO8601")
-    p.add_argument("--tenant")
-    p.add_argument("--model")
+    p.add_argument("--since", type=_time, metavar="TIME",
+                   help=f"start (default: 24 h before --until); {_TIME_HELP}")
+    p.add_argument("--until", type=_time, metavar="TIME", help=f"end, excluded (default: now); {_TIME_HELP}")
+    p.add_argument("--tenant", help="only this tenant")
+    p.add_argument("--model", help="only this model")
     return parser
+
+
+_JSON_HELP = "print the API's JSON (accepted anywhere on the command line)"
+_TIME_HELP = "2026-11-29T08:00:00Z, or a date (2026-11-29: 00:00 UTC)"
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a --json given earlier on the line is not reset by this parser's default
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=_JSON_HELP)
+
+
+# Body fields where null means something (no expiry, every model, no limit): sent when given.
+_NULLABLE = ("expires_at", "allowed_models", "max_concurrent_requests", "tokens_per_minute")
 
 
 def _do(
@@ -332,7 +390,7 @@ def _do(
     query: dict[str, Any] | None = None,
 ) -> tuple[bytes, Any]:
     if isinstance(body, dict):
-        body = {k: v for k, v in body.items() if v is not None or k in ("expires_at", "allowed_models")}
+        body = {k: v for k, v in body.items() if v is not None or k in _NULLABLE}
         if method == "POST" and path.endswith("/keys"):
             body = {k: v for k, v in body.items() if v is not None}
     raw = client.raw(method, path, body, query)
@@ -374,7 +432,7 @@ def connection(settings: AdminSettings) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     settings = load_settings(
         AdminSettings, "admin", overrides={"control_url": args.url, "admin_token": args.token}
     )

@@ -36,7 +36,7 @@ def restart_delay(quick_deaths: int) -> float:
     return 0.0 if quick_deaths <= 1 else ceiling(0.5, 30.0, quick_deaths - 2)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpcgate gateway", description="OpenAI-compatible streaming gateway")
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port; 0 picks a free one (default 8000)")
@@ -69,7 +69,7 @@ def _serve(settings: GatewaySettings, sock: object, index: int, on_ready: object
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     overrides = {
         "host": args.host, "port": args.port, "workers": args.workers,
         "static_endpoints": args.static_endpoint, "no_auth": args.no_auth,

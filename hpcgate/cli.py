@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("gateway.main", "the data plane: OpenAI-compatible streaming gateway"),
     "control": ("control.main", "control-plane daemons: api | jobs | health | autoscaler"),
     "admin": ("control.admin_cli", "client of the admin API (tenants, keys, models, jobs, usage)"),
-    "db": ("control.db.cli", "database maintenance: migrate"),
+    "db": ("control.db.cli", "database maintenance: migrate | version"),
     "sim": ("bench.sim.main", "a vLLM-compatible engine simulator"),
     "bench": ("bench.main", "load driver, Table 1 reproduction and plots"),
 }

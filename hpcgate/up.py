@@ -379,14 +379,19 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
     return code
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hpcgate up", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcgate up",
+                                     description="Run the whole stack on this machine until Ctrl-C.")
     parser.add_argument("--launcher", choices=["local", "slurm"], help="how instances run (default local)")
     parser.add_argument("--instances", type=int, help="simulated instances of the demo model (default 2)")
     parser.add_argument("--gateway-port", type=int, help="default 8080")
     parser.add_argument("--api-port", type=int, help="control API port (default 8081)")
     parser.add_argument("--data-dir", help="logs, secrets and job state (default ./var/up)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     settings = load_settings(UpSettings, "up", overrides=vars(args))
     setup_logging(settings.log_level)
     try:

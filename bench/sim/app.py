@@ -108,6 +108,9 @@ class _Sink:
             self.sim.abort(self.seq)
 
 
+SIM_ENGINE = "hpcgate sim"
+
+
 class Simulator:
     """One simulated vLLM server: engine, metrics, routes."""
 
@@ -118,6 +121,9 @@ class Simulator:
         self.metrics = SimMetrics(self.models[0], config.legacy_metrics, self._gauges)
         self.engine = Engine(self.profile, self.metrics, config.max_num_seqs)
         self._auth = b"Bearer " + config.api_key.encode() if config.api_key else None
+        # vLLM's /version, plus what a benchmark needs to say which backend it measured
+        self._version = msgspec.json.encode(
+            {"version": "0.10.2", "engine": SIM_ENGINE, "profile": config.profile})
         self._wake = asyncio.Event()
         self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         self.aborted = 0
@@ -199,7 +205,7 @@ class Simulator:
                 elif path == "/v1/models":
                     conn.send(200, JSON, self._models_body())
                 elif path == "/version":
-                    conn.send(200, JSON, b'{"version":"0.10.2"}')
+                    conn.send(200, JSON, self._version)
                 else:
                     self._not_found(path, conn)
             else:

@@ -24,12 +24,17 @@ from hpcgate.settings import load_settings
 log = get_logger("hpcgate.control.api")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hpcgate control api", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcgate control api",
+                                     description="Serve the control API until SIGTERM or SIGINT.")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8081)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    args = parser.parse_args(argv)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     settings = load_settings(
         ApiSettings, "api", overrides={"host": args.host, "port": args.port, "log_level": args.log_level}
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from litestar import get, patch, post
+from litestar import delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import SecurityRequirement
@@ -135,6 +135,12 @@ async def update_tenant(db: Db, name: TenantPath, data: JSONBody[TenantUpdate] =
     return await tenants.update_tenant(db, name, data)
 
 
+@delete("/tenants/{name:str}", status_code=200, tags=["tenants"], responses=errors(404, 409),
+        summary="Delete a tenant without active keys (its old keys and usage records go with it)")
+async def delete_tenant(db: Db, name: TenantPath) -> Tenant:
+    return await tenants.delete_tenant(db, name)
+
+
 @post("/tenants/{name:str}/keys", summary="Create an API key; the key is in this answer only",
       tags=["keys"], responses=errors(404, 409, body=True))
 async def create_key(db: Db, key_secret: NamedDependency[bytes], name: TenantPath,
@@ -183,6 +189,12 @@ async def get_model(db: Db, name: ModelPath) -> Model:
 async def update_model(db: Db, launch: NamedDependency[LaunchCheck], name: ModelPath,
                        data: JSONBody[ModelUpdate] = _NO_MODEL_CHANGE) -> Model:
     return await models.update_model(db, name, data, launch)
+
+
+@delete("/models/{name:str}", status_code=200, tags=["models"], responses=errors(404, 409),
+        summary="Delete a model without live jobs (its aliases and ended jobs go with it)")
+async def delete_model(db: Db, name: ModelPath) -> Model:
+    return await models.delete_model(db, name)
 
 
 @post("/models/{name:str}/drain", status_code=200, tags=["models"], responses=errors(404),
@@ -274,7 +286,8 @@ async def sd_vllm(db: Db) -> list[SdTargetGroup]:
 OPEN_ROUTES: list[Any] = [health, register]
 SD_ROUTES: list[Any] = [sd_vllm]
 ADMIN_ROUTES: list[Any] = [
-    create_tenant, list_tenants, get_tenant, update_tenant, create_key, list_keys, update_key, revoke_key,
-    create_model, list_models, get_model, update_model, drain_model,
+    create_tenant, list_tenants, get_tenant, update_tenant, delete_tenant,
+    create_key, list_keys, update_key, revoke_key,
+    create_model, list_models, get_model, update_model, delete_model, drain_model,
     list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report,
 ]

@@ -40,11 +40,21 @@ async def _run(command: str, dsn: str) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcgate db", description="Database maintenance.")
+    url_help = "overrides HPCGATE_DATABASE_URL"
+    parser.add_argument("--database-url", help=url_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_ in (("migrate", "apply the pending schema migrations (creates the schema on first use)"),
+                        ("version", "print the schema version the database is at")):
+        # SUPPRESS: given before COMMAND, the option is not reset by the subcommand's default
+        sub.add_parser(name, help=help_, description=help_).add_argument(
+            "--database-url", default=argparse.SUPPRESS, help=url_help)
+    return parser
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hpcgate db", description=__doc__)
-    parser.add_argument("command", choices=["migrate", "version"])
-    parser.add_argument("--database-url", help="overrides HPCGATE_DATABASE_URL")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     settings = load_settings(DbSettings, "db", overrides={"database_url": args.database_url})
     setup_logging(settings.log_level)
     return asyncio.run(_run(args.command, settings.database_url))

@@ -22,10 +22,17 @@ from hpcgate.logs import setup_logging
 from hpcgate.settings import load_settings
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpcgate control health",
+        description="Run the Endpoint Worker (probes, readiness, expiry, endpoint tables) until SIGTERM or "
+        "SIGINT. One replica acts at a time; a second one stands by and takes over when the first dies.")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    return parser
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hpcgate control health", description=__doc__)
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     settings = load_settings(HealthSettings, "health", overrides={"log_level": args.log_level})
     setup_logging(settings.log_level)
     asyncio.run(_run(settings))

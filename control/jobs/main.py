@@ -130,13 +130,20 @@ async def _close(conn: asyncpg.Connection | None) -> None:
             conn.terminate()
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpcgate control jobs",
         description="The Job Worker: reconciles desired model instances with Slurm or local jobs.")
-    parser.add_argument("--launcher", choices=("local", "slurm", "slurmrest"), default=None)
-    parser.add_argument("--interval", type=float, default=None, dest="interval_s")
-    args = parser.parse_args(argv)
+    parser.add_argument("--launcher", choices=("local", "slurm", "slurmrest"), default=None,
+                        help="where instances run: local processes, sbatch/squeue, or slurmrestd "
+                        "(default local, setting jobs.launcher)")
+    parser.add_argument("--interval", type=float, default=None, dest="interval_s", metavar="SECONDS",
+                        help="a full reconcile at least this often (default 2, setting jobs.interval_s)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     settings = load_settings(JobsSettings, "jobs", overrides={"launcher": args.launcher,
                                                                "interval_s": args.interval_s})
     setup_logging(settings.log_level)

@@ -127,19 +127,22 @@ def format_result(result: Registered, bearer_token: str, fmt: str) -> str:
     return msgspec.json.encode(doc).decode() + "\n"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpcgate control register", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcgate control register",
+                                description="The job side of registration (runs inside the job script).")
     p.add_argument("--launcher-job-id", required=True, help='the scheduler\'s job id (e.g. "$SLURM_JOB_ID")')
     p.add_argument("--node", default=None, help="node name the gateways reach (default: hostname)")
-    p.add_argument("--format", choices=("port", "shell", "json"), default="port")
-    p.add_argument("--control-url", default=None)
-    p.add_argument("--endpoint-job-id", type=int, default=None)
-    p.add_argument("--model", default=None)
+    p.add_argument("--format", choices=("port", "shell", "json"), default="port",
+                   help="print the port only (default), shell assignments, or JSON")
+    p.add_argument("--control-url", default=None, help="control API URL (default $HPCGATE_JOB_CONTROL_URL)")
+    p.add_argument("--endpoint-job-id", type=int, default=None,
+                   help="the endpoint job's id (default $HPCGATE_JOB_ENDPOINT_JOB_ID)")
+    p.add_argument("--model", default=None, help="the model this job serves (default $HPCGATE_JOB_MODEL)")
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     settings = load_settings(JobSettings, "job", overrides={
         "control_url": args.control_url, "endpoint_job_id": args.endpoint_job_id, "model": args.model})
     missing = [env for env, value in (("HPCGATE_JOB_ENDPOINT_JOB_ID", settings.endpoint_job_id),

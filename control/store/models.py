@@ -188,5 +188,23 @@ async def update_model(db: Database, name: str, req: ModelUpdate, check: LaunchC
         return _model(found(await conn.fetchrow(_SELECT + " WHERE m.model_id = $1", row["model_id"]), "row"))
 
 
+async def delete_model(db: Database, name: str) -> Model:
+    """Delete a model with no live job, with its aliases and the rows of its ended jobs.
+
+    A model with a job not yet ended or failed is refused (409): its instances would keep running
+    unmanaged; scaling it to zero (or draining it) and waiting for its jobs to end comes first."""
+    async with db.transaction() as conn:
+        model = _model(found(await conn.fetchrow(_SELECT + " WHERE m.name = $1 FOR UPDATE OF m", name),
+                             f"model {name!r}"))
+        if model.live_jobs:
+            # the row lock makes a job the Job Worker inserts meanwhile wait, then fail its foreign key
+            raise ConflictError(f"model {name!r} still has {model.live_jobs} live job(s); scale it to 0 or "
+                                "drain it and wait for its jobs to end (hpcgate admin job list --model NAME)")
+        # ended jobs' endpoints go with them (ON DELETE CASCADE), aliases with the model
+        await conn.execute("DELETE FROM ai_model_endpoint_jobs WHERE model_id = $1", model.model_id)
+        await conn.execute("DELETE FROM ai_model_configurations WHERE model_id = $1", model.model_id)
+    return model
+
+
 async def drain_model(db: Database, name: str) -> Model:
     return await update_model(db, name, ModelUpdate(state="draining"))

@@ -105,6 +105,21 @@ async def update_tenant(db: Database, name: str, req: TenantUpdate) -> Tenant:
     return _tenant(row)
 
 
+async def delete_tenant(db: Database, name: str) -> Tenant:
+    """Delete a tenant without active keys, with its revoked and expired keys and its usage records.
+
+    A tenant with an active key is refused (409): deleting it would cut off its users silently,
+    so the keys are revoked (or the tenant disabled) first, deliberately."""
+    async with db.transaction() as conn:
+        row = await conn.fetchrow(_TENANT_SELECT + " WHERE t.name = $1 FOR UPDATE OF t", name)
+        tenant = _tenant(found(row, f"tenant {name!r}"))
+        if tenant.active_keys:
+            raise ConflictError(f"tenant {name!r} still has {tenant.active_keys} active key(s); revoke them "
+                                "first (hpcgate admin key list --tenant NAME)")
+        await conn.execute("DELETE FROM identity_tenants WHERE tenant_id = $1", tenant.tenant_id)
+    return tenant
+
+
 def _check_future(expires_at: datetime) -> None:
     if expires_at <= datetime.now(UTC):
         raise InvalidError(f"expiry must be in the future, not {expires_at.isoformat()} "

@@ -87,6 +87,9 @@ async def test_bench_run_cli_with_burstgpt_csv_and_chat(tmp_path: Path) -> None:
     assert all(1 <= r["output_tokens"] <= r["max_tokens"] for r in reqs)  # EOS may stop early: no ignore_eos
     assert m["total_input_tokens"] == sum(r["prompt_len"] for r in reqs)
     assert doc["git_commit"] and doc["driver_cpu_s"] >= 0 and "Serving Benchmark Result" in out
+    # the summary and the results name the simulator and its profile (asked of its /version)
+    assert "Backend:                                hpcgate sim, profile fast" in out
+    assert doc["settings"]["backend"] == "hpcgate sim, profile fast"
 
 
 async def test_bench_run_rejects_bad_input_clearly(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from control.admin_cli import build_parser
 from control.store.db import Database, InvalidError
 from tests.control.conftest import Stack
 from tests.control.daemons import ADMIN_TOKEN, Daemon, free_port
@@ -241,3 +242,75 @@ async def test_constraint_errors_reaching_the_database_are_mapped_plainly(stack:
         await db.close()
     assert str(caught.value) == "a key's expiry must be after its creation"
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+# ----------------------------------------------------------------------------- command-line conveniences
+
+
+@pytest.mark.parametrize("argv", [
+    ["--json", "tenant", "list"],
+    ["tenant", "--json", "list"],
+    ["tenant", "list", "--json"],
+    ["usage", "--json", "--tenant", "t"],
+])
+def test_json_is_accepted_anywhere(argv: list[str]) -> None:
+    assert build_parser().parse_args(argv).json is True
+
+
+def test_json_is_off_unless_given() -> None:
+    assert build_parser().parse_args(["tenant", "list"]).json is False
+
+
+def test_times_accept_a_date_as_midnight_utc(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["usage", "--since", "2026-11-29", "--until", "2026-11-30T06:00:00Z"])
+    assert (args.since, args.until) == ("2026-11-29T00:00:00Z", "2026-11-30T06:00:00Z")
+    expire = build_parser().parse_args(["key", "expire", "1", "--at", "2035-01-01"])
+    assert expire.at == "2035-01-01T00:00:00Z"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["usage", "--since", "2026-13-01"])
+    assert "expected a date (2026-11-29)" in capsys.readouterr().err
+
+
+def test_tenant_limits_take_none_and_refuse_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["tenant", "update", "t", "--max-concurrent", "none"])
+    assert args.max_concurrent is None and not hasattr(args, "tokens_per_minute")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tenant", "update", "t", "--tokens-per-minute", "0"])
+    assert "or none for no limit; got '0'" in capsys.readouterr().err
+
+
+async def test_usage_since_a_date(stack: Stack, api: Daemon) -> None:
+    usage = await admin_json(stack, "usage", "--since", "2026-11-29", "--until", "2026-11-30")
+    assert usage["since"].startswith("2026-11-29T00:00:00")
+    assert usage["until"].startswith("2026-11-30T00:00:00")
+
+
+async def test_tenant_limit_cleared_and_tenant_deleted(stack: Stack, api: Daemon) -> None:
+    await admin_json(stack, "tenant", "create", "cli-del", "--max-concurrent", "4",
+                     "--tokens-per-minute", "9")
+    cleared = await admin_json(stack, "tenant", "update", "cli-del", "--max-concurrent", "none")
+    assert cleared["max_concurrent_requests"] is None and cleared["tokens_per_minute"] == 9
+    key_id = (await admin_json(stack, "key", "create", "cli-del"))["api_key"]["key_id"]
+    rc, _, err = await run_admin(stack, "tenant", "delete", "cli-del")
+    assert rc == 1 and "409 conflict: tenant 'cli-del' still has 1 active key(s); revoke them first" in err
+    await admin_json(stack, "key", "revoke", str(key_id))
+    assert (await admin_json(stack, "tenant", "delete", "cli-del"))["name"] == "cli-del"
+    rc, _, err = await run_admin(stack, "tenant", "show", "cli-del")
+    assert rc == 1 and "404 not_found" in err
+    assert not await stack.sql("SELECT 1 FROM identity_tenant_authentications WHERE authentication_id = $1",
+                               key_id)
+
+
+async def test_model_deleted_only_without_live_jobs(stack: Stack, api: Daemon) -> None:
+    await admin_json(stack, "model", "create", "cli-del-model", "--alias", "cli-del-alias")
+    model_id = (await admin_json(stack, "model", "show", "cli-del-model"))["model_id"]
+    live, _ = await stack.add_job(model_id)
+    await stack.add_job(model_id, state="ended")
+    rc, _, err = await run_admin(stack, "model", "delete", "cli-del-model")
+    assert rc == 1 and "409 conflict: model 'cli-del-model' still has 1 live job(s)" in err
+    await stack.sql("UPDATE ai_model_endpoint_jobs SET state = 'ended' WHERE endpoint_job_id = $1", live)
+    assert (await admin_json(stack, "model", "delete", "cli-del-model"))["name"] == "cli-del-model"
+    rc, _, err = await run_admin(stack, "model", "show", "cli-del-model")
+    assert rc == 1 and "404 not_found" in err
+    assert not await stack.sql("SELECT 1 FROM ai_model_endpoint_jobs WHERE model_id = $1", model_id)
+    await admin_json(stack, "model", "create", "cli-del-alias")  # the alias is free again

@@ -238,7 +238,7 @@ async def test_routes_errors_and_guards_answer_error_bodies() -> None:
     app = build_app(Database(settings.database_url), settings)  # never opened: no route below reaches it
     status, _, body = await _call(app, "GET", b"/admin/models/org%2Fm")  # routed: its guard answers
     assert (status, body["error"]) == (401, "unauthorized")
-    status, head, body = await _call(app, "DELETE", b"/admin/models/x", "adm")
+    status, head, body = await _call(app, "PUT", b"/admin/models/x", "adm")
     assert (status, body["error"]) == (405, "method_not_allowed") and "GET" in head["allow"]
     status, _, body = await _call(app, "GET", b"/admin/nothing", "adm")
     assert (status, body) == (404, {"error": "not_found", "message": "no such route", "path": None})
