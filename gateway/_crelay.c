@@ -17,8 +17,10 @@
  * - start() processes the body bytes that came with the head at once (the first token leaves
  *   without waiting for the thread), then queues the stream to the relay thread and wakes it.
  *   Only the relay thread touches its epoll set (every epoll_ctl) and the list of active
- *   streams; the loop thread and the relay thread share only the incoming and finished queues
- *   and the flags, under one mutex.
+ *   streams, and while it runs it alone queues finished streams and writes the completion
+ *   eventfd (start() does only once the thread is gone); the loop thread writes the wake-up
+ *   eventfd. The two threads share only the incoming and finished queues and the flags, under
+ *   one mutex.
  * - Once start() returned, the stream comes back through collect() exactly once: the completion
  *   eventfd (fileno()) becomes readable and collect() returns (token, outcome, pending, usage,
  *   data_events, first_byte, reusable, head_sent) tuples. outcome "done": the whole response was
@@ -331,6 +333,18 @@ static int sys_error(const char *call, int err) {
     return -1;
 }
 
+/* The mutex is an ordinary one, initialised in Relay_init: lock and unlock fail only on misuse,
+ * which is counted like any other impossible failure. */
+static void lock_mutex(pthread_mutex_t *m) {
+    int rc = pthread_mutex_lock(m);
+    if (rc != 0) sys_error("pthread_mutex_lock", rc);
+}
+
+static void unlock_mutex(pthread_mutex_t *m) {
+    int rc = pthread_mutex_unlock(m);
+    if (rc != 0) sys_error("pthread_mutex_unlock", rc);
+}
+
 struct stream;
 typedef struct {
     struct stream *stream;
@@ -377,7 +391,9 @@ typedef struct {
     pthread_mutex_t lock;        /* guards the fields up to ``active`` */
     stream_t *incoming;          /* started, not yet adopted by the relay thread */
     stream_t *done_head, *done_tail;
-    int stop, cancel_all, dead;  /* dead: the thread gave up (a failed epoll_wait); start() refuses */
+    int stop, cancel_all;
+    int dead;                    /* the thread gave up (a failed epoll_wait) and published its last
+                                  * batch: start() refuses, and only start() publishes from then on */
     stream_t *active;            /* relay thread only */
     side_t wake_side;
     work_t *main_work;           /* scratch for start() on the loop thread */
@@ -538,7 +554,7 @@ static void drain_fd(int fd, const char *what) {
 /* Queue finished streams for collect() and make the completion eventfd readable. */
 static void publish(RelayObject *r, stream_t *batch) {
     if (batch == NULL) return;
-    pthread_mutex_lock(&r->lock);
+    lock_mutex(&r->lock);
     int was_empty = r->done_head == NULL;
     while (batch) {
         stream_t *next = batch->link;
@@ -547,7 +563,7 @@ static void publish(RelayObject *r, stream_t *batch) {
         r->done_tail = batch;
         batch = next;
     }
-    pthread_mutex_unlock(&r->lock);
+    unlock_mutex(&r->lock);
     if (was_empty) signal_fd(r->done_fd, "write(done eventfd)");
 }
 
@@ -598,11 +614,18 @@ static void on_client_writable(RelayObject *r, stream_t *s, double now, stream_t
     if (arm(r, s) < 0) finish(r, s, OUT_INTERNAL, batch);
 }
 
-/* Relay thread: take over the streams start() queued. */
+/* Relay thread: take over the streams start() queued; one that ended in start() already (its
+ * outcome is set) only goes on to the finished queue. */
 static void adopt(RelayObject *r, stream_t *s, stream_t **batch) {
     while (s) {
         stream_t *next = s->link;
         s->link = NULL;
+        if (s->outcome != OUT_NONE) {
+            s->link = *batch;
+            *batch = s;
+            s = next;
+            continue;
+        }
         s->prev = NULL;
         s->next = r->active;
         if (r->active) r->active->prev = s;
@@ -663,18 +686,28 @@ static void *relay_main(void *arg) {
             }
         }
         if (woken || now >= next_sweep) {
-            pthread_mutex_lock(&r->lock);
+            lock_mutex(&r->lock);
             stream_t *incoming = r->incoming;
             r->incoming = NULL;
             int cancel = r->cancel_all;
             r->cancel_all = 0;
             stop = r->stop || fatal;
-            if (fatal) r->dead = 1;  /* from here start() refuses, and Python relays on the loop */
-            pthread_mutex_unlock(&r->lock);
+            unlock_mutex(&r->lock);
             adopt(r, incoming, &batch);
             sweep(r, now, fatal ? OUT_INTERNAL : (cancel || stop) ? OUT_CANCELLED : OUT_NONE, &batch);
             if (now >= next_sweep) next_sweep = now + 1.0;
         }
+        publish(r, batch);
+    }
+    if (fatal) {  /* what start() queued since the last look ends too; then start() refuses */
+        lock_mutex(&r->lock);
+        stream_t *late = r->incoming;
+        r->incoming = NULL;
+        r->dead = 1;
+        unlock_mutex(&r->lock);
+        stream_t *batch = NULL;
+        adopt(r, late, &batch);
+        sweep(r, now_mono(), OUT_INTERNAL, &batch);
         publish(r, batch);
     }
     if (w) {
@@ -765,9 +798,9 @@ static void free_list(stream_t *s, int via_link) {
 
 static void relay_stop(RelayObject *r) {
     if (!r->thread_started) return;
-    pthread_mutex_lock(&r->lock);
+    lock_mutex(&r->lock);
     r->stop = 1;
-    pthread_mutex_unlock(&r->lock);
+    unlock_mutex(&r->lock);
     signal_fd(r->wake_fd, "write(wake eventfd)");
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -805,9 +838,9 @@ static void Relay_dealloc(RelayObject *r) {
 }
 
 static int relay_refuses(RelayObject *r) {
-    pthread_mutex_lock(&r->lock);
+    lock_mutex(&r->lock);
     int refuses = r->stop || r->dead;
-    pthread_mutex_unlock(&r->lock);
+    unlock_mutex(&r->lock);
     return refuses;
 }
 
@@ -850,21 +883,22 @@ static PyObject *Relay_start(RelayObject *r, PyObject *args, PyObject *kwds) {
     }
     Py_INCREF(token);
     s->token = token;
-    /* From here the stream is given back through collect() exactly once, whatever happens. */
+    /* From here the stream is given back through collect() exactly once, whatever happens. It goes
+     * to the relay thread even when it ended here already (the whole answer came with the head, or
+     * the client left): while the thread runs it alone publishes finished streams. */
     int rc = process(s, r->main_work, body.buf, (size_t)body.len, now);
-    if (rc == OUT_NONE) {
-        pthread_mutex_lock(&r->lock);
-        int refuses = r->stop || r->dead;
-        if (!refuses) {
-            s->link = r->incoming;
-            r->incoming = s;
-        }
-        pthread_mutex_unlock(&r->lock);
-        if (refuses) rc = OUT_CANCELLED;  /* the relay stopped meanwhile (close() runs on this thread) */
-        else signal_fd(r->wake_fd, "write(wake eventfd)");
+    s->outcome = rc;
+    lock_mutex(&r->lock);
+    int refuses = r->stop || r->dead;
+    if (!refuses) {
+        s->link = r->incoming;
+        r->incoming = s;
     }
-    if (rc != OUT_NONE) {  /* ended at once (the whole answer came with the head, or the client left) */
-        s->outcome = rc;
+    unlock_mutex(&r->lock);
+    if (!refuses) {
+        signal_fd(r->wake_fd, "write(wake eventfd)");
+    } else {  /* the thread is gone (close() runs on this thread) or has published its last batch */
+        if (s->outcome == OUT_NONE) s->outcome = OUT_CANCELLED;
         publish(r, s);
     }
     result = Py_NewRef(Py_None);
@@ -877,10 +911,10 @@ out:
 static PyObject *Relay_collect(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
     if (r->done_fd < 0) return PyList_New(0);
     drain_fd(r->done_fd, "read(done eventfd)");  /* first: a later publish() signals again */
-    pthread_mutex_lock(&r->lock);
+    lock_mutex(&r->lock);
     stream_t *s = r->done_head;
     r->done_head = r->done_tail = NULL;
-    pthread_mutex_unlock(&r->lock);
+    unlock_mutex(&r->lock);
     PyObject *list = PyList_New(0);
     while (s) {
         stream_t *next = s->link;
@@ -909,9 +943,9 @@ static PyObject *Relay_fileno(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
 
 static PyObject *Relay_cancel_all(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
     if (r->thread_started) {
-        pthread_mutex_lock(&r->lock);
+        lock_mutex(&r->lock);
         r->cancel_all = 1;
-        pthread_mutex_unlock(&r->lock);
+        unlock_mutex(&r->lock);
         signal_fd(r->wake_fd, "write(wake eventfd)");
     }
     Py_RETURN_NONE;

@@ -166,8 +166,8 @@ class ProxyCall:
         ex.upstream = up
         self.conn.listener = ex
         # The request id goes to the engine too: one id follows a request through gateway and engine logs.
-        up.send(build_request(_POST, self.path, backend.host_header,
-                              backend.auth_line + b"x-request-id: %b\r\n" % self.rid, self.body), ex)
+        up.send(build_request(_POST, self.path, backend.host_header, backend.auth_line, self.body,
+                              request_id=self.rid), ex)
         return ex
 
     # ExchangeOwner: called from the upstream (or client) protocol's callbacks.

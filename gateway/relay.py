@@ -106,8 +106,7 @@ class ExchangeOwner(Protocol):
 class Exchange:
     __slots__ = (
         "_buffer", "_done", "_head", "_limit", "_loop", "_size", "client", "client_saw", "error",
-        "first_byte_at", "headers", "offloader", "owner", "phase", "scanner", "status", "stream",
-        "streamed", "upstream",
+        "first_byte_at", "headers", "offloader", "owner", "phase", "scanner", "status", "stream", "upstream",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: HttpConnection,
@@ -128,12 +127,16 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
-        self.streamed = False  # a 200 stream: HELD was entered
         self.client_saw = False  # some byte of this exchange's response was written to the client
         self.error: UpstreamError | None = None
         self.first_byte_at = 0.0
         self.stream = stream
         self.offloader = offloader
+
+    @property
+    def streamed(self) -> bool:
+        """A 200 stream: the head was committed (HELD was entered)."""
+        return self.stream and self.status == 200
 
     @property
     def retryable(self) -> bool:
@@ -155,7 +158,6 @@ class Exchange:
         if status == 200 and self.stream:
             # Committed right here: the first token leaves in the loop iteration that received it,
             # and the handler's next wake-up is the end of the stream.
-            self.streamed = True
             self._move(HELD)
             return
         self._move(BUFFERING)

@@ -317,8 +317,10 @@ class UpstreamPool:
             conn.close()
 
 
-def build_request(method: bytes, path: bytes, host_header: bytes, auth_line: bytes, body: bytes) -> bytes:
-    """A complete HTTP/1.1 request; ``auth_line`` is b"" or a prebuilt ``authorization`` line."""
-    return b"%b %b HTTP/1.1\r\nhost: %b\r\n%bcontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (  # noqa: E501
-        method, path, host_header, auth_line, len(body), body,
-    )
+def build_request(method: bytes, path: bytes, host_header: bytes, auth_line: bytes, body: bytes, *,
+                  request_id: bytes) -> bytes:
+    """A complete HTTP/1.1 request, in one allocation; ``auth_line`` is b"" or a prebuilt
+    ``authorization`` line."""
+    return (b"%b %b HTTP/1.1\r\nhost: %b\r\n%bx-request-id: %b\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b") % (
+        method, path, host_header, auth_line, request_id, len(body), body)
