@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -19,6 +20,7 @@ import msgspec
 from control.admin_client import AdminApiError, AdminClient, seg
 from control.admin_render import render
 from control.settings import DEFAULT_CONTROL_URL, AdminSettings
+from control.ui_tickets import LOGIN, LOGIN_TTL_S, SESSION_TTL_S, sign
 from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
 from hpcgate.settings import SettingsError, load_settings
 
@@ -364,7 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_time, metavar="TIME", help=f"end, excluded (default: now); {_TIME_HELP}")
     p.add_argument("--tenant", help="only this tenant")
     p.add_argument("--model", help="only this model")
+
+    groups.add_parser("ui", help=_UI_HELP, description=_UI_HELP)
     return parser
+
+
+_UI_HELP = ("print a login link to the operator page (a read-only overview in the browser); "
+            f"the link works for {LOGIN_TTL_S // 60} minutes, the session it opens for "
+            f"{SESSION_TTL_S // 3600} hours")
+
+
+def ui_login_url(control_url: str, token: str, now: float) -> str:
+    """The operator page's login link: a ticket signed with the admin token, not the token."""
+    ticket = sign(token, LOGIN, now, LOGIN_TTL_S)
+    return f"{control_url.rstrip('/')}/ui/login?ticket={ticket}"
 
 
 _JSON_HELP = "print the API's JSON (accepted anywhere on the command line)"
@@ -437,6 +452,9 @@ def main(argv: list[str]) -> int:
         AdminSettings, "admin", overrides={"control_url": args.url, "admin_token": args.token}
     )
     url, token = connection(settings)
+    if args.group == "ui":
+        print(ui_login_url(url, token, time.time()))
+        return 0
     client = AdminClient(url, token, settings.timeout_s)
     try:
         raw, value = args.fn(client, args)

@@ -351,6 +351,7 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
         say(f"  model       : {settings.model}")
         say(f"  admin API   : {stack.control_url}  (token in {data_dir / 'secrets.json'})")
         say(f"  admin CLI   : {stack.cli_hint()}")
+        say("  operator    : hpcgate admin ui   (prints a login link to the read-only status page)")
         say(f"  elsewhere   : . {data_dir / 'env.sh'}   (or:)")
         for line in stack.export_lines():
             say(f"                export {line}")

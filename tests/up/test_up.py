@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import asyncpg
+import httpx
 import openai
 
 from tests.support.procs import child_env, hpcgate_cmd
@@ -134,6 +135,12 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
                                   bare, tmp_path)
         assert rc == 0 and "up-demo" in out, err
         assert "admin CLI   : hpcgate admin model list" in "".join(seen)
+        assert "operator    : hpcgate admin ui" in "".join(seen)
+        rc, out, err = await _run(hpcgate_cmd("admin", "ui"), bare, tmp_path)  # the link it prints works
+        assert rc == 0, err
+        async with httpx.AsyncClient(follow_redirects=True, timeout=30) as browser:
+            page = await browser.get(out.strip())
+        assert page.status_code == 200 and "<td>up-demo</td>" in page.text, page.text[:300]
         assert oct((data_dir / "env.sh").stat().st_mode & 0o777) == "0o600"
         rc, _, err = await _run(hpcgate_cmd("admin", "model", "list"), bare, tmp_path / "var")
         assert rc == 2 and "HPCGATE_ADMIN_TOKEN" in err and "HPCGATE_DATA_DIR" in err
