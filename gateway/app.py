@@ -26,6 +26,7 @@ from gateway.access_log import AccessLog
 from gateway.admission import ModelQueues, TenantLimiter
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
+from gateway.client_guard import FailedAuthLimiter
 from gateway.cors import Cors
 from gateway.errors import ApiError
 from gateway.http_parse import Request
@@ -83,6 +84,7 @@ class Gateway:
         self.has_table = False
         secret = s.key_hash_secret.encode() if s.key_hash_secret else None
         self.auth = Authenticator(secret, enabled=not s.no_auth)
+        self.auth_failures = FailedAuthLimiter(s.auth_failures_per_minute)
         self.tenants = TenantLimiter(s.workers)
         self.queues = ModelQueues(loop)
         self.usage = UsageRecorder(None if s.no_auth else s.database_url, s.usage_flush_s)
@@ -138,6 +140,29 @@ class Gateway:
         log.info("table_installed", version=table.version, models=len(table.models), endpoints=len(live))
         return gone
 
+    def authenticate(self, req: Request, conn: HttpConnection) -> Principal:
+        """The request's principal; 429 for an address with too many failed keys of late
+        (:mod:`gateway.client_guard`), whose failures are counted here."""
+        limiter = self.auth_failures
+        if limiter.active:  # somebody failed recently: only then is the address looked at
+            address = conn.client_address(req.headers.get(b"x-forwarded-for"))
+            wait = limiter.retry_after(address, self.loop.time())
+            if wait is not None:
+                self.metrics.auth_refused.inc()
+                raise ApiError(429, f"too many failed API keys from {address}; retry in {wait} s",
+                               "auth_rate_limited", retry_after=wait)
+        try:
+            return self.auth.authenticate(req.headers.get(b"authorization"))
+        except ApiError as exc:
+            if exc.code != "missing_api_key":  # a wrong key is a guess; no key at all is not
+                limiter.failed(conn.client_address(req.headers.get(b"x-forwarded-for")), self.loop.time())
+            raise
+
+    def tick(self) -> None:
+        """Once a second (server tick): stalled upstreams, expired failure windows."""
+        self.check_stalls()
+        self.auth_failures.prune(self.loop.time())
+
     def check_stalls(self) -> None:
         """Once a second (server tick): fail upstream requests that stopped reading."""
         now = self.loop.time()
@@ -176,7 +201,7 @@ class Gateway:
                 raise ApiError(405, f"{path.decode()} only accepts POST", "method_not_allowed")
             return ProxyCall(self, conn, path, rid).run(req, kind)
         if path.startswith(b"/v1/models/") and req.method == b"GET":
-            principal = self.auth.authenticate(req.headers.get(b"authorization"))
+            principal = self.authenticate(req, conn)
             conn.send_full(200, self._model_body(principal, path[len(b"/v1/models/"):]))
             conn.request_done()
             return None
@@ -200,7 +225,7 @@ class Gateway:
                                "invalid_metrics_token")
             conn.send_full(200, self.metrics.render(), CONTENT_TYPE_LATEST.encode())
         else:
-            principal = self.auth.authenticate(req.headers.get(b"authorization"))
+            principal = self.authenticate(req, conn)
             conn.send_full(200, self._models_body(principal))
         conn.request_done()
         return None

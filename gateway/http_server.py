@@ -32,6 +32,7 @@ from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import Any, Protocol, cast
 
+from gateway.client_guard import ConnectionCounter, TrustedProxies, forwarded_client, parse_networks
 from gateway.errors import ApiError, error_body
 from gateway.http_parse import FramingError, Request, RequestFramer
 from gateway.settings import GatewaySettings
@@ -76,8 +77,8 @@ Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | Non
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_busy", "_drain_waiter", "_framer", "_linger_left", "_pipeline", "_read_timer", "_server", "_task",
-        "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "paused_size",
-        "response_headers", "response_started", "transport", "write_paused",
+        "closed", "counted", "fd", "idle_since", "keep_alive", "listener", "paused_since", "paused_size",
+        "peer", "response_headers", "response_started", "transport", "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -95,6 +96,8 @@ class HttpConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
         self.fd = -1  # the socket's descriptor (the C relay writes to it; see gateway.offload)
+        self.peer = ""  # the client's address (a proxy's, behind one: see client_address)
+        self.counted = False  # counted in the server's per-address connection counter
         self.closed = False
         self.write_paused = False
         self.keep_alive = True
@@ -110,17 +113,36 @@ class HttpConnection(asyncio.Protocol):
         self.fd = nodelay_fd(transport)
         server = self._server
         server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) and peer else ""
         if len(server.connections) > server.settings.limit_concurrency or server.shutting_down:
-            self.keep_alive = False
-            self.send_full(503, error_body(503, "gateway is at its connection limit", "overloaded"),
-                           extra=b"retry-after: 1\r\n")
-            self.transport.close()  # after the buffered answer is written
+            self._refuse("gateway is at its connection limit")
             return
+        if self.peer not in server.trusted_proxies:
+            if not server.per_address.admit(self.peer):
+                self._refuse(f"too many open connections from {self.peer}")
+                return
+            self.counted = True
         self._arm_idle()
+
+    def _refuse(self, message: str) -> None:
+        self.keep_alive = False
+        self.send_full(503, error_body(503, message, "overloaded"), extra=b"retry-after: 1\r\n")
+        assert self.transport is not None
+        self.transport.close()  # after the buffered answer is written
+
+    def client_address(self, forwarded_for: bytes | None) -> str:
+        """The client's address: the peer's, or behind a trusted proxy the one it forwarded."""
+        if self.peer in self._server.trusted_proxies:
+            return forwarded_client(self.peer, forwarded_for)
+        return self.peer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._server.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            self._server.per_address.release(self.peer)
         self._cancel_timers()
         listener = self.listener
         if listener is not None:
@@ -362,6 +384,8 @@ class HttpServer:
         self.settings = settings
         self.loop = loop
         self.connections: set[HttpConnection] = set()
+        self.per_address = ConnectionCounter(settings.max_connections_per_address)
+        self.trusted_proxies = TrustedProxies(parse_networks(settings.trusted_proxies))
         self.shutting_down = False
         self._server: asyncio.Server | None = None
         self._tick: asyncio.TimerHandle | None = None

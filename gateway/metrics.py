@@ -66,6 +66,10 @@ class GatewayMetrics:
                                 ["worker", "model"], registry=r)
         self._ejections = Counter("hpcgate_gateway_ejections", "Endpoints ejected as outliers",
                                   ["worker", "backend"], registry=r)
+        self._auth_refused = Counter("hpcgate_gateway_auth_rate_limited",
+                                     "Requests refused (429) from addresses with too many failed API keys",
+                                     ["worker"], registry=r)
+        self.auth_refused = self._auth_refused.labels(worker)
         self._models: dict[str, _ModelStats] = {}
         r.register(_RequestCollector(worker, self._models))
 

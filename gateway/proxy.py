@@ -102,7 +102,7 @@ class ProxyCall:
     def _prelude(self, req: Request, kind: str) -> None:
         gw = self.gw
         headers = req.headers
-        principal = gw.auth.authenticate(headers.get(b"authorization"))
+        principal = gw.authenticate(req, self.conn)
         self.tenant, self.tenant_id = principal.name, principal.tenant_id
         ctype = headers.get(b"content-type")
         if ctype != _JSON and (ctype is None or ctype.partition(b";")[0].strip().lower() != _JSON):

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from gateway.client_guard import parse_networks
 from hpcgate.settings import LogLevel, Port, PositiveFloat, SettingsError, load_settings
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -35,6 +36,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     request_read_timeout_s: PositiveFloat = 10.0  # headers + body of one request (slowloris)
     client_send_timeout_s: PositiveFloat = 60.0  # a client that reads nothing for this long is cut
     limit_concurrency: PositiveInt = 10_000  # open client connections per worker; beyond: 503
+    max_connections_per_address: NonNegInt = 2048  # per worker and client address; beyond: 503; 0: off
+    auth_failures_per_minute: NonNegInt = 30  # failed API keys per client address; beyond: 429; 0: off
+    # proxies in front (CIDRs): exempt from the per-address cap; their X-Forwarded-For names the client
+    trusted_proxies: tuple[str, ...] = ()
     # upstream side
     upstream_connect_timeout_s: PositiveFloat = 5.0
     upstream_read_timeout_s: PositiveFloat = 300.0  # per read, never a total timeout on streams
@@ -112,6 +117,10 @@ def load_gateway_settings(
     settings = load_settings(GatewaySettings, "gateway", env=env, overrides=overrides,
                              config_path=config_path)
     parse_static_endpoints(settings.static_endpoints)  # validate now, fail fast
+    try:
+        parse_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting gateway.trusted_proxies: {exc}") from None
     if not settings.static_mode and not settings.redis_url:
         raise SettingsError("HPCGATE_REDIS_URL is required without --static-endpoint (dynamic mode)")
     if not settings.no_auth:

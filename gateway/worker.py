@@ -70,7 +70,7 @@ class Worker:
             await self._load_keys_once()
             self._tasks.append(self.loop.create_task(self._resync_keys()))
         gw.usage.start()
-        self.server.on_tick.append(gw.check_stalls)
+        self.server.on_tick.append(gw.tick)
         if gw.access_log is not None:
             self.server.on_tick.append(gw.access_log.flush)
         await self.server.start(sock)
