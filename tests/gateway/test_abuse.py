@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +25,7 @@ from gateway.client_guard import (
 from gateway.settings import load_gateway_settings
 from hpcgate.settings import SettingsError
 from tests.gateway.conftest import SECRET, Reply, add_tenant, post, read_response, running_gateway
-from tests.support.procs import wait_until
+from tests.support.procs import child_env, hpcgate_cmd, wait_until
 from tests.support.sim import SimProcess
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -176,3 +178,24 @@ async def test_one_address_cannot_hold_every_connection(sim_a: SimProcess) -> No
             return (await ask(gw.port, chat("x"))).status == 200
 
         await wait_until(admitted, 5, "a freed slot to admit a new connection")
+
+
+async def test_the_gateway_takes_its_hard_descriptor_limit_and_warns_when_it_is_too_low() -> None:
+    """Debian's soft limit is 1024: without raising it, the 1021st client fails at accept()."""
+    gateway = " ".join(hpcgate_cmd("gateway", "--no-auth", "--port", "0",
+                                   "--static-endpoint", "m=http://127.0.0.1:9"))
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", f"ulimit -Sn 512 && ulimit -Hn 4096 && exec {gateway}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_env())
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"gateway_listening" in line, line
+        limits = await asyncio.to_thread(Path(f"/proc/{proc.pid}/limits").read_text)
+        soft_hard = next(ln for ln in limits.splitlines() if ln.startswith("Max open files")).split()[3:5]
+        assert soft_hard == ["4096", "4096"], soft_hard
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    warning = next(json.loads(ln) for ln in err.splitlines() if b"descriptor_limit_low" in ln)
+    assert warning["nofile"] == 4096 and warning["needed"] == 2 * 10_000 + 1024
