@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import signal
@@ -12,8 +13,9 @@ from pathlib import Path
 import asyncpg
 import httpx
 import openai
+import pytest
 
-from tests.support.procs import child_env, hpcgate_cmd
+from tests.support.procs import child_env, hpcgate_cmd, wait_until
 
 
 def _free_port() -> int:
@@ -46,7 +48,7 @@ def _command_lines() -> list[str]:
     return lines
 
 
-async def _no_secret_in_a_command_line(pg_dsn: str, data_dir: Path, key: str) -> None:
+async def _no_secret_in_a_command_line(pg_dsn: str, data_dir: Path, key: str) -> list[str]:
     """The admin token, the key-hash secret, the API key and the instances' bearer tokens of the
     running stack appear in no process's argv (they travel in environments and files)."""
     secrets = json.loads((data_dir / "secrets.json").read_text())
@@ -65,6 +67,84 @@ async def _no_secret_in_a_command_line(pg_dsn: str, data_dir: Path, key: str) ->
     for what, secret in wanted.items():
         leaks = [line for line in lines if secret in line]
         assert not leaks, f"the {what} is on a command line: {leaks}"
+    return bearers
+
+
+async def _errors_and_admin_calls(url: str, key: str, env: dict[str, str], cwd: Path) -> str:
+    """What a session does besides the happy path: wrong, revoked and missing keys, bad bodies,
+    unknown models, admin calls that succeed and fail. Returns the key an admin call created."""
+    good = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+    await good.embeddings.create(model="up-demo", input="hello")
+    with pytest.raises(openai.NotFoundError):
+        await good.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        await good.chat.completions.create(model="up-demo", messages="not a list")  # type: ignore[arg-type]
+    await good.close()
+    async with httpx.AsyncClient(timeout=10) as client:
+        for headers, body in (({"authorization": f"Bearer {key}x"}, b"{}"),  # a wrong key
+                              ({"authorization": f"Bearer {key}"}, b"{not json"),
+                              ({}, b"{}")):
+            reply = await client.post(f"{url}/chat/completions", content=body,
+                                      headers={**headers, "content-type": "application/json"})
+            assert 400 <= reply.status_code < 500, reply.text
+    rc, out, err = await _run(hpcgate_cmd("admin", "tenant", "create", "up-other"), env, cwd)
+    assert rc == 0, err
+    rc, out, err = await _run(hpcgate_cmd("admin", "--json", "key", "create", "up-other"), env, cwd)
+    assert rc == 0, err
+    created = json.loads(out)
+    rc, _, err = await _run(hpcgate_cmd("admin", "--token", "wrong-admin-token", "tenant", "list"), env, cwd)
+    assert rc == 1 and "401" in err
+    key_id = str(created["api_key"]["key_id"])
+    rc, _, err = await _run(hpcgate_cmd("admin", "key", "revoke", key_id), env, cwd)
+    assert rc == 0, err
+    revoked = openai.AsyncOpenAI(base_url=url, api_key=created["key"], max_retries=0)
+
+    async def refused() -> bool:
+        try:
+            await revoked.models.list()
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    await wait_until(refused, 10, "the revoked key to be refused")
+    await revoked.close()
+    return str(created["key"])
+
+
+_TOKEN_LIKE = re.compile(rb"[A-Za-z0-9_-]{43,}")  # runs that could hold a 43-character token
+
+
+async def _no_secret_in_the_logs(pg_dsn: str, data_dir: Path, keys: dict[str, str],
+                                 bearers: list[str]) -> None:
+    """No log of the session (daemons, gateway, instances, ``up`` itself) holds the admin token,
+    the key-hash secret, an API key, an instance's bearer token, or a registration token (only
+    their hashes are stored: every 43-character token-like string of the logs is hashed and
+    compared)."""
+    secrets = json.loads((data_dir / "secrets.json").read_text())
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        registration_hashes = {bytes(r["h"]) for r in await conn.fetch(
+            "SELECT registration_token_hash AS h FROM ai_model_endpoint_jobs")}
+    finally:
+        await conn.close()
+    assert bearers and registration_hashes, "no instance registered: nothing to look for"  # (bearers:
+    # taken while the instances ran; an ended job's endpoint row is gone)
+    wanted = {"admin token": secrets["admin_token"], "key-hash secret": secrets["key_hash_secret"], **keys,
+              **{f"bearer token {i}": b for i, b in enumerate(bearers)}}
+    await asyncio.to_thread(_scan_logs, data_dir, wanted, registration_hashes)
+
+
+def _scan_logs(data_dir: Path, wanted: dict[str, str], registration_hashes: set[bytes]) -> None:
+    logs = [p for p in data_dir.rglob("*") if p.is_file() and p.name not in ("secrets.json", "env.sh")]
+    assert any(p.suffix == ".log" for p in logs), logs
+    for path in logs:
+        text = path.read_bytes()
+        for what, secret in wanted.items():
+            assert secret.encode() not in text, f"the {what} is in {path}"
+        for run in _TOKEN_LIKE.findall(text):
+            for i in range(len(run) - 42):  # every 43-character window (a token glued to a name)
+                leaked = hashlib.sha256(run[i:i + 43]).digest() in registration_hashes
+                assert not leaked, f"a registration token is in {path}"
 
 
 async def _start_up(env: dict[str, str], cwd: Path, gateway_port: int, api_port: int
@@ -125,9 +205,10 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
         models = await client.models.list()
         assert "up-demo" in [m.id for m in models.data]
         await client.close()
-        await _no_secret_in_a_command_line(pg_dsn, data_dir, key)
+        bearers = await _no_secret_in_a_command_line(pg_dsn, data_dir, key)
 
         bare = child_env()  # no HPCGATE_* at all, as in a fresh shell
+        other_key = await _errors_and_admin_calls(url, key, bare, tmp_path)
         rc, out, err = await _run(hpcgate_cmd("admin", "model", "list"), bare, tmp_path)
         assert rc == 0 and "up-demo" in out, err
         rc, out, err = await _run(["bash", "-c", f". {data_dir}/env.sh && cd / && "
@@ -150,6 +231,7 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
     proc, seen, _, key_again = await _start_up(env, tmp_path, gateway_port, api_port)
     await _stop_up(proc, seen)
     assert key_again == key
+    await _no_secret_in_the_logs(pg_dsn, data_dir, {"API key": key, "admin-created key": other_key}, bearers)
 
     # Ctrl-C scaled the demo model to zero: none of its jobs is left running; one key in all.
     conn = await asyncpg.connect(pg_dsn)
