@@ -89,7 +89,8 @@ class Gateway:
         self.queues = ModelQueues(loop)
         self.usage = UsageRecorder(None if s.no_auth else s.database_url, s.usage_flush_s)
         self.metrics = GatewayMetrics(str(worker))
-        self.offloader = make_offloader(loop, s.stream_offload, s.upstream_read_timeout_s,
+        # The C relay writes plain bytes to the client's socket: with TLS the event loop relays.
+        self.offloader = make_offloader(loop, s.stream_offload and not s.tls, s.upstream_read_timeout_s,
                                         s.client_send_timeout_s)
         self.stream_relay = "c" if self.offloader is not None else "event-loop"
         self.backends: dict[BackendKey, Backend] = {}

@@ -37,6 +37,7 @@ from gateway.errors import ApiError, error_body
 from gateway.http_parse import FramingError, Request, RequestFramer
 from gateway.settings import GatewaySettings
 from gateway.tcp import nodelay_fd
+from gateway.tls import server_context
 from hpcgate.logs import get_logger
 
 log = get_logger("hpcgate.gateway.http")
@@ -392,8 +393,11 @@ class HttpServer:
         self.on_tick: list[Callable[[], None]] = []  # once-a-second hooks (e.g. flush the access log)
 
     async def start(self, sock: socket.socket) -> None:
+        s = self.settings
+        tls = server_context(s.tls_cert_file, s.tls_key_file) if s.tls_cert_file and s.tls_key_file else None
         self._server = await self.loop.create_server(
-            lambda: HttpConnection(self), sock=sock, backlog=2048
+            lambda: HttpConnection(self), sock=sock, backlog=2048, ssl=tls,
+            ssl_handshake_timeout=s.request_read_timeout_s if tls else None,
         )
         self._on_tick()
 

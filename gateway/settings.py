@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from gateway.client_guard import parse_networks
+from gateway.tls import server_context
 from hpcgate.settings import LogLevel, Port, PositiveFloat, SettingsError, load_settings
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -65,6 +66,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     access_log: bool = True
     # browser clients: origins allowed to call the API ("*": any); empty: no CORS headers at all
     cors_allowed_origins: tuple[str, ...] = ()
+    # TLS on this port (both, PEM); unset: plain HTTP (a proxy in front terminates TLS)
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     # a bearer token that /metrics requires (Prometheus's bearer_token); unset: /metrics is open
     metrics_token: str | None = None
     # common (no section prefix)
@@ -77,6 +81,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     @property
     def static_mode(self) -> bool:
         return bool(self.static_endpoints)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class StaticEndpoint(msgspec.Struct, frozen=True):
@@ -121,6 +129,13 @@ def load_gateway_settings(
         parse_networks(settings.trusted_proxies)
     except ValueError as exc:
         raise SettingsError(f"invalid setting gateway.trusted_proxies: {exc}") from None
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise SettingsError("gateway.tls_cert_file and gateway.tls_key_file go together: set both or neither")
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        try:
+            server_context(settings.tls_cert_file, settings.tls_key_file)
+        except ValueError as exc:
+            raise SettingsError(f"invalid TLS setting: {exc}") from None
     if not settings.static_mode and not settings.redis_url:
         raise SettingsError("HPCGATE_REDIS_URL is required without --static-endpoint (dynamic mode)")
     if not settings.no_auth:
