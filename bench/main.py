@@ -78,7 +78,9 @@ def _table_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--quick", action="store_true", help="scaled down: fast profile, small counts (< 1 min)")
     p.add_argument("--profiles", default="gpu-s,gpu-l", help="simulator profiles, comma-separated")
     p.add_argument("--concurrency", default="100,500,1000", help="concurrency levels, comma-separated")
-    p.add_argument("--targets", default="direct,gateway,nginx", help="what to measure, comma-separated")
+    p.add_argument("--targets", default="direct,gateway,nginx",
+                   help="what to measure, comma-separated: direct, gateway, gateway-loop (no C relay), "
+                        "nginx, lb-gateway-xN (nginx over N gateway deployments)")
     p.add_argument("--dataset-path", help="BurstGPT CSV; without it a SYNTHETIC workload is used")
     p.add_argument("--out-dir", help="where to write table.md, table.csv, results.json and plots")
     p.add_argument("--gateway-workers", type=int, default=1, help="gateway worker processes (default 1)")
@@ -88,7 +90,9 @@ def _table_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _overhead_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("overhead", help="data-plane overhead: CPU per 1000 requests and added TTFT")
     p.add_argument("--concurrency", default="100,500,1000", help="concurrency levels, comma-separated")
-    p.add_argument("--targets", default="direct,gateway,nginx", help="what to measure, comma-separated")
+    p.add_argument("--targets", default="direct,gateway,nginx",
+                   help="what to measure, comma-separated: direct, gateway, gateway-loop (no C relay), "
+                        "nginx, lb-gateway-xN (nginx over N gateway deployments)")
     p.add_argument("--requests-per-level", type=int, help="requests per concurrency level (default 3x level)")
     p.add_argument("--tokens", type=int, default=64, help="output tokens per stream (ignore_eos)")
     p.add_argument("--gateway-workers", type=int, default=1, help="gateway worker processes (default 1)")

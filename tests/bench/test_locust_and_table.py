@@ -117,3 +117,18 @@ async def test_quick_overhead_end_to_end(tmp_path: Path) -> None:
             assert r["proxy_cpu_s_per_1000"] is not None and r["peak_rss_mb"]
             assert "added_ttft_p50_ms" in r and r["throughput_ratio"] > 0
     assert "proxy CPU s / 1000 req" in (tmp_path / "overhead.md").read_text()
+
+
+async def test_quick_overhead_of_gateways_behind_a_balancer(tmp_path: Path) -> None:
+    """lb-gateway-x2: nginx over two gateway deployments; their CPU and memory count with nginx's."""
+    cmd = hpcgate_cmd("bench", "overhead", "--quick", "--targets", "direct,lb-gateway-x2,bogus",
+                      "--out-dir", str(tmp_path))
+    code, out = await run(cmd, timeout=100)
+    assert code == 0, out
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    rows = {(r["target"], r["concurrency"]): r for r in doc["rows"]}
+    for level in (4, 16):
+        balanced = rows[("lb-gateway-x2", level)]
+        assert (balanced["completed"], balanced["failed"]) == (balanced["requests"], 0), balanced
+        assert len(balanced["peak_rss_mb"]) >= 3  # nginx master + worker, and two gateways at least
+        assert "unknown target 'bogus'" in rows[("bogus", level)]["error"]
