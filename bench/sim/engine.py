@@ -95,6 +95,8 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------
     def add(self, seq: Seq) -> None:
+        # The engine computes the prompt as the profile sees it reaching the GPU (prompt_scale).
+        seq.prefill_target = self.profile.engine_prompt_len(seq.prompt_len)
         self.waiting.append(seq)
 
     def abort(self, seq: Seq) -> bool:
@@ -122,7 +124,7 @@ class Engine:
         victim.state = WAITING
         victim.computed = 0
         victim.prefilled = False
-        victim.prefill_target = victim.prompt_len + victim.generated
+        victim.prefill_target = self.profile.engine_prompt_len(victim.prompt_len) + victim.generated
         self.waiting.appendleft(victim)
         return victim
 
@@ -130,7 +132,7 @@ class Engine:
         """Plan the next step; returns its duration, or None when there is nothing to run."""
         budget = self.profile.max_num_batched_tokens
         batch: list[tuple[Seq, int]] = []
-        prefill = context = preempted = 0
+        prefill = context = preempted = admitted = 0
         for seq in list(self.running):
             if seq.state != RUNNING:  # preempted earlier in this loop
                 continue
@@ -170,12 +172,13 @@ class Engine:
             chunk = min(budget, seq.prefill_target - seq.computed)
             budget -= chunk
             prefill += chunk
+            admitted += 1
             batch.append((seq, chunk))
         self._batch = batch
         if not batch:
             return None
         self.observer.on_step(prefill, 0, preempted)
-        return self.profile.step_time(len(batch), prefill, context)
+        return self.profile.step_time(len(batch), prefill, context, admitted)
 
     def complete_step(self, now: float) -> int:
         """Apply the step in flight: one token to each sequence that finished prefill or decodes."""
