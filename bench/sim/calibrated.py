@@ -4,17 +4,17 @@ calibrated profiles (see bench/calibrate.py and docs/simulator.md). Refit, do no
 
 FITTED: dict[str, dict[str, float]] = {
     "gpu-s": {
-        "base_s": 0.05524,
-        "per_seq_s": 0.0001185,
-        "per_context_token_s": 1.363e-08,
-        "prompt_scale": 0.04232,
-        "per_admitted_seq_s": 0.001836,
+        "base_s": 0.05249,
+        "per_seq_s": 0.0001353,
+        "per_context_token_s": 1.497e-08,
+        "prompt_scale": 0.04303,
+        "per_admitted_seq_s": 0.001431,
     },
     "gpu-l": {
-        "base_s": 0.02989,
-        "per_seq_s": 7.68e-05,
-        "per_context_token_s": 4.005e-08,
-        "prompt_scale": 0.008826,
-        "per_admitted_seq_s": 0.001316,
+        "base_s": 0.02949,
+        "per_seq_s": 7.305e-05,
+        "per_context_token_s": 3.748e-08,
+        "prompt_scale": 0.01055,
+        "per_admitted_seq_s": 0.001219,
     },
 }
