@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import time
@@ -398,6 +399,8 @@ def cmd_table(args: argparse.Namespace, results_dir: str) -> int:
     header: dict[str, object] = {
               "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{machine()['cpu_count']} CPUs, {machine()['platform']}"}
+    # each (profile, level) is needed by the ETA, every target and the results: build it once
+    workload_for = functools.cache(workload_for)
     cells = uvloop.run(run_table(profiles, levels, targets, workload_for, ignore_eos=ignore_eos,
                                  seed=args.seed, gateway_workers=args.gateway_workers, out_dir=out_dir))
     md = render_markdown(cells, label, header)
