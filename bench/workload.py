@@ -9,9 +9,11 @@ the prompt length, column 3 the output length (sent as ``max_tokens``).
 
 Synthetic (no CSV): one long-tailed sequence (log-normal lengths) built block by block so that
 its prefixes of 100, 500 and 1000 requests have exactly the totals of the paper's Table 1
-(input 77,561 / 381,456 / 768,960 tokens; output the mean of the GPU-S and GPU-L totals,
-7,014 / 49,945 / 142,093) — nested prefixes like vLLM's seeded samples. It is labelled
-``synthetic`` wherever it is reported.
+(input 77,561 / 381,456 / 768,960 tokens; output the totals the paper measured on the profile's
+GPU, :data:`SYNTHETIC_OUTPUT`, or their mean for other profiles) — nested prefixes like vLLM's
+seeded samples. The prompts and the shape are the same for every profile (the same random
+draws); the longest output of each block is fixed (:data:`LONGEST_OUTPUT`, read off the
+paper's durations). It is labelled ``synthetic`` wherever it is reported.
 
 Prompts are built with :func:`bench.sim.textgen.make_prompt`, whose word count is exactly the
 intended prompt length under the simulator's token rule.
