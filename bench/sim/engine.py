@@ -7,6 +7,9 @@ finished ones. Unit tests drive it with a fake clock.
 
 Invariants:
 - at most ``max_num_seqs`` sequences are running; the rest wait in FIFO order;
+- a prompt of ``n`` tokens is computed (and held in the KV cache) as the profile's
+  ``engine_prompt_len(n)`` tokens, and each request a step admits adds to that step's cost
+  (``Profile.step_time``);
 - a step's tokens are bounded by ``max_num_batched_tokens``: one per decoding sequence, the
   rest goes to (chunked) prefill of running and newly admitted sequences, oldest first;
 - KV-cache blocks (``block_size`` tokens each) are allocated on admission for the prompt and
