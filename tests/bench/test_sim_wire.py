@@ -180,7 +180,7 @@ async def test_legacy_metric_names() -> None:
 
 
 async def test_queueing_beyond_max_num_seqs_and_abort_on_disconnect() -> None:
-    # gpu-s steps are ~30 ms, so 200-token streams stay in flight while we look.
+    # gpu-s steps are ~50 ms, so 200-token streams stay in flight while we look.
     async with run_simulator(SimConfig(port=0, profile="gpu-s", max_num_seqs=2)) as s:
         client = openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="x")
         streams = [await client.completions.create(model="sim-model", prompt=PROMPT, max_tokens=200,

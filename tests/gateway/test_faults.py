@@ -39,7 +39,7 @@ from tests.support.procs import wait_until
 from tests.support.services import ADMIN_DSN, REDIS_URL
 from tests.support.sim import SimProcess, sim_process
 
-SLOW = ("--model", "m1", "--profile", "gpu-s")  # ~30 tokens/s: streams that last long enough to cut
+SLOW = ("--model", "m1", "--profile", "gpu-s")  # ~19 tokens/s: streams that last long enough to cut
 LONG_STREAM = (b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2000,'
                b'"ignore_eos":true,"stream":true}')
 LONG_PLAIN = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2000,"ignore_eos":true}'
