@@ -7,12 +7,17 @@ import json
 import re
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import asyncpg
 import openai
 
-from tests.support.procs import child_env, hpcgate_cmd
+from tests.support.procs import HPCGATE, child_env, hpcgate_cmd, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+RAG = ROOT / "docs" / "examples" / "rag_chat.py"
 
 
 def _free_port() -> int:
@@ -101,6 +106,40 @@ async def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, st
     return proc.returncode or 0, out.decode(), err.decode()
 
 
+def _readme_block(lang: str, marker: str) -> str:
+    blocks = re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"README lost its {lang} example with {marker!r}"
+    return str(found[0]).replace("demo", "up-demo")  # this stack's model is named up-demo
+
+
+async def _tribunal_examples(url: str, key: str, cwd: Path) -> None:
+    """README's tribunal example and the RAG example (docs/examples/rag_chat.py), as written,
+    against this stack: configured through the admin CLI, published, served by the gateway."""
+    bare = child_env(PATH=f"{Path(HPCGATE).parent}:/usr/bin:/bin")  # `hpcgate` as a user runs it
+    rc, out, err = await _run(["bash", "-c", _readme_block("sh", "tribunal create")], bare, cwd)
+    assert rc == 0 and "tribunal/panel" in out, err
+    client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+
+    async def listed() -> bool:
+        return "tribunal/panel" in [m.id for m in (await client.models.list()).data]
+
+    await wait_until(listed, 20, "the tribunal in the gateway's /v1/models")
+    await client.close()
+    env = child_env(OPENAI_BASE_URL=url, OPENAI_API_KEY=key)
+    rc, out, err = await _run([sys.executable, "-c", _readme_block("python", "tribunal/panel")], env, cwd)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] and [ln.split()[:3] for ln in lines[1:]][-1] == ["judge", "up-demo", "True"], out
+    assert len(lines) == 1 + 6  # two jurors, a critique, two revisions, the verdict
+    rc, out, err = await _run([sys.executable, str(RAG), "--model", "tribunal/panel", "--embedding-model",
+                               "up-demo", "--deliberation", "--max-tokens", "16",
+                               "How are GPU jobs scheduled?"], env, cwd)
+    assert rc == 0, err
+    assert out.startswith("retrieved: slurm.md, ") and 1 <= len(out.splitlines()[1].split()) <= 16, out
+    assert "[Juror 1, answer]" in err and "[Judge, critique 1]" in err  # the deliberation, streamed
+
+
 async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_path: Path) -> None:
     """Also: the admin CLI works right after `up` with nothing exported (it reads the data dir
     `up` uses by default, ./var/up), `env.sh` sets up any other shell, and a second `up`
@@ -125,6 +164,7 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
         assert "up-demo" in [m.id for m in models.data]
         await client.close()
         await _no_secret_in_a_command_line(pg_dsn, data_dir, key)
+        await _tribunal_examples(url, key, tmp_path)
 
         bare = child_env()  # no HPCGATE_* at all, as in a fresh shell
         rc, out, err = await _run(hpcgate_cmd("admin", "model", "list"), bare, tmp_path)
