@@ -17,7 +17,7 @@ from tests.support.procs import HPCGATE, child_env, hpcgate_cmd, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-RAG = ROOT / "docs" / "examples" / "rag_chat.py"
+TRIBUNAL_DOC = ROOT / "docs" / "tribunal.md"
 
 
 def _free_port() -> int:
@@ -106,18 +106,24 @@ async def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, st
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-def _readme_block(lang: str, marker: str) -> str:
-    blocks = re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
+def _doc_block(doc: Path, lang: str, marker: str) -> str:
+    blocks = re.findall(rf"^```{lang}\n(.*?)^```", doc.read_text(), re.MULTILINE | re.DOTALL)
     found = [b for b in blocks if marker in b]
-    assert len(found) == 1, f"README lost its {lang} example with {marker!r}"
+    assert len(found) == 1, f"{doc.name} lost its {lang} example with {marker!r}"
     return str(found[0]).replace("demo", "up-demo")  # this stack's model is named up-demo
+
+
+def _readme_block(lang: str, marker: str) -> str:
+    return _doc_block(README, lang, marker)
 
 
 async def _tribunal_examples(url: str, key: str, cwd: Path) -> None:
     """README's tribunal example and the RAG example (docs/examples/rag_chat.py), as written,
     against this stack: configured through the admin CLI, published, served by the gateway."""
     bare = child_env(PATH=f"{Path(HPCGATE).parent}:/usr/bin:/bin")  # `hpcgate` as a user runs it
-    rc, out, err = await _run(["bash", "-c", _readme_block("sh", "tribunal create")], bare, cwd)
+    create = _readme_block("sh", "tribunal create")
+    assert create == _doc_block(TRIBUNAL_DOC, "sh", "tribunal create")  # one example, shown twice
+    rc, out, err = await _run(["bash", "-c", create], bare, cwd)
     assert rc == 0 and "tribunal/panel" in out, err
     client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
 
@@ -132,11 +138,12 @@ async def _tribunal_examples(url: str, key: str, cwd: Path) -> None:
     lines = out.splitlines()
     assert lines[0] and [ln.split()[:3] for ln in lines[1:]][-1] == ["judge", "up-demo", "True"], out
     assert len(lines) == 1 + 6  # two jurors, a critique, two revisions, the verdict
-    rc, out, err = await _run([sys.executable, str(RAG), "--model", "tribunal/panel", "--embedding-model",
-                               "up-demo", "--deliberation", "--max-tokens", "16",
-                               "How are GPU jobs scheduled?"], env, cwd)
+    # docs/tribunal.md's RAG commands, with this stack's URL and key for the placeholders
+    script = _doc_block(TRIBUNAL_DOC, "sh", "rag_chat.py").replace("http://127.0.0.1:8080/v1", url).replace(
+        "hpg_...", key).replace("python ", f"{sys.executable} ")
+    rc, out, err = await _run(["bash", "-euc", script], bare, ROOT)
     assert rc == 0, err
-    assert out.startswith("retrieved: slurm.md, ") and 1 <= len(out.splitlines()[1].split()) <= 16, out
+    assert out.startswith("retrieved: slurm.md, ") and 1 <= len(out.splitlines()[1].split()) <= 128, out
     assert "[Juror 1, answer]" in err and "[Judge, critique 1]" in err  # the deliberation, streamed
 
 
