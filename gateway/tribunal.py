@@ -145,6 +145,25 @@ class _StepSink:
             self.done.set_exception(exc)
 
 
+class _Backpressure:
+    """The client's connection listener while the verdict streams: a full client socket pauses
+    reading the judge's answer upstream (the engine's socket pushes back, as for any stream)."""
+
+    __slots__ = ("up",)
+
+    def __init__(self, up: UpstreamConnection) -> None:
+        self.up = up
+
+    def client_paused(self) -> None:
+        self.up.pause_reading()
+
+    def client_resumed(self) -> None:
+        self.up.resume_reading()
+
+    def client_lost(self) -> None:
+        pass  # the connection cancels the request's task, which aborts the step
+
+
 @dataclass(slots=True)
 class Step:
     role: str  # juror | review | revise | critique | judge
@@ -158,6 +177,7 @@ class Step:
     prompt: int = 0
     completion: int = 0
     duration_s: float = 0.0
+    request_id: bytes = b""
 
     def view(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "model": self.model, "round": self.round, "ok": self.ok,
@@ -356,6 +376,9 @@ class TribunalCall:
     async def _step(self, step: Step, body: bytes, *, on_text: Callable[[str], None] | None = None) -> Step:
         """One upstream request through the routing; fills ``step`` (never raises but cancellation)."""
         self.steps.append(step)
+        # Each step has its own id at the engine (vLLM refuses a second running request with the
+        # same id): the client's request id and the step's number, so the logs still join up.
+        step.request_id = b"%b-s%d" % (self.rid, len(self.steps))
         gw = self.gw
         start = perf_counter()
         tstate = None
@@ -412,8 +435,12 @@ class TribunalCall:
             try:
                 up = backend.pool.take_idle() or await backend.pool.acquire()
                 reused = up.reused
+                if on_text is not None:  # the verdict, streamed to the client
+                    self.conn.listener = _Backpressure(up)
                 up.send(build_request(_POST, _CHAT, backend.host_header, backend.auth_line, body,
-                                      request_id=self.rid), sink)
+                                      request_id=step.request_id), sink)
+                if on_text is not None and self.conn.write_paused:
+                    up.pause_reading()
                 await sink.done
                 status = sink.status
                 if status < 500:
@@ -430,6 +457,8 @@ class TribunalCall:
                     gw.upstream_failed(backend, exc.kind)
                     raise
             finally:
+                if on_text is not None:
+                    self.conn.listener = None
                 if not sink.ended and up is not None:
                     up.abort()  # cancelled or failed mid-answer: the engine frees the slot
                 gw.release(backend)

@@ -109,6 +109,8 @@ async def test_full_flow_rounds_peer_review_and_usage(gw: Worker, keys: dict[str
     assert roles[6] == ("critique", 1) and sorted(roles[7:10]) == [("revise", 1)] * 3
     assert roles[10] == ("judge", 1) and len(roles) == 11
     assert all(s["ok"] for s in ext["steps"]) and ext["answered"] == 3 and ext["judge"] == "judge"
+    rid = raw.http_response.headers["x-request-id"]
+    assert raw.parse().id == f"chatcmpl-tribunal-{rid}"
     # usage: the sum of every step, per underlying model too
     steps = ext["steps"]
     assert chat.usage is not None
