@@ -47,7 +47,10 @@ class TribunalRequest:
 def parse_request(body: bytes, tribunal: TribunalEntry) -> TribunalRequest:
     """The client's chat body (already checked for JSON, ``model`` and ``messages`` by the
     routing view); 400 for what a tribunal cannot do."""
-    doc = _decode_body(body)
+    try:
+        doc = _decode_body(body)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # the routing view decoded it already: rare
+        raise ApiError(400, "request body must be a JSON object", "invalid_body") from None
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ApiError(400, "'messages' must be a non-empty array of message objects", "invalid_body",

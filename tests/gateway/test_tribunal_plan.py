@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import ApiError
@@ -64,6 +64,25 @@ def test_request_checks_and_step_bodies() -> None:
         with pytest.raises(ApiError) as err:
             parse_request(body(**bad), T)
         assert err.value.status == 400
+
+
+_scalar = st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=4)
+_value = _scalar | st.lists(_scalar, max_size=2) | st.dictionaries(
+    st.sampled_from(["role", "content", "text", "include_usage"]), _scalar, max_size=2)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", 3]),
+                                  "content": _value | st.lists(st.fixed_dictionaries({"text": _scalar}))})
+_FIELDS = ["n", "tools", "deliberation", "stream", "stream_options", "max_tokens"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(_FIELDS), _value, max_size=4), st.lists(_message, max_size=3) | _value)
+def test_any_json_body_is_a_request_or_a_400(fields: dict[str, object], messages: object) -> None:
+    try:
+        req = parse_request(msgspec.json.encode({"model": "tribunal/t", "messages": messages, **fields}), T)
+    except ApiError as exc:
+        assert exc.status == 400
+        return
+    step_body(req, "a", judge_messages(req, "P"), stream=req.stream)  # and its steps can be built
 
 
 def test_anonymised_answers_hide_the_order_but_keep_every_answer() -> None:
