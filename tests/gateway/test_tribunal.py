@@ -3,8 +3,9 @@
 One in-process gateway (auth on, keys from PostgreSQL) in front of three simulators of
 different speeds: ``m1`` and ``judge`` on a fast one (~1 ms a token), ``slow`` on a paced one
 (20 ms a token), ``slower`` on a gpu-s one (~30 ms a token); ``dead`` is a port that refuses
-connections. The tribunals are installed into the worker's table as the endpoint table would
-bring them (the control-plane path is tested in tests/control/test_tribunals.py).
+connections, ``flaky`` has a dead instance and a live one (on the fast simulator). The
+tribunals are installed into the worker's table as the endpoint table would bring them (the
+control-plane path: tests/control/test_tribunals.py; the whole stack: tests/up/test_up.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ TRIBUNALS = (
     tribunal("grace", ["m1", "slower"], quorum=1, grace_s=0.1),
     tribunal("long", ["slow", "slower"], quorum=2),
     tribunal("deadline", ["slower"], deadline_s=0.5),
+    tribunal("routed", ["flaky", "flaky", "m1"], quorum=2),
 )
 
 
@@ -60,7 +62,7 @@ def dead_port() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 async def sims() -> AsyncIterator[dict[str, SimProcess]]:
-    async with sim_process("--model", "m1", "--model", "judge") as fast, \
+    async with sim_process("--model", "m1", "--model", "judge", "--model", "flaky") as fast, \
             sim_process("--model", "slow", "--profile", "paced") as paced, \
             sim_process("--model", "slower", "--profile", "gpu-s") as gpu:
         yield {"fast": fast, "paced": paced, "gpu": gpu}
@@ -70,7 +72,8 @@ async def sims() -> AsyncIterator[dict[str, SimProcess]]:
 async def keys(pg_dsn: str) -> dict[str, tuple[int, str]]:
     return {"all": await add_tenant(pg_dsn, "tribunal-all"),
             "some": await add_tenant(pg_dsn, "tribunal-some", allowed=["tribunal/plain", "m1", "judge",
-                                                                       "tribunal/full"])}
+                                                                       "tribunal/full"]),
+            "one": await add_tenant(pg_dsn, "tribunal-one", max_concurrent=2)}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,7 @@ async def gw(sims: dict[str, SimProcess], dead_port: int, pg_dsn: str,
     fast, paced, gpu = sims["fast"].url, sims["paced"].url, sims["gpu"].url
     async with running_gateway(
         static_endpoints=(f"m1={fast}", f"judge={fast}", f"slow={paced}", f"slower={gpu}",
-                          f"dead=http://127.0.0.1:{dead_port}"),
+                          f"dead=http://127.0.0.1:{dead_port}", f"flaky=http://127.0.0.1:{dead_port},{fast}"),
         database_url=pg_dsn, key_hash_secret=SECRET, usage_flush_s=0.2,
     ) as worker:
         worker.gateway.install_tribunals(TRIBUNALS)
@@ -281,3 +284,19 @@ async def test_listing_permissions_and_bad_input(gw: Worker, keys: dict[str, tup
             await every.chat.completions.create(model="tribunal/plain", messages=ASK, max_tokens=4,
                                                 extra_body=extra)
     await wait_until(lambda: handler_tasks(gw) == 0, 5, "handler tasks to end")
+
+
+async def test_steps_use_the_routing_retries_and_the_tenants_limits(
+        gw: Worker, keys: dict[str, tuple[int, str]]) -> None:
+    # "flaky" has a dead instance and a live one: its steps end on the live one (least-queue
+    # choice, ejection and retries, as for any request)
+    raw = await client(gw, keys["all"][1]).chat.completions.with_raw_response.create(
+        model="tribunal/routed", messages=ASK, max_tokens=4, extra_body={"deliberation": True})
+    assert all(s["ok"] for s in raw.http_response.json()["tribunal"]["steps"])
+    # a tenant with 2 concurrent requests: the third concurrent juror is refused, the quorum holds
+    raw = await client(gw, keys["one"][1]).chat.completions.with_raw_response.create(
+        model="tribunal/routed", messages=ASK, max_tokens=4, extra_body={"deliberation": True})
+    steps = raw.http_response.json()["tribunal"]["steps"]
+    refused = [s for s in steps if not s["ok"]]
+    assert len(refused) == 1 and "too many concurrent requests" in refused[0]["error"]
+    assert steps[-1]["role"] == "judge" and steps[-1]["ok"]  # the judge ran after the jurors left
