@@ -393,6 +393,9 @@ class TribunalCall:
                 step.error = str(exc)
             except UpstreamError as exc:
                 step.error = f"upstream failed: {exc}"
+            except Exception:  # a bug must fail this step, not leave its task's error unread
+                log.exception("tribunal_step_failed", model=step.model, role=step.role)
+                step.error = "internal gateway error"
         finally:
             step.duration_s = perf_counter() - start
             gw.tenants.leave(tstate, step.prompt + step.completion)
