@@ -21,7 +21,7 @@ from control.admin_client import AdminApiError, AdminClient, seg
 from control.admin_render import render
 from control.settings import DEFAULT_CONTROL_URL, AdminSettings
 from control.ui_tickets import LOGIN, LOGIN_TTL_S, SESSION_TTL_S, sign
-from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
+from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Tribunal, Usage
 from hpcgate.settings import SettingsError, load_settings
 
 T = TypeVar("T")
@@ -146,7 +146,63 @@ def _set_enabled(enabled: bool) -> Command:
     return run
 
 
-def _delete(cls: type[Tenant | Model], collection: str) -> Command:
+def _juror(text: str) -> dict[str, Any]:
+    """``MODEL`` or ``MODEL@TEMPERATURE`` (a model name may contain ``@`` only before a number)."""
+    model, sep, temp = text.rpartition("@")
+    if sep and model:
+        try:
+            return {"model": model, "temperature": float(temp)}
+        except ValueError:
+            pass
+    return {"model": text}
+
+
+def _tribunal_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The body of a tribunal create/update: ``--config`` (a JSON file) overlaid with the flags given."""
+    out: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            loaded = msgspec.json.decode(Path(args.config).read_bytes())
+        except (OSError, msgspec.DecodeError) as exc:
+            raise SystemExit(f"hpcgate admin: error: --config {args.config}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"hpcgate admin: error: --config {args.config}: expected a JSON object")
+        out.update(loaded)
+    if args.juror:
+        out["jurors"] = [_juror(j) for j in args.juror]
+    for field in ("judge", "fallback_judge", "rounds", "quorum", "juror_timeout_s", "judge_timeout_s",
+                  "deadline_s", "grace_s", "judge_prompt", "critique_prompt", "revise_prompt",
+                  "review_prompt", "peer_review", "show_deliberation"):
+        value = getattr(args, field)
+        if value is not None:
+            out[field] = value
+    return out
+
+
+def _add_tribunal_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="a JSON file with any fields of the tribunal (the flags "
+                   "override it): per-juror system prompts go there")
+    p.add_argument("--juror", action="append", metavar="MODEL[@TEMP]",
+                   help="a juror (repeat; the same model may appear with different temperatures)")
+    p.add_argument("--judge", metavar="MODEL", help="the model that writes the final answer")
+    p.add_argument("--fallback-judge", metavar="MODEL", help="asked when the judge fails")
+    p.add_argument("--rounds", type=int, help="critique-and-revise rounds (default 0)")
+    p.add_argument("--quorum", type=int, help="jurors that must answer (default 1)")
+    p.add_argument("--juror-timeout-s", type=float, metavar="S", help="per juror step (default 60)")
+    p.add_argument("--judge-timeout-s", type=float, metavar="S", help="per judge step (default 120)")
+    p.add_argument("--deadline-s", type=float, metavar="S", help="the whole request (default 300)")
+    p.add_argument("--grace-s", type=float, metavar="S", help="stragglers' time once the quorum answered "
+                   "(default 2)")
+    for role in ("judge", "critique", "revise", "review"):
+        p.add_argument(f"--{role}-prompt", metavar="TEXT", help=f"the {role} prompt (placeholders: "
+                       "docs/tribunal.md)")
+    p.add_argument("--peer-review", action=argparse.BooleanOptionalAction, default=None,
+                   help="jurors revise against each other's anonymised answers before the judge")
+    p.add_argument("--show-deliberation", action=argparse.BooleanOptionalAction, default=None,
+                   help="always stream/return the deliberation (else only when a request asks)")
+
+
+def _delete(cls: type[Tenant | Model | Tribunal], collection: str) -> Command:
     def run(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]:
         return _do(client, cls, "DELETE", f"/admin/{collection}/{seg(args.name)}")
 
@@ -307,6 +363,29 @@ def build_parser() -> argparse.ArgumentParser:
         m, "delete", _delete(Model, "models"),
         "delete a model without live jobs (scale it to 0 first; its aliases and ended jobs go with it)",
     ).add_argument("name")
+
+    tr = group("tribunal", "tribunals: virtual models tribunal/NAME (docs/tribunal.md)")
+    p = cmd(
+        tr,
+        "create",
+        lambda c, a: _do(c, Tribunal, "POST", "/admin/tribunals", {**_tribunal_fields(a), "name": a.name}),
+        "create a tribunal",
+    )
+    p.add_argument("name")
+    _add_tribunal_flags(p)
+    p = cmd(
+        tr,
+        "update",
+        lambda c, a: _do(c, Tribunal, "PATCH", f"/admin/tribunals/{seg(a.name)}", _tribunal_fields(a)),
+        "change a tribunal (the fields given)",
+    )
+    p.add_argument("name")
+    _add_tribunal_flags(p)
+    cmd(tr, "list", lambda c, a: _do(c, list[Tribunal], "GET", "/admin/tribunals"), "list tribunals")
+    cmd(
+        tr, "show", lambda c, a: _do(c, Tribunal, "GET", f"/admin/tribunals/{seg(a.name)}"), "show a tribunal"
+    ).add_argument("name")
+    cmd(tr, "delete", _delete(Tribunal, "tribunals"), "delete a tribunal").add_argument("name")
 
     j = group("job", "endpoint jobs")
     p = cmd(

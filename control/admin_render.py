@@ -7,7 +7,7 @@ from datetime import datetime
 
 import msgspec
 
-from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
+from control.wire import ApiKey, Endpoint, Job, JurorSpec, KeyCreated, Model, Tenant, Tribunal, Usage
 
 _COLUMNS: dict[type, tuple[str, ...]] = {
     Tenant: (
@@ -31,6 +31,7 @@ _COLUMNS: dict[type, tuple[str, ...]] = {
         "generation",
         "slurm_template",
     ),
+    Tribunal: ("model", "jurors", "judge", "fallback_judge", "rounds", "quorum", "peer_review", "deadline_s"),
     Job: ("endpoint_job_id", "model", "state", "launcher", "launcher_job_id", "node", "port", "state_reason"),
     Endpoint: (
         "endpoint_id",
@@ -55,8 +56,10 @@ def _cell(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%SZ")
+    if isinstance(value, JurorSpec):
+        return value.model if value.temperature is None else f"{value.model}@{value.temperature:g}"
     if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value)) or "-"
+        return ",".join(map(_cell, value)) or "-"
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
     return str(value)

@@ -2,8 +2,8 @@
 
 Shared by the API server (Litestar decodes requests into these types, encodes responses from
 them and generates the OpenAPI document from them), the store (takes the query bundles,
-returns the response views) and ``hpcgate admin`` (decodes them). msgspec and the standard
-library only.
+returns the response views) and ``hpcgate admin`` (decodes them). msgspec, the standard
+library and the shared schemas (the tribunals' default prompts) only.
 
 Invariants: every request body type rejects unknown fields, and every request type or
 parameter alias bounds every value so that anything it accepts also fits the database
@@ -19,6 +19,13 @@ from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
+
+from hpcgate.schemas.tribunal import (
+    DEFAULT_CRITIQUE_PROMPT,
+    DEFAULT_JUDGE_PROMPT,
+    DEFAULT_REVIEW_PROMPT,
+    DEFAULT_REVISE_PROMPT,
+)
 
 # Patterns mirror the CHECK constraints of control/db/migrations/0001_initial.sql.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}$"
@@ -184,6 +191,75 @@ class Model(Struct, kw_only=True):
     generation: int  # bumped when the launch configuration changes
     live_jobs: int
     ready_endpoints: int
+    created_at: datetime
+    updated_at: datetime
+
+
+# ----------------------------------------------------------------------------- tribunals
+
+TRIBUNAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # mirrors migration 0900
+TribunalName = Annotated[str, Meta(pattern=TRIBUNAL_PATTERN)]
+Prompt = Annotated[str, Meta(min_length=1, max_length=8000, pattern=r"^[^\x00]*$")]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+StepSeconds = Annotated[float, Meta(gt=0.0, le=3600.0)]
+GraceSeconds = Annotated[float, Meta(ge=0.0, le=600.0)]
+
+
+class JurorSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    model: ModelName
+    temperature: Temperature | None = None
+    system_prompt: Prompt | None = None
+
+
+class TribunalSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tribunal's whole configuration (its name aside); defaults are the shipped ones.
+
+    The prompts' placeholders are listed in :mod:`hpcgate.schemas.tribunal`."""
+
+    jurors: Annotated[list[JurorSpec], Meta(min_length=1, max_length=16)]
+    judge: ModelName
+    fallback_judge: ModelName | None = None
+    judge_prompt: Prompt = DEFAULT_JUDGE_PROMPT
+    critique_prompt: Prompt = DEFAULT_CRITIQUE_PROMPT
+    revise_prompt: Prompt = DEFAULT_REVISE_PROMPT
+    review_prompt: Prompt = DEFAULT_REVIEW_PROMPT
+    rounds: Annotated[int, Meta(ge=0, le=5)] = 0
+    quorum: Annotated[int, Meta(ge=1, le=16)] = 1
+    juror_timeout_s: StepSeconds = 60.0
+    judge_timeout_s: StepSeconds = 120.0
+    deadline_s: StepSeconds = 300.0
+    grace_s: GraceSeconds = 2.0
+    peer_review: bool = False
+    show_deliberation: bool = False
+
+
+class TribunalCreate(TribunalSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: TribunalName
+
+
+class TribunalUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Fields to change; the result is validated as a whole."""
+
+    jurors: Annotated[list[JurorSpec], Meta(min_length=1, max_length=16)] | UnsetType = UNSET
+    judge: ModelName | UnsetType = UNSET
+    fallback_judge: ModelName | UnsetType | None = UNSET
+    judge_prompt: Prompt | UnsetType = UNSET
+    critique_prompt: Prompt | UnsetType = UNSET
+    revise_prompt: Prompt | UnsetType = UNSET
+    review_prompt: Prompt | UnsetType = UNSET
+    rounds: Annotated[int, Meta(ge=0, le=5)] | UnsetType = UNSET
+    quorum: Annotated[int, Meta(ge=1, le=16)] | UnsetType = UNSET
+    juror_timeout_s: StepSeconds | UnsetType = UNSET
+    judge_timeout_s: StepSeconds | UnsetType = UNSET
+    deadline_s: StepSeconds | UnsetType = UNSET
+    grace_s: GraceSeconds | UnsetType = UNSET
+    peer_review: bool | UnsetType = UNSET
+    show_deliberation: bool | UnsetType = UNSET
+
+
+class Tribunal(TribunalSettings, frozen=True, kw_only=True):
+    name: str
+    model: str  # what clients send: "tribunal/<name>"
     created_at: datetime
     updated_at: datetime
 

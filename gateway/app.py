@@ -39,7 +39,7 @@ from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
-from hpcgate.schemas import EndpointTable, KeyTable
+from hpcgate.schemas import EndpointTable, KeyTable, TribunalEntry
 
 log = get_logger("hpcgate.gateway")
 
@@ -232,13 +232,38 @@ class Gateway:
         return None
 
     def _models_body(self, p: Principal) -> bytes:
-        data = [_model_info(r) for r in self.table.models if p.may_use(r.name, *r.aliases)]
+        table = self.table
+        data = [_model_info(r) for r in table.models if p.may_use(r.name, *r.aliases)]
+        data += [ModelInfo(t.model, "ready", ()) for t in table.tribunals.values()
+                 if self._may_use_tribunal(p, t)]
         return _encode(ModelList(data))
+
+    def _may_use_tribunal(self, p: Principal, t: TribunalEntry) -> bool:
+        """A key sees a tribunal it may use, with every model the tribunal calls."""
+        if p.allowed is None:
+            return True
+        if not p.may_use(t.model):
+            return False
+        for m in t.models:
+            route = self.table.lookup(m)
+            if not p.may_use(m, *((route.name,) if route is not None else ())):
+                return False
+        return True
+
+    def install_tribunals(self, tribunals: tuple[TribunalEntry, ...]) -> None:
+        """Static mode and tests: the current table with these tribunals (the dynamic mode gets
+        them with the endpoint table)."""
+        t = self.table
+        self.table = RoutingTable(t.version, t.generated_at, t.models, tribunals)
 
     def _model_body(self, p: Principal, raw_name: bytes) -> bytes:
         """``GET /v1/models/{id}`` (the SDK's ``models.retrieve``): by name or alias."""
         name = unquote(raw_name.decode("utf-8", "replace"))
         route = self.table.lookup(name)
+        if route is None:
+            tribunal = self.table.tribunals.get(name)
+            if tribunal is not None and self._may_use_tribunal(p, tribunal):
+                return _encode(ModelInfo(tribunal.model, "ready", ()))
         if route is None or not p.may_use(route.name, name):  # a model the key may not use is not shown
             raise ApiError(404, f"The model '{name}' does not exist", "model_not_found", "model")
         return _encode(_model_info(route))

@@ -34,6 +34,7 @@ from gateway.relay import CLIENT_GONE, Exchange
 from gateway.request_view import ask_for_usage, parse_view, with_model
 from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
 from gateway.sse import SseScanner, usage_of
+from gateway.tribunal import TribunalHandoff, tribunal_call
 from gateway.upstream_client import UpstreamConnection, UpstreamError, build_request
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
@@ -92,6 +93,9 @@ class ProxyCall:
             self._reply_error(exc)
             self._finish()
             return None
+        except TribunalHandoff as handoff:  # a virtual model: gateway.tribunal owns the request
+            self.finished = self.in_task = True  # nothing of this call to account
+            return tribunal_call(self.gw, self.conn, self.rid, handoff, req.body)
         except BaseException:
             self.in_task = True  # the connection answers 500 and calls request_done
             self._finish()
@@ -110,6 +114,12 @@ class ProxyCall:
         view = parse_view(kind, req.body)
         route = gw.table.lookup(view.model)
         if route is None:
+            tribunal = gw.table.tribunals.get(view.model)  # only after a miss: free for real models
+            if tribunal is not None:
+                if kind != "chat":
+                    raise ApiError(400, f"'{view.model}' is a tribunal: it serves /v1/chat/completions only",
+                                   "invalid_model_for_endpoint", "model")
+                raise TribunalHandoff(tribunal, principal)
             raise ApiError(404, f"The model '{view.model}' does not exist", "model_not_found", "model")
         self.model = route.name
         if not principal.may_use(route.name, view.model):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
 import weakref
@@ -25,7 +24,7 @@ from bench.sim.engine import Engine, Seq
 from bench.sim.http import Connection, Request
 from bench.sim.metrics import CONTENT_TYPE, SimMetrics
 from bench.sim.profiles import PROFILES
-from bench.sim.textgen import generated_text, output_length, prompt_seed, token_index
+from bench.sim.textgen import bag_of_words, generated_text, output_length, prompt_seed, token_index
 from hpcgate.logs import get_logger
 from hpcgate.settings import LogLevel, Port, PositiveFloat
 
@@ -34,7 +33,7 @@ log = get_logger("hpcgate.sim")
 SLACK_S = 0.05
 FAULT_DELAY_S = 0.05  # head, then this long "in prefill", then the connection closes
 JSON = b"application/json"
-EMBEDDING_DIM = 64
+EMBEDDING_DIM = 256  # hashed bag of words (textgen.bag_of_words)
 
 
 class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -280,11 +279,10 @@ class Simulator:
         inp = ereq.input
         inputs: list[object] = [inp] if isinstance(inp, str) or isinstance(inp[0], int) else list(inp)
         data = []
-        for i, item in enumerate(inputs):
-            seed = prompt_seed(repr(item))
-            vec = [math.sin(seed % 1000 + k) for k in range(EMBEDDING_DIM)]
-            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-            data.append({"index": i, "object": "embedding", "embedding": [v / norm for v in vec]})
+        for i, item in enumerate(inputs):  # a list of token ids is one input
+            ids = item if isinstance(item, str) else [t for t in item if isinstance(t, int)]  # type: ignore[attr-defined]
+            bag = bag_of_words(ids, EMBEDDING_DIM)
+            data.append({"index": i, "object": "embedding", "embedding": bag})
         total = sum(counts)
         conn.send(200, JSON, wire.encode({
             "id": "embd-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()), "model": model,

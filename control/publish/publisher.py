@@ -26,6 +26,7 @@ from control.publish.tables import (
     KeyRow,
     ModelRow,
     TenantRow,
+    TribunalRow,
     build_endpoint_table,
     build_key_table,
 )
@@ -51,6 +52,8 @@ SELECT e.endpoint_id, e.endpoint_job_id, m.name AS model, e.node, e.port, j.laun
   JOIN ai_model_configurations m ON m.model_id = e.model_id
  WHERE e.ready_at IS NOT NULL AND j.state NOT IN ('ended', 'failed')
 """
+
+_TRIBUNALS_SQL = "SELECT name, config FROM gateway_tribunals ORDER BY name"
 
 _TENANTS_SQL = """
 SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute
@@ -78,7 +81,8 @@ async def read_endpoint_table(conn: Conn, unroutable_after: int) -> EndpointTabl
         for r in await conn.fetch(_MODELS_SQL)
     ]
     endpoints = [EndpointRow(**dict(r)) for r in await conn.fetch(_ENDPOINTS_SQL)]
-    return build_endpoint_table(models, endpoints, unroutable_after=unroutable_after)
+    tribunals = [TribunalRow(r["name"], r["config"]) for r in await conn.fetch(_TRIBUNALS_SQL)]
+    return build_endpoint_table(models, endpoints, unroutable_after=unroutable_after, tribunals=tribunals)
 
 
 async def read_key_table(conn: Conn) -> KeyTable:

@@ -10,6 +10,9 @@ Rules of the endpoint table:
 - a model is ``ready`` with at least one ready, non-draining endpoint, else ``failed`` if the
   Job Worker marked it so, else ``starting`` while instances are wanted, else ``stopped``.
 
+Tribunals are published as stored (validated by the admin API when written); a row that no
+longer decodes is left out (logged), never published half-read.
+
 Rules of the key table: enabled tenants only; keys neither revoked nor expired at build time
 and belonging to an enabled tenant (the gateway enforces a later ``expires_at`` itself).
 """
@@ -20,6 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
+
+from hpcgate.logs import get_logger
 from hpcgate.schemas import (
     ApiKeyEntry,
     EndpointEntry,
@@ -28,7 +34,10 @@ from hpcgate.schemas import (
     ModelEntry,
     ModelState,
     TenantEntry,
+    TribunalEntry,
 )
+
+log = get_logger("hpcgate.control.publish")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +61,12 @@ class EndpointRow:
     bearer_token: str
     consecutive_failures: int
     draining: bool  # endpoint, job or model draining
+
+
+@dataclass(frozen=True, slots=True)
+class TribunalRow:
+    name: str
+    config: str  # the JSON document of migration 0900
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +97,7 @@ def build_endpoint_table(
     unroutable_after: int,
     version: int = 0,
     generated_at: float = 0.0,
+    tribunals: Iterable[TribunalRow] = (),
 ) -> EndpointTable:
     entries = tuple(
         EndpointEntry(
@@ -109,7 +125,18 @@ def build_endpoint_table(
         )
         for m in sorted(models, key=lambda m: m.name)
     )
-    return EndpointTable(version=version, generated_at=generated_at, models=model_entries, endpoints=entries)
+    return EndpointTable(version=version, generated_at=generated_at, models=model_entries, endpoints=entries,
+                         tribunals=tuple(_tribunal_entries(tribunals)))
+
+
+def _tribunal_entries(rows: Iterable[TribunalRow]) -> Iterable[TribunalEntry]:
+    for row in sorted(rows, key=lambda r: r.name):
+        try:
+            doc = msgspec.json.decode(row.config)
+            doc["name"] = row.name
+            yield msgspec.convert(doc, TribunalEntry)
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
+            log.error("tribunal_unpublishable", tribunal=row.name, error=str(exc))
 
 
 def _model_reason(model: ModelRow) -> str | None:

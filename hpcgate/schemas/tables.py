@@ -13,6 +13,8 @@ import enum
 
 import msgspec
 
+from hpcgate.schemas.tribunal import TribunalEntry
+
 
 class ModelState(enum.StrEnum):
     READY = "ready"  # at least one ready endpoint
@@ -47,6 +49,7 @@ class EndpointTable(msgspec.Struct, frozen=True, kw_only=True):
     generated_at: float  # unix time, for the gateway's "table age" metric
     models: tuple[ModelEntry, ...] = ()
     endpoints: tuple[EndpointEntry, ...] = ()
+    tribunals: tuple[TribunalEntry, ...] = ()  # virtual models "tribunal/<name>" (issue 17)
 
 
 class TenantEntry(msgspec.Struct, frozen=True, kw_only=True):

@@ -85,8 +85,18 @@ async def test_chat_and_completions_with_async_sdk(sim: Simulator) -> None:
     assert len(texts) == 4
 
     emb = await client.embeddings.create(model="m", input=["a b", "c d e"])
-    assert [d.index for d in emb.data] == [0, 1] and len(emb.data[0].embedding) == 64
+    assert [d.index for d in emb.data] == [0, 1] and len(emb.data[0].embedding) == 256
     assert emb.usage.prompt_tokens == 5
+    # a normalised hashed bag of words: shared words mean similar vectors (docs/simulator.md)
+    emb = await client.embeddings.create(model="m", input=[
+        "Slurm schedules GPU jobs", "which scheduler runs the GPU jobs?", "bake bread with yeast"])
+    doc, query, other = (d.embedding for d in emb.data)
+    assert abs(sum(v * v for v in doc) - 1.0) < 1e-9
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cos(doc, query) > 0.3 > abs(cos(other, query))
     await client.close()
 
 

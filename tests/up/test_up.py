@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -15,7 +16,11 @@ import httpx
 import openai
 import pytest
 
-from tests.support.procs import child_env, hpcgate_cmd, wait_until
+from tests.support.procs import HPCGATE, child_env, hpcgate_cmd, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+TRIBUNAL_DOC = ROOT / "docs" / "tribunal.md"
 
 
 def _free_port() -> int:
@@ -182,6 +187,47 @@ async def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, st
     return proc.returncode or 0, out.decode(), err.decode()
 
 
+def _doc_block(doc: Path, lang: str, marker: str) -> str:
+    blocks = re.findall(rf"^```{lang}\n(.*?)^```", doc.read_text(), re.MULTILINE | re.DOTALL)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"{doc.name} lost its {lang} example with {marker!r}"
+    return str(found[0]).replace("demo", "up-demo")  # this stack's model is named up-demo
+
+
+def _readme_block(lang: str, marker: str) -> str:
+    return _doc_block(README, lang, marker)
+
+
+async def _tribunal_examples(url: str, key: str, cwd: Path) -> None:
+    """README's tribunal example and the RAG example (docs/examples/rag_chat.py), as written,
+    against this stack: configured through the admin CLI, published, served by the gateway."""
+    bare = child_env(PATH=f"{Path(HPCGATE).parent}:/usr/bin:/bin")  # `hpcgate` as a user runs it
+    create = _readme_block("sh", "tribunal create")
+    assert create == _doc_block(TRIBUNAL_DOC, "sh", "tribunal create")  # one example, shown twice
+    rc, out, err = await _run(["bash", "-c", create], bare, cwd)
+    assert rc == 0 and "tribunal/panel" in out, err
+    client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+
+    async def listed() -> bool:
+        return "tribunal/panel" in [m.id for m in (await client.models.list()).data]
+
+    await wait_until(listed, 20, "the tribunal in the gateway's /v1/models")
+    await client.close()
+    env = child_env(OPENAI_BASE_URL=url, OPENAI_API_KEY=key)
+    rc, out, err = await _run([sys.executable, "-c", _readme_block("python", "tribunal/panel")], env, cwd)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] and [ln.split()[:3] for ln in lines[1:]][-1] == ["judge", "up-demo", "True"], out
+    assert len(lines) == 1 + 6  # two jurors, a critique, two revisions, the verdict
+    # docs/tribunal.md's RAG commands, with this stack's URL and key for the placeholders
+    script = _doc_block(TRIBUNAL_DOC, "sh", "rag_chat.py").replace("http://127.0.0.1:8080/v1", url).replace(
+        "hpg_...", key).replace("python ", f"{sys.executable} ")
+    rc, out, err = await _run(["bash", "-euc", script], bare, ROOT)
+    assert rc == 0, err
+    assert out.startswith("retrieved: slurm.md, ") and 1 <= len(out.splitlines()[1].split()) <= 128, out
+    assert "[Juror 1, answer]" in err and "[Judge, critique 1]" in err  # the deliberation, streamed
+
+
 async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_path: Path) -> None:
     """Also: the admin CLI works right after `up` with nothing exported (it reads the data dir
     `up` uses by default, ./var/up), `env.sh` sets up any other shell, and a second `up`
@@ -206,6 +252,7 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
         assert "up-demo" in [m.id for m in models.data]
         await client.close()
         bearers = await _no_secret_in_a_command_line(pg_dsn, data_dir, key)
+        await _tribunal_examples(url, key, tmp_path)
 
         bare = child_env()  # no HPCGATE_* at all, as in a fresh shell
         other_key = await _errors_and_admin_calls(url, key, bare, tmp_path)
