@@ -23,7 +23,7 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.access_log import AccessLog
-from gateway.admission import ModelQueues, TenantLimiter
+from gateway.admission import ModelQueues
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
 from gateway.cors import Cors
@@ -36,6 +36,7 @@ from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, ModelRoute, RoutingTable, table_from_snapshot
 from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings
+from gateway.tenant_limits import TenantLimiter
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
 from hpcgate.schemas import EndpointTable, KeyTable
@@ -83,7 +84,7 @@ class Gateway:
         self.has_table = False
         secret = s.key_hash_secret.encode() if s.key_hash_secret else None
         self.auth = Authenticator(secret, enabled=not s.no_auth)
-        self.tenants = TenantLimiter(s.workers)
+        self.tenants = TenantLimiter(s.workers)  # holders: this gateway's workers until Redis says
         self.queues = ModelQueues(loop)
         self.usage = UsageRecorder(None if s.no_auth else s.database_url, s.usage_flush_s)
         self.metrics = GatewayMetrics(str(worker))

@@ -25,6 +25,7 @@ class RequestView(msgspec.Struct):
     stream: bool | None = None
     stream_options: StreamOptions | msgspec.UnsetType | None = msgspec.UNSET  # UNSET: absent, None: null
     max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # chat's newer name for max_tokens
     messages: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     input: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
@@ -66,7 +67,8 @@ def parse_view(kind: str, body: bytes) -> RequestView:
 
 
 def _param(message: str) -> str | None:
-    for name in ("model", "stream_options", "stream", "max_tokens", "messages", "prompt", "input"):
+    for name in ("model", "stream_options", "stream", "max_tokens", "max_completion_tokens", "messages",
+                 "prompt", "input"):
         if f"`{name}`" in message or f"$.{name}" in message:
             return name
     return None

@@ -50,6 +50,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     endpoint_max_inflight: NonNegInt = 0  # 0: no gateway-side cap per endpoint
     queue_max: NonNegInt = 256  # requests waiting per model when every instance is saturated
     queue_timeout_s: PositiveFloat = 10.0
+    # tenant limits (gateway.tenant_limits, gateway.lease_sync)
+    tpm_completion_estimate: NonNegInt = 1024  # reserved for a request without max_tokens
+    lease_interval_s: PositiveFloat = 0.5  # how often each worker leases budget from Redis
+    lease_hold_s: PositiveFloat = 10.0  # a lease outlives Redis this long, then local shares
     # tables
     table_resync_s: PositiveFloat = 30.0
     key_resync_s: PositiveFloat = 30.0

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from gateway.app import Gateway
 from gateway.http_server import HttpServer
 from gateway.key_source import load_key_table
+from gateway.lease_sync import LeaseSync
 from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
 from gateway.table_sync import RedisTableSync
@@ -51,6 +52,7 @@ class Worker:
         self.server = HttpServer(self.gateway.handle, settings, self.loop)
         self._tasks: list[asyncio.Task[None]] = []
         self.sync: RedisTableSync | None = None
+        self.leases: LeaseSync | None = None  # cluster-wide tenant limits (auth on, with Redis)
         self.key_load_failures = 0  # PostgreSQL loads that failed (the keys held stay in use)
 
     async def start(self, sock: socket.socket) -> None:
@@ -66,6 +68,10 @@ class Worker:
                 on_keys=gw.install_keys if auth_on else None,
             )
             self._tasks.append(self.loop.create_task(self.sync.run()))
+        if auth_on and s.redis_url:
+            self.leases = LeaseSync(s.redis_url, s.redis_prefix, gw.tenants, self.loop,
+                                    interval_s=s.lease_interval_s, hold_s=s.lease_hold_s)
+            self._tasks.append(self.loop.create_task(self.leases.run()))
         if auth_on and s.database_url:
             await self._load_keys_once()
             self._tasks.append(self.loop.create_task(self._resync_keys()))
@@ -94,6 +100,8 @@ class Worker:
     async def stop(self) -> None:
         off = self.gateway.offloader
         await self.server.shutdown(self.settings.shutdown_timeout_s, off.drain if off is not None else None)
+        if self.leases is not None:
+            self.leases.close()
         if self.sync is not None:
             self.sync.close()  # a cancellation alone can be lost inside redis-py (see table_sync)
         for task in self._tasks:

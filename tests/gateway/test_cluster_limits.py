@@ -1,0 +1,121 @@
+"""Tenant limits held across gateways: two gateways, one Redis, leases (and Redis cut).
+
+Each gateway here is a full gateway worker with its own limiter and lease holder id; they share
+only Redis (leases, key table) and PostgreSQL (keys), as two replicas do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from gateway.worker import Worker
+from tests.gateway.conftest import SECRET, add_tenant, post, raw_exchange, running_gateway
+from tests.gateway.test_admission import LONG, SHORT
+from tests.support.procs import wait_until
+from tests.support.sim import SimProcess
+from tests.support.tcp_proxy import TcpProxy
+
+
+@asynccontextmanager
+async def gateway(sim: SimProcess, dsn: str, redis_url: str, prefix: str,
+                  **extra: object) -> AsyncIterator[Worker]:
+    async with running_gateway(static_endpoints=(f"m1={sim.url}",), database_url=dsn, redis_url=redis_url,
+                               redis_prefix=prefix, key_hash_secret=SECRET, lease_interval_s=0.1,
+                               **extra) as gw:
+        yield gw
+
+
+async def code_of(gw: Worker, key: str, body: bytes = SHORT) -> str:
+    reply = await raw_exchange(gw.port, post("/v1/chat/completions", body, key))
+    return "ok" if reply.status == 200 else reply.json()["error"]["code"]
+
+
+async def open_long(gw: Worker, key: str) -> asyncio.StreamWriter | None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(post("/v1/chat/completions", LONG, key))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    if head.startswith(b"HTTP/1.1 200"):
+        return writer
+    writer.close()
+    return None
+
+
+async def test_concurrency_limit_holds_across_two_gateways(sim_a: SimProcess, pg_dsn: str, redis_url: str,
+                                                           redis_prefix: str) -> None:
+    _, key = await add_tenant(pg_dsn, "one-in-the-cluster", max_concurrent=1)
+    prefix = f"{redis_prefix}conc2:"
+    async with gateway(sim_a, pg_dsn, redis_url, prefix) as a, gateway(sim_a, pg_dsn, redis_url, prefix) as b:
+        stream: list[asyncio.StreamWriter] = []
+
+        async def opened() -> bool:
+            w = await open_long(a, key)
+            if w is not None:
+                stream.append(w)
+            return w is not None
+
+        await wait_until(opened, 10, "a lease of the tenant's slot on gateway A")
+        try:
+            # B gets no slot while A's stream holds the only one (one request in the cluster).
+            await wait_until(lambda: _is(b, key, "concurrency_limit_exceeded"), 10, "B to be refused")
+            for _ in range(3):
+                assert await code_of(b, key) == "concurrency_limit_exceeded"
+                assert await code_of(a, key) == "concurrency_limit_exceeded"
+        finally:
+            stream[0].transport.abort()
+        await wait_until(lambda: _is(b, key, "ok"), 10, "the slot to move to B")
+
+
+async def test_tpm_budget_is_shared_by_two_gateways(sim_a: SimProcess, pg_dsn: str, redis_url: str,
+                                                    redis_prefix: str) -> None:
+    tpm = 600
+    _, key = await add_tenant(pg_dsn, "shared-tpm", tpm=tpm)
+    prefix = f"{redis_prefix}tpm2:"
+    # ~110 tokens reserved and used per request (ignore_eos: the engine writes all 100)
+    body = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":100,"ignore_eos":true}'
+    async with gateway(sim_a, pg_dsn, redis_url, prefix) as a, gateway(sim_a, pg_dsn, redis_url, prefix) as b:
+        for gw in (a, b):  # each sees the tenant once (a provisional share), then leases
+            assert await code_of(gw, key, body) == "ok"
+        for _ in range(3):
+            for gw in (a, b):
+                assert gw.leases is not None
+                gw.leases.synced.clear()
+                await asyncio.wait_for(gw.leases.synced.wait(), 5)
+        admitted = 0
+        for i in range(20):  # alternating between the gateways, far more than the limit allows
+            code = await code_of((a, b)[i % 2], key, body)
+            assert code in ("ok", "rate_limit_exceeded")
+            admitted += code == "ok"
+        # What is left of one limit (600 - 2 x 110, plus ~10 tokens a second of refill) fits 3 or 4
+        # more; a limit per gateway would have admitted about 8.
+        assert 1 <= admitted <= 5
+        assert await code_of(a, key, body) == "rate_limit_exceeded"
+        assert await code_of(b, key, body) == "rate_limit_exceeded"
+
+
+async def test_redis_cut_keeps_the_lease_then_falls_back(sim_a: SimProcess, pg_dsn: str, redis_url: str,
+                                                         redis_prefix: str) -> None:
+    _, key = await add_tenant(pg_dsn, "redis-goes-away", max_concurrent=2)
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        async with gateway(sim_a, pg_dsn, url, f"{redis_prefix}cut:", lease_hold_s=0.5) as gw:
+            leases = gw.leases
+            assert leases is not None
+            await wait_until(lambda: _is(gw, key, "ok"), 10, "a lease")
+            await proxy.cut()
+            assert await code_of(gw, key) == "ok"  # the lease is kept while Redis is away
+            states = gw.gateway.tenants.states
+            await wait_until(lambda: leases.failures > 0 and not any(s.leased for s in states.values()), 10,
+                             "the local fallback")
+            assert await code_of(gw, key) == "ok"  # a local share (the whole limit: one holder seen)
+            await proxy.restore()
+            leases.synced.clear()
+            await asyncio.wait_for(leases.synced.wait(), 10)
+            assert await code_of(gw, key) == "ok"
+
+
+async def _is(gw: Worker, key: str, want: str) -> bool:
+    return await code_of(gw, key) == want
+
