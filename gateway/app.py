@@ -36,6 +36,7 @@ from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, ModelRoute, RoutingTable, table_from_snapshot
 from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings
+from gateway.tenant_admission import TenantAdmission
 from gateway.tenant_limits import TenantLimiter
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
@@ -85,6 +86,7 @@ class Gateway:
         secret = s.key_hash_secret.encode() if s.key_hash_secret else None
         self.auth = Authenticator(secret, enabled=not s.no_auth)
         self.tenants = TenantLimiter(s.workers)  # holders: this gateway's workers until Redis says
+        self.limits = TenantAdmission(self.tenants)
         self.queues = ModelQueues(loop)
         self.usage = UsageRecorder(None if s.no_auth else s.database_url, s.usage_flush_s)
         self.metrics = GatewayMetrics(str(worker))

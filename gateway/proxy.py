@@ -33,7 +33,8 @@ from gateway.relay import CLIENT_GONE, Exchange
 from gateway.request_view import ask_for_usage, parse_view, with_model
 from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
 from gateway.sse import SseScanner, usage_of
-from gateway.tenant_limits import Reservation, TenantLimiter, estimate_tokens
+from gateway.tenant_admission import Admission
+from gateway.tenant_limits import estimate_tokens
 from gateway.upstream_client import UpstreamConnection, UpstreamError, build_request
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
@@ -68,7 +69,7 @@ class ProxyCall:
         self.body = b""
         self.stream = False
         self.strip_usage = False  # a stream for which the gateway asked the engine for usage
-        self.tstate: Reservation | None = None
+        self.tstate: Admission | None = None  # the tenant's budgets this request holds
         self.backend: Backend | None = None  # set while counted in the backend's in-flight
         self.exchange: Exchange | None = None
         self.status = 499  # if the client goes away first
@@ -118,12 +119,12 @@ class ProxyCall:
         if not route.backends:
             raise _no_instance(route)
         self.route = route
-        if principal.max_concurrent is not None or principal.tpm is not None:
+        if principal.limited:
             payload = view.messages or view.prompt or view.input
             cap = view.max_tokens if view.max_tokens is not None else view.max_completion_tokens
             estimate = estimate_tokens(len(payload) if payload else len(req.body), cap,
                                        gw.settings.tpm_completion_estimate, route.max_model_len)
-            self.tstate = gw.tenants.enter(principal, gw.loop.time(), estimate)
+            self.tstate = gw.limits.admit(principal, route.name, gw.loop.time(), estimate)
         body = req.body if view.model == route.name else with_model(req.body, route.name)
         if view.stream:
             self.stream = True
@@ -335,7 +336,7 @@ class ProxyCall:
             gw.release(backend)
         prompt, completion = self.prompt, self.completion
         if self.tstate is not None:
-            TenantLimiter.leave(self.tstate, prompt + completion)
+            self.tstate.leave(prompt + completion)
         duration = perf_counter() - self.start
         ttft = ex.first_byte_at - self.start if ex is not None and ex.first_byte_at else None
         status = self.status

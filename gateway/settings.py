@@ -54,6 +54,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     tpm_completion_estimate: NonNegInt = 1024  # reserved for a request without max_tokens
     lease_interval_s: PositiveFloat = 0.5  # how often each worker leases budget from Redis
     lease_hold_s: PositiveFloat = 10.0  # a lease outlives Redis this long, then local shares
+    quota_resync_s: PositiveFloat = 10.0  # monthly token use re-read from PostgreSQL
     # tables
     table_resync_s: PositiveFloat = 30.0
     key_resync_s: PositiveFloat = 30.0

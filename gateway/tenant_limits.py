@@ -39,6 +39,7 @@ import math
 from gateway.auth import Principal
 from gateway.errors import ApiError
 
+LimitKey = int | str  # a tenant id, or "<tenant id>/<model>" for a tenant's limits on one model
 PROMPT_BYTES_PER_TOKEN = 4  # the usual BPE average for English text and JSON
 
 
@@ -108,29 +109,34 @@ class TenantLimiter:
     def __init__(self, holders: int) -> None:
         self.holders = holders
         self.leasing = False  # set by the lease sync: a new tenant's provisional slots round down
-        self.states: dict[int, TenantState] = {}
+        self.states: dict[LimitKey, TenantState] = {}
 
     def enter(self, p: Principal, now: float, estimate: int) -> Reservation | None:
         """Admit a request of ``p`` expected to use ``estimate`` tokens, or raise 429."""
         if p.max_concurrent is None and p.tpm is None:
             return None
-        state = self.states.get(p.tenant_id)
-        if state is None or state.tpm_limit != p.tpm or state.conc_limit != p.max_concurrent:
-            state = self._new_state(p, now, state)
+        return self.enter_key(p.tenant_id, p.tpm, p.max_concurrent, now, estimate=estimate)
+
+    def enter_key(self, key: LimitKey, tpm: int | None, conc: int | None, now: float, *, estimate: int,
+                  scope: str = "this tenant") -> Reservation:
+        """:meth:`enter` for the limits held under ``key`` (a tenant, or a tenant's model)."""
+        state = self.states.get(key)
+        if state is None or state.tpm_limit != tpm or state.conc_limit != conc:
+            state = self._new_state(key, tpm, conc, now, state)
         state.last_used = now
-        if p.max_concurrent is not None and state.active >= state.slots:
+        if conc is not None and state.active >= state.slots:
             state.refused += 1
-            raise ApiError(429, "too many concurrent requests for this tenant", "concurrency_limit_exceeded",
+            raise ApiError(429, f"too many concurrent requests for {scope}", "concurrency_limit_exceeded",
                            retry_after=1)
         reserved = 0.0
-        if p.tpm is not None:
+        if tpm is not None:
             state.refill(now)
-            reserved = float(min(estimate, p.tpm))
+            reserved = float(min(estimate, tpm))
             state.demand += reserved
             if state.tokens < reserved:
-                rate = state.rate or p.tpm / 60.0  # leased: the cluster bucket's refill
+                rate = state.rate or tpm / 60.0  # leased: the cluster bucket's refill
                 wait = math.ceil((reserved - state.tokens) / rate)
-                raise ApiError(429, "tokens-per-minute limit exceeded for this tenant", "rate_limit_exceeded",
+                raise ApiError(429, f"tokens-per-minute limit exceeded for {scope}", "rate_limit_exceeded",
                                retry_after=max(1, min(wait, 60)))
             state.tokens -= reserved
             if not state.leased:
@@ -138,15 +144,16 @@ class TenantLimiter:
         state.active += 1
         return Reservation(state, reserved)
 
-    def _new_state(self, p: Principal, now: float, old: TenantState | None) -> TenantState:
+    def _new_state(self, key: LimitKey, tpm: int | None, conc: int | None, now: float,
+                   old: TenantState | None) -> TenantState:
         if old is None:
-            state = self.states[p.tenant_id] = TenantState(p.tpm, p.max_concurrent, self.holders, now)
-            if self.leasing and p.max_concurrent is not None:
-                state.slots = p.max_concurrent // self.holders  # 0: refused until the next lease
+            state = self.states[key] = TenantState(tpm, conc, self.holders, now)
+            if self.leasing and conc is not None:
+                state.slots = conc // self.holders  # 0: refused until the next lease
             return state
         # The limits changed: the same state (requests in flight settle into it), a local share
         # of the new limits until the next lease (a lease held is dropped: conservative).
-        old.tpm_limit, old.conc_limit = p.tpm, p.max_concurrent
+        old.tpm_limit, old.conc_limit = tpm, conc
         old.local_share(self.holders, now)
         return old
 
@@ -169,7 +176,7 @@ class LeaseAsk:
 
     __slots__ = ("conc_limit", "conc_want", "debt", "tenant_id", "tpm_limit", "tpm_want")
 
-    def __init__(self, tenant_id: int, *, tpm_limit: int, tpm_want: float, debt: float, conc_limit: int,
+    def __init__(self, tenant_id: LimitKey, *, tpm_limit: int, tpm_want: float, debt: float, conc_limit: int,
                  conc_want: int) -> None:
         self.tenant_id = tenant_id
         self.tpm_limit = tpm_limit  # 0: no TPM limit
@@ -188,7 +195,7 @@ def plan_leases(lim: TenantLimiter, now: float, idle_s: float) -> list[LeaseAsk]
     refused, plus the refused ones; an idle worker holds none, so slots flow to busy workers.
     """
     asks: list[LeaseAsk] = []
-    gone: list[int] = []
+    gone: list[LimitKey] = []
     for tid, st in lim.states.items():
         idle = now - st.last_used > idle_s and st.active == 0
         busy = st.demand > 0 or st.refused > 0 or now - st.last_used < 1.0

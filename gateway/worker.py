@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from gateway.app import Gateway
 from gateway.http_server import HttpServer
-from gateway.key_source import load_key_table
+from gateway.key_source import load_key_table, load_month_usage
 from gateway.lease_sync import LeaseSync
 from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
@@ -75,6 +75,8 @@ class Worker:
         if auth_on and s.database_url:
             await self._load_keys_once()
             self._tasks.append(self.loop.create_task(self._resync_keys()))
+            await self._load_quotas_once()
+            self._tasks.append(self.loop.create_task(self._resync_quotas()))
         gw.usage.start()
         self.server.on_tick.append(gw.check_stalls)
         if gw.access_log is not None:
@@ -96,6 +98,21 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.key_resync_s)
             await self._load_keys_once()
+
+    async def _load_quotas_once(self) -> None:
+        assert self.settings.database_url is not None
+        try:
+            used = await load_month_usage(self.settings.database_url)
+        except (OSError, TimeoutError, Exception) as exc:  # keep the last view; local spend keeps adding
+            log.warning("quota_load_failed", error=str(exc) or type(exc).__name__)
+            return
+        gw = self.gateway
+        gw.limits.quotas.load(used, gw.usage.unflushed_tokens())
+
+    async def _resync_quotas(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.quota_resync_s)
+            await self._load_quotas_once()
 
     async def stop(self) -> None:
         off = self.gateway.offloader

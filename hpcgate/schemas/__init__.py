@@ -13,9 +13,11 @@ from hpcgate.schemas.tables import (
     EndpointTable,
     KeyTable,
     ModelEntry,
+    ModelLimit,
     ModelState,
     RedisNames,
     TenantEntry,
+    decode_model_limits,
 )
 
 __all__ = [
@@ -25,9 +27,11 @@ __all__ = [
     "EndpointTable",
     "KeyTable",
     "ModelEntry",
+    "ModelLimit",
     "ModelState",
     "RedisNames",
     "TenantEntry",
+    "decode_model_limits",
     "hash_api_key",
     "key_prefix",
     "new_api_key",

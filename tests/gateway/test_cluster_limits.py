@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
+
 from gateway.worker import Worker
 from tests.gateway.conftest import SECRET, add_tenant, post, raw_exchange, running_gateway
 from tests.gateway.test_admission import LONG, SHORT
@@ -116,6 +118,45 @@ async def test_redis_cut_keeps_the_lease_then_falls_back(sim_a: SimProcess, pg_d
             assert await code_of(gw, key) == "ok"
 
 
-async def _is(gw: Worker, key: str, want: str) -> bool:
-    return await code_of(gw, key) == want
+async def _is(gw: Worker, key: str, want: str, body: bytes = SHORT) -> bool:
+    return await code_of(gw, key, body) == want
 
+
+
+async def test_per_model_limit_and_monthly_quota(sim_a: SimProcess, pg_dsn: str, redis_url: str,
+                                                 redis_prefix: str) -> None:
+    tid, key = await add_tenant(pg_dsn, "model-capped")
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            """UPDATE identity_tenants SET model_limits = '{"m1": {"max_concurrent_requests": 1}}',
+                      monthly_token_quota = 300 WHERE tenant_id = $1""", tid)
+        await conn.execute(  # 250 of the 300 used this month already (by any gateway)
+            """INSERT INTO usage_records (tenant_id, model, bucket_start, requests, prompt_tokens,
+                                         completion_tokens) VALUES ($1, 'm1', now(), 1, 50, 200)""", tid)
+    finally:
+        await conn.close()
+    small = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":5}'
+    async with gateway(sim_a, pg_dsn, redis_url, f"{redis_prefix}model:") as gw:
+        big = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":100}'
+        reply = await raw_exchange(gw.port, post("/v1/chat/completions", big, key))  # over the 50 left
+        assert reply.status == 429 and reply.json()["error"]["code"] == "insufficient_quota"
+        assert "tokens left" in reply.json()["error"]["message"]
+        await wait_until(lambda: _is(gw, key, "ok", small), 10, "a small request within the quota")
+        # The model's own limit: one request at a time on m1 (the tenant has no limit of its own).
+        await conn_limit_check(gw, key)
+
+
+async def conn_limit_check(gw: Worker, key: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    body = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":30,"stream":true}'
+    writer.write(post("/v1/chat/completions", body, key))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    try:
+        assert head.startswith(b"HTTP/1.1 200"), head
+        small = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":1}'
+        reply = await raw_exchange(gw.port, post("/v1/chat/completions", small, key))
+        assert reply.status == 429 and reply.json()["error"]["code"] == "concurrency_limit_exceeded"
+        assert "on model 'm1'" in reply.json()["error"]["message"]
+    finally:
+        writer.transport.abort()

@@ -10,7 +10,9 @@ import redis.asyncio as aioredis
 from gateway.auth import Principal
 from gateway.errors import ApiError
 from gateway.lease_sync import LEASE_SCRIPT, LeaseSync
+from gateway.tenant_admission import TenantAdmission
 from gateway.tenant_limits import TenantLimiter, apply_grant, estimate_tokens, fall_back, plan_leases
+from hpcgate.schemas import ModelLimit
 
 
 def tenant(tpm: int | None = None, conc: int | None = None, tid: int = 1) -> Principal:
@@ -179,3 +181,33 @@ async def test_redis_down_keeps_lease_then_falls_back(redis_url: str, redis_pref
             await good.delete(*keys)
         await good.aclose()
         await bad.aclose()
+
+
+# -- per-model limits and the monthly quota ---------------------------------------------------------
+def test_quota_reserves_settles_and_survives_a_load() -> None:
+    adm = TenantAdmission(TenantLimiter(holders=1))
+    p = Principal(1, "t", None, max_concurrent=None, tpm=None, expires_at=None, monthly_quota=1000)
+    adm.quotas.load({1: 700}, {})
+    a = adm.admit(p, "m", 0.0, 200)
+    with pytest.raises(ApiError) as err:
+        adm.admit(p, "m", 0.0, 101)  # 700 + 200 reserved + 101 > 1000
+    assert err.value.code == "insufficient_quota" and "100 of 1000 tokens left" in err.value.message
+    adm.quotas.load({1: 750}, {1: 30})  # a fresh read: in flight (200) and unflushed (30) stay counted
+    assert adm.quotas.spent[1] == 230
+    a.leave(150)  # the request used 150 of its 200
+    assert adm.quotas.spent[1] == 180 and not adm.quotas.in_flight
+    assert adm.admit(p, "m", 0.0, 70) is not None  # 750 + 180 + 70 = 1000
+
+
+def test_refused_by_the_model_limit_gives_the_tenant_budget_back() -> None:
+    lim = TenantLimiter(holders=1)
+    adm = TenantAdmission(lim)
+    p = Principal(1, "t", None, max_concurrent=5, tpm=1000, expires_at=None,
+                  model_limits={"big": ModelLimit(tokens_per_minute=100)})
+    assert adm.admit(p, "small", 0.0, 300) is not None  # no limit of its own on "small"
+    with pytest.raises(ApiError) as err:
+        adm.admit(p, "big", 0.0, 300)  # clamped to big's 100: admitted on a full bucket
+        adm.admit(p, "big", 0.0, 50)
+    assert "on model 'big'" in err.value.message
+    st = lim.states[1]
+    assert st.active == 2 and st.tokens == pytest.approx(1000 - 300 - 300)  # the refused one gave back its 50
