@@ -44,10 +44,22 @@ from hpcgate.schemas import EndpointTable, KeyTable
 
 log = get_logger("hpcgate.gateway")
 
+# Every JSON inference path vLLM serves, routed by the body's "model" like chat (the engine
+# serves the same path; the body goes unchanged but for an alias replaced by the model's name).
 _POST_PATHS = {
     b"/v1/chat/completions": "chat",
     b"/v1/completions": "completions",
     b"/v1/embeddings": "embeddings",
+    b"/v1/responses": "responses",
+    b"/v1/rerank": "rerank",
+    b"/rerank": "rerank",
+    b"/v2/rerank": "rerank",
+    b"/v1/score": "score",
+    b"/score": "score",
+    b"/tokenize": "tokenize",
+    b"/detokenize": "detokenize",
+    b"/pooling": "pooling",
+    b"/classify": "classify",
 }
 _GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")

@@ -30,7 +30,7 @@ from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.relay import CLIENT_GONE, Exchange
-from gateway.request_view import ask_for_usage, parse_view, with_model
+from gateway.request_view import GENERATES, ask_for_usage, parse_view, with_model
 from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
 from gateway.sse import SseScanner, usage_of
 from gateway.tenant_admission import Admission
@@ -51,7 +51,7 @@ _POST = b"POST"
 
 class ProxyCall:
     __slots__ = (
-        "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
+        "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task", "kind",
         "last", "model", "path", "prompt", "rid", "route", "stale_retried", "start", "status", "stream",
         "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
@@ -67,6 +67,7 @@ class ProxyCall:
         self.model = "-"
         self.route: ModelRoute | None = None
         self.body = b""
+        self.kind = "chat"
         self.stream = False
         self.strip_usage = False  # a stream for which the gateway asked the engine for usage
         self.tstate: Admission | None = None  # the tenant's budgets this request holds
@@ -120,13 +121,15 @@ class ProxyCall:
             raise _no_instance(route)
         self.route = route
         if principal.limited:
-            payload = view.messages or view.prompt or view.input
-            cap = view.max_tokens if view.max_tokens is not None else view.max_completion_tokens
-            estimate = estimate_tokens(len(payload) if payload else len(req.body), cap,
-                                       gw.settings.tpm_completion_estimate, route.max_model_len)
+            default = gw.settings.tpm_completion_estimate if kind in GENERATES else 0
+            estimate = estimate_tokens(view.payload_bytes(), view.completion_cap(), default,
+                                       route.max_model_len)
             self.tstate = gw.limits.admit(principal, route.name, gw.loop.time(), estimate)
         body = req.body if view.model == route.name else with_model(req.body, route.name)
-        if view.stream:
+        self.kind = kind
+        if view.stream and kind == "responses":
+            self.stream = True  # usage comes in response.completed, whatever the client asked
+        elif view.stream:
             self.stream = True
             opts = view.stream_options
             # The client did not ask for usage: ask the engine anyway (every request is booked
@@ -167,7 +170,7 @@ class ProxyCall:
         scanner = SseScanner(strip_usage=self.strip_usage) if stream else None
         ex = Exchange(gw.loop, self.conn, scanner, gw.settings.max_response_bytes,
                       stream, owner=None if self.in_task else self,
-                      offloader=gw.offloader if stream else None)
+                      offloader=gw.offloader if stream and self.kind != "responses" else None)
         self.exchange = ex
         ex.upstream = up
         self.conn.listener = ex
@@ -250,7 +253,7 @@ class ProxyCall:
         scanner = ex.scanner
         assert scanner is not None
         if scanner.usage is not None:
-            self.prompt, self.completion = scanner.usage.prompt_tokens, scanner.usage.completion_tokens
+            self.prompt, self.completion = scanner.usage.counts()
         else:
             self.completion = scanner.content_events
         if ex.error is not None:
@@ -267,7 +270,7 @@ class ProxyCall:
         if ex.status == 200:
             u = usage_of(out)
             if u is not None:
-                self.prompt, self.completion = u.prompt_tokens, u.completion_tokens
+                self.prompt, self.completion = u.counts()
         ex.first_byte_at = perf_counter()
         self.conn.send_full(ex.status, out, ex.headers.get(b"content-type", _JSON))
 
