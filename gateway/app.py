@@ -32,6 +32,7 @@ from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.metrics import GatewayMetrics, StateView
 from gateway.offload import make_offloader
+from gateway.openapi import build_document
 from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, ModelRoute, RoutingTable, table_from_snapshot
 from gateway.scraper import Scraper
@@ -61,7 +62,7 @@ _POST_PATHS = {
     b"/pooling": "pooling",
     b"/classify": "classify",
 }
-_GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models"})
+_GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models", b"/openapi.json"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -114,6 +115,7 @@ class Gateway:
         self.access_log = AccessLog() if s.access_log else None
         self.cors = Cors(s.cors_allowed_origins) if s.cors_allowed_origins else None
         self._metrics_auth = b"Bearer " + s.metrics_token.encode() if s.metrics_token else None
+        self._openapi: bytes | None = None  # GET /openapi.json, built on first request
         self.metrics.add_state(self._state_view)
 
     # -- tables (control path) --------------------------------------------------------------------
@@ -208,6 +210,10 @@ class Gateway:
                                % (self.table.version, self.stream_relay.encode()))
             else:
                 raise ApiError(503, "no endpoint table yet", "not_ready", retry_after=1)
+        elif path == b"/openapi.json":
+            if self._openapi is None:
+                self._openapi = build_document(_POST_PATHS, sorted(_GET_PATHS))
+            conn.send_full(200, self._openapi)
         elif path == b"/metrics":
             token = self._metrics_auth
             if token is not None and not hmac.compare_digest(req.headers.get(b"authorization") or b"", token):

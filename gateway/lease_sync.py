@@ -123,10 +123,20 @@ class LeaseSync:
         finally:
             await client.aclose()
 
-    async def sync_once(self, script: aioredis.client.AsyncScript) -> bool:  # type: ignore[name-defined]
+    async def release(self, timeout: float = 2.0) -> bool:
+        """At shutdown (no request in flight): give every lease back, so the tenant's slots and
+        tokens go to the other holders now instead of when the claims expire."""
+        client = aioredis.from_url(self._url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return await self.sync_once(client.register_script(LEASE_SCRIPT), idle_s=-1.0)
+        finally:
+            await client.aclose()
+
+    async def sync_once(self, script: aioredis.client.AsyncScript,  # type: ignore[name-defined]
+                        idle_s: float | None = None) -> bool:
         lim = self._lim
         now = self._loop.time()
-        asks = plan_leases(lim, now, self._idle)
+        asks = plan_leases(lim, now, self._idle if idle_s is None else idle_s)
         args: list[str | int | float] = [self._prefix, self.holder, self._hold, len(asks)]
         for a in asks:
             st = lim.states.get(a.tenant_id)

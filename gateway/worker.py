@@ -126,6 +126,8 @@ class Worker:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.leases is not None:  # requests have ended: the tenants' budgets go back at once
+            await self.leases.release()
         self.gateway.scraper.close()
         for b in self.gateway.backends.values():
             b.pool.close()

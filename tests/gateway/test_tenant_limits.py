@@ -150,6 +150,12 @@ async def test_two_holders_share_one_budget(redis_url: str, redis_prefix: str) -
         assert sta.tokens + stb.tokens + bucket + 20 == pytest.approx(600, abs=2)
         TenantLimiter.leave(ra, 10)
         TenantLimiter.leave(rb, 10)
+        held = sta.tokens
+        before = float(await client.hget(f"{prefix}lease:tpm:1", "tokens") or 0)
+        assert await sa.release()  # shutdown: a's slot and tokens go back at once
+        assert sa.holder.encode() not in await client.hgetall(f"{prefix}lease:conc:1") and not a.states
+        after = float(await client.hget(f"{prefix}lease:tpm:1", "tokens") or 0)
+        assert after == pytest.approx(min(600, before + held), abs=2)
     finally:
         keys = await client.keys(f"{prefix}*")
         if keys:
