@@ -1,18 +1,24 @@
 """Tenant limits held across gateways: two gateways, one Redis, leases (and Redis cut).
 
 Each gateway here is a full gateway worker with its own limiter and lease holder id; they share
-only Redis (leases, key table) and PostgreSQL (keys), as two replicas do.
+only Redis (leases, key table) and PostgreSQL (keys), as two replicas do. The last test runs
+two ``hpcgate gateway`` processes with two workers each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import asyncpg
+import msgspec
+import redis.asyncio as aioredis
 
+from bench.procs import start_dynamic_gateway, stop
 from gateway.worker import Worker
+from hpcgate.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState, RedisNames
 from tests.gateway.conftest import SECRET, add_tenant, post, raw_exchange, running_gateway
 from tests.gateway.test_admission import LONG, SHORT
 from tests.support.procs import wait_until
@@ -160,3 +166,64 @@ async def conn_limit_check(gw: Worker, key: str) -> None:
         assert "on model 'm1'" in reply.json()["error"]["message"]
     finally:
         writer.transport.abort()
+
+
+async def test_one_slot_for_two_gateway_processes_of_two_workers(sim_a: SimProcess, pg_dsn: str,
+                                                                 redis_url: str, redis_prefix: str) -> None:
+    """Four holders (two ``hpcgate gateway`` processes with two workers each) and a tenant limited
+    to one request at a time: while one stream runs, every fresh connection to either process,
+    whichever worker takes it, is refused; once it ends, another process gets the slot."""
+    _, key = await add_tenant(pg_dsn, "one-for-four-workers", max_concurrent=1)
+    prefix = f"{redis_prefix}procs:"
+    names = RedisNames(prefix)
+    port = int(sim_a.url.rsplit(":", 1)[1])
+    table = EndpointTable(version=1, generated_at=time.time(),
+                          models=(ModelEntry(name="m1", state=ModelState.READY),),
+                          endpoints=(EndpointEntry(endpoint_id=1, model="m1", url=sim_a.url, node="127.0.0.1",
+                                                   port=port, endpoint_job_id=1, ready=True),))
+    client = aioredis.from_url(redis_url)
+    try:
+        await client.set(names.endpoint_table, msgspec.json.encode(table))
+    finally:
+        await client.aclose()
+    env = {"HPCGATE_REDIS_URL": redis_url, "HPCGATE_REDIS_PREFIX": prefix, "HPCGATE_DATABASE_URL": pg_dsn,
+           "HPCGATE_KEY_HASH_SECRET": SECRET, "HPCGATE_LOG_LEVEL": "warning",
+           "HPCGATE_GATEWAY_LEASE_INTERVAL_S": "0.1"}
+    async with AsyncExitStack() as exits:
+        gateways = []
+        for _ in range(2):
+            child = await start_dynamic_gateway(env, workers=2)
+            exits.push_async_callback(stop, child)
+            gateways.append(child.port)
+        one, two = gateways
+        holder: list[asyncio.StreamWriter] = []
+
+        async def opened() -> bool:
+            reader, writer = await asyncio.open_connection("127.0.0.1", one)
+            writer.write(post("/v1/chat/completions", LONG, key))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if head.startswith(b"HTTP/1.1 200"):
+                holder.append(writer)
+                return True
+            writer.close()
+            return False
+
+        await wait_until(opened, 20, "the tenant's one slot on the first gateway")
+        try:
+            async def all_refused() -> bool:
+                for p in (one, two, two):
+                    for _ in range(4):  # fresh connections: either worker of the process
+                        reply = await raw_exchange(p, post("/v1/chat/completions", SHORT, key))
+                        if reply.status != 429:
+                            return False
+                return True
+
+            await wait_until(all_refused, 15, "every worker of both gateways to refuse")
+            assert await all_refused()
+        finally:
+            holder[0].transport.abort()
+
+        async def admitted() -> bool:
+            return (await raw_exchange(two, post("/v1/chat/completions", SHORT, key))).status == 200
+
+        await wait_until(admitted, 15, "the slot to move to the second gateway")
