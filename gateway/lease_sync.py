@@ -154,6 +154,7 @@ class LeaseSync:
             return False
         now = self._loop.time()
         lim.holders = max(1, int(reply[0]))
+        lim.leasing = True
         for i, a in enumerate(asks):
             apply_grant(lim, a, float(reply[1 + 2 * i]), int(reply[2 + 2 * i]), now)
         self.last_ok = now

@@ -108,7 +108,7 @@ class TenantLimiter:
 
     def __init__(self, holders: int) -> None:
         self.holders = holders
-        self.leasing = False  # set by the lease sync: a new tenant's provisional slots round down
+        self.leasing = False  # leases are flowing: a new tenant's provisional slots round down
         self.states: dict[LimitKey, TenantState] = {}
 
     def enter(self, p: Principal, now: float, estimate: int) -> Reservation | None:
@@ -237,8 +237,9 @@ def apply_grant(lim: TenantLimiter, ask: LeaseAsk, tpm_grant: float, slots: int,
 
 
 def fall_back(lim: TenantLimiter, holders: int, now: float) -> None:
-    """Redis has been out of reach past the hold time: every tenant to a 1/holders local share."""
+    """Redis has been out of reach past the hold time: every tenant to a ceil(1/holders) local
+    share (also those first seen meanwhile with rounded-down slots: no lease will come for them)."""
     lim.holders = max(1, holders)
+    lim.leasing = False
     for st in lim.states.values():
-        if st.leased:
-            st.local_share(lim.holders, now)
+        st.local_share(lim.holders, now)

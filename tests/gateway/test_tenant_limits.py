@@ -112,9 +112,14 @@ def test_fallback_gives_local_shares() -> None:
     lim.enter(p, 0.0, 1)
     (ask,) = plan_leases(lim, 0.1, idle_s=60)
     apply_grant(lim, ask, 50.0, 1, 0.1)
+    lim.leasing = True
+    lim.holders = 4
+    with pytest.raises(ApiError):
+        lim.enter(tenant(conc=1, tid=2), 1.0, 1)  # first seen while leasing: 1 // 4 slots until a lease
     fall_back(lim, 2, 1.0)
     st = lim.states[1]
     assert not st.leased and st.slots == 2 and st.capacity == 300 and st.rate == 5.0
+    assert lim.enter(tenant(conc=1, tid=2), 1.0, 1) is not None  # no lease will come: a local share
 
 
 # -- the lease script on the real Redis ---------------------------------------------------------
