@@ -69,8 +69,9 @@ class Worker:
             )
             self._tasks.append(self.loop.create_task(self.sync.run()))
         if auth_on and s.redis_url:
-            self.leases = LeaseSync(s.redis_url, s.redis_prefix, gw.tenants, self.loop,
-                                    interval_s=s.lease_interval_s, hold_s=s.lease_hold_s)
+            leases = self.leases = LeaseSync(s.redis_url, s.redis_prefix, gw.tenants, self.loop,
+                                             interval_s=s.lease_interval_s, hold_s=s.lease_hold_s)
+            gw.metrics.add_lease_state(lambda: (gw.tenants.leasing, gw.tenants.holders, leases.failures))
             self._tasks.append(self.loop.create_task(self.leases.run()))
         if auth_on and s.database_url:
             await self._load_keys_once()

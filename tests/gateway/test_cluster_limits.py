@@ -25,6 +25,8 @@ from tests.support.procs import wait_until
 from tests.support.sim import SimProcess
 from tests.support.tcp_proxy import TcpProxy
 
+LEASED = 'hpcgate_gateway_tenant_limits_leased{worker="0"}'
+
 
 @asynccontextmanager
 async def gateway(sim: SimProcess, dsn: str, redis_url: str, prefix: str,
@@ -111,17 +113,21 @@ async def test_redis_cut_keeps_the_lease_then_falls_back(sim_a: SimProcess, pg_d
         async with gateway(sim_a, pg_dsn, url, f"{redis_prefix}cut:", lease_hold_s=0.5) as gw:
             leases = gw.leases
             assert leases is not None
-            await wait_until(lambda: _is(gw, key, "ok"), 10, "a lease")
+            await wait_until(lambda: _is(gw, key, "ok"), 10, "an admission")
+            states = gw.gateway.tenants.states
+            await wait_until(lambda: states and all(s.leased for s in states.values()), 10, "a lease")
             await proxy.cut()
             assert await code_of(gw, key) == "ok"  # the lease is kept while Redis is away
-            states = gw.gateway.tenants.states
-            await wait_until(lambda: leases.failures > 0 and not any(s.leased for s in states.values()), 10,
+            lim = gw.gateway.tenants
+            await wait_until(lambda: not lim.leasing and not any(s.leased for s in states.values()), 10,
                              "the local fallback")
             assert await code_of(gw, key) == "ok"  # a local share (the whole limit: one holder seen)
+            assert f"{LEASED} 0.0" in gw.gateway.metrics.render().decode()
             await proxy.restore()
             leases.synced.clear()
             await asyncio.wait_for(leases.synced.wait(), 10)
             assert await code_of(gw, key) == "ok"
+            assert f"{LEASED} 1.0" in gw.gateway.metrics.render().decode()
 
 
 async def _is(gw: Worker, key: str, want: str, body: bytes = SHORT) -> bool:
