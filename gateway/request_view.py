@@ -28,6 +28,7 @@ class RequestView(msgspec.Struct):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # chat's newer name for max_tokens
     max_output_tokens: int | None = None  # the Responses API's
+    n: int | None = None  # choices per request: each generates up to the cap
     messages: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     input: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
@@ -38,10 +39,10 @@ class RequestView(msgspec.Struct):
     tokens: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
     def completion_cap(self) -> int | None:
-        """The most tokens the client lets the model generate, if it said."""
+        """The most tokens the client lets the model generate (over all ``n`` choices), if it said."""
         for cap in (self.max_tokens, self.max_completion_tokens, self.max_output_tokens):
             if cap is not None:
-                return cap
+                return cap * self.n if self.n is not None and self.n > 1 else cap
         return None
 
     def payload_bytes(self) -> int:
@@ -104,8 +105,8 @@ def parse_view(kind: str, body: bytes) -> RequestView:
 
 def _param(message: str) -> str | None:
     for name in ("model", "stream_options", "stream", "max_tokens", "max_completion_tokens",
-                 "max_output_tokens", "messages", "prompt", "input", "query", "documents", "text_1", "text_2",
-                 "tokens"):
+                 "max_output_tokens", "n", "messages", "prompt", "input", "query", "documents", "text_1",
+                 "text_2", "tokens"):
         if f"`{name}`" in message or f"$.{name}" in message:
             return name
     return None

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from gateway.auth import Principal
 from gateway.errors import ApiError
 from gateway.lease_sync import LEASE_SCRIPT, LeaseSync
+from gateway.request_view import parse_view
 from gateway.tenant_admission import TenantAdmission
 from gateway.tenant_limits import TenantLimiter, apply_grant, estimate_tokens, fall_back, plan_leases
 from hpcgate.schemas import ModelLimit
@@ -31,6 +32,15 @@ def test_estimate_from_prompt_size_and_cap() -> None:
     assert estimate_tokens(400, None, 1024) == 101 + 1024  # no max_tokens: the configured default
     assert estimate_tokens(400, None, 1024, context_len=300) == 300  # never past the context
     assert estimate_tokens(0, 0, 1024) == 1
+
+
+def test_the_estimate_reads_the_body_view() -> None:
+    v = parse_view("completions", b'{"model":"m","prompt":"abcdefgh","max_tokens":10,"n":3}')
+    assert (v.payload_bytes(), v.completion_cap()) == (10, 30)  # the JSON string; 3 choices of 10
+    v = parse_view("responses", b'{"model":"m","input":"x","max_output_tokens":7}')
+    assert v.completion_cap() == 7
+    v = parse_view("rerank", b'{"model":"m","query":"q","documents":["a","b"]}')
+    assert (v.payload_bytes(), v.completion_cap()) == (3 + 9, None)
 
 
 def test_tpm_reserves_at_start_and_reconciles_at_end() -> None:
