@@ -39,6 +39,7 @@ from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings
 from gateway.tenant_admission import TenantAdmission
 from gateway.tenant_limits import TenantLimiter
+from gateway.upload import UPLOAD_PATHS, UploadCall
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
 from hpcgate.schemas import EndpointTable, KeyTable
@@ -187,6 +188,8 @@ class Gateway:
         q = path.find(b"?")
         if q >= 0:
             path = path[:q]
+        if req.upload is not None:  # a multipart upload (audio): relayed as its body arrives
+            return UploadCall(self, conn, path, rid).begin(req)
         kind = _POST_PATHS.get(path)
         if kind is not None:
             if req.method != b"POST":
@@ -212,7 +215,7 @@ class Gateway:
                 raise ApiError(503, "no endpoint table yet", "not_ready", retry_after=1)
         elif path == b"/openapi.json":
             if self._openapi is None:
-                self._openapi = build_document(_POST_PATHS, sorted(_GET_PATHS))
+                self._openapi = build_document(_POST_PATHS, sorted(_GET_PATHS), sorted(UPLOAD_PATHS))
             conn.send_full(200, self._openapi)
         elif path == b"/metrics":
             token = self._metrics_auth

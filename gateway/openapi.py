@@ -1,7 +1,8 @@
 """The data plane's OpenAPI 3.1 document, built from the gateway's own route tables.
 
 Served at ``GET /openapi.json``. It is derived, not written by hand: the paths come from the
-dispatch tables the gateway routes with (``gateway.app``), each POST path's required fields and
+dispatch tables the gateway routes with (``gateway.app``, ``gateway.upload``), each POST path's
+required fields and
 whether it streams from :data:`gateway.request_view.REQUIRED` and ``STREAMABLE``, so the
 document cannot list a route the gateway does not serve or miss one it does
 (``tests/gateway/test_openapi.py`` checks both against the running gateway). Request bodies are
@@ -89,9 +90,27 @@ def _post(kind: str) -> dict[str, object]:
             "responses": responses}
 
 
-def build_document(post_paths: Mapping[bytes, str], get_paths: Iterable[bytes]) -> bytes:
-    """The document for these route tables (path -> kind for POST; GET paths)."""
+def _upload(path: str) -> dict[str, object]:
+    schema = {"type": "object", "required": ["model", "file"], "properties": {
+        "model": {"type": "string", "description": "a model name or alias; must come before the file"},
+        "file": {"type": "string", "format": "binary"}}, "additionalProperties": True}
+    responses: dict[str, object] = {"200": {"description": "The engine's answer, relayed",
+                                            "content": {"application/json": {"schema": {"type": "object"}}}}}
+    responses |= {code: {"description": why, **_error_ref()} for code, why in _ERROR_STATUSES.items()}
+    responses["408"] = {"description": "The upload stalled", **_error_ref()}
+    what = "Transcribe" if path.endswith("transcriptions") else "Translate"
+    return {"summary": f"{what} audio (OpenAI audio API), relayed to the engine as it is uploaded",
+            "security": [{"apiKey": []}], "operationId": "post" + path.replace("/", "_"),
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}},
+            "responses": responses}
+
+
+def build_document(post_paths: Mapping[bytes, str], get_paths: Iterable[bytes],
+                   upload_paths: Iterable[bytes] = ()) -> bytes:
+    """The document for these route tables (path -> kind for POST; GET paths; multipart uploads)."""
     paths: dict[str, dict[str, object]] = {}
+    for raw in upload_paths:
+        paths[raw.decode()] = {"post": _upload(raw.decode())}
     for raw, kind in post_paths.items():
         path = raw.decode()
         op = _post(kind)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from gateway.auth import Principal
 from gateway.backend import Backend
 from gateway.balancer import choose
 from gateway.errors import ApiError
@@ -110,16 +111,7 @@ class ProxyCall:
         if ctype != _JSON and (ctype is None or ctype.partition(b";")[0].strip().lower() != _JSON):
             raise ApiError(415, "Content-Type must be application/json", "unsupported_media_type")
         view = parse_view(kind, req.body)
-        route = gw.table.lookup(view.model)
-        if route is None:
-            raise ApiError(404, f"The model '{view.model}' does not exist", "model_not_found", "model")
-        self.model = route.name
-        if not principal.may_use(route.name, view.model):
-            raise ApiError(403, f"this API key may not use model '{view.model}'", "model_not_allowed",
-                           "model")
-        if not route.backends:
-            raise _no_instance(route)
-        self.route = route
+        route = self._route(principal, view.model)
         if principal.limited:
             default = gw.settings.tpm_completion_estimate if kind in GENERATES else 0
             estimate = estimate_tokens(view.payload_bytes(), view.completion_cap(), default,
@@ -138,6 +130,19 @@ class ProxyCall:
             if self.strip_usage:
                 body = ask_for_usage(body, opts is not msgspec.UNSET)
         self.body = body
+
+    def _route(self, principal: Principal, name: str) -> ModelRoute:
+        """The route of model ``name`` (or alias) for ``principal``; 404, 403 or 503 otherwise."""
+        route = self.gw.table.lookup(name)
+        if route is None:
+            raise ApiError(404, f"The model '{name}' does not exist", "model_not_found", "model")
+        self.model = route.name
+        if not principal.may_use(route.name, name):
+            raise ApiError(403, f"this API key may not use model '{name}'", "model_not_allowed", "model")
+        if not route.backends:
+            raise _no_instance(route)
+        self.route = route
+        return route
 
     def _first_attempt(self) -> bool:
         """Send on an idle connection now; False if that needs waiting (connect, queue)."""

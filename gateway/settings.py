@@ -29,6 +29,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     no_auth: bool = False
     # client side
     max_body_bytes: PositiveInt = 8 * 1024 * 1024
+    max_upload_bytes: PositiveInt = 100 * 1024 * 1024  # a multipart upload (audio), relayed as it arrives
     max_header_count: PositiveInt = 100
     max_header_bytes: PositiveInt = 16 * 1024
     keep_alive_timeout_s: PositiveFloat = 5.0

@@ -22,6 +22,7 @@ from gateway.lease_sync import LeaseSync
 from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
 from gateway.table_sync import RedisTableSync
+from gateway.upload import UPLOAD_PATHS
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
 
@@ -49,7 +50,7 @@ class Worker:
         self.index = index
         self.loop = asyncio.get_running_loop()
         self.gateway = Gateway(settings, self.loop, index)
-        self.server = HttpServer(self.gateway.handle, settings, self.loop)
+        self.server = HttpServer(self.gateway.handle, settings, self.loop, upload_paths=UPLOAD_PATHS)
         self._tasks: list[asyncio.Task[None]] = []
         self.sync: RedisTableSync | None = None
         self.leases: LeaseSync | None = None  # cluster-wide tenant limits (auth on, with Redis)

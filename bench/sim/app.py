@@ -175,6 +175,7 @@ class Simulator:
         self.aborted = 0
         self.streams = 0  # streamed generation requests accepted
         self.faults = 0  # streams failed on purpose by the fault mode
+        self.upload_bytes = 0  # multipart bodies received (audio)
         self.host = config.host
         self.port = 0
         self._created = int(time.time())
@@ -245,6 +246,11 @@ class Simulator:
                     self._responses(req, conn)
                 elif path in _POOLING_ROUTES:
                     self._pooling(path, req, conn)
+                elif path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+                    status, body = extras.transcription_body(b"".join(req.body), req.content_type,
+                                                             self.models)
+                    self.upload_bytes += sum(map(len, req.body))
+                    conn.send(status, JSON, body)
                 else:
                     self._not_found(path, conn)
             elif req.method == "GET":

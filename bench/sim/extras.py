@@ -246,5 +246,44 @@ def classify_body(body: bytes, model: str) -> bytes:
     return _list_body("classify", model, data, sum(max(1, count_tokens(t)) for t in items))
 
 
-__all__ = ["ResponsesStream", "classify_body", "detokenize_body", "parse_responses",
-           "pooling_body", "rerank_body", "response_obj", "score_body", "tokenize_body"]
+# --- audio (multipart) ------------------------------------------------------------------------
+def _form(body: bytes, content_type: bytes | None) -> dict[str, tuple[bytes, bool]]:
+    """name -> (value, is a file) of a multipart/form-data body."""
+    boundary = b""
+    for param in (content_type or b"").split(b";")[1:]:
+        key, _, value = param.strip().partition(b"=")
+        if key.lower() == b"boundary":
+            boundary = value.strip(b'"')
+    if not boundary:
+        raise BadRequestError("expected multipart/form-data with a boundary")
+    fields: dict[str, tuple[bytes, bool]] = {}
+    for part in body.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if not sep:
+            raise BadRequestError("malformed multipart part")
+        name = head.partition(b'name="')[2].partition(b'"')[0].decode()
+        fields[name] = (value.removesuffix(b"\r\n"), b"filename=" in head)
+    return fields
+
+
+def transcription_body(body: bytes, content_type: bytes | None, models: tuple[str, ...]) -> tuple[int, bytes]:
+    """(status, body) of ``/v1/audio/transcriptions`` or ``translations``: the text names the
+    audio's size and digest (so a test sees the upload arrived intact); usage in seconds."""
+    fields = _form(body, content_type)
+    model = fields.get("model", (b"", False))[0].decode()
+    if model not in models:
+        return 404, _enc.encode({"object": "error", "message": f"The model `{model}` does not exist.",
+                                 "type": "NotFoundError", "param": None, "code": 404})
+    audio, is_file = fields.get("file", (b"", False))
+    if not is_file or not audio:
+        raise BadRequestError("a non-empty 'file' part is required")
+    digest = prompt_seed(audio.decode("latin-1"))
+    seconds = max(1, len(audio) // 32_000)  # 16 kHz, 16-bit mono
+    text = f"heard {len(audio)} bytes, digest {digest:016x}"
+    return 200, _enc.encode({"text": text, "usage": {"type": "duration", "seconds": seconds}})
+
+
+__all__ = ["ResponsesStream", "classify_body", "detokenize_body", "parse_responses", "pooling_body",
+           "rerank_body", "response_obj", "score_body", "tokenize_body", "transcription_body"]

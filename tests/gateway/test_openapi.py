@@ -16,6 +16,7 @@ import pytest
 
 from gateway import app
 from gateway.openapi import MODEL_PATH
+from gateway.upload import UPLOAD_PATHS
 from gateway.worker import Worker
 from tests.gateway.conftest import SECRET, add_tenant, post, raw_exchange, running_gateway
 from tests.support.sim import SimProcess
@@ -63,6 +64,14 @@ def _body(op: dict[str, Any], drop: str | None = None) -> bytes:
     return msgspec.json.encode(body)
 
 
+def _upload(path: str, key: str | None) -> bytes:
+    body = (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nm1\r\n--B\r\nContent-Disposition: '
+            b'form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--B--\r\n')
+    auth = b"Authorization: Bearer %b\r\n" % key.encode() if key is not None else b""
+    return (b"POST %b HTTP/1.1\r\nHost: t\r\n%bContent-Type: multipart/form-data; "
+            b"boundary=B\r\nContent-Length: %d\r\n\r\n%b") % (path.encode(), auth, len(body), body)
+
+
 def _get(path: str, key: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
 
@@ -71,6 +80,12 @@ async def test_every_documented_operation_answers_as_documented(gw: Worker, doc:
                                                                 key: str) -> None:
     for path, item in doc["paths"].items():
         for method, op in item.items():
+            if "multipart/form-data" in op.get("requestBody", {}).get("content", {}):
+                reply = await raw_exchange(gw.port, _upload(path, key))
+                assert reply.status == 200 and "200" in op["responses"], (path, reply)
+                bare = await raw_exchange(gw.port, _upload(path, None))
+                assert bare.status == 401 and "401" in op["responses"], (path, bare)
+                continue
             if method == "post":
                 reply = await raw_exchange(gw.port, post(path, _body(op), key))
             else:
@@ -91,9 +106,10 @@ async def test_every_documented_operation_answers_as_documented(gw: Worker, doc:
 
 
 async def test_the_documented_paths_are_the_served_routes(gw: Worker, doc: dict[str, Any], key: str) -> None:
-    served = {p.decode() for p in app._POST_PATHS} | {p.decode() for p in app._GET_PATHS} | {MODEL_PATH}
+    served = ({p.decode() for p in app._POST_PATHS} | {p.decode() for p in app._GET_PATHS} | {MODEL_PATH}
+              | {p.decode() for p in UPLOAD_PATHS})
     assert set(doc["paths"]) == served
     for path, kind in app._POST_PATHS.items():
         assert doc["paths"][path.decode()]["post"]["summary"], kind
-    reply = await raw_exchange(gw.port, post("/v1/audio/transcriptions", b"{}", key))
+    reply = await raw_exchange(gw.port, post("/v1/audio/speech", b"{}", key))
     assert reply.status == 404 and reply.json()["error"]["code"] == "unknown_url"
