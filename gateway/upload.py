@@ -48,6 +48,8 @@ class UploadCall(ProxyCall):
             self._reply_error(exc)
         except UpstreamError as exc:
             self._reply_error(upstream_error(exc))
+        except ConnectionResetError:
+            pass  # the client left during the upload (499); the engine's request is aborted
         finally:
             self._finish()
 
