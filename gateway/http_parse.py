@@ -211,9 +211,11 @@ class RequestFramer:
 
     def on_headers_complete(self) -> None:
         limit = self._max_body
-        if self._upload_paths:
+        uploads = self._upload_paths
+        if uploads:
             path = self._url[0] if len(self._url) == 1 else b"".join(self._url)
-            if path.partition(b"?")[0] in self._upload_paths and self._parser.get_method() == b"POST":
+            if (path in uploads or (b"?" in path and path.partition(b"?")[0] in uploads)) and \
+                    self._parser.get_method() == b"POST":
                 limit = self._max_upload
                 self._upload = Upload()
                 self._done.append(Request(b"POST", path, self._headers, b"",
