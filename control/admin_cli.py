@@ -69,6 +69,26 @@ def _time(text: str) -> str:
                                          f"(2026-11-29T08:00:00Z), got {text!r}") from None
 
 
+_MODEL_LIMIT_KEYS = {"concurrent": "max_concurrent_requests", "tpm": "tokens_per_minute"}
+_MODEL_LIMIT_HELP = "expected MODEL=concurrent=N,tpm=N (either or both), got %r"
+
+
+def _model_limit(text: str) -> tuple[str, dict[str, int]]:
+    """``MODEL=concurrent=N,tpm=N`` (either or both) -> (model, limits)."""
+    model, sep, rest = text.partition("=")
+    limits: dict[str, int] = {}
+    for item in rest.split(","):
+        key, eq, raw = item.partition("=")
+        field = _MODEL_LIMIT_KEYS.get(key.strip())
+        value = _limit(raw) if eq and field else None
+        if field is None or value is None:
+            raise argparse.ArgumentTypeError(_MODEL_LIMIT_HELP % text)
+        limits[field] = value
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(_MODEL_LIMIT_HELP % text)
+    return model, limits
+
+
 def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
@@ -102,9 +122,13 @@ def _tenant_fields(args: argparse.Namespace) -> dict[str, Any]:
     elif args.allowed_models is not None:
         out["allowed_models"] = args.allowed_models
     for attr, field in (("max_concurrent", "max_concurrent_requests"),
-                        ("tokens_per_minute", "tokens_per_minute")):
+                        ("tokens_per_minute", "tokens_per_minute"), ("monthly_quota", "monthly_token_quota")):
         if hasattr(args, attr):  # absent unless given (SUPPRESS); None clears the limit
             out[field] = getattr(args, attr)
+    if args.no_model_limits:
+        out["model_limits"] = {}
+    elif args.model_limit is not None:
+        out["model_limits"] = dict(args.model_limit)
     return out
 
 
@@ -137,6 +161,11 @@ def _add_tenant_flags(p: argparse.ArgumentParser) -> None:
                        ("--tokens-per-minute", "tokens per minute")):
         p.add_argument(flag, type=_limit, default=argparse.SUPPRESS, metavar="N|none",
                        help=f"at most N {what}; none removes the limit (default: no limit)")
+    p.add_argument("--monthly-quota", type=_limit, default=argparse.SUPPRESS, metavar="N|none",
+                   help="at most N prompt + completion tokens per calendar month (UTC); none removes it")
+    p.add_argument("--model-limit", action="append", type=_model_limit, metavar="MODEL=concurrent=N,tpm=N",
+                   help="limits on one model, on top of the tenant's (repeatable; replaces the set)")
+    p.add_argument("--no-model-limits", action="store_true", help="remove every per-model limit")
 
 
 def _set_enabled(enabled: bool) -> Command:
@@ -431,20 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(
         groups,
         "usage",
-        lambda c, a: _do(
-            c,
-            Usage,
-            "GET",
-            "/admin/usage",
-            query={"since": a.since, "until": a.until, "tenant": a.tenant, "model": a.model},
-        ),
-        "token usage per tenant and model",
+        _usage,
+        "token usage per tenant and model (and period), with monthly quotas left; table, CSV or JSON",
     )
     p.add_argument("--since", type=_time, metavar="TIME",
                    help=f"start (default: 24 h before --until); {_TIME_HELP}")
     p.add_argument("--until", type=_time, metavar="TIME", help=f"end, excluded (default: now); {_TIME_HELP}")
     p.add_argument("--tenant", help="only this tenant")
     p.add_argument("--model", help="only this model")
+    p.add_argument("--period", choices=("total", "hour", "day", "month"), default="total",
+                   help="one row per tenant and model (total), or per UTC hour, day or month as well")
+    p.add_argument("--csv", action="store_true", help="print CSV (the API's /admin/usage.csv) for accounting")
 
     groups.add_parser("ui", help=_UI_HELP, description=_UI_HELP)
     return parser
@@ -461,6 +487,18 @@ def ui_login_url(control_url: str, token: str, now: float) -> str:
     return f"{control_url.rstrip('/')}/ui/login?ticket={ticket}"
 
 
+class CsvText(str):
+    """A CSV answer: printed as it is."""
+
+
+def _usage(client: AdminClient, a: argparse.Namespace) -> tuple[bytes, Any]:
+    query = {"since": a.since, "until": a.until, "tenant": a.tenant, "model": a.model, "period": a.period}
+    if a.csv:
+        raw = client.raw("GET", "/admin/usage.csv", None, query)
+        return raw, CsvText(raw.decode())
+    return _do(client, Usage, "GET", "/admin/usage", query=query)
+
+
 _JSON_HELP = "print the API's JSON (accepted anywhere on the command line)"
 _TIME_HELP = "2026-11-29T08:00:00Z, or a date (2026-11-29: 00:00 UTC)"
 
@@ -471,7 +509,8 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 
 # Body fields where null means something (no expiry, every model, no limit): sent when given.
-_NULLABLE = ("expires_at", "allowed_models", "max_concurrent_requests", "tokens_per_minute")
+_NULLABLE = ("expires_at", "allowed_models", "max_concurrent_requests", "tokens_per_minute",
+             "monthly_token_quota")
 
 
 def _do(
@@ -526,7 +565,10 @@ def connection(settings: AdminSettings) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json and getattr(args, "csv", False):
+        parser.error("--csv and --json exclude each other")
     settings = load_settings(
         AdminSettings, "admin", overrides={"control_url": args.url, "admin_token": args.token}
     )
@@ -542,7 +584,9 @@ def main(argv: list[str]) -> int:
         status = f"{exc.status} " if exc.status else ""
         print(f"hpcgate admin: error: {status}{exc.body.error}: {exc.body.message}{where}", file=sys.stderr)
         return 1
-    if args.json:
+    if isinstance(value, CsvText):
+        sys.stdout.write(value)
+    elif args.json:
         sys.stdout.write(msgspec.json.format(raw, indent=2).decode() + "\n")
     else:
         print(render(value))

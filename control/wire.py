@@ -37,6 +37,7 @@ NODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$"
 Id = Annotated[int, Meta(ge=1, le=MAX_ID)]
 Count = Annotated[int, Meta(ge=0, le=100_000)]
 PosInt32 = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+PosInt63 = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 ModelName = Annotated[str, Meta(pattern=NAME_PATTERN)]
 TenantName = Annotated[str, Meta(pattern=TENANT_PATTERN)]
 NodeName = Annotated[str, Meta(pattern=NODE_PATTERN)]
@@ -86,12 +87,24 @@ class RegisterResponse(Struct, kw_only=True):
 # ----------------------------------------------------------------------------- tenants
 
 
+class ModelLimitSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A tenant's limits on one model (on top of its tenant-wide ones); null: no such limit."""
+
+    max_concurrent_requests: PosInt32 | None = None
+    tokens_per_minute: PosInt32 | None = None
+
+
+ModelLimits = Annotated[dict[ModelName, ModelLimitSpec], Meta(max_length=1000)]
+
+
 class TenantCreate(Struct, kw_only=True, forbid_unknown_fields=True):
     name: TenantName
     enabled: bool = True
     allowed_models: Annotated[list[ModelName], Meta(max_length=1000)] | None = None  # None: every model
     max_concurrent_requests: PosInt32 | None = None
     tokens_per_minute: PosInt32 | None = None
+    model_limits: ModelLimits = {}  # by canonical model name
+    monthly_token_quota: PosInt63 | None = None  # prompt + completion tokens per calendar month (UTC)
 
 
 class TenantUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -99,6 +112,8 @@ class TenantUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     allowed_models: Annotated[list[ModelName], Meta(max_length=1000)] | UnsetType | None = UNSET
     max_concurrent_requests: PosInt32 | UnsetType | None = UNSET
     tokens_per_minute: PosInt32 | UnsetType | None = UNSET
+    model_limits: ModelLimits | UnsetType = UNSET  # replaces the whole map ({}: none)
+    monthly_token_quota: PosInt63 | UnsetType | None = UNSET
 
 
 class Tenant(Struct, kw_only=True):
@@ -108,6 +123,8 @@ class Tenant(Struct, kw_only=True):
     allowed_models: list[str] | None
     max_concurrent_requests: int | None
     tokens_per_minute: int | None
+    model_limits: dict[str, ModelLimitSpec] = {}
+    monthly_token_quota: int | None = None
     active_keys: int
     created_at: datetime
     updated_at: datetime
@@ -325,14 +342,19 @@ class KeyQuery(Struct, kw_only=True):
     all: bool  # include revoked and expired keys
 
 
+UsagePeriod = Literal["total", "hour", "day", "month"]
+
+
 class UsageQuery(Struct, kw_only=True):
     since: datetime | None  # None: 24 hours before `until`
     until: datetime | None  # None: now
     tenant: str | None
     model: str | None
+    period: UsagePeriod = "total"  # one row per tenant x model, or per hour/day/month (UTC) as well
 
 
 class UsageRow(Struct, kw_only=True):
+    period_start: datetime | UnsetType = UNSET  # absent for period "total"
     tenant: str
     model: str
     requests: int
@@ -341,10 +363,22 @@ class UsageRow(Struct, kw_only=True):
     completion_tokens: int
 
 
+class QuotaRow(Struct, kw_only=True):
+    """A tenant's monthly token quota and what is left of it this calendar month (UTC)."""
+
+    tenant: str
+    monthly_token_quota: int
+    month_start: datetime
+    used: int
+    left: int
+
+
 class Usage(Struct, kw_only=True):
     since: datetime
     until: datetime
     rows: list[UsageRow]
+    period: UsagePeriod = "total"
+    quotas: list[QuotaRow] = []  # tenants (as filtered) that have a monthly quota
 
 
 class Health(Struct, kw_only=True):

@@ -23,7 +23,7 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.access_log import AccessLog
-from gateway.admission import ModelQueues, TenantLimiter
+from gateway.admission import ModelQueues
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
 from gateway.client_guard import FailedAuthLimiter
@@ -33,22 +33,38 @@ from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.metrics import GatewayMetrics, StateView
 from gateway.offload import make_offloader
+from gateway.openapi import build_document
 from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, ModelRoute, RoutingTable, table_from_snapshot
 from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings
+from gateway.tenant_admission import TenantAdmission
+from gateway.tenant_limits import TenantLimiter
+from gateway.upload import UPLOAD_PATHS, UploadCall
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
 from hpcgate.schemas import EndpointTable, KeyTable, TribunalEntry
 
 log = get_logger("hpcgate.gateway")
 
+# Every JSON inference path vLLM serves, routed by the body's "model" like chat (the engine
+# serves the same path; the body goes unchanged but for an alias replaced by the model's name).
 _POST_PATHS = {
     b"/v1/chat/completions": "chat",
     b"/v1/completions": "completions",
     b"/v1/embeddings": "embeddings",
+    b"/v1/responses": "responses",
+    b"/v1/rerank": "rerank",
+    b"/rerank": "rerank",
+    b"/v2/rerank": "rerank",
+    b"/v1/score": "score",
+    b"/score": "score",
+    b"/tokenize": "tokenize",
+    b"/detokenize": "detokenize",
+    b"/pooling": "pooling",
+    b"/classify": "classify",
 }
-_GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models"})
+_GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models", b"/openapi.json"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -85,7 +101,8 @@ class Gateway:
         secret = s.key_hash_secret.encode() if s.key_hash_secret else None
         self.auth = Authenticator(secret, enabled=not s.no_auth)
         self.auth_failures = FailedAuthLimiter(s.auth_failures_per_minute)
-        self.tenants = TenantLimiter(s.workers)
+        self.tenants = TenantLimiter(s.workers)  # holders: this gateway's workers until Redis says
+        self.limits = TenantAdmission(self.tenants)
         self.queues = ModelQueues(loop)
         self.usage = UsageRecorder(None if s.no_auth else s.database_url, s.usage_flush_s)
         self.metrics = GatewayMetrics(str(worker))
@@ -102,6 +119,7 @@ class Gateway:
         self.access_log = AccessLog() if s.access_log else None
         self.cors = Cors(s.cors_allowed_origins) if s.cors_allowed_origins else None
         self._metrics_auth = b"Bearer " + s.metrics_token.encode() if s.metrics_token else None
+        self._openapi: bytes | None = None  # GET /openapi.json, built on first request
         self.metrics.add_state(self._state_view)
 
     # -- tables (control path) --------------------------------------------------------------------
@@ -196,6 +214,8 @@ class Gateway:
         q = path.find(b"?")
         if q >= 0:
             path = path[:q]
+        if req.upload is not None:  # a multipart upload (audio): relayed as its body arrives
+            return UploadCall(self, conn, path, rid).begin(req)
         kind = _POST_PATHS.get(path)
         if kind is not None:
             if req.method != b"POST":
@@ -219,6 +239,10 @@ class Gateway:
                                % (self.table.version, self.stream_relay.encode()))
             else:
                 raise ApiError(503, "no endpoint table yet", "not_ready", retry_after=1)
+        elif path == b"/openapi.json":
+            if self._openapi is None:
+                self._openapi = build_document(_POST_PATHS, sorted(_GET_PATHS), sorted(UPLOAD_PATHS))
+            conn.send_full(200, self._openapi)
         elif path == b"/metrics":
             token = self._metrics_auth
             if token is not None and not hmac.compare_digest(req.headers.get(b"authorization") or b"", token):

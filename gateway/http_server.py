@@ -34,7 +34,7 @@ from typing import Any, Protocol, cast
 
 from gateway.client_guard import ConnectionCounter, TrustedProxies, forwarded_client, parse_networks
 from gateway.errors import ApiError, error_body
-from gateway.http_parse import FramingError, Request, RequestFramer
+from gateway.http_parse import FramingError, Request, RequestFramer, Upload
 from gateway.settings import GatewaySettings
 from gateway.tcp import nodelay_fd
 from gateway.tls import server_context
@@ -78,14 +78,16 @@ Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | Non
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_busy", "_drain_waiter", "_framer", "_linger_left", "_pipeline", "_read_timer", "_server", "_task",
-        "closed", "counted", "fd", "idle_since", "keep_alive", "listener", "paused_since", "paused_size",
-        "peer", "response_headers", "response_started", "transport", "write_paused",
+        "_upload", "closed", "counted", "fd", "idle_since", "keep_alive", "listener", "paused_since",
+        "paused_size", "peer", "response_headers", "response_started", "transport", "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
         s = server.settings
         self._server = server
-        self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes)
+        self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes,
+                                     upload_paths=server.upload_paths, max_upload_bytes=s.max_upload_bytes)
+        self._upload: Upload | None = None  # the body of the request being answered, if an upload
         self._pipeline: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None  # only for a request on a slow path
         self._busy = False  # a request is being answered (in a task or in callbacks)
@@ -151,6 +153,8 @@ class HttpConnection(asyncio.Protocol):
             listener.client_lost()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._upload is not None and not self._upload.done:
+            self._upload.fail(ConnectionResetError("client disconnected during the upload"))
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client disconnected"))
@@ -167,7 +171,16 @@ class HttpConnection(asyncio.Protocol):
         except FramingError as exc:
             self._reject(exc.status, str(exc))
             return
-        if self._framer.in_message:
+        if requests:
+            for r in requests:
+                if r.upload is not None:  # its body is still arriving: read it at the handler's pace
+                    r.upload.pause, r.upload.resume = self._pause_reading, self._resume_reading
+                    r.upload.check_pause()
+        if self._framer.uploading:  # no deadline for a whole upload; the handler times each read
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+        elif self._framer.in_message:
             if self._read_timer is None:
                 self._read_timer = self._server.loop.call_later(
                     self._server.settings.request_read_timeout_s, self._read_timeout
@@ -182,6 +195,14 @@ class HttpConnection(asyncio.Protocol):
                 return
             if not self._busy:
                 self._start_next()
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -203,6 +224,7 @@ class HttpConnection(asyncio.Protocol):
     # -- request cycle ------------------------------------------------------------------------
     def _start_next(self) -> None:
         request = self._pipeline.popleft()
+        self._upload = request.upload
         self.keep_alive = request.keep_alive and not self._server.shutting_down
         self.response_started = False
         self.response_headers = b""
@@ -251,6 +273,11 @@ class HttpConnection(asyncio.Protocol):
     def request_done(self) -> None:
         """The response in progress is complete (or abandoned): next request, idle, or close."""
         self._busy = False
+        upload = self._upload
+        if upload is not None:
+            self._upload = None
+            if not upload.done:  # answered before its body ended: the rest is read and dropped
+                upload.discard()
         self.response_headers = b""
         self.listener = None
         if not self.closed:
@@ -380,9 +407,11 @@ class HttpConnection(asyncio.Protocol):
 class HttpServer:
     """Owns the listening socket, the open connections and the once-a-second tick."""
 
-    def __init__(self, handler: Handler, settings: GatewaySettings, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, handler: Handler, settings: GatewaySettings, loop: asyncio.AbstractEventLoop,
+                 upload_paths: frozenset[bytes] = frozenset()) -> None:
         self.handler = handler
         self.settings = settings
+        self.upload_paths = upload_paths  # requests whose body is relayed as it arrives (multipart)
         self.loop = loop
         self.connections: set[HttpConnection] = set()
         self.per_address = ConnectionCounter(settings.max_connections_per_address)

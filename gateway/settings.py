@@ -31,6 +31,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     no_auth: bool = False
     # client side
     max_body_bytes: PositiveInt = 8 * 1024 * 1024
+    max_upload_bytes: PositiveInt = 100 * 1024 * 1024  # a multipart upload (audio), relayed as it arrives
     max_header_count: PositiveInt = 100
     max_header_bytes: PositiveInt = 16 * 1024
     keep_alive_timeout_s: PositiveFloat = 5.0
@@ -56,6 +57,11 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     endpoint_max_inflight: NonNegInt = 0  # 0: no gateway-side cap per endpoint
     queue_max: NonNegInt = 256  # requests waiting per model when every instance is saturated
     queue_timeout_s: PositiveFloat = 10.0
+    # tenant limits (gateway.tenant_limits, gateway.lease_sync)
+    tpm_completion_estimate: NonNegInt = 1024  # reserved for a request without max_tokens
+    lease_interval_s: PositiveFloat = 0.5  # how often each worker leases budget from Redis
+    lease_hold_s: PositiveFloat = 10.0  # a lease outlives Redis this long, then local shares
+    quota_resync_s: PositiveFloat = 10.0  # monthly token use re-read from PostgreSQL
     # tables
     table_resync_s: PositiveFloat = 30.0
     key_resync_s: PositiveFloat = 30.0

@@ -32,6 +32,8 @@ from gateway.balancer import choose
 from gateway.errors import ApiError, sse_error_event
 from gateway.http_server import HttpConnection
 from gateway.request_view import with_model
+from gateway.tenant_admission import Admission
+from gateway.tenant_limits import estimate_tokens
 from gateway.tribunal_plan import (
     Tally,
     TribunalRequest,
@@ -381,10 +383,12 @@ class TribunalCall:
         step.request_id = b"%b-s%d" % (self.rid, len(self.steps))
         gw = self.gw
         start = perf_counter()
-        tstate = None
+        tstate: Admission | None = None
         try:
             try:
-                tstate = gw.tenants.enter(self.principal, gw.loop.time())
+                if self.principal.limited:  # each step is admitted (and reserves) like any request
+                    estimate = estimate_tokens(len(body), None, gw.settings.tpm_completion_estimate)
+                    tstate = gw.limits.admit(self.principal, step.model, gw.loop.time(), estimate)
                 await self._forward(step, body, on_text)
                 step.ok = True
             except ApiError as exc:
@@ -398,7 +402,8 @@ class TribunalCall:
                 step.error = "internal gateway error"
         finally:
             step.duration_s = perf_counter() - start
-            gw.tenants.leave(tstate, step.prompt + step.completion)
+            if tstate is not None:
+                tstate.leave(step.prompt + step.completion)
             if step.error is None and not step.ok:
                 step.error = "cancelled"
             self.tally.add(step.model, step.prompt, step.completion)

@@ -14,17 +14,24 @@ import contextlib
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Literal
 
 import msgspec
 
-from bench.sim import wire
+from bench.sim import extras, wire
 from bench.sim.engine import Engine, Seq
 from bench.sim.http import Connection, Request
 from bench.sim.metrics import CONTENT_TYPE, SimMetrics
 from bench.sim.profiles import PROFILES
-from bench.sim.textgen import bag_of_words, generated_text, output_length, prompt_seed, token_index
+from bench.sim.textgen import (
+    TOKEN_TEXT,
+    bag_of_words,
+    generated_text,
+    output_length,
+    prompt_seed,
+    token_index,
+)
 from hpcgate.logs import get_logger
 from hpcgate.settings import LogLevel, Port, PositiveFloat
 
@@ -52,6 +59,18 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     # before the first token, as when an engine dies or is preempted during prefill (0: never).
     fail_after_head_every: Annotated[int, msgspec.Meta(ge=0)] = 0
     log_level: LogLevel = "info"
+
+
+class _ModelField(msgspec.Struct):
+    model: str | None = None
+
+
+_POOLING_ROUTES: dict[str, Callable[[bytes, str], bytes]] = {
+    "/v1/rerank": extras.rerank_body, "/rerank": extras.rerank_body, "/v2/rerank": extras.rerank_body,
+    "/v1/score": extras.score_body, "/score": extras.score_body,
+    "/pooling": extras.pooling_body, "/classify": extras.classify_body,
+    "/tokenize": lambda body, _model: body, "/detokenize": lambda body, _model: body,  # answered in _pooling
+}
 
 
 class _Sink:
@@ -107,6 +126,40 @@ class _Sink:
             self.sim.abort(self.seq)
 
 
+class _ResponsesSink:
+    """A Responses API answer (``/v1/responses``), streamed as its events or sent whole."""
+
+    __slots__ = ("conn", "events", "model", "prompt_tokens", "rid", "seq", "sim")
+
+    def __init__(self, sim: Simulator, conn: Connection, *, stream: bool, rid: str, model: str,
+                 prompt_tokens: int) -> None:
+        self.sim, self.conn, self.rid, self.model, self.prompt_tokens = sim, conn, rid, model, prompt_tokens
+        self.events = extras.ResponsesStream(rid, model, int(time.time())) if stream else None
+        self.seq: Seq | None = None
+
+    def on_token(self, seq: Seq, finish_reason: str | None) -> None:
+        events = self.events
+        if events is None:
+            if finish_reason is not None:
+                text = generated_text(seq.seed, seq.generated)
+                body = wire.encode(extras.response_obj(self.rid, self.model, int(time.time()), text=text,
+                                                       prompt=self.prompt_tokens, completion=seq.generated))
+                self.conn.send(200, JSON, body)
+            return
+        data = events.start() if seq.generated == 1 else b""
+        data += events.delta(TOKEN_TEXT[token_index(seq.seed, seq.generated - 1)])
+        if finish_reason is None:
+            self.conn.write(data)
+            return
+        text = generated_text(seq.seed, seq.generated)
+        self.conn.write(data + events.end(text, self.prompt_tokens, seq.generated) + wire.LAST_CHUNK)
+        self.conn.finish()
+
+    def disconnected(self) -> None:
+        if self.seq is not None:
+            self.sim.abort(self.seq)
+
+
 SIM_ENGINE = "hpcgate sim"
 
 
@@ -128,6 +181,7 @@ class Simulator:
         self.aborted = 0
         self.streams = 0  # streamed generation requests accepted
         self.faults = 0  # streams failed on purpose by the fault mode
+        self.upload_bytes = 0  # multipart bodies received (audio)
         self.host = config.host
         self.port = 0
         self._created = int(time.time())
@@ -194,6 +248,15 @@ class Simulator:
                     self._generate(req, conn, chat=False)
                 elif path == "/v1/embeddings":
                     self._embeddings(req, conn)
+                elif path == "/v1/responses":
+                    self._responses(req, conn)
+                elif path in _POOLING_ROUTES:
+                    self._pooling(path, req, conn)
+                elif path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+                    status, body = extras.transcription_body(b"".join(req.body), req.content_type,
+                                                             self.models)
+                    self.upload_bytes += sum(map(len, req.body))
+                    conn.send(status, JSON, body)
                 else:
                     self._not_found(path, conn)
             elif req.method == "GET":
@@ -270,6 +333,48 @@ class Simulator:
                 return
         conn.on_disconnect = sink.disconnected
         self.submit(seq)
+
+    def _responses(self, req: Request, conn: Connection) -> None:
+        body = b"".join(req.body)
+        rreq, prompt_tokens = extras.parse_responses(body)
+        model = self._check_model(rreq.model, conn)
+        if model is None:
+            return
+        limit = self.config.max_model_len
+        max_tokens = rreq.max_output_tokens or max(1, limit - prompt_tokens)
+        if prompt_tokens + max_tokens > limit:
+            raise wire.BadRequestError(f"This model's maximum context length is {limit} tokens; the request "
+                                       f"has {prompt_tokens} input tokens and asks for {max_tokens} more.")
+        seed = prompt_seed(body.decode("utf-8", "replace"))
+        out_len = output_length(seed, max_tokens, False, self.config.eos_mean_tokens)
+        rid = req.request_id.decode("latin-1") if req.request_id else uuid.uuid4().hex
+        sink = _ResponsesSink(self, conn, stream=bool(rreq.stream), rid=rid, model=model,
+                              prompt_tokens=prompt_tokens)
+        seq = Seq(prompt_tokens, out_len, max_tokens=max_tokens, seed=seed, sink=sink,
+                  arrival=asyncio.get_running_loop().time())
+        sink.seq = seq
+        if rreq.stream:
+            conn.start_stream()
+        conn.on_disconnect = sink.disconnected
+        self.submit(seq)
+
+    def _pooling(self, path: str, req: Request, conn: Connection) -> None:
+        """The routes of pooling and scoring models, answered at once (no engine step)."""
+        body = b"".join(req.body)
+        try:
+            model_field = msgspec.json.decode(body, type=_ModelField).model
+        except msgspec.DecodeError as exc:
+            raise wire.BadRequestError(f"invalid request body: {exc}") from None
+        if path == "/tokenize":
+            conn.send(200, JSON, extras.tokenize_body(body, self.config.max_model_len))
+            return
+        if path == "/detokenize":
+            conn.send(200, JSON, extras.detokenize_body(body))
+            return
+        model = self._check_model(model_field, conn)
+        if model is None:
+            return
+        conn.send(200, JSON, _POOLING_ROUTES[path](body, model))
 
     def _embeddings(self, req: Request, conn: Connection) -> None:
         ereq, counts = wire.parse_embedding(b"".join(req.body))

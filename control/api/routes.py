@@ -56,6 +56,7 @@ from control.wire import (
     TribunalCreate,
     TribunalUpdate,
     Usage,
+    UsagePeriod,
     UsageQuery,
 )
 
@@ -85,6 +86,7 @@ ModelFilter = Annotated[str | None, QueryParameter(pattern=NAME_PATTERN)]
 KeyPrefixFilter = Annotated[str | None, QueryParameter(pattern=KEY_PREFIX_PATTERN)]
 StateFilter = Annotated[JobState | None, QueryParameter(name="state")]  # "state" is reserved by Litestar
 TimeFilter = Annotated[datetime | None, QueryParameter()]  # with a time zone: see _aware()
+PeriodFilter = Annotated[UsagePeriod, QueryParameter()]
 Flag = Annotated[bool, QueryParameter()]
 ListLimit = Annotated[int, QueryParameter(ge=1, le=1000)]
 Db = NamedDependency[Database]
@@ -281,13 +283,27 @@ async def drain_endpoint(db: Db, endpoint_id: IdPath) -> Endpoint:
 # ----------------------------------------------------------------------------- usage
 
 
-@get("/usage", summary="Token usage per tenant and model over a time range", tags=["usage"],
-     responses=errors())
-async def usage_report(db: Db, since: TimeFilter = None, until: TimeFilter = None,
-                       tenant: TenantFilter = None, model: ModelFilter = None) -> Usage:
-    """``since`` defaults to 24 hours before ``until``, ``until`` to now."""
-    query = UsageQuery(since=_aware(since, "since"), until=_aware(until, "until"), tenant=tenant, model=model)
+@get("/usage", summary="Token usage per tenant, model (and period) over a time range; monthly quotas left",
+     tags=["usage"], responses=errors())
+async def usage_report(db: Db, *, since: TimeFilter = None, until: TimeFilter = None,
+                       tenant: TenantFilter = None, model: ModelFilter = None,
+                       period: PeriodFilter = "total") -> Usage:
+    """``since`` defaults to 24 hours before ``until``, ``until`` to now; ``period`` splits the
+    sums per UTC hour, day or month."""
+    query = UsageQuery(since=_aware(since, "since"), until=_aware(until, "until"), tenant=tenant, model=model,
+                       period=period)
     return await usage.usage(db, query)
+
+
+@get("/usage.csv", summary="The usage report as CSV (for accounting)", tags=["usage"], responses=errors(),
+     media_type="text/csv")
+async def usage_report_csv(db: Db, *, since: TimeFilter = None, until: TimeFilter = None,
+                           tenant: TenantFilter = None, model: ModelFilter = None,
+                           period: PeriodFilter = "total") -> str:
+    """Columns: period_start (the range's start for period total), tenant, model, requests, errors,
+    prompt_tokens, completion_tokens, total_tokens."""
+    return usage.usage_csv(await usage_report.fn(db, since=since, until=until, tenant=tenant, model=model,
+                                                 period=period))
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
@@ -328,5 +344,5 @@ ADMIN_ROUTES: list[Any] = [
     create_key, list_keys, update_key, revoke_key,
     create_model, list_models, get_model, update_model, delete_model, drain_model,
     create_tribunal, list_tribunals, get_tribunal, update_tribunal, delete_tribunal,
-    list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report,
+    list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report, usage_report_csv,
 ]

@@ -76,13 +76,13 @@ def ui_router(admin_token: str) -> Router:
     """``/ui`` and ``/ui/login``, checking against ``admin_token`` (outside the bearer-guarded
     ``/admin`` router: a browser cannot send a header, so these accept the cookie as well)."""
 
-    @get("/", include_in_schema=False, sync_to_thread=False)
+    @get("/", include_in_schema=False)
     async def page(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Response[str]:
         if not _authorised(request, admin_token):
             return _refused("This page needs the admin token.")
         return Response(render(await gather_view(db)), media_type=MediaType.HTML, headers=_NO_STORE)
 
-    @get("/login", include_in_schema=False, sync_to_thread=False)
+    @get("/login", include_in_schema=False)
     async def login(request: Request[Any, Any, Any],
                     ticket: Annotated[str, QueryParameter(max_length=100)] = "") -> Response[str]:
         now = time.time()

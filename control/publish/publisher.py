@@ -31,7 +31,7 @@ from control.publish.tables import (
     build_key_table,
 )
 from control.store.db import Conn
-from hpcgate.schemas import EndpointTable, KeyTable, RedisNames
+from hpcgate.schemas import EndpointTable, KeyTable, RedisNames, decode_model_limits
 
 _ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by all publishers
 _KEY_LOCK = 0x6870_6770_0002
@@ -56,7 +56,8 @@ SELECT e.endpoint_id, e.endpoint_job_id, m.name AS model, e.node, e.port, j.laun
 _TRIBUNALS_SQL = "SELECT name, config FROM gateway_tribunals ORDER BY name"
 
 _TENANTS_SQL = """
-SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute
+SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute,
+       model_limits::text AS model_limits, monthly_token_quota
   FROM identity_tenants WHERE enabled
 """
 
@@ -93,6 +94,8 @@ async def read_key_table(conn: Conn) -> KeyTable:
             allowed_models=tuple(r["allowed_models"]) if r["allowed_models"] is not None else None,
             max_concurrent_requests=r["max_concurrent_requests"],
             tokens_per_minute=r["tokens_per_minute"],
+            model_limits=decode_model_limits(r["model_limits"]),
+            monthly_token_quota=r["monthly_token_quota"],
         )
         for r in await conn.fetch(_TENANTS_SQL)
     ]

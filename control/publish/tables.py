@@ -20,7 +20,7 @@ and belonging to an enabled tenant (the gateway enforces a later ``expires_at`` 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
@@ -32,6 +32,7 @@ from hpcgate.schemas import (
     EndpointTable,
     KeyTable,
     ModelEntry,
+    ModelLimit,
     ModelState,
     TenantEntry,
     TribunalEntry,
@@ -76,6 +77,8 @@ class TenantRow:
     allowed_models: tuple[str, ...] | None
     max_concurrent_requests: int | None
     tokens_per_minute: int | None
+    model_limits: dict[str, ModelLimit] = field(default_factory=dict)
+    monthly_token_quota: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,8 @@ def build_key_table(
             allowed_models=t.allowed_models,
             max_concurrent_requests=t.max_concurrent_requests,
             tokens_per_minute=t.tokens_per_minute,
+            model_limits=t.model_limits,
+            monthly_token_quota=t.monthly_token_quota,
         )
         for t in sorted(tenants, key=lambda t: t.tenant_id)
     )

@@ -14,9 +14,11 @@ from hpcgate.schemas.tables import (
     EndpointTable,
     KeyTable,
     ModelEntry,
+    ModelLimit,
     ModelState,
     RedisNames,
     TenantEntry,
+    decode_model_limits,
 )
 from hpcgate.schemas.tribunal import TRIBUNAL_PREFIX, Juror, TribunalEntry
 
@@ -29,10 +31,12 @@ __all__ = [
     "Juror",
     "KeyTable",
     "ModelEntry",
+    "ModelLimit",
     "ModelState",
     "RedisNames",
     "TenantEntry",
     "TribunalEntry",
+    "decode_model_limits",
     "hash_api_key",
     "key_prefix",
     "new_api_key",
