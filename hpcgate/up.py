@@ -25,9 +25,9 @@ import contextlib
 import os
 import secrets
 import shlex
-import signal
-import subprocess
+import socket
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -40,12 +40,27 @@ import redis.asyncio as aioredis
 
 from control.admin_client import AdminApiError, AdminClient
 from control.db.migrate import migrate
-from control.http_client import tool_client
+from control.launchers.base import LauncherError
+from control.singleton import NAMESPACE, lock_key
 from control.wire import ApiKey, Job, KeyCreated, Model, Tenant
+from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import setup_logging
 from hpcgate.schemas import key_prefix
 from hpcgate.settings import LogLevel, Port, PostgresUrl, RedisUrl, load_settings
 from hpcgate.supervisor import ChildFailedError, Supervisor, hpcgate_argv
+from hpcgate.up_jobs import end_jobs, jobs_settings, live_jobs
+from hpcgate.up_state import (
+    Proc,
+    RunRecord,
+    alive,
+    end_processes,
+    port_holder,
+    proc_start,
+    read_record,
+    rotate_logs,
+    this_process,
+    write_record,
+)
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +81,8 @@ class UpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     instances: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     tenant: str = "demo"
     ready_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 180.0
+    # On stop: how long requests in flight may drain before every instance is cancelled.
+    stop_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
 
 
 class Secrets(msgspec.Struct, frozen=True):
@@ -163,13 +180,23 @@ def redis_hint(url: str, exc: BaseException) -> str:
     return f"Redis at {where}: {exc}"
 
 
-def slurm_env() -> dict[str, str]:
-    """Start (or reuse) the project's single-node Slurm; returns the variables that reach it."""
-    out = subprocess.run(
-        [str(ROOT / "slurm/local/start-cluster.sh")], check=True, capture_output=True, text=True, timeout=600
-    ).stdout
+async def slurm_env() -> dict[str, str]:
+    """Start (or reuse) the project's single-node Slurm; returns the variables that reach it.
+    A subprocess of this loop, not a thread: Ctrl-C cancels it at once (and kills the script)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(ROOT / "slurm/local/start-cluster.sh"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 600)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise ChildFailedError(f"slurm/local/start-cluster.sh failed: {err.decode(errors='replace')[-800:]}")
     return dict(
-        line[len("export "):].split("=", 1) for line in out.splitlines() if line.startswith("export ")
+        line[len("export "):].split("=", 1) for line in out.decode().splitlines()
+        if line.startswith("export ")
     )
 
 
@@ -193,17 +220,49 @@ class Stack:
             HPCGATE_CONTROL_URL=self.control_url,
             HPCGATE_DATA_DIR=str(data_dir),
             HPCGATE_LOG_LEVEL="info",
+            HPCGATE_JOBS_LOCAL_END_WITH_WORKER="true",  # local instances end with the Job Worker
         )
-        self.sup = Supervisor(data_dir / "logs", env)
+        self.sup = Supervisor(data_dir / "logs", env, on_spawn=lambda _child: self.write_record())
         self.admin = AdminClient(self.control_url, secrets_.admin_token)
         self.slurm_conf: str | None = None
+
+    async def use_slurm(self) -> None:
+        """Start (or reuse) the local Slurm cluster; its variables reach the children and the
+        Slurm launcher of this process (which ends leftover jobs)."""
+        if self.slurm_conf is None:
+            exports = await slurm_env()
+            self.sup.env.update(exports)
+            os.environ.update(exports)
+            self.slurm_conf = exports.get("SLURM_CONF")
+
+    def write_record(self) -> None:
+        """``run.json``: this process and its daemons, for the next run after a crash."""
+        children = [Proc(c.name, c.proc.pid, proc_start(c.proc.pid) or 0)
+                    for c in self.sup.children if c.proc is not None]
+        write_record(self.data_dir / "run.json",
+                     RunRecord(up=this_process(), data_dir=str(self.data_dir), children=children))
+
+    async def end_jobs(self, reason: str, wait_s: float = 15.0) -> None:
+        """End every live instance in the database, through the launcher that started it."""
+        s = self.s
+        settings = jobs_settings(s.database_url, self.data_dir, s.launcher)
+        if s.launcher != "slurm":
+            # Slurm jobs left by an earlier `up --launcher slurm` need the cluster to cancel them.
+            conn = await asyncpg.connect(s.database_url, timeout=10)
+            try:
+                kinds = {j.launcher for j in await live_jobs(conn)}
+            finally:
+                await conn.close()
+            if "slurm" in kinds:
+                say("  starting the local Slurm cluster to end the Slurm jobs of an earlier run ...")
+                await self.use_slurm()
+        await end_jobs(s.database_url, settings, reason, say, wait_s)
 
     async def start_daemons(self) -> None:
         s = self.s
         if s.launcher == "slurm":
             say("starting the local Slurm cluster ...")
-            self.sup.env.update(await asyncio.to_thread(slurm_env))
-            self.slurm_conf = self.sup.env.get("SLURM_CONF")
+            await self.use_slurm()
         say("starting control api, health worker, job worker ...")
         await self.sup.start("control-api", hpcgate_argv("control", "api", "--host", s.host, "--port",
                                                          str(s.api_port)), "api_listening")
@@ -274,27 +333,42 @@ class Stack:
         return key
 
     async def wait_ready(self, key: str) -> None:
-        """Poll the gateway's /v1/models as a client would, showing progress."""
+        """Poll the gateway's /v1/models as a client would, showing progress; a failed model ends
+        the wait with the reason its jobs gave (their log's last lines)."""
         s = self.s
         deadline = time.monotonic() + s.ready_timeout_s
         last = ""
-        while True:
-            state = await asyncio.to_thread(self._model_state, key)
-            if state != last:
-                say(f"  model {s.model!r}: {state}")
-                last = state
-            if state == "ready" or s.instances == 0:
-                return
-            if time.monotonic() > deadline:
-                raise ChildFailedError(f"model {s.model!r} not ready after {s.ready_timeout_s:.0f}s "
-                                  f"(state {state}); see {self.data_dir / 'logs'}")
-            await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+            while True:
+                state = await self._model_state(client, key)
+                if state != last:
+                    say(f"  model {s.model!r}: {state}")
+                    last = state
+                if state == "ready" or s.instances == 0:
+                    return
+                if state == "failed":
+                    raise ChildFailedError(await self.failure_reason())
+                if time.monotonic() > deadline:
+                    raise ChildFailedError(f"model {s.model!r} not ready after {s.ready_timeout_s:.0f}s "
+                                           f"(state {state}); see {self.data_dir / 'logs'}")
+                await asyncio.sleep(0.5)
 
-    def _model_state(self, key: str) -> str:
+    async def failure_reason(self) -> str:
+        """Why the model failed: its state reason and the last failed job's (with its output)."""
+        s = self.s
+        model = await self._admin(Model, "GET", f"/admin/models/{s.model}")
+        jobs = await self._admin(list[Job], "GET", "/admin/jobs")
+        failed = [j for j in jobs if j.model == s.model and j.state == "failed" and j.state_reason]
+        text = f"model {s.model!r} failed: {model.state_reason or 'no reason recorded'}"
+        if failed:
+            last = max(failed, key=lambda j: j.endpoint_job_id)
+            text += f"\n  last failed job {last.endpoint_job_id}: {last.state_reason}"
+        return text + f"\n  job logs: {self.data_dir / 'jobs'}"
+
+    async def _model_state(self, client: httpx.AsyncClient, key: str) -> str:
         try:
-            with tool_client(5.0) as client:
-                response = client.get(f"http://{self.s.host}:{self.s.gateway_port}/v1/models",
-                                      headers={"authorization": f"Bearer {key}"})
+            response = await client.get(f"http://{self.s.host}:{self.s.gateway_port}/v1/models",
+                                        headers={"authorization": f"Bearer {key}"})
             doc = orjson.loads(response.raise_for_status().content)
         except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
             return f"gateway not answering ({exc})"
@@ -303,63 +377,189 @@ class Stack:
                 return str(entry.get("state", "listed"))
         return "not yet published"
 
-    async def scale_down(self, timeout: float = 30.0) -> None:
-        """Scale the demo model to zero and wait (bounded) until its jobs have ended."""
-        with contextlib.suppress(AdminApiError, OSError):
+    async def scale_down(self, grace_s: float) -> None:
+        """Scale the demo model to zero and give its instances ``grace_s`` to drain and end,
+        showing what is waited for; what is left then is cancelled by :meth:`end_jobs`."""
+        with contextlib.suppress(AdminApiError, OSError, httpx.HTTPError):
             await self._admin(Model, "PATCH", f"/admin/models/{self.s.model}", {"desired_instances": 0})
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + grace_s
+            shown = ""
             while time.monotonic() < deadline:
                 jobs = await self._admin(list[Job], "GET", "/admin/jobs")
-                live = [j for j in jobs if j.model == self.s.model and j.state not in {"ended", "failed"}]
+                live = [j for j in jobs if j.state not in {"ended", "failed"}]
                 if not live:
                     return
-                await asyncio.sleep(0.5)
+                text = "  draining: " + "; ".join(
+                    f"job {j.endpoint_job_id} of {j.model!r} ({j.launcher} {j.launcher_job_id or '-'}, "
+                    f"{j.state})" for j in live)
+                if text != shown:
+                    say(text)
+                    shown = text
+                await asyncio.sleep(0.25)
 
 
-async def run(settings: UpSettings, data_dir: Path) -> int:
-    secrets_ = load_secrets(data_dir / "secrets.json")
-    say(f"hpcgate up: data in {data_dir}")
+class UpError(Exception):
+    """A reason not to start, said as is (what is in the way and what to do)."""
+
+
+class StartInterruptedError(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM arrived while ``up`` was starting."""
+
+
+# Who holds the ``up`` lock of this database (the application name says pid and data dir).
+_UP_HOLDER_SQL = """
+SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+ WHERE l.locktype = 'advisory' AND l.classid = $1::oid AND l.objid = $2::oid AND l.granted
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+async def take_up_lock(dsn: str, data_dir: Path) -> asyncpg.Connection:
+    """One ``up`` per database: a session advisory lock held while this process lives (the
+    server releases it when the process dies, however). Raises UpError naming the holder."""
+    name = f"hpcgate-up pid {os.getpid()} data dir {data_dir}"
+    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": name[:63]})
+    key = lock_key("hpcgate-up")
+    if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", NAMESPACE, key):
+        return conn
+    holder = await conn.fetchval(_UP_HOLDER_SQL, NAMESPACE, key & 0xFFFFFFFF)
+    await conn.close()
+    db = urlsplit(dsn).path.lstrip("/") or "(default)"
+    raise UpError(f"another hpcgate up uses database {db!r}: {holder or 'unknown session'}; stop it "
+                  "first, or give this one its own database and Redis prefix (HPCGATE_UP_DATABASE_URL, "
+                  "HPCGATE_UP_REDIS_PREFIX)")
+
+
+def clear_stale(data_dir: Path, ports: list[tuple[str, int]]) -> None:
+    """End what a crashed earlier run left (its recorded daemons), then check the ports."""
+    record = read_record(data_dir / "run.json")
+    if record is not None:
+        if record.up.pid != os.getpid() and alive(record.up):
+            raise UpError(f"hpcgate up (pid {record.up.pid}) is running with data dir {data_dir}; "
+                          "stop it first (Ctrl-C there, or kill it)")
+        ended = end_processes(record.children)
+        if ended:
+            say("  ended what the previous run (killed?) left running: "
+                + ", ".join(f"{p.name} (pid {p.pid})" for p in ended))
+    for host, port in ports:
+        if not port_is_free(host, port):
+            holder = port_holder(port) or "another process"
+            raise UpError(f"{host}:{port} is in use by {holder}; stop it or choose another port "
+                          "(--gateway-port, --api-port)")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+async def preflight(settings: UpSettings, data_dir: Path) -> asyncpg.Connection:
+    """Database (created and migrated), Redis, the ``up`` lock, and stale state of this data dir."""
     try:
         await ensure_database(settings.database_url)
     except (OSError, asyncpg.PostgresError) as exc:
-        say(f"hpcgate up: error: {postgres_hint(settings.database_url, exc)}")
-        return 1
+        raise UpError(postgres_hint(settings.database_url, exc)) from None
     try:
         await check_redis(settings.redis_url)
     except (OSError, aioredis.RedisError) as exc:
-        say(f"hpcgate up: error: {redis_hint(settings.redis_url, exc)}")
-        return 1
+        raise UpError(redis_hint(settings.redis_url, exc)) from None
+    lock = await take_up_lock(settings.database_url, data_dir)
+    try:
+        await asyncio.to_thread(clear_stale, data_dir, [(settings.host, settings.gateway_port),
+                                                         (settings.host, settings.api_port)])
+    except BaseException:
+        await lock.close()
+        raise
+    return lock
 
-    stack = Stack(settings, data_dir, secrets_)
+
+async def start(stack: Stack) -> str:
+    """Everything up to "ready": returns the demo key."""
+    settings = stack.s
+    await stack.end_jobs("left by an earlier hpcgate up", wait_s=15.0)
+    rotate_logs(stack.data_dir / "logs")  # this run's logs are its own (the last run's: *.log.1)
+    await stack.start_daemons()
+    stack.write_stack_files()
+    key = await stack.ensure_demo()
+    say(f"waiting for {settings.instances} simulated vLLM instance(s) of {settings.model!r} "
+        f"({settings.launcher} launcher) ...")
+    await stack.wait_ready(key)
+    return key
+
+
+async def until_stopped(stop: asyncio.Event, aw: Awaitable[T]) -> T:
+    """Await ``aw`` unless ``stop`` is set first: then cancel it at once and raise StartInterruptedError."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise StartInterruptedError
+
+
+def print_banner(stack: Stack, key: str) -> None:
+    settings, data_dir = stack.s, stack.data_dir
+    url = f"http://{settings.host}:{settings.gateway_port}/v1"
+    say("")
+    say("hpcgate is up.")
+    say(f"  gateway URL : {url}")
+    say(f"  API key     : {key}")
+    say(f"  model       : {settings.model}")
+    say(f"  admin API   : {stack.control_url}  (token in {data_dir / 'secrets.json'})")
+    say(f"  admin CLI   : {stack.cli_hint()}")
+    say("  operator    : hpcgate admin ui   (prints a login link to the read-only status page)")
+    say(f"  elsewhere   : . {data_dir / 'env.sh'}   (or:)")
+    for line in stack.export_lines():
+        say(f"                export {line}")
+    say(f"  logs        : {data_dir / 'logs'}")
+    say(f"  try         : curl -N {url}/chat/completions -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d '{{\"model\": \"{settings.model}\", \"stream\": true, "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    say("Ctrl-C stops everything (a second Ctrl-C exits at once).")
+
+
+async def shut_down(stack: Stack) -> None:
+    """Drain for ``stop_grace_s``, cancel every instance still running, stop the daemons."""
+    if any(c.name == "control-api" and c.running for c in stack.sup.children):
+        await stack.scale_down(stack.s.stop_grace_s)
+    with contextlib.suppress(OSError, asyncpg.PostgresError, LauncherError):
+        await stack.end_jobs("stopped with hpcgate up", wait_s=15.0)
+    await stack.sup.stop_all(grace=10.0)
+    (stack.data_dir / "run.json").unlink(missing_ok=True)
+
+
+async def run(settings: UpSettings, data_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    install_stop_signals(loop, stop.set)  # the first stops (cleanly); a second exits at once
+    secrets_ = load_secrets(data_dir / "secrets.json")
+    say(f"hpcgate up: data in {data_dir}")
+    try:
+        lock = await until_stopped(stop, preflight(settings, data_dir))
+    except UpError as exc:
+        say(f"hpcgate up: error: {exc}")
+        return 1
+    except StartInterruptedError:
+        say("hpcgate up: interrupted")
+        return 130
+    stack = Stack(settings, data_dir, secrets_)
+    stack.write_record()
     code = 0
     try:
-        await stack.start_daemons()
-        stack.write_stack_files()
-        key = await stack.ensure_demo()
-        say(f"waiting for {settings.instances} simulated vLLM instance(s) of {settings.model!r} "
-            f"({settings.launcher} launcher) ...")
-        await stack.wait_ready(key)
-        url = f"http://{settings.host}:{settings.gateway_port}/v1"
-        say("")
-        say("hpcgate is up.")
-        say(f"  gateway URL : {url}")
-        say(f"  API key     : {key}")
-        say(f"  model       : {settings.model}")
-        say(f"  admin API   : {stack.control_url}  (token in {data_dir / 'secrets.json'})")
-        say(f"  admin CLI   : {stack.cli_hint()}")
-        say("  operator    : hpcgate admin ui   (prints a login link to the read-only status page)")
-        say(f"  elsewhere   : . {data_dir / 'env.sh'}   (or:)")
-        for line in stack.export_lines():
-            say(f"                export {line}")
-        say(f"  logs        : {data_dir / 'logs'}")
-        say(f"  try         : curl -N {url}/chat/completions -H 'Authorization: Bearer {key}' "
-            f"-H 'Content-Type: application/json' -d '{{\"model\": \"{settings.model}\", \"stream\": true, "
-            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
-        say("Ctrl-C stops everything.")
+        key = await until_stopped(stop, start(stack))
+        print_banner(stack, key)
         waiter = asyncio.ensure_future(stack.sup.wait_any_exit())
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -369,14 +569,18 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
             code = 1
         for fut in (waiter, stopper):
             fut.cancel()
-    except (ChildFailedError, AdminApiError) as exc:
+    except StartInterruptedError:
+        say("hpcgate up: interrupted while starting")
+        code = 130
+    except (ChildFailedError, AdminApiError, UpError, LauncherError) as exc:
         say(f"hpcgate up: error: {exc}")
         code = 1
     finally:
         say("stopping ...")
-        if any(c.name == "control-jobs" and c.running for c in stack.sup.children):
-            await stack.scale_down()
-        await stack.sup.stop_all()
+        try:
+            await shut_down(stack)
+        finally:
+            await lock.close()
     return code
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import socket
 import sys
 
@@ -18,6 +17,7 @@ from granian.server.embed import Server
 from control.api.app import build_app
 from control.settings import ApiSettings, require
 from control.store.db import Database
+from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.settings import load_settings
 
@@ -73,8 +73,7 @@ async def serve(settings: ApiSettings) -> None:
         websockets=False,
     )
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
+    install_stop_signals(loop, server.stop)  # granian lets requests in progress finish
     serving = asyncio.create_task(server.serve())
     try:
         await _announce_when_accepting(settings, serving)
