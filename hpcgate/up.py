@@ -210,7 +210,10 @@ class Stack:
         self.data_dir = data_dir
         self.secrets = secrets_
         self.control_url = f"http://{settings.host}:{settings.api_port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HPCGATE_")}
+        # Settings of the control daemons pass through (a site's templates, failure policy, the
+        # instances' port range); every other HPCGATE_* is up's to set (flags win over these).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HPCGATE_")
+               or k.startswith(("HPCGATE_JOBS_", "HPCGATE_HEALTH_", "HPCGATE_API_"))}
         env.update(
             HPCGATE_DATABASE_URL=settings.database_url,
             HPCGATE_REDIS_URL=settings.redis_url,
@@ -358,11 +361,11 @@ class Stack:
         s = self.s
         model = await self._admin(Model, "GET", f"/admin/models/{s.model}")
         jobs = await self._admin(list[Job], "GET", "/admin/jobs")
-        failed = [j for j in jobs if j.model == s.model and j.state == "failed" and j.state_reason]
+        ended = [j for j in jobs if j.model == s.model and j.state in {"ended", "failed"} and j.state_reason]
         text = f"model {s.model!r} failed: {model.state_reason or 'no reason recorded'}"
-        if failed:
-            last = max(failed, key=lambda j: j.endpoint_job_id)
-            text += f"\n  last failed job {last.endpoint_job_id}: {last.state_reason}"
+        last = max(ended, key=lambda j: j.endpoint_job_id, default=None)
+        if last is not None and last.state_reason and last.state_reason not in text:
+            text += f"\n  last job {last.endpoint_job_id}: {last.state_reason}"
         return text + f"\n  job logs: {self.data_dir / 'jobs'}"
 
     async def _model_state(self, client: httpx.AsyncClient, key: str) -> str:
@@ -530,9 +533,10 @@ def print_banner(stack: Stack, key: str) -> None:
     say("Ctrl-C stops everything (a second Ctrl-C exits at once).")
 
 
-async def shut_down(stack: Stack) -> None:
-    """Drain for ``stop_grace_s``, cancel every instance still running, stop the daemons."""
-    if any(c.name == "control-api" and c.running for c in stack.sup.children):
+async def shut_down(stack: Stack, drain: bool) -> None:
+    """Drain for ``stop_grace_s`` (only once the stack served: while starting, Ctrl-C stops at
+    once), cancel every instance still running, stop the daemons."""
+    if drain and any(c.name == "control-api" and c.running for c in stack.sup.children):
         await stack.scale_down(stack.s.stop_grace_s)
     with contextlib.suppress(OSError, asyncpg.PostgresError, LauncherError):
         await stack.end_jobs("stopped with hpcgate up", wait_s=15.0)
@@ -557,8 +561,10 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
     stack = Stack(settings, data_dir, secrets_)
     stack.write_record()
     code = 0
+    served = False
     try:
         key = await until_stopped(stop, start(stack))
+        served = True
         print_banner(stack, key)
         waiter = asyncio.ensure_future(stack.sup.wait_any_exit())
         stopper = asyncio.ensure_future(stop.wait())
@@ -578,7 +584,7 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
     finally:
         say("stopping ...")
         try:
-            await shut_down(stack)
+            await shut_down(stack, drain=served)
         finally:
             await lock.close()
     return code

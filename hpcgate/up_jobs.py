@@ -11,6 +11,7 @@ row is ended with the reason. The Job Worker must not run meanwhile (it would re
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from control.jobs.main import make_launcher
 from control.jobs.naming import name_prefix
 from control.jobs.settings import JobsSettings
 from control.launchers.base import Launcher, LauncherError
+from hpcgate.settings import load_settings
 
 
 class LiveJob(msgspec.Struct, frozen=True):
@@ -103,6 +105,8 @@ async def end_jobs(dsn: str, settings: JobsSettings, reason: str, say: Callable[
 
 
 def jobs_settings(database_url: str, data_dir: Path, launcher: str) -> JobsSettings:
-    """The Job Worker's settings under ``up`` (which passes no other HPCGATE_JOBS_* to it)."""
-    return JobsSettings(database_url=database_url, data_dir=str(data_dir),
-                        launcher=launcher)  # type: ignore[arg-type]
+    """The Job Worker's settings as ``up`` gives them: its HPCGATE_JOBS_* pass through, the rest
+    is up's."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("HPCGATE_JOBS_")}
+    return load_settings(JobsSettings, "jobs", env=env, overrides={
+        "database_url": database_url, "data_dir": str(data_dir), "launcher": launcher})
