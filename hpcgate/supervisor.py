@@ -114,6 +114,19 @@ class Supervisor:
             fut.cancel()
         return waits[next(iter(done))]
 
+    async def stop(self, name: str, grace: float = 15.0) -> None:
+        """Stop the children called ``name`` (SIGTERM to the group, SIGKILL after ``grace``)."""
+        for child in self.children:
+            if child.name == name and child.running and child.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(child.proc.wait(), grace)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGKILL)
+                    await child.proc.wait()
+
     async def stop_all(self, grace: float = 15.0) -> None:
         for child in reversed(self.children):
             if child.running and child.proc is not None:

@@ -12,9 +12,15 @@ demo key is kept there too and reused while it is active, so repeated runs leave
 one per run); ``<data_dir>/stack.json`` names the running stack's control URL, so
 ``hpcgate admin`` run from the same directory needs no settings, and ``<data_dir>/env.sh``
 (mode 0600) holds the ``export`` lines for other shells (admin URL and token, ``SLURM_CONF``); every
-child is started with a readiness check, never a sleep; on Ctrl-C the model is scaled to zero
-so its instances end, then the daemons stop in reverse order; a child that dies stops the
-whole stack with its log tail.
+child is started with a readiness check, never a sleep; a child that dies stops the whole stack
+with its log tail.
+
+Lifecycle (docs/operations.md, "hpcgate up: process lifecycle"): one ``up`` per database (an
+advisory lock held for the process's life); every daemon and local instance dies with ``up``
+(parent-death signal), and the next run clears what a killed one left (``run.json``'s daemons,
+live jobs of any launcher) or says what is in the way; each run has its own logs. Ctrl-C stops
+at once at every stage of the start; once up, it drains for ``stop_grace_s``, cancels every
+instance through its launcher, then stops the daemons; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -25,12 +31,11 @@ import contextlib
 import os
 import secrets
 import shlex
-import socket
+import subprocess
 import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -39,9 +44,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from control.admin_client import AdminApiError, AdminClient
-from control.db.migrate import migrate
 from control.launchers.base import LauncherError
-from control.singleton import NAMESPACE, lock_key
 from control.wire import ApiKey, Job, KeyCreated, Model, Tenant
 from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import setup_logging
@@ -49,14 +52,19 @@ from hpcgate.schemas import key_prefix
 from hpcgate.settings import LogLevel, Port, PostgresUrl, RedisUrl, load_settings
 from hpcgate.supervisor import ChildFailedError, Supervisor, hpcgate_argv
 from hpcgate.up_jobs import end_jobs, jobs_settings, live_jobs
+from hpcgate.up_preflight import (
+    UpError,
+    check_redis,
+    clear_stale,
+    ensure_database,
+    postgres_hint,
+    redis_hint,
+    take_up_lock,
+)
 from hpcgate.up_state import (
     Proc,
     RunRecord,
-    alive,
-    end_processes,
-    port_holder,
     proc_start,
-    read_record,
     rotate_logs,
     this_process,
     write_record,
@@ -120,69 +128,22 @@ def load_secrets(path: Path) -> Secrets:
     return found
 
 
-async def ensure_database(dsn: str) -> None:
-    """Create the database if it does not exist, then apply the migrations."""
-    try:
-        conn = await asyncpg.connect(dsn, timeout=10)
-    except asyncpg.InvalidCatalogNameError:
-        base, _, name = dsn.rpartition("/")
-        name = name.split("?", 1)[0]
-        admin = await asyncpg.connect(f"{base}/postgres", timeout=10)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        except asyncpg.DuplicateDatabaseError:
-            pass
-        finally:
-            await admin.close()
-        conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+def slurm_env() -> dict[str, str]:
+    """Start (or reuse) the project's single-node Slurm; returns the variables that reach it."""
+    out = subprocess.run(
+        [str(ROOT / "slurm/local/start-cluster.sh")], check=True, capture_output=True, text=True, timeout=600
+    ).stdout
+    return _exports(out)
 
 
-async def check_redis(url: str) -> None:
-    client = aioredis.from_url(url, socket_connect_timeout=5)
-    try:
-        await client.ping()
-    finally:
-        await client.aclose()
+def _exports(out: str) -> dict[str, str]:
+    return dict(line[len("export "):].split("=", 1) for line in out.splitlines()
+                if line.startswith("export "))
 
 
-def _where(url: str) -> tuple[str, str]:
-    """``user`` and ``host:port`` of a database URL, for messages (never the password)."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return parts.username or "(none)", f"{parts.hostname or 'localhost'}{port}"
-
-
-def postgres_hint(url: str, exc: BaseException) -> str:
-    """What failed reaching PostgreSQL and what to check, by the kind of failure."""
-    user, where = _where(url)
-    if isinstance(exc, (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
-        return (f"PostgreSQL at {where} refused authentication for user {user!r} ({exc}); check the user "
-                "and password in HPCGATE_DATABASE_URL and the server's pg_hba.conf")
-    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        return (f"PostgreSQL user {user!r} at {where} may not do this ({exc}); it needs to create the "
-                "database or own it (CREATE DATABASE, CREATE TABLE)")
-    if isinstance(exc, (OSError, asyncio.TimeoutError)):
-        return (f"cannot reach PostgreSQL at {where} ({exc or type(exc).__name__}); is it running there? "
-                "(./dev.sh up starts a local one)")
-    return f"PostgreSQL at {where} as user {user!r}: {exc}"
-
-
-def redis_hint(url: str, exc: BaseException) -> str:
-    _, where = _where(url)
-    if isinstance(exc, aioredis.AuthenticationError):
-        return f"Redis at {where} refused authentication ({exc}); check the password in HPCGATE_REDIS_URL"
-    if isinstance(exc, (OSError, aioredis.ConnectionError, aioredis.TimeoutError)):
-        return f"cannot reach Redis at {where} ({exc}); is it running there? (./dev.sh up starts a local one)"
-    return f"Redis at {where}: {exc}"
-
-
-async def slurm_env() -> dict[str, str]:
-    """Start (or reuse) the project's single-node Slurm; returns the variables that reach it.
-    A subprocess of this loop, not a thread: Ctrl-C cancels it at once (and kills the script)."""
+async def slurm_env_async() -> dict[str, str]:
+    """:func:`slurm_env` as a subprocess of this loop, not a thread: Ctrl-C cancels it at once
+    (and kills the script)."""
     proc = await asyncio.create_subprocess_exec(
         str(ROOT / "slurm/local/start-cluster.sh"), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
@@ -194,10 +155,7 @@ async def slurm_env() -> dict[str, str]:
             await proc.wait()
     if proc.returncode != 0:
         raise ChildFailedError(f"slurm/local/start-cluster.sh failed: {err.decode(errors='replace')[-800:]}")
-    return dict(
-        line[len("export "):].split("=", 1) for line in out.decode().splitlines()
-        if line.startswith("export ")
-    )
+    return _exports(out.decode())
 
 
 def say(text: str) -> None:
@@ -233,7 +191,7 @@ class Stack:
         """Start (or reuse) the local Slurm cluster; its variables reach the children and the
         Slurm launcher of this process (which ends leftover jobs)."""
         if self.slurm_conf is None:
-            exports = await slurm_env()
+            exports = await slurm_env_async()
             self.sup.env.update(exports)
             os.environ.update(exports)
             self.slurm_conf = exports.get("SLURM_CONF")
@@ -380,12 +338,12 @@ class Stack:
                 return str(entry.get("state", "listed"))
         return "not yet published"
 
-    async def scale_down(self, grace_s: float) -> None:
-        """Scale the demo model to zero and give its instances ``grace_s`` to drain and end,
+    async def scale_down(self, timeout: float = 30.0) -> None:
+        """Scale the demo model to zero and give its instances ``timeout`` to drain and end,
         showing what is waited for; what is left then is cancelled by :meth:`end_jobs`."""
         with contextlib.suppress(AdminApiError, OSError, httpx.HTTPError):
             await self._admin(Model, "PATCH", f"/admin/models/{self.s.model}", {"desired_instances": 0})
-            deadline = time.monotonic() + grace_s
+            deadline = time.monotonic() + timeout
             shown = ""
             while time.monotonic() < deadline:
                 jobs = await self._admin(list[Job], "GET", "/admin/jobs")
@@ -401,65 +359,8 @@ class Stack:
                 await asyncio.sleep(0.25)
 
 
-class UpError(Exception):
-    """A reason not to start, said as is (what is in the way and what to do)."""
-
-
 class StartInterruptedError(Exception):
     """Ctrl-C (SIGINT) or SIGTERM arrived while ``up`` was starting."""
-
-
-# Who holds the ``up`` lock of this database (the application name says pid and data dir).
-_UP_HOLDER_SQL = """
-SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)
- WHERE l.locktype = 'advisory' AND l.classid = $1::oid AND l.objid = $2::oid AND l.granted
-   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-"""
-
-
-async def take_up_lock(dsn: str, data_dir: Path) -> asyncpg.Connection:
-    """One ``up`` per database: a session advisory lock held while this process lives (the
-    server releases it when the process dies, however). Raises UpError naming the holder."""
-    name = f"hpcgate-up pid {os.getpid()} data dir {data_dir}"
-    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": name[:63]})
-    key = lock_key("hpcgate-up")
-    if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", NAMESPACE, key):
-        return conn
-    holder = await conn.fetchval(_UP_HOLDER_SQL, NAMESPACE, key & 0xFFFFFFFF)
-    await conn.close()
-    db = urlsplit(dsn).path.lstrip("/") or "(default)"
-    raise UpError(f"another hpcgate up uses database {db!r}: {holder or 'unknown session'}; stop it "
-                  "first, or give this one its own database and Redis prefix (HPCGATE_UP_DATABASE_URL, "
-                  "HPCGATE_UP_REDIS_PREFIX)")
-
-
-def clear_stale(data_dir: Path, ports: list[tuple[str, int]]) -> None:
-    """End what a crashed earlier run left (its recorded daemons), then check the ports."""
-    record = read_record(data_dir / "run.json")
-    if record is not None:
-        if record.up.pid != os.getpid() and alive(record.up):
-            raise UpError(f"hpcgate up (pid {record.up.pid}) is running with data dir {data_dir}; "
-                          "stop it first (Ctrl-C there, or kill it)")
-        ended = end_processes(record.children)
-        if ended:
-            say("  ended what the previous run (killed?) left running: "
-                + ", ".join(f"{p.name} (pid {p.pid})" for p in ended))
-    for host, port in ports:
-        if not port_is_free(host, port):
-            holder = port_holder(port) or "another process"
-            raise UpError(f"{host}:{port} is in use by {holder}; stop it or choose another port "
-                          "(--gateway-port, --api-port)")
-
-
-def port_is_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 async def preflight(settings: UpSettings, data_dir: Path) -> asyncpg.Connection:
@@ -535,9 +436,10 @@ def print_banner(stack: Stack, key: str) -> None:
 
 async def shut_down(stack: Stack, drain: bool) -> None:
     """Drain for ``stop_grace_s`` (only once the stack served: while starting, Ctrl-C stops at
-    once), cancel every instance still running, stop the daemons."""
+    once), stop the Job Worker, cancel every instance still running, stop the other daemons."""
     if drain and any(c.name == "control-api" and c.running for c in stack.sup.children):
         await stack.scale_down(stack.s.stop_grace_s)
+    await stack.sup.stop("control-jobs", grace=10.0)  # it would replace what is cancelled next
     with contextlib.suppress(OSError, asyncpg.PostgresError, LauncherError):
         await stack.end_jobs("stopped with hpcgate up", wait_s=15.0)
     await stack.sup.stop_all(grace=10.0)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # the only hpcgate modules above the components
-TOP = {"hpcgate.cli", "hpcgate.up", "hpcgate.supervisor", "hpcgate.up_jobs", "hpcgate.up_state"}
+TOP = {"hpcgate.cli", "hpcgate.up", "hpcgate.supervisor", "hpcgate.up_jobs", "hpcgate.up_state",
+       "hpcgate.up_preflight"}
 BOTTOM = ("settings.py", "logs.py", "backoff.py", "metrics_text.py", "lifecycle.py", "schemas/__init__.py",
           "schemas/tables.py", "schemas/api_keys.py")
 

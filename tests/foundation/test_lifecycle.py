@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpcgate.lifecycle import PARENT_PID_ENV, install_stop_signals
-from hpcgate.up import UpError, clear_stale
+from hpcgate.up_preflight import UpError, clear_stale
 from hpcgate.up_state import (
     Proc,
     RunRecord,
