@@ -17,7 +17,16 @@ import redis.asyncio as aioredis
 
 from control.db.migrate import migrate
 from control.singleton import NAMESPACE, lock_key
-from hpcgate.up_state import alive, end_processes, port_holder, read_record
+from hpcgate.up_state import (
+    alive,
+    command_line,
+    end_processes,
+    listening_pid,
+    port_holder,
+    read_record,
+    serves_data_dir,
+    this_process,
+)
 
 
 async def ensure_database(dsn: str) -> None:
@@ -120,6 +129,12 @@ def clear_stale(data_dir: Path, ports: list[tuple[str, int]]) -> None:
             print("  ended what the previous run (killed?) left running: "
                   + ", ".join(f"{p.name} (pid {p.pid})" for p in ended), flush=True)
     for host, port in ports:
+        pid = listening_pid(port)
+        if pid and serves_data_dir(pid, data_dir):  # an orphaned daemon of an earlier run here
+            proc = this_process("daemon", pid)
+            print(f"  ending pid {pid} ({command_line(pid)[:120]}), left on port {port} by an earlier run "
+                  "with this data dir", flush=True)
+            end_processes([proc])
         if not port_is_free(host, port):
             holder = port_holder(port) or "another process"
             raise UpError(f"{host}:{port} is in use by {holder}; stop it or choose another port "

@@ -101,8 +101,8 @@ def _listening_inodes(port: int) -> set[str]:
     return inodes
 
 
-def port_holder(port: int) -> str | None:
-    """``pid N (command line)`` of a process listening on ``port``, if this user can see it."""
+def listening_pid(port: int) -> int | None:
+    """The pid of a process listening on ``port`` (0: one this user cannot see; None: none)."""
     wanted = {f"socket:[{i}]" for i in _listening_inodes(port)}
     if not wanted:
         return None
@@ -113,9 +113,33 @@ def port_holder(port: int) -> str | None:
             for fd in (entry / "fd").iterdir():
                 with contextlib.suppress(OSError):
                     if os.readlink(fd) in wanted:
-                        cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                        return f"pid {entry.name} ({cmd.strip()[:200]})"
-    return "a process of another user"
+                        return int(entry.name)
+    return 0
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def port_holder(port: int) -> str | None:
+    """``pid N (command line)`` of a process listening on ``port``, if this user can see it."""
+    pid = listening_pid(port)
+    if pid is None:
+        return None
+    return f"pid {pid} ({command_line(pid)[:200]})" if pid else "a process of another user"
+
+
+def serves_data_dir(pid: int, data_dir: Path) -> bool:
+    """The process was started for this data dir (``HPCGATE_DATA_DIR`` in its environment): a
+    daemon of an earlier ``up`` here, e.g. one that predates ``run.json``."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"HPCGATE_DATA_DIR={data_dir}".encode() in environ
 
 
 def rotate_logs(log_dir: Path) -> None:

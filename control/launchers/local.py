@@ -91,12 +91,12 @@ class LocalLauncher:
         self._kill_wait_s = kill_wait_s
         self._keep_ended_s = keep_ended_s
         self._children: dict[str, subprocess.Popen[bytes]] = {}  # reaped on observe
-        setpriv = shutil.which("setpriv") if end_with_worker else None
-        if end_with_worker and setpriv is None:
-            raise LauncherError("end_with_worker needs setpriv (util-linux) on PATH")
         # The parent-death signal fires when the thread that forked dies: submit() runs on the
-        # event loop's thread, which lives as long as the worker.
+        # event loop's thread, which lives as long as the worker. Without setpriv (not
+        # util-linux) jobs outlive the worker; ``hpcgate up`` still ends them on its next start.
+        setpriv = shutil.which("setpriv") if end_with_worker else None
         self._prefix = [setpriv, "--pdeathsig", "HUP"] if setpriv else []
+        self.ends_with_worker = bool(self._prefix)
 
     def _path(self, job_id: str, suffix: str) -> Path:
         return self._dir / f"{job_id}{suffix}"

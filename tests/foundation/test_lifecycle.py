@@ -115,3 +115,20 @@ def test_rotate_logs_keeps_one_previous_generation(tmp_path: Path) -> None:
     assert not (tmp_path / "gateway.log").exists()
     assert (tmp_path / "gateway.log.1").read_text() == "old run\n"
     rotate_logs(tmp_path / "missing")  # no logs yet: nothing to do
+
+
+def test_clear_stale_ends_an_orphaned_daemon_of_this_data_dir_that_holds_a_port(tmp_path: Path) -> None:
+    """A daemon of an earlier up here (no run.json: e.g. an older version's) is recognised by its
+    HPCGATE_DATA_DIR and ended; the port is then free."""
+    listen = ("import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+              "print(s.getsockname()[1], flush=True); time.sleep(60)")
+    orphan = subprocess.Popen([sys.executable, "-c", listen], stdout=subprocess.PIPE, start_new_session=True,
+                              env=dict(os.environ, HPCGATE_DATA_DIR=str(tmp_path)))
+    try:
+        assert orphan.stdout is not None
+        port = int(orphan.stdout.readline())
+        clear_stale(tmp_path, [("127.0.0.1", port)])
+        assert orphan.wait(5) == -signal.SIGTERM
+    finally:
+        orphan.kill()
+        orphan.wait()
