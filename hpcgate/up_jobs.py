@@ -51,8 +51,10 @@ def describe(job: LiveJob) -> str:
 
 async def _end_with(launcher: Launcher, jobs: list[LiveJob], prefix: str, wait_s: float,
                     say: Callable[[str], None]) -> None:
-    names = {j.job_name for j in jobs if j.job_name}
+    # By launcher id; by name only for a job whose id was never recorded (its submitter died):
+    # names repeat across deployments on one cluster, ids do not.
     ids = {j.launcher_job_id for j in jobs if j.launcher_job_id}
+    names = {j.job_name for j in jobs if j.job_name and not j.launcher_job_id}
 
     async def ours() -> list[str]:
         return [o.launcher_job_id for o in await launcher.observe(prefix)
