@@ -454,7 +454,7 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
     say(f"hpcgate up: data in {data_dir}")
     try:
         lock = await until_stopped(stop, preflight(settings, data_dir))
-    except UpError as exc:
+    except (UpError, OSError, asyncpg.PostgresError) as exc:
         say(f"hpcgate up: error: {exc}")
         return 1
     except StartInterruptedError:
