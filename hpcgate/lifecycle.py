@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 PARENT_PID_ENV = "HPCGATE_PARENT_PID"
 PR_SET_PDEATHSIG = 1
@@ -51,12 +52,17 @@ def die_with_parent() -> None:
         raise SystemExit(1)
 
 
-def exit_now(signum: int) -> None:
-    """End the process at once: no cleanup, output flushed (the second stop signal)."""
+def exit_at_once(status: int) -> NoReturn:
+    """End the process with ``status`` now: no cleanup, only the output flushed."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(128 + signum)
+    os._exit(status)
+
+
+def exit_now(signum: int) -> None:
+    """The second stop signal: exit at once with status 128 + its number."""
+    exit_at_once(128 + signum)
 
 
 def install_stop_signals(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], object],

@@ -108,22 +108,44 @@ async def _idle(sim: SimProcess) -> None:
     await wait_until(idle, 10, "the simulator to be idle")
 
 
-async def test_control_api_answers_a_request_in_flight_on_sigterm(stack: Stack) -> None:
-    """The request's head is in, its body still coming when SIGTERM arrives: it is answered."""
-    api = await start_api(stack.env, stack.tmp)
-    body = b'{"name": "stop-signal-tenant"}'
-    reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+async def _half_sent_request(port: int, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request whose head and the start of its body are in: the api is busy with it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /admin/tenants HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                  b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
     await writer.drain()
-    await wait_until(lambda: _established(api.port), 10, "the api to hold the connection")
+    await wait_until(lambda: _established(port), 10, "the api to hold the connection")
+    return reader, writer
+
+
+async def test_control_api_answers_a_request_in_flight_on_sigterm(stack: Stack) -> None:
+    """The request's body is still coming when SIGTERM arrives: it is answered, then exit 0.
+    With a second signal meanwhile the api exits at once; with neither, at its deadline."""
+    api = await start_api(stack.env, stack.tmp)
+    body = b'{"name": "stop-signal-tenant"}'
+    reader, writer = await _half_sent_request(api.port or 0, body)
     api.proc.send_signal(signal.SIGTERM)
     writer.write(body[5:])
     reply = await asyncio.wait_for(reader.read(), 10)
     assert reply.startswith(b"HTTP/1.1 201"), reply[:200]
     writer.close()
     assert await asyncio.wait_for(api.proc.wait(), 10) == 0
+
+    api = await start_api(stack.env, stack.tmp)
+    reader, writer = await _half_sent_request(api.port or 0, b'{"name": "never-created"}')
+    api.proc.send_signal(signal.SIGTERM)
+    api.proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(api.proc.wait(), 10) in SECOND
+    writer.close()
+
+    # A client that never finishes its request holds the stop only up to shutdown_timeout_s.
+    api = await start_api({**stack.env, "HPCGATE_API_SHUTDOWN_TIMEOUT_S": "0.5"}, stack.tmp)
+    reader, writer = await _half_sent_request(api.port or 0, b'{"name": "never-created"}')
+    api.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(api.proc.wait(), 10) == 0
+    assert api.events("api_stop_deadline")
+    writer.close()
 
 
 def _established(port: int) -> bool:

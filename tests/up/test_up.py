@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import re
 import signal
 import socket
@@ -109,9 +110,12 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
     `up` uses by default, ./var/up), `env.sh` sets up any other shell, and a second `up`
     reuses the demo key instead of leaving another one behind."""
     gateway_port, api_port = _free_port(), _free_port()
+    base = random.randrange(21000, 29000, 100)
     env = child_env(
         HPCGATE_DATABASE_URL=pg_dsn, HPCGATE_REDIS_PREFIX=f"{redis_prefix}up:",
         HPCGATE_UP_MODEL="up-demo", HPCGATE_UP_TENANT="up-demo", HPCGATE_UP_STOP_GRACE_S="1",
+        # instance ports of a block of its own: other test runs on this machine use the default range
+        HPCGATE_API_PORT_RANGE_START=str(base), HPCGATE_API_PORT_RANGE_END=str(base + 99),
     )
     data_dir = tmp_path / "var" / "up"
     proc, seen, url, key = await _start_up(env, tmp_path, gateway_port, api_port)

@@ -78,7 +78,7 @@ async def up(env: dict[str, str], cwd: Path, *args: str) -> AsyncIterator[Up]:
 def _env(up_db: str, redis_prefix: str, **extra: str) -> dict[str, str]:
     """The test's database and Redis prefix; instance ports of a block of its own (other test
     runs share this machine and its default range)."""
-    base = random.randrange(30000, 39000, 100)
+    base = random.randrange(21000, 29000, 100)
     return child_env(HPCGATE_DATABASE_URL=up_db, HPCGATE_REDIS_PREFIX=f"{redis_prefix}{unique_name('lc')}:",
                      HPCGATE_API_PORT_RANGE_START=str(base), HPCGATE_API_PORT_RANGE_END=str(base + 99),
                      **extra)
