@@ -71,14 +71,15 @@ def write_record(path: Path, record: RunRecord) -> None:
 
 
 def end_processes(procs: list[Proc], grace_s: float = 5.0) -> list[Proc]:
-    """SIGTERM the process groups of the live ``procs``, SIGKILL what remains after ``grace_s``;
-    returns the ones that were alive. A second SIGTERM makes an hpcgate daemon exit at once."""
+    """SIGTERM the process groups of the live ``procs`` (a daemon then writes what it holds, e.g.
+    a gateway's usage), SIGKILL what remains after ``grace_s``; returns the ones that were alive."""
     live = [p for p in procs if alive(p)]
-    for sig in (signal.SIGTERM, signal.SIGTERM):
-        for p in live:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, sig) if os.getpgid(p.pid) == p.pid else os.kill(p.pid, sig)
-        time.sleep(0.05)  # let the first be handled: the second then means "exit at once"
+    for p in live:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(p.pid) == p.pid:
+                os.killpg(p.pid, signal.SIGTERM)
+            else:
+                os.kill(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while any(alive(p) for p in live) and time.monotonic() < deadline:
         time.sleep(0.05)
