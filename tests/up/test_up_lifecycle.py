@@ -189,11 +189,18 @@ async def test_a_failed_model_ends_the_wait_with_the_reason_from_the_job_output(
                      run.text), run.text
 
 
-async def test_ctrl_c_while_waiting_for_the_model_stops_at_once_and_ends_the_job(
+async def test_ctrl_c_while_starting_or_waiting_for_the_model_stops_at_once_and_ends_the_job(
         up_db: str, redis_prefix: str, tmp_path: Path) -> None:
     templates = _template_dir(tmp_path, "sleep 600")  # never registers
     env = _env(up_db, redis_prefix, HPCGATE_JOBS_TEMPLATE_DIRS=str(templates))
     data_dir = tmp_path / "up"
+    # While the daemons start: at once, and none of them is left.
+    async with up(env, tmp_path, *_args(data_dir, _free_port(), _free_port())) as run:
+        await run.until("starting control api")
+        run.proc.send_signal(signal.SIGINT)
+        assert await run.finish(30) == 130, run.text
+    assert "interrupted" in run.text
+    assert not (data_dir / "run.json").exists()  # a clean stop: nothing for the next run to clear
     async with up(env, tmp_path, *_args(data_dir, _free_port(), _free_port())) as run:
         await run.until(r"model 'demo': (not yet published|starting|pending|unavailable)")
         await wait_until(lambda: bool(_local_job_pids(data_dir)), 30, "the job to start")
