@@ -4,7 +4,8 @@ With ``--workers 1`` the process serves itself. With N > 1 the parent binds the 
 with SO_REUSEPORT but never listens on that socket (it only reserves the port and learns it,
 for ``--port 0``); each forked worker binds its own listening SO_REUSEPORT socket on that port,
 so the kernel spreads connections evenly. The parent prints one ``gateway_listening`` line once
-every worker listens, forwards SIGTERM/SIGINT to them, and restarts a worker that dies.
+every worker listens, forwards SIGTERM/SIGINT to them (a second one too: each worker then exits
+at once), and restarts a worker that dies.
 """
 
 from __future__ import annotations

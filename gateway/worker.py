@@ -2,7 +2,8 @@
 
 A worker serves on a socket it is given (bound by the parent, or its own SO_REUSEPORT socket),
 holds its own copy of the tables and scrapes on its own. On SIGTERM/SIGINT it stops accepting,
-lets streams in flight finish up to ``shutdown_timeout_s``, then writes the usage it holds.
+lets streams in flight finish up to ``shutdown_timeout_s``, then writes the usage it holds; a
+second SIGTERM/SIGINT exits at once.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -23,6 +23,7 @@ from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
 from gateway.table_sync import RedisTableSync
 from gateway.upload import UPLOAD_PATHS
+from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
 
@@ -148,8 +149,7 @@ async def run_worker(settings: GatewaySettings, sock: socket.socket, index: int,
                      on_ready: Callable[[int], None]) -> None:
     worker = Worker(settings, index)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        worker.loop.add_signal_handler(sig, stop.set)
+    install_stop_signals(worker.loop, stop.set)  # a second signal exits at once
     await worker.start(sock)
     # Everything made at start-up (modules, tables, settings) lives as long as the worker: out of
     # the collector's sight, the full collections that still happen under load scan only what

@@ -58,6 +58,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     # Fault mode: every Nth streamed request gets its response head, then the connection closes
     # before the first token, as when an engine dies or is preempted during prefill (0: never).
     fail_after_head_every: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # On SIGTERM: stop accepting, let requests in progress finish for up to this long, then cut.
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     log_level: LogLevel = "info"
 
 
@@ -184,6 +186,7 @@ class Simulator:
         self.upload_bytes = 0  # multipart bodies received (audio)
         self.host = config.host
         self.port = 0
+        self.server: asyncio.Server | None = None  # set by run_simulator
         self._created = int(time.time())
 
     @property
@@ -404,10 +407,22 @@ class Simulator:
              "permission": [perm]} for name in self.models]})
 
     # --- lifecycle -----------------------------------------------------------------------
-    def close_connections(self) -> None:
+    async def drain(self, timeout: float) -> bool:
+        """Wait (up to ``timeout``) until no generation is waiting or running; True if none is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.engine.has_work() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # shutdown only: a cheap poll of two containers
+        return not self.engine.has_work()
+
+    def close_connections(self, abort: bool = True) -> None:
+        """Close every connection: ``abort`` drops unsent bytes, otherwise they are sent first."""
         for conn in list(self._conns):
             if conn.transport is not None and not conn.closed:
-                conn.transport.abort()
+                if abort:
+                    conn.transport.abort()
+                else:
+                    conn.transport.close()
 
 
 @contextlib.asynccontextmanager
@@ -418,6 +433,7 @@ async def run_simulator(config: SimConfig | None = None) -> AsyncIterator[Simula
     server = await loop.create_server(sim.connection, sim.config.host, sim.config.port, backlog=4096)
     sim.port = server.sockets[0].getsockname()[1]
     engine_task = asyncio.create_task(sim.run_engine(), name="sim-engine")
+    sim.server = server
     try:
         yield sim
     finally:

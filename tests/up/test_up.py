@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import random
 import re
 import signal
 import socket
@@ -16,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from hpcgate.up_state import proc_start
 from tests.support.procs import HPCGATE, child_env, hpcgate_cmd, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,9 +178,9 @@ async def _stop_up(proc: asyncio.subprocess.Process, seen: list[str]) -> None:
     assert proc.stdout is not None
     if proc.returncode is None:
         proc.send_signal(signal.SIGINT)
-    rest = await asyncio.wait_for(proc.stdout.read(), 60)
+    seen.append((await asyncio.wait_for(proc.stdout.read(), 60)).decode())
     await proc.wait()
-    assert proc.returncode == 0, "".join(seen) + rest.decode()
+    assert proc.returncode == 0, "".join(seen)
 
 
 async def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
@@ -233,9 +236,12 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
     `up` uses by default, ./var/up), `env.sh` sets up any other shell, and a second `up`
     reuses the demo key instead of leaving another one behind."""
     gateway_port, api_port = _free_port(), _free_port()
+    base = random.randrange(21000, 29000, 100)
     env = child_env(
         HPCGATE_DATABASE_URL=pg_dsn, HPCGATE_REDIS_PREFIX=f"{redis_prefix}up:",
-        HPCGATE_UP_MODEL="up-demo", HPCGATE_UP_TENANT="up-demo",
+        HPCGATE_UP_MODEL="up-demo", HPCGATE_UP_TENANT="up-demo", HPCGATE_UP_STOP_GRACE_S="1",
+        # instance ports of a block of its own: other test runs on this machine use the default range
+        HPCGATE_API_PORT_RANGE_START=str(base), HPCGATE_API_PORT_RANGE_END=str(base + 99),
     )
     data_dir = tmp_path / "var" / "up"
     proc, seen, url, key = await _start_up(env, tmp_path, gateway_port, api_port)
@@ -276,9 +282,24 @@ async def test_up_serves_openai_then_stops(pg_dsn: str, redis_prefix: str, tmp_p
         await _stop_up(proc, seen)
 
     proc, seen, _, key_again = await _start_up(env, tmp_path, gateway_port, api_port)
+    # Ctrl-C during a long stream: after the drain grace (1 s here) the instances are cancelled,
+    # whatever is in flight, and up says what it waits for.
+    instances = [(r["pid"], r["proc_start"]) for r in (json.loads(p.read_text()) for p in
+                 (data_dir / "jobs" / "local-state").glob("*.json")) if r["pid"]]
+    client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="up-demo", messages=[{"role": "user", "content": "long"}], stream=True, max_tokens=30_000,
+        extra_body={"ignore_eos": True})
+    await stream.__anext__()
     await _stop_up(proc, seen)
+    with contextlib.suppress(openai.APIError):
+        async for _ in stream:
+            pass
+    await client.close()
     assert key_again == key
     await _no_secret_in_the_logs(pg_dsn, data_dir, {"API key": key, "admin-created key": other_key}, bearers)
+    assert re.search(r"draining: job \d+ of 'up-demo' \(local local-\w+, draining\)", "".join(seen))
+    assert all(proc_start(pid) != start for pid, start in instances)
 
     # Ctrl-C scaled the demo model to zero: none of its jobs is left running; one key in all.
     conn = await asyncpg.connect(pg_dsn)
