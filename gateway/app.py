@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.access_log import AccessLog
 from gateway.admission import ModelQueues, TenantLimiter
+from gateway.api_relay import ApiRelay
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
 from gateway.cors import Cors
@@ -47,6 +48,8 @@ _POST_PATHS = {
     b"/v1/completions": "completions",
     b"/v1/embeddings": "embeddings",
 }
+_API_ROOTS = frozenset({b"/v1/files", b"/v1/batches"})  # relayed to the control API (gateway.api_relay)
+_API_SUBPATHS = (b"/v1/files/", b"/v1/batches/")
 _GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -100,6 +103,19 @@ class Gateway:
         self.cors = Cors(s.cors_allowed_origins) if s.cors_allowed_origins else None
         self._metrics_auth = b"Bearer " + s.metrics_token.encode() if s.metrics_token else None
         self.metrics.add_state(self._state_view)
+        self.api_relay = ApiRelay(s) if s.batch_api_url else None
+        self._internal_token = s.internal_token.encode() if s.internal_token else None
+
+    def batch_principal(self, token: bytes, tenant: bytes | None) -> Principal:
+        """A batch runner's request: it proves itself with the internal token and names the
+        tenant whose line it runs (the request is then booked and limited as that tenant's)."""
+        expected = self._internal_token
+        if expected is None or not hmac.compare_digest(token, expected):
+            raise ApiError(401, "invalid internal token", "invalid_api_key")
+        principal = self.auth.index.by_tenant(int(tenant)) if tenant and tenant.isdigit() else None
+        if principal is None:
+            raise ApiError(401, "unknown or disabled tenant", "invalid_api_key")
+        return principal
 
     # -- tables (control path) --------------------------------------------------------------------
     def backend_for(self, key: BackendKey, host: str, port: int) -> Backend:
@@ -175,6 +191,11 @@ class Gateway:
             if req.method != b"POST":
                 raise ApiError(405, f"{path.decode()} only accepts POST", "method_not_allowed")
             return ProxyCall(self, conn, path, rid).run(req, kind)
+        if path in _API_ROOTS or path.startswith(_API_SUBPATHS):
+            if self.api_relay is None:
+                raise ApiError(404, "the Files and Batch APIs are not enabled on this gateway", "unknown_url")
+            principal = self.auth.authenticate(req.headers.get(b"authorization"))
+            return self.api_relay.relay(req, conn, principal)
         if path.startswith(b"/v1/models/") and req.method == b"GET":
             principal = self.auth.authenticate(req.headers.get(b"authorization"))
             conn.send_full(200, self._model_body(principal, path[len(b"/v1/models/"):]))

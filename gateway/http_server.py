@@ -47,6 +47,9 @@ _JSON = b"application/json"
 _MAX_PIPELINE = 16
 LINGER_S = 2.0  # a rejected connection drops what the client still sends for this long ...
 LINGER_BYTES = 8 * 1024 * 1024  # ... or this much, then closes (see HttpConnection._reject)
+# POSTs under these paths are streamed to the control API (gateway.api_relay), not buffered.
+STREAM_PREFIXES = (b"/v1/files",)
+FORM_OVERHEAD = 64 * 1024  # a multipart form's own bytes around the file
 
 
 class _Clock:
@@ -83,7 +86,9 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         s = server.settings
         self._server = server
-        self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes)
+        self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes,
+                                     stream_prefixes=STREAM_PREFIXES if s.batch_api_url else (),
+                                     stream_max_bytes=s.files_max_bytes + FORM_OVERHEAD)
         self._pipeline: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None  # only for a request on a slow path
         self._busy = False  # a request is being answered (in a task or in callbacks)
@@ -153,12 +158,24 @@ class HttpConnection(asyncio.Protocol):
             self._read_timer.cancel()
             self._read_timer = None
         if requests:
+            for r in requests:
+                if r.stream is not None:
+                    r.stream.on_pressure = self._pressure
             self._pipeline.extend(requests)
             if len(self._pipeline) > _MAX_PIPELINE:
                 self._reject(400, "too many pipelined requests")
                 return
             if not self._busy:
                 self._start_next()
+
+    def _pressure(self, pause: bool) -> None:
+        """A streamed request body is buffered past its high-water mark (or drained below its
+        low-water mark): stop (or resume) reading the client's socket."""
+        if self.transport is not None and not self.closed:
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -50,7 +50,7 @@ _POST = b"POST"
 
 class ProxyCall:
     __slots__ = (
-        "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
+        "backend", "batch", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
         "last", "model", "path", "prompt", "rid", "route", "stale_retried", "start", "status", "stream",
         "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
@@ -63,6 +63,7 @@ class ProxyCall:
         self.start = perf_counter()
         self.tenant = "-"
         self.tenant_id = 0
+        self.batch = False  # a batch runner's request: admitted behind interactive ones
         self.model = "-"
         self.route: ModelRoute | None = None
         self.body = b""
@@ -102,7 +103,12 @@ class ProxyCall:
     def _prelude(self, req: Request, kind: str) -> None:
         gw = self.gw
         headers = req.headers
-        principal = gw.auth.authenticate(headers.get(b"authorization"))
+        internal = headers.get(b"x-hpcgate-internal-token")
+        if internal is None:
+            principal = gw.auth.authenticate(headers.get(b"authorization"))
+        else:
+            principal = gw.batch_principal(internal, headers.get(b"x-hpcgate-tenant-id"))
+            self.batch = True
         self.tenant, self.tenant_id = principal.name, principal.tenant_id
         ctype = headers.get(b"content-type")
         if ctype != _JSON and (ctype is None or ctype.partition(b";")[0].strip().lower() != _JSON):
@@ -136,6 +142,8 @@ class ProxyCall:
         s = gw.settings
         gw.retry_tokens = min(RETRY_BUDGET_CAP, gw.retry_tokens + s.retry_budget_ratio)
         assert self.route is not None
+        if self.batch and gw.queues.length(self.route.name):
+            return False  # interactive requests wait for this model: go behind them (slow path)
         backend = choose(self.route.backends, gw.loop.time(), stale_after=gw.stale_after,
                          max_inflight=s.endpoint_max_inflight)
         if backend is None:
@@ -291,12 +299,15 @@ class ProxyCall:
         route = self.route
         assert route is not None
         while True:
-            backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                             max_inflight=s.endpoint_max_inflight, exclude=self.tried)
+            if self.batch and gw.queues.length(route.name):
+                backend = None  # interactive requests are waiting: they go first
+            else:
+                backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
+                                 max_inflight=s.endpoint_max_inflight, exclude=self.tried)
             if backend is None:
                 if self.tried:
                     raise upstream_error(self.last)
-                await gw.queues.wait(route.name, s.queue_max, s.queue_timeout_s)
+                await gw.queues.wait(route.name, s.queue_max, s.queue_timeout_s, batch=self.batch)
                 continue
             self._count(backend)
             reused = False

@@ -1,0 +1,344 @@
+"""``hpcgate control batches``: runs batch lines through the gateway, as backfill.
+
+State lives in PostgreSQL, so any number of runners may run and any may die:
+- a line is claimed with ``FOR UPDATE SKIP LOCKED`` and a lease (renewed while its request
+  runs); a line whose lease ran out (its runner died) is claimed again by anyone;
+- a result is stored with its line in one transaction that also bumps the batch's counters,
+  and only by the claim that holds the line, so each line is written exactly once even when a
+  request was sent twice (a crash between the engine's answer and the commit);
+- whole-batch steps (validation, finalising) are in :mod:`control.batch.finalize`.
+
+Requests go through the gateway (same routing, retries, ejection and per-tenant usage as
+interactive ones) with the internal token and the tenant's id, which mark them as batch
+traffic: the gateway admits them behind interactive requests. Per model, a :class:`Pacer`
+sets how many lines are in flight from the engines' scraped queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from uuid import UUID
+
+import asyncpg
+import httpx
+import msgspec
+
+from control.batch import finalize, results
+from control.batch.filestore import FileStore
+from control.batch.pacing import Pacer
+from control.settings import BatchRunnerSettings
+from hpcgate.backoff import Backoff
+from hpcgate.logs import get_logger
+from hpcgate.metrics_text import parse_engine_load
+
+log = get_logger("hpcgate.control.batches")
+
+_CLAIM = """
+WITH c AS (
+    SELECT l.batch_id, l.line_no FROM batch_lines l JOIN batches b USING (batch_id)
+     WHERE b.status = 'in_progress' AND l.model = $1
+       AND (l.state = 'pending' OR (l.state = 'claimed' AND l.lease_until < now()))
+     ORDER BY b.seq, l.line_no LIMIT $2
+     FOR UPDATE OF l SKIP LOCKED)
+UPDATE batch_lines l SET state = 'claimed', claim = gen_random_uuid(),
+                         lease_until = now() + make_interval(secs => $3)
+  FROM c, batches b
+ WHERE l.batch_id = c.batch_id AND l.line_no = c.line_no AND b.batch_id = l.batch_id
+RETURNING l.batch_id, l.line_no, l.custom_id, l.byte_offset, l.byte_length, l.claim,
+          b.tenant_id, b.endpoint, b.input_file_id"""
+
+_BACKLOG = """SELECT l.model, count(*) AS n FROM batch_lines l JOIN batches b USING (batch_id)
+               WHERE b.status = 'in_progress' AND l.state <> 'done' GROUP BY l.model"""
+
+_ENGINES = """SELECT c.name, e.node, e.port FROM ai_model_endpoints e
+                JOIN ai_model_configurations c USING (model_id)
+               WHERE e.ready_at IS NOT NULL AND NOT e.draining"""
+
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class _Body(msgspec.Struct):
+    body: msgspec.Raw
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+
+
+class Claim(msgspec.Struct, frozen=True):
+    batch_id: str
+    line_no: int
+    custom_id: str
+    offset: int
+    length: int
+    claim: UUID
+    tenant_id: int
+    endpoint: str
+    input_file_id: str
+    model: str
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        settings: BatchRunnerSettings,
+        pool: asyncpg.Pool,
+        client: httpx.AsyncClient,
+        runner_id: str | None = None,
+    ) -> None:
+        self.s = settings
+        self.pool = pool
+        self.client = client
+        self.files = FileStore(settings.batch_dir)
+        self.runner_id = runner_id or f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.pacers: dict[str, Pacer] = {}
+        self.inflight: dict[str, int] = {}
+        self.pushed_back: set[str] = set()
+        self.backlog: dict[str, int] = {}
+        self.claims: dict[UUID, Claim] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.done_lines = 0
+        self.failed_lines = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # -- the loops -------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("batch_runner_started", runner=self.runner_id)
+        helpers = [asyncio.create_task(self._renew_leases()), asyncio.create_task(self._pace())]
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("batch_runner_error", error=repr(exc))
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.s.poll_s):
+                        stop_wait = asyncio.ensure_future(stop.wait())
+                        wake_wait = asyncio.ensure_future(self._wake.wait())
+                        try:
+                            await asyncio.wait({stop_wait, wake_wait}, return_when=asyncio.FIRST_COMPLETED)
+                        finally:
+                            stop_wait.cancel()
+                            wake_wait.cancel()
+        finally:
+            self._stopping = True
+            if self.tasks:  # let lines in flight finish (their results are written), up to the grace
+                await asyncio.wait(self.tasks, timeout=self.s.cancel_grace_s)
+            for t in (*helpers, *self.tasks):
+                t.cancel()
+            await asyncio.gather(*helpers, *self.tasks, return_exceptions=True)
+            log.info("batch_runner_stopped", runner=self.runner_id)
+
+    async def tick(self) -> None:
+        """One pass: whole-batch steps, then claim lines up to each model's limit."""
+        s = self.s
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await finalize.validate_next(conn, self.files, max_lines=s.max_lines, max_errors=s.max_errors)
+            async with conn.transaction():
+                await finalize.advance(conn)
+            async with conn.transaction():
+                await finalize.finalize_next(
+                    conn, self.files, grace_s=s.cancel_grace_s, retention_s=s.files_retention_s
+                )
+            self.backlog = {r["model"]: r["n"] for r in await conn.fetch(_BACKLOG)}
+            for model in self.backlog:
+                pacer = self.pacers.get(model)
+                if pacer is None:
+                    pacer = self.pacers[model] = Pacer(s.min_concurrency, s.max_concurrency)
+                room = pacer.limit - self.inflight.get(model, 0)
+                if room <= 0 or self._stopping:
+                    continue
+                for r in await conn.fetch(_CLAIM, model, room, s.lease_s):
+                    self._start(
+                        Claim(
+                            r["batch_id"],
+                            r["line_no"],
+                            r["custom_id"],
+                            r["byte_offset"],
+                            r["byte_length"],
+                            r["claim"],
+                            r["tenant_id"],
+                            r["endpoint"],
+                            r["input_file_id"],
+                            model,
+                        )
+                    )
+
+    def _start(self, c: Claim) -> None:
+        self.claims[c.claim] = c
+        self.inflight[c.model] = self.inflight.get(c.model, 0) + 1
+        task = asyncio.create_task(self._run_line(c))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.lease_s / 3)
+            if not self.claims:
+                continue
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.execute(
+                        """UPDATE batch_lines SET lease_until = now() + make_interval(secs => $2)
+                            WHERE claim = ANY($1::uuid[]) AND state = 'claimed'""",
+                        list(self.claims),
+                        self.s.lease_s,
+                    )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("batch_lease_renewal_failed", error=repr(exc))
+
+    async def _pace(self) -> None:
+        """Each control step: the engines' waiting requests per model -> each model's limit."""
+        while True:
+            await asyncio.sleep(self.s.control_step_s)
+            waiting = await self._scrape_waiting() if self.pacers else {}
+            for model, pacer in self.pacers.items():
+                old = pacer.limit
+                pacer.step(waiting.get(model), model in self.pushed_back, self.inflight.get(model, 0))
+                if pacer.limit != old:
+                    log.debug("batch_concurrency", model=model, old=old, new=pacer.limit)
+            self.pushed_back.clear()
+            self._wake.set()
+
+    async def _scrape_waiting(self) -> dict[str, float]:
+        try:
+            async with self.pool.acquire() as conn:
+                engines = await conn.fetch(_ENGINES)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return {}
+
+        async def one(name: str, url: str) -> tuple[str, float | None]:
+            try:
+                r = await self.client.get(url, timeout=1.0)
+                return name, parse_engine_load(r.content).waiting
+            except httpx.HTTPError:
+                return name, None
+
+        found = await asyncio.gather(
+            *(
+                one(e["name"], f"http://{e['node']}:{e['port']}/metrics")
+                for e in engines
+                if e["name"] in self.pacers
+            )
+        )
+        waiting: dict[str, float] = {}
+        for name, w in found:
+            if w is not None:
+                waiting[name] = waiting.get(name, 0.0) + w
+        return waiting
+
+    # -- one line --------------------------------------------------------------------------------
+    async def _run_line(self, c: Claim) -> None:
+        try:
+            result = await self._execute(c)
+            await self._record(c, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch_line_failed", batch_id=c.batch_id, line=c.line_no)
+        finally:
+            self.claims.pop(c.claim, None)
+            self.inflight[c.model] -= 1
+            self._wake.set()
+
+    def _read_body(self, c: Claim) -> bytes:
+        with self.files.open(c.tenant_id, c.input_file_id) as fh:
+            fh.seek(c.offset)
+            return bytes(_decode_body(fh.read(c.length)).body)
+
+    async def _execute(self, c: Claim) -> results.LineResult:
+        lid = finalize.line_id(c.batch_id, c.line_no)
+        try:
+            body = self._read_body(c)
+        except (OSError, msgspec.DecodeError) as exc:
+            return results.unanswered(
+                lid, c.custom_id, "invalid_file", f"the input line cannot be read: {exc}"
+            )
+        headers = {
+            "content-type": "application/json",
+            "x-request-id": lid,
+            "x-hpcgate-internal-token": self.s.internal_token,
+            "x-hpcgate-tenant-id": str(c.tenant_id),
+        }
+        url = self.s.gateway_url.rstrip("/") + c.endpoint
+        backoff = Backoff(0.5, 10.0)
+        last: results.LineResult | None = None
+        for attempt in range(self.s.max_attempts):
+            if attempt:
+                await asyncio.sleep(backoff.next_delay())
+            try:
+                r = await self.client.post(
+                    url, content=body, headers=headers, timeout=self.s.request_timeout_s
+                )
+            except httpx.HTTPError as exc:
+                last = results.unanswered(lid, c.custom_id, "request_failed", f"no answer: {exc!r}")
+                continue
+            last = results.answered(
+                lid, c.custom_id, r.status_code, r.headers.get("x-request-id", lid), r.content
+            )
+            if r.status_code not in _RETRY_STATUS:
+                break
+            if r.status_code in (429, 503):
+                self.pushed_back.add(c.model)
+        assert last is not None
+        return last
+
+    async def _record(self, c: Claim, res: results.LineResult) -> None:
+        """Store the result, if this claim still holds the line and the batch is not final."""
+        try:
+            await self._store(c, res)
+        except _LineTakenOverError:
+            return
+        if res.ok:
+            self.done_lines += 1
+        else:
+            self.failed_lines += 1
+
+    async def _store(self, c: Claim, res: results.LineResult) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            live = await conn.fetchval(
+                """UPDATE batches SET completed = completed + $2, failed = failed + $3,
+                          prompt_tokens = prompt_tokens + $4, completion_tokens = completion_tokens + $5
+                    WHERE batch_id = $1 AND status IN ('in_progress', 'cancelling', 'finalizing')
+                    RETURNING true""",
+                c.batch_id,
+                int(res.ok),
+                int(not res.ok),
+                res.prompt_tokens,
+                res.completion_tokens,
+            )
+            if not live:
+                return
+            stored = await conn.fetchval(
+                """UPDATE batch_lines SET state = 'done', ok = $4, result = $5, lease_until = NULL,
+                          done_by = $6
+                    WHERE batch_id = $1 AND line_no = $2 AND claim = $3 AND state = 'claimed'
+                    RETURNING true""",
+                c.batch_id,
+                c.line_no,
+                c.claim,
+                res.ok,
+                res.line,
+                self.runner_id,
+            )
+            if not stored:  # another runner took the line over (our lease had run out): undo the counts
+                raise _LineTakenOverError
+
+
+class _LineTakenOverError(Exception):
+    pass
+
+
+async def serve(settings: BatchRunnerSettings, stop: asyncio.Event) -> None:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=settings.db_pool_size)
+    limits = httpx.Limits(max_connections=settings.max_concurrency * 4 + 8)
+    async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s) as client:
+        try:
+            await BatchRunner(settings, pool, client).run(stop)
+        finally:
+            await pool.close()
