@@ -7,7 +7,7 @@ from datetime import datetime
 
 import msgspec
 
-from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
+from control.wire import ApiKey, BatchSummary, Endpoint, Job, KeyCreated, Model, Tenant, Usage
 
 _COLUMNS: dict[type, tuple[str, ...]] = {
     Tenant: (
@@ -31,6 +31,8 @@ _COLUMNS: dict[type, tuple[str, ...]] = {
         "generation",
         "slurm_template",
     ),
+    BatchSummary: ("batch_id", "tenant", "status", "total", "completed", "failed", "progress_pct",
+                   "lines_per_s", "eta_s", "expires_at"),
     Job: ("endpoint_job_id", "model", "state", "launcher", "launcher_job_id", "node", "port", "state_reason"),
     Endpoint: (
         "endpoint_id",

@@ -99,6 +99,8 @@ class BatchRunnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     max_attempts: PositiveInt = 3  # a line that gets 429/5xx/connection errors, before the error file
     cancel_grace_s: PositiveFloat = 60.0  # in-flight lines of a cancelled/expired batch, then abandoned
     db_pool_size: PositiveInt = 4
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port = 0  # Prometheus /metrics of the runner; 0: not served
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -27,6 +27,7 @@ from control.api.errors import EXCEPTION_HANDLERS, ApiError
 from control.api.metrics import metrics
 from control.api.routes import ADMIN, ADMIN_ROUTES, OPEN_ROUTES, SD_ROUTES
 from control.api.security import ADMIN_SCHEME, SD_SCHEME, bearer_guard, sd_guards
+from control.batch.admin import list_all_batches
 from control.batch.api import batch_router
 from control.jobs.render import LaunchConfig, prepare
 from control.jobs.resources import ResourceError
@@ -62,8 +63,8 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
             batch_router(db, settings),
             Router("/", route_handlers=[*SD_ROUTES, metrics],
                    guards=sd_guards(settings.sd_token, settings.admin_token)),
-            Router("/admin", route_handlers=ADMIN_ROUTES, guards=[bearer_guard(settings.admin_token)],
-                   security=ADMIN),
+            Router("/admin", route_handlers=[*ADMIN_ROUTES, list_all_batches],
+                   guards=[bearer_guard(settings.admin_token)], security=ADMIN),
         ],
         dependencies={
             "db": constant(db),

@@ -28,6 +28,7 @@ import msgspec
 
 from control.batch import finalize, results
 from control.batch.filestore import FileStore
+from control.batch.metrics import serve_metrics
 from control.batch.pacing import Pacer
 from control.settings import BatchRunnerSettings
 from hpcgate.backoff import Backoff
@@ -338,7 +339,10 @@ async def serve(settings: BatchRunnerSettings, stop: asyncio.Event) -> None:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=settings.db_pool_size)
     limits = httpx.Limits(max_connections=settings.max_concurrency * 4 + 8)
     async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s) as client:
+        runner = BatchRunner(settings, pool, client)
+        if settings.metrics_port:
+            serve_metrics(runner, settings.metrics_host, settings.metrics_port)
         try:
-            await BatchRunner(settings, pool, client).run(stop)
+            await runner.run(stop)
         finally:
             await pool.close()

@@ -10,9 +10,12 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.batch.conftest import MAX_FILE, BatchStack, chat_line, jsonl, runner
-from tests.support.procs import wait_until
+from control.batch.metrics import _RunnerCollector
+from tests.batch.conftest import MAX_FILE, MODEL, BatchStack, chat_line, jsonl, runner
+from tests.control.daemons import ADMIN_TOKEN
+from tests.support.procs import child_env, hpcgate_cmd, wait_until
 
 
 def _sync(stack: BatchStack, key: str) -> openai.OpenAI:
@@ -209,3 +212,32 @@ async def test_expiry_reports_unfinished_lines(batch_stack: BatchStack) -> None:
     assert {e["error"]["code"] for e in errs} == {"batch_expired"}
     assert sorted(o["custom_id"] for o in out + errs) == sorted(f"e{i}" for i in range(n))
 
+
+
+async def test_admin_batches_lists_every_tenant_with_progress(batch_stack: BatchStack) -> None:
+    client = _async(batch_stack, await batch_stack.tenant("batch-admin"))
+    f = await client.files.create(file=("a.jsonl", jsonl([chat_line(f"a{i}") for i in range(4)])),
+                                  purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    async with runner(batch_stack) as r:
+        await _poll(client, batch.id, "completed")
+        registry = CollectorRegistry()
+        registry.register(_RunnerCollector(r))
+        exposition = generate_latest(registry).decode()
+    assert 'hpcgate_batch_lines_total{result="ok"} 4.0' in exposition
+    assert f'hpcgate_batch_concurrency_limit{{model="{MODEL}"}}' in exposition
+    env = child_env(HPCGATE_CONTROL_URL=f"http://127.0.0.1:{batch_stack.api.port}",
+                    HPCGATE_ADMIN_TOKEN=ADMIN_TOKEN)
+    argv = hpcgate_cmd("admin", "batches", "--tenant", "batch-admin", "--json")
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    rows = json.loads(out)
+    assert [(r["batch_id"], r["tenant"], r["status"], r["completed"], r["progress_pct"]) for r in rows] == [
+        (batch.id, "batch-admin", "completed", 4, 100.0)]
+    assert rows[0]["lines_per_s"] > 0 and rows[0]["eta_s"] is None
+    proc = await asyncio.create_subprocess_exec(*hpcgate_cmd("admin", "batches"), env=env,
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0 and "PROGRESS_PCT" in out.decode() and batch.id in out.decode()
