@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from gateway.errors import ApiError
-from gateway.http_parse import Request
+from gateway.http_parse import BodyStream, Request
 from gateway.http_server import STATUS_LINE, HttpConnection
 
 if TYPE_CHECKING:
@@ -105,14 +105,18 @@ class ApiRelay:
             writer.write(b"".join(head))
             if req.stream is None:
                 writer.write(req.body)
+                await self._answer(reader, conn)
             else:
-                while chunk := await req.stream.read():
-                    writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                    async with asyncio.timeout(self.timeout):
-                        await writer.drain()
-                if chunked:
-                    writer.write(b"0\r\n\r\n")
-            await self._answer(reader, conn)
+                # The answer may come before the whole body is sent (413 past a quota, 401): read
+                # it while sending, and stop sending when it is complete.
+                sender = asyncio.ensure_future(self._send_body(req.stream, writer, chunked))
+                try:
+                    await self._answer(reader, conn)
+                finally:
+                    if not sender.done():
+                        sender.cancel()
+                    elif not sender.cancelled() and sender.exception() is not None:
+                        pass  # the upstream stopped reading; its answer (relayed above) says why
         except (OSError, TimeoutError, httptools.HttpParserError) as exc:
             if conn.response_started:
                 conn.keep_alive = False
@@ -122,6 +126,14 @@ class ApiRelay:
             raise ApiError(502, f"the batch API failed: {exc!r}", "batch_api_error") from None
         finally:
             writer.close()
+
+    async def _send_body(self, stream: BodyStream, writer: asyncio.StreamWriter, chunked: bool) -> None:
+        while chunk := await stream.read():
+            writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            async with asyncio.timeout(self.timeout):
+                await writer.drain()
+        if chunked:
+            writer.write(b"0\r\n\r\n")
 
     async def _answer(self, reader: asyncio.StreamReader, conn: HttpConnection) -> None:
         resp = _Response()

@@ -143,19 +143,40 @@ async def advance(conn: Conn) -> None:
 async def finalize_next(conn: Conn, files: FileStore, *, grace_s: float, retention_s: float) -> str | None:
     """Finalise one batch in ``finalizing`` or ``cancelling`` whose lines in flight are done (or
     past the grace period). Call inside a transaction."""
-    rows = await conn.fetch(
-        """SELECT * FROM batches WHERE status IN ('finalizing', 'cancelling') ORDER BY seq
-            FOR UPDATE SKIP LOCKED"""
+    # No new line is claimed in these statuses, so "no live claim" cannot become false: check
+    # first, then lock only the batch to finalise (a lock held on the others would stall the
+    # result writes of their lines in flight).
+    candidates = await conn.fetch(
+        """SELECT batch_id, extract(epoch FROM now() - CASE WHEN status = 'finalizing' THEN finalizing_at
+                                                            ELSE cancelling_at END) AS waited
+             FROM batches WHERE status IN ('finalizing', 'cancelling') ORDER BY seq"""
     )
-    for row in rows:
-        since = row["finalizing_at"] if row["status"] == "finalizing" else row["cancelling_at"]
-        busy = await conn.fetchval(_ACTIVE_CLAIMS, row["batch_id"])
-        waited = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", since)
-        if busy and waited < grace_s:
+    for c in candidates:
+        if c["waited"] < grace_s and await conn.fetchval(_ACTIVE_CLAIMS, c["batch_id"]):
+            continue
+        row = await conn.fetchrow(
+            """SELECT * FROM batches WHERE batch_id = $1 AND status IN ('finalizing', 'cancelling')
+                FOR UPDATE SKIP LOCKED""",
+            c["batch_id"],
+        )
+        if row is None:  # another runner is at it
             continue
         await _write_files(conn, files, row, retention_s)
         return str(row["batch_id"])
     return None
+
+
+async def expire_files(conn: Conn, files: FileStore) -> int:
+    """Delete the files whose retention has passed (rows marked deleted, then the bytes)."""
+    rows = await conn.fetch(
+        """UPDATE batch_files SET deleted = true WHERE NOT deleted AND expires_at < now()
+            RETURNING tenant_id, file_id"""
+    )
+    for r in rows:
+        files.remove(r["tenant_id"], r["file_id"])
+    if rows:
+        log.info("batch_files_expired", files=len(rows))
+    return len(rows)
 
 
 async def _write_files(conn: Conn, files: FileStore, row: Any, retention_s: float) -> None:

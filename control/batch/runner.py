@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import os
 import secrets
+import time
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -58,6 +60,7 @@ _ENGINES = """SELECT c.name, e.node, e.port FROM ai_model_endpoints e
                 JOIN ai_model_configurations c USING (model_id)
                WHERE e.ready_at IS NOT NULL AND NOT e.draining"""
 
+CLEANUP_EVERY_S = 60.0  # expired files are looked for this often
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
@@ -100,6 +103,8 @@ class BatchRunner:
         self.backlog: dict[str, int] = {}
         self.claims: dict[UUID, Claim] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.running: dict[UUID, asyncio.Task[None]] = {}
+        self._next_cleanup = 0.0
         self.done_lines = 0
         self.failed_lines = 0
         self._wake = asyncio.Event()
@@ -146,6 +151,11 @@ class BatchRunner:
                 await finalize.finalize_next(
                     conn, self.files, grace_s=s.cancel_grace_s, retention_s=s.files_retention_s
                 )
+            if time.monotonic() >= self._next_cleanup:
+                self._next_cleanup = time.monotonic() + CLEANUP_EVERY_S
+                async with conn.transaction():
+                    await finalize.expire_files(conn, self.files)
+            await self._abandon_finished(conn)
             self.backlog = {r["model"]: r["n"] for r in await conn.fetch(_BACKLOG)}
             for model in self.backlog:
                 pacer = self.pacers.get(model)
@@ -170,10 +180,29 @@ class BatchRunner:
                         )
                     )
 
+    async def _abandon_finished(self, conn: Any) -> None:
+        """Lines in flight of a batch that was finalised meanwhile (cancelled or expired, past the
+        grace period): their results would be refused; stop their requests (the gateway then
+        aborts them at the engine)."""
+        if not self.running:
+            return
+        batch_ids = list({c.batch_id for c in self.claims.values()})
+        rows = await conn.fetch(
+            """SELECT batch_id FROM batches WHERE batch_id = ANY($1::text[])
+                AND status NOT IN ('in_progress', 'cancelling', 'finalizing')""",
+            batch_ids,
+        )
+        final = {r["batch_id"] for r in rows}
+        for claim, task in list(self.running.items()):
+            c = self.claims.get(claim)
+            if c is not None and c.batch_id in final:
+                task.cancel()
+
     def _start(self, c: Claim) -> None:
         self.claims[c.claim] = c
         self.inflight[c.model] = self.inflight.get(c.model, 0) + 1
         task = asyncio.create_task(self._run_line(c))
+        self.running[c.claim] = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -244,6 +273,7 @@ class BatchRunner:
             log.exception("batch_line_failed", batch_id=c.batch_id, line=c.line_no)
         finally:
             self.claims.pop(c.claim, None)
+            self.running.pop(c.claim, None)
             self.inflight[c.model] -= 1
             self._wake.set()
 

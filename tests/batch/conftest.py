@@ -29,6 +29,7 @@ from tests.support.sim import SimProcess, sim_process
 TOKEN = "batch-test-internal-token"
 MODEL = "bm1"
 MAX_FILE = 256 * 1024
+QUOTA = 4 * MAX_FILE  # a tenant's stored bytes
 
 
 @dataclass
@@ -117,7 +118,7 @@ async def batch_stack(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> 
     env = {"HPCGATE_DATABASE_URL": pg_dsn, "HPCGATE_ADMIN_TOKEN": ADMIN_TOKEN,
            "HPCGATE_KEY_HASH_SECRET": SECRET, "HPCGATE_INTERNAL_TOKEN": TOKEN,
            "HPCGATE_BATCH_DIR": str(batch_dir), "HPCGATE_API_FILES_MAX_BYTES": str(MAX_FILE),
-           "HPCGATE_API_TENANT_MAX_ACTIVE_BATCHES": "3"}
+           "HPCGATE_API_TENANT_MAX_ACTIVE_BATCHES": "3", "HPCGATE_API_TENANT_MAX_STORED_BYTES": str(QUOTA)}
     api = await start_api(env, tmp)
     try:
         async with sim_process("--model", MODEL, "--profile", "paced") as sim, running_gateway(

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from control.batch.metrics import _RunnerCollector
-from tests.batch.conftest import MAX_FILE, MODEL, BatchStack, chat_line, jsonl, runner
+from tests.batch.conftest import MAX_FILE, MODEL, QUOTA, BatchStack, chat_line, jsonl, runner
 from tests.control.daemons import ADMIN_TOKEN
 from tests.support.procs import child_env, hpcgate_cmd, wait_until
 
@@ -127,6 +127,18 @@ async def test_oversize_upload_is_413(batch_stack: BatchStack) -> None:
     with pytest.raises(openai.APIStatusError) as err:
         await client.files.create(file=("big.jsonl", big), purpose="batch")
     assert err.value.status_code == 413
+
+
+async def test_tenant_storage_quota_is_413_and_freed_by_delete(batch_stack: BatchStack) -> None:
+    client = _async(batch_stack, await batch_stack.tenant("batch-quota"))
+    chunk = jsonl([chat_line(f"q{i}", content="y" * 1000) for i in range(200)])  # ~220 KB
+    assert QUOTA // len(chunk) == 4
+    ids = [(await client.files.create(file=("q.jsonl", chunk), purpose="batch")).id for _ in range(4)]
+    with pytest.raises(openai.APIStatusError) as err:
+        await client.files.create(file=("q.jsonl", chunk), purpose="batch")
+    assert err.value.status_code == 413 and "quota" in str(err.value)
+    await client.files.delete(ids[0])
+    await client.files.create(file=("q.jsonl", chunk), purpose="batch")
 
 
 async def test_bad_lines_fail_the_batch_naming_each(batch_stack: BatchStack) -> None:
