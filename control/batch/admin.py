@@ -50,6 +50,7 @@ async def batch_summaries(db: Database, *, tenant: str | None, active: bool,
 
 
 @get("/batches", summary="Batches of all tenants: status, progress, throughput, ETA", tags=["batches"])
-async def list_all_batches(db: Database, tenant: TenantFilter = None, active: bool = False,
+async def list_all_batches(db: Database, tenant: TenantFilter = None,
+                           active: Annotated[bool, QueryParameter()] = False,
                            limit: Limit = 100) -> list[BatchSummary]:
     return await batch_summaries(db, tenant=tenant, active=active, limit=limit)

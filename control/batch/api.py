@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hmac
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, post
 from litestar.exceptions import HTTPException
+from litestar.params import PathParameter
 from litestar.response import File
 from multipart import MultipartError, PushMultipartParser, parse_options_header  # type: ignore[import-untyped]
 
@@ -33,6 +34,7 @@ from control.store.db import Database
 _decode_create = msgspec.json.Decoder(BatchCreate).decode
 _WINDOW = re.compile(r"^([1-9][0-9]{0,4})h$")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+IdPath = Annotated[str, PathParameter(max_length=256)]
 _MAX_FIELD = 256  # bytes of a non-file form field (purpose)
 
 
@@ -121,21 +123,16 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
         return Response(obj)
 
     @get("/files")
-    async def list_files(
-        request: Request[Any, Any, Any],
-        purpose: str | None = None,
-        after: str | None = None,
-        limit: int = 10000,
-    ) -> Response[Any]:
+    async def list_files(request: Request[Any, Any, Any]) -> Response[Any]:
         tenant = tenant_of(request)
+        purpose, after = _query(request, "purpose"), _query(request, "after")
+        limit = _limit(request, 10000, 10000)
         async with db.transaction() as conn:
-            page = await store.list_files(
-                conn, tenant, purpose=purpose, after=after, limit=max(1, min(limit, 10000))
-            )
+            page = await store.list_files(conn, tenant, purpose=purpose, after=after, limit=limit)
         return Response(page)
 
     @get("/files/{file_id:str}")
-    async def get_file(request: Request[Any, Any, Any], file_id: str) -> Response[Any]:
+    async def get_file(request: Request[Any, Any, Any], file_id: IdPath) -> Response[Any]:
         tenant = tenant_of(request)
         async with db.transaction() as conn:
             row = await store.get_file(conn, tenant, checked_id(file_id, "file"))
@@ -144,7 +141,7 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
         return Response(store.file_object(row))
 
     @get("/files/{file_id:str}/content", media_type="application/octet-stream")
-    async def file_content(request: Request[Any, Any, Any], file_id: str) -> File:
+    async def file_content(request: Request[Any, Any, Any], file_id: IdPath) -> File:
         tenant = tenant_of(request)
         async with db.transaction() as conn:
             row = await store.get_file(conn, tenant, checked_id(file_id, "file"))
@@ -158,7 +155,7 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
         )
 
     @delete("/files/{file_id:str}", status_code=200)
-    async def delete_file(request: Request[Any, Any, Any], file_id: str) -> Response[Any]:
+    async def delete_file(request: Request[Any, Any, Any], file_id: IdPath) -> Response[Any]:
         tenant = tenant_of(request)
         async with db.transaction() as conn:
             deleted = await store.mark_file_deleted(conn, tenant, checked_id(file_id, "file"))
@@ -219,16 +216,15 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
         return Response(obj)
 
     @get("/batches")
-    async def list_batches(
-        request: Request[Any, Any, Any], after: str | None = None, limit: int = 20
-    ) -> Response[Any]:
+    async def list_batches(request: Request[Any, Any, Any]) -> Response[Any]:
         tenant = tenant_of(request)
+        after, limit = _query(request, "after"), _limit(request, 20, 100)
         async with db.transaction() as conn:
-            page = await store.list_batches(conn, tenant, after=after, limit=max(1, min(limit, 100)))
+            page = await store.list_batches(conn, tenant, after=after, limit=limit)
         return Response(page)
 
     @get("/batches/{batch_id:str}")
-    async def get_batch(request: Request[Any, Any, Any], batch_id: str) -> Response[Any]:
+    async def get_batch(request: Request[Any, Any, Any], batch_id: IdPath) -> Response[Any]:
         tenant = tenant_of(request)
         async with db.transaction() as conn:
             row = await store.get_batch(conn, tenant, checked_id(batch_id, "batch"))
@@ -237,7 +233,7 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
         return Response(store.batch_object(row))
 
     @post("/batches/{batch_id:str}/cancel", status_code=200)
-    async def cancel_batch(request: Request[Any, Any, Any], batch_id: str) -> Response[Any]:
+    async def cancel_batch(request: Request[Any, Any, Any], batch_id: IdPath) -> Response[Any]:
         tenant = tenant_of(request)
         async with db.transaction() as conn:
             row = await store.cancel_batch(conn, tenant, checked_id(batch_id, "batch"))
@@ -261,6 +257,23 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
         exception_handlers={OpenAIError: _openai_error, HTTPException: _http_error},
         include_in_schema=False,
     )
+
+
+def _query(request: Request[Any, Any, Any], name: str) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and len(value) > 256:
+        raise OpenAIError(400, f"{name} is too long", "invalid_request", name)
+    return value or None
+
+
+def _limit(request: Request[Any, Any, Any], default: int, top: int) -> int:
+    """The ``limit`` query parameter (read here: its errors must be OpenAI-shaped 400s)."""
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= top:
+        raise OpenAIError(400, f"limit must be an integer from 1 to {top}", "invalid_request", "limit")
+    return int(raw)
 
 
 async def _receive_form(

@@ -179,6 +179,9 @@ async def test_bad_requests_get_openai_errors(batch_stack: BatchStack) -> None:
                                     completion_window="24h")
     with pytest.raises(openai.BadRequestError):
         await client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
+    for bad_list in (client.files.list(limit=0), client.batches.list(limit=101)):
+        with pytest.raises(openai.BadRequestError):
+            await bad_list
     with pytest.raises(openai.AuthenticationError):
         await _async(batch_stack, "hpg_wrong").files.list()
 
