@@ -31,7 +31,7 @@ from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.relay import CLIENT_GONE, Exchange
-from gateway.request_view import ask_for_usage, parse_view, with_model
+from gateway.request_view import ask_for_usage, parse_view, with_model, with_priority
 from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
 from gateway.sse import SseScanner, usage_of
 from gateway.upstream_client import UpstreamConnection, UpstreamError, build_request
@@ -174,7 +174,10 @@ class ProxyCall:
         ex.upstream = up
         self.conn.listener = ex
         # The request id goes to the engine too: one id follows a request through gateway and engine logs.
-        up.send(build_request(_POST, self.path, backend.host_header, backend.auth_line, self.body,
+        body = self.body
+        if self.batch and backend.priority:  # backfill: the engine schedules it after interactive work
+            body = with_priority(body, gw.settings.batch_priority)
+        up.send(build_request(_POST, self.path, backend.host_header, backend.auth_line, body,
                               request_id=self.rid), ex)
         return ex
 

@@ -67,6 +67,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     batch_api_url: str | None = None
     files_max_bytes: PositiveInt = 200 * 1024 * 1024  # an upload (413 beyond; the api checks it too)
     batch_api_timeout_s: PositiveFloat = 60.0  # connect + each read of the relayed exchange
+    # vLLM "priority" given to batch requests on endpoints that announce priority scheduling
+    # (lower runs first; interactive requests keep the default 0)
+    batch_priority: int = 10
     # common (no section prefix)
     internal_token: str | None = None  # batch runner -> gateway, gateway -> control API
     database_url: str | None = None

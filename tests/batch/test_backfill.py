@@ -7,14 +7,18 @@ import asyncio
 import io
 import json
 
+import httpx
 import pytest
 
 from control.batch.pacing import Pacer
 from control.batch.validate import split_lines, validate_lines
 from gateway.admission import ModelQueues
+from hpcgate.metrics_text import parse_engine_load
+from hpcgate.schemas import EndpointEntry, EndpointTable, ModelEntry, ModelState
 from tests.batch.conftest import MODEL, TOKEN, BatchStack, chat_line
-from tests.gateway.conftest import SECRET, add_tenant, post, running_gateway
+from tests.gateway.conftest import SECRET, add_tenant, post, raw_exchange, running_gateway
 from tests.support.procs import wait_until
+from tests.support.sim import sim_process
 
 
 def _body(max_tokens: int) -> bytes:
@@ -130,3 +134,42 @@ def test_validation_limits_and_offsets() -> None:
     assert [e.code for e in over.errors] == ["too_many_lines"]
     empty = validate_lines(split_lines(io.BytesIO(b"\n")), ep, lambda m: (m, ""), max_lines=2)
     assert [e.code for e in empty.errors] == ["empty_file"]
+
+
+async def test_priority_is_set_for_batch_requests_where_the_endpoint_announces_it(pg_dsn: str) -> None:
+    """An engine with vLLM's priority scheduling (the simulator's, one sequence at a time) runs an
+    interactive request before batch requests that reached it earlier: the gateway gave the batch
+    requests a lower priority because the endpoint announced it."""
+    tenant_id, key = await add_tenant(pg_dsn, "backfill-priority")
+    async with sim_process("--model", MODEL, "--profile", "paced", "--max-num-seqs", "1",
+                           "--scheduling-policy", "priority") as sim, \
+            running_gateway(static_endpoints=(f"{MODEL}=http://127.0.0.1:9",), database_url=pg_dsn,
+                            key_hash_secret=SECRET, internal_token=TOKEN) as gw:
+        gw.gateway.install_endpoints(EndpointTable(
+            version=2**62, generated_at=0.0, models=(ModelEntry(name=MODEL, state=ModelState.READY),),
+            endpoints=(EndpointEntry(endpoint_id=1, model=MODEL, url=sim.url, node="127.0.0.1", port=sim.port,
+                                     endpoint_job_id=1, ready=True, priority=True),)))
+        r0, w0 = await _send(gw.port, post("/v1/chat/completions", _body(2000), key))  # holds the engine
+        assert (await asyncio.wait_for(r0.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+        done: list[str] = []
+
+        async def one(name: str, data: bytes) -> None:
+            reply = await raw_exchange(gw.port, data, timeout=30)
+            assert reply.status == 200, reply.body
+            done.append(name)
+
+        plain = json.dumps({"model": MODEL, "max_tokens": 4, "ignore_eos": True,
+                            "messages": [{"role": "user", "content": "hi"}]}).encode()
+        batch = [asyncio.create_task(one(f"batch-{i}", _batch_request(tenant_id, plain))) for i in range(3)]
+        await wait_until(lambda: _engine_waiting(sim.url, 3), 10, "the batch requests to wait in the engine")
+        chat = asyncio.create_task(one("chat", post("/v1/chat/completions", plain, key)))
+        await wait_until(lambda: _engine_waiting(sim.url, 4), 10, "the interactive request to wait too")
+        w0.transport.abort()  # the engine's one slot frees
+        await asyncio.gather(chat, *batch)
+        assert done[0] == "chat", done
+
+
+async def _engine_waiting(url: str, n: int) -> bool:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).content
+    return parse_engine_load(text).waiting == n

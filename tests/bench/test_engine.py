@@ -120,3 +120,20 @@ def test_kv_cache_full_preempts_newest() -> None:
     assert engine.kv_usage() == 1.0  # 2 blocks each, of 4
     run_steps(engine, 1.0, 17)  # a needs a third block for its 33rd token: b (newest) is preempted
     assert b.state == WAITING and engine.waiting[0] is b and a.state == RUNNING
+
+
+def test_priority_policy_admits_lower_priority_values_first() -> None:
+    rec = Recorder()
+    engine = Engine(PROFILE, rec, by_priority=True)
+    batch = [Seq(10, 3, max_tokens=3, seed=1, sink=rec, arrival=0.0, priority=10) for _ in range(3)]
+    chat = [Seq(10, 3, max_tokens=3, seed=1, sink=rec, arrival=0.1, priority=0) for _ in range(2)]
+    for s in (*batch, *chat):
+        engine.add(s)
+    assert list(engine.waiting) == [*chat, *batch]  # FIFO within a level
+    engine.schedule(0.0)
+    assert [s.state for s in chat] == [RUNNING, RUNNING] and all(s.state == WAITING for s in batch)
+    fcfs = Engine(PROFILE, rec)
+    for s in (*batch, *chat):
+        s.state = WAITING
+        fcfs.add(s)
+    assert list(fcfs.waiting) == [*batch, *chat]

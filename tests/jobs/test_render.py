@@ -173,3 +173,18 @@ def test_no_secret_reaches_a_command_line(template: str) -> None:
 
 def test_every_builtin_template_is_covered() -> None:
     assert builtin_templates() == sorted(_LAYOUT_OF)
+
+
+def test_priority_scheduling_is_announced_and_given_to_the_simulator() -> None:
+    plain = render(_ctx("sim", {"sim_profile": "fast"}))
+    assert "export HPCGATE_JOB_CAPABILITIES=chat,completions\n" in plain
+    assert "--scheduling-policy" not in plain
+    for args in (("--scheduling-policy", "priority"), ("--scheduling-policy=priority",)):
+        text = render(_ctx("sim", {"sim_profile": "fast"}, engine_args=args))
+        assert "export HPCGATE_JOB_CAPABILITIES=chat,completions,priority\n" in text
+        assert "--profile fast --scheduling-policy priority" in text
+        _check_bash_syntax(text)
+    vllm = render(_ctx("vllm", {"image": "/i.sif", "gpus_per_node": 1},
+                       engine_args=("--scheduling-policy", "priority")))
+    assert "HPCGATE_JOB_CAPABILITIES=chat,completions,priority" in vllm
+    assert "--scheduling-policy priority" in vllm
