@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from litestar import get
+from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 
 from control.batch.wire import ACTIVE_STATUSES
@@ -50,7 +51,7 @@ async def batch_summaries(db: Database, *, tenant: str | None, active: bool,
 
 
 @get("/batches", summary="Batches of all tenants: status, progress, throughput, ETA", tags=["batches"])
-async def list_all_batches(db: Database, tenant: TenantFilter = None,
+async def list_all_batches(db: NamedDependency[Database], tenant: TenantFilter = None,
                            active: Annotated[bool, QueryParameter()] = False,
                            limit: Limit = 100) -> list[BatchSummary]:
     return await batch_summaries(db, tenant=tenant, active=active, limit=limit)
