@@ -1,5 +1,5 @@
-"""``hpcgate bench run|table|overhead|footprint``: the load driver, Table 1 reproduction, proxy
-overhead, and the install's footprint.
+"""``hpcgate bench run|table|overhead|footprint|batch``: the load driver, Table 1 reproduction,
+proxy overhead, the install's footprint, and the batch machinery (bench/batch.py).
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
+from bench import batch as batch_bench
 from bench import footprint
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
@@ -33,6 +34,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "table": ("numpy", "matplotlib", "psutil"),
     "overhead": ("numpy", "psutil"),
     "footprint": (),
+    "batch": ("numpy", "psutil"),
 }
 
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _table_parser(sub)
     _overhead_parser(sub)
     footprint.add_parser(sub)
+    batch_bench.add_parser(sub)
     return parser
 
 
@@ -170,6 +173,10 @@ def main(argv: list[str]) -> int:
         from bench.table import cmd_table
 
         return cmd_table(args, settings.results_dir)
+    if args.command == "batch":
+        from bench.batch import cmd_batch
+
+        return cmd_batch(args, settings.results_dir)
     from bench.overhead import cmd_overhead
 
     return cmd_overhead(args, settings.results_dir)
