@@ -204,7 +204,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
              "HPCGATE_GATEWAY_QUEUE_TIMEOUT_S": "600", "HPCGATE_GATEWAY_ACCESS_LOG": "false"},
             f"http://127.0.0.1:{gw_port}/health", work / "gateway.log"))
         gw = f"http://127.0.0.1:{gw_port}"
-        runner = await _start([hpcgate, "control", "batches", "--log-level", "info"],
+        runner = await _start([hpcgate, "control", "batches", "--log-level", "debug"],
                               {**base_env, "HPCGATE_BATCHES_GATEWAY_URL": gw, "HPCGATE_BATCHES_POLL_S": "0.2",
                                "HPCGATE_BATCHES_MAX_CONCURRENCY": str(2 * a.slots),
                                "HPCGATE_BATCHES_CONTROL_STEP_S": "0.5"},

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import time
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import asyncpg
@@ -30,12 +32,13 @@ import msgspec
 
 from control.batch import finalize, results
 from control.batch.filestore import FileStore
+from control.batch.http1 import Http1Client, Http1Error
 from control.batch.metrics import serve_metrics
 from control.batch.pacing import Pacer
 from control.settings import BatchRunnerSettings
 from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger
-from hpcgate.metrics_text import parse_engine_load
+from hpcgate.metrics_text import EngineLoad, parse_engine_load
 
 log = get_logger("hpcgate.control.batches")
 
@@ -60,6 +63,7 @@ _ENGINES = """SELECT c.name, e.node, e.port FROM ai_model_endpoints e
                 JOIN ai_model_configurations c USING (model_id)
                WHERE e.ready_at IS NOT NULL AND NOT e.draining"""
 
+WRITE_BATCH = 500  # results per transaction at most
 CLEANUP_EVERY_S = 60.0  # expired files are looked for this often
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -94,7 +98,10 @@ class BatchRunner:
     ) -> None:
         self.s = settings
         self.pool = pool
-        self.client = client
+        self.client = client  # the engines' /metrics (once per control step)
+        gateway = urlsplit(settings.gateway_url)
+        self.gateway = Http1Client(gateway.hostname or "127.0.0.1", gateway.port or 80)  # batch requests
+        self._path_prefix = gateway.path.rstrip("/")
         self.files = FileStore(settings.batch_dir)
         self.runner_id = runner_id or f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"
         self.pacers: dict[str, Pacer] = {}
@@ -105,6 +112,8 @@ class BatchRunner:
         self.tasks: set[asyncio.Task[None]] = set()
         self.running: dict[UUID, asyncio.Task[None]] = {}
         self._next_cleanup = 0.0
+        self._pending: list[tuple[Claim, results.LineResult, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self.done_lines = 0
         self.failed_lines = 0
         self._wake = asyncio.Event()
@@ -137,6 +146,9 @@ class BatchRunner:
             for t in (*helpers, *self.tasks):
                 t.cancel()
             await asyncio.gather(*helpers, *self.tasks, return_exceptions=True)
+            if self._writer is not None:  # results already handed to the writer are stored
+                await asyncio.gather(self._writer, return_exceptions=True)
+            self.gateway.close()
             log.info("batch_runner_stopped", runner=self.runner_id)
 
     async def tick(self) -> None:
@@ -226,26 +238,32 @@ class BatchRunner:
         """Each control step: the engines' waiting requests per model -> each model's limit."""
         while True:
             await asyncio.sleep(self.s.control_step_s)
-            waiting = await self._scrape_waiting() if self.pacers else {}
+            loads = await self._scrape_loads() if self.pacers else {}
             for model, pacer in self.pacers.items():
                 old = pacer.limit
-                pacer.step(waiting.get(model), model in self.pushed_back, self.inflight.get(model, 0))
+                load = loads.get(model)
+                # Requests arriving between two engine steps are "waiting" until the next one: a
+                # few waiting is the engine's own rhythm; more than a share of those running is a
+                # queue that interactive requests would wait in.
+                excess = None if load is None else load[1] - max(1.0, self.s.waiting_tolerance * load[0])
+                pacer.step(excess, model in self.pushed_back, self.inflight.get(model, 0))
                 if pacer.limit != old:
                     log.debug("batch_concurrency", model=model, old=old, new=pacer.limit)
             self.pushed_back.clear()
             self._wake.set()
 
-    async def _scrape_waiting(self) -> dict[str, float]:
+    async def _scrape_loads(self) -> dict[str, tuple[float, float]]:
+        """(running, waiting) per model, summed over the model's ready endpoints."""
         try:
             async with self.pool.acquire() as conn:
                 engines = await conn.fetch(_ENGINES)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             return {}
 
-        async def one(name: str, url: str) -> tuple[str, float | None]:
+        async def one(name: str, url: str) -> tuple[str, EngineLoad | None]:
             try:
                 r = await self.client.get(url, timeout=1.0)
-                return name, parse_engine_load(r.content).waiting
+                return name, parse_engine_load(r.content)
             except httpx.HTTPError:
                 return name, None
 
@@ -256,11 +274,12 @@ class BatchRunner:
                 if e["name"] in self.pacers
             )
         )
-        waiting: dict[str, float] = {}
-        for name, w in found:
-            if w is not None:
-                waiting[name] = waiting.get(name, 0.0) + w
-        return waiting
+        loads: dict[str, tuple[float, float]] = {}
+        for name, load in found:
+            if load is not None and load.waiting is not None:
+                running, waiting = loads.get(name, (0.0, 0.0))
+                loads[name] = (running + (load.running or 0.0), waiting + load.waiting)
+        return loads
 
     # -- one line --------------------------------------------------------------------------------
     async def _run_line(self, c: Claim) -> None:
@@ -292,83 +311,108 @@ class BatchRunner:
             )
         headers = {
             "content-type": "application/json",
-            "x-request-id": lid,
+            "x-request-id": lid.replace("_", "-"),  # the gateway takes [A-Za-z0-9._:-] ids
             "x-hpcgate-internal-token": self.s.internal_token,
             "x-hpcgate-tenant-id": str(c.tenant_id),
         }
-        url = self.s.gateway_url.rstrip("/") + c.endpoint
+        path = self._path_prefix + c.endpoint
         backoff = Backoff(0.5, 10.0)
         last: results.LineResult | None = None
         for attempt in range(self.s.max_attempts):
             if attempt:
                 await asyncio.sleep(backoff.next_delay())
             try:
-                r = await self.client.post(
-                    url, content=body, headers=headers, timeout=self.s.request_timeout_s
-                )
-            except httpx.HTTPError as exc:
-                last = results.unanswered(lid, c.custom_id, "request_failed", f"no answer: {exc!r}")
+                status, answer_headers, answer = await self.gateway.post(
+                    path, body, headers, timeout=self.s.request_timeout_s)
+            except Http1Error as exc:
+                last = results.unanswered(lid, c.custom_id, "request_failed", f"no answer: {exc}")
                 continue
-            last = results.answered(
-                lid, c.custom_id, r.status_code, r.headers.get("x-request-id", lid), r.content
-            )
-            if r.status_code not in _RETRY_STATUS:
+            rid = answer_headers.get(b"x-request-id", b"").decode("latin-1") or lid
+            last = results.answered(lid, c.custom_id, status, rid, answer)
+            if status not in _RETRY_STATUS:
                 break
-            if r.status_code in (429, 503):
+            if status in (429, 503):
                 self.pushed_back.add(c.model)
         assert last is not None
         return last
 
     async def _record(self, c: Claim, res: results.LineResult) -> None:
-        """Store the result, if this claim still holds the line and the batch is not final."""
-        try:
-            await self._store(c, res)
-        except _LineTakenOverError:
-            return
-        if res.ok:
-            self.done_lines += 1
-        else:
-            self.failed_lines += 1
+        """Store the result, if this claim still holds the line and the batch is not final.
 
-    async def _store(self, c: Claim, res: results.LineResult) -> None:
+        Group commit: results that finish while a write is in progress are written together by
+        the next one (one transaction for many lines instead of one per line); each waits for
+        the transaction that holds it."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((c, res, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        if await done:
+            if res.ok:
+                self.done_lines += 1
+            else:
+                self.failed_lines += 1
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            items, self._pending = self._pending[:WRITE_BATCH], self._pending[WRITE_BATCH:]
+            try:
+                stored = await self._store(items)
+            except Exception as exc:  # the lines stay claimed; their lease runs out, they run again
+                for _, _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for c, _, fut in items:
+                if not fut.done():
+                    fut.set_result(c.claim in stored)
+
+    async def _store(self, items: list[tuple[Claim, results.LineResult, asyncio.Future[bool]]]) -> set[UUID]:
+        """One transaction: lock the batches that are still live (in batch id order, so two
+        runners cannot deadlock), store the lines this runner still holds, add their counts."""
         async with self.pool.acquire() as conn, conn.transaction():
-            live = await conn.fetchval(
-                """UPDATE batches SET completed = completed + $2, failed = failed + $3,
-                          prompt_tokens = prompt_tokens + $4, completion_tokens = completion_tokens + $5
-                    WHERE batch_id = $1 AND status IN ('in_progress', 'cancelling', 'finalizing')
-                    RETURNING true""",
-                c.batch_id,
-                int(res.ok),
-                int(not res.ok),
-                res.prompt_tokens,
-                res.completion_tokens,
-            )
-            if not live:
-                return
-            stored = await conn.fetchval(
-                """UPDATE batch_lines SET state = 'done', ok = $4, result = $5, lease_until = NULL,
+            live = {r["batch_id"] for r in await conn.fetch(
+                """SELECT batch_id FROM batches
+                    WHERE batch_id = ANY($1::text[]) AND status IN ('in_progress', 'cancelling', 'finalizing')
+                    ORDER BY batch_id FOR NO KEY UPDATE""",
+                list({c.batch_id for c, _, _ in items}))}
+            mine = [(c, r) for c, r, _ in items if c.batch_id in live]
+            if not mine:
+                return set()
+            rows = await conn.fetch(
+                """UPDATE batch_lines l SET state = 'done', ok = u.ok, result = u.result, lease_until = NULL,
                           done_by = $6
-                    WHERE batch_id = $1 AND line_no = $2 AND claim = $3 AND state = 'claimed'
-                    RETURNING true""",
-                c.batch_id,
-                c.line_no,
-                c.claim,
-                res.ok,
-                res.line,
-                self.runner_id,
-            )
-            if not stored:  # another runner took the line over (our lease had run out): undo the counts
-                raise _LineTakenOverError
-
-
-class _LineTakenOverError(Exception):
-    pass
+                     FROM unnest($1::text[], $2::int[], $3::uuid[], $4::bool[], $5::bytea[])
+                          AS u(batch_id, line_no, claim, ok, result)
+                    WHERE l.batch_id = u.batch_id AND l.line_no = u.line_no AND l.claim = u.claim
+                      AND l.state = 'claimed'
+                RETURNING l.claim""",
+                [c.batch_id for c, _ in mine], [c.line_no for c, _ in mine], [c.claim for c, _ in mine],
+                [r.ok for _, r in mine], [r.line for _, r in mine], self.runner_id)
+            stored = {r["claim"] for r in rows}  # a line another runner took over is not among them
+            counts: dict[str, list[int]] = {}
+            for c, r in mine:
+                if c.claim in stored:
+                    k = counts.setdefault(c.batch_id, [0, 0, 0, 0])
+                    k[0 if r.ok else 1] += 1
+                    k[2] += r.prompt_tokens
+                    k[3] += r.completion_tokens
+            if counts:
+                ids = sorted(counts)
+                await conn.execute(
+                    """UPDATE batches b SET completed = b.completed + d.ok, failed = b.failed + d.bad,
+                              prompt_tokens = b.prompt_tokens + d.p,
+                              completion_tokens = b.completion_tokens + d.c
+                         FROM unnest($1::text[], $2::int[], $3::int[], $4::bigint[], $5::bigint[])
+                              AS d(batch_id, ok, bad, p, c)
+                        WHERE b.batch_id = d.batch_id""",
+                    ids, *([counts[i][k] for i in ids] for k in range(4)))
+            return stored
 
 
 async def serve(settings: BatchRunnerSettings, stop: asyncio.Event) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one log line per batch request
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=settings.db_pool_size)
-    limits = httpx.Limits(max_connections=settings.max_concurrency * 4 + 8)
-    async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s) as client:
+    async with httpx.AsyncClient(timeout=settings.request_timeout_s) as client:
         runner = BatchRunner(settings, pool, client)
         if settings.metrics_port:
             serve_metrics(runner, settings.metrics_host, settings.metrics_port)
