@@ -62,6 +62,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--interactive-requests", type=int, default=200,
                    help="requests of the interactive load (default 200)")
     p.add_argument("--interactive-rate", type=float, default=10.0, help="req/s (default 10)")
+    p.add_argument("--waiting-tolerance", type=float,
+                   help="the runner's batches.waiting_tolerance (default: the runner's default)")
     p.add_argument("--admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="where to create (and drop) the run's database")
     p.add_argument("--result-file", help="where to write the JSON results")
@@ -204,10 +206,12 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
              "HPCGATE_GATEWAY_QUEUE_TIMEOUT_S": "600", "HPCGATE_GATEWAY_ACCESS_LOG": "false"},
             f"http://127.0.0.1:{gw_port}/health", work / "gateway.log"))
         gw = f"http://127.0.0.1:{gw_port}"
-        runner = await _start([hpcgate, "control", "batches", "--log-level", "debug"],
+        runner = await _start([hpcgate, "control", "batches", "--log-level", "info"],
                               {**base_env, "HPCGATE_BATCHES_GATEWAY_URL": gw, "HPCGATE_BATCHES_POLL_S": "0.2",
                                "HPCGATE_BATCHES_MAX_CONCURRENCY": str(2 * a.slots),
-                               "HPCGATE_BATCHES_CONTROL_STEP_S": "0.5"},
+                               "HPCGATE_BATCHES_CONTROL_STEP_S": "0.5",
+                               **({"HPCGATE_BATCHES_WAITING_TOLERANCE": str(a.waiting_tolerance)}
+                                  if a.waiting_tolerance is not None else {})},
                               "batch_runner_started", work / "runner.log")
         started.append(runner)
         client = httpx.AsyncClient(base_url=gw, headers={"authorization": f"Bearer {key}"}, timeout=600)

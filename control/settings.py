@@ -97,7 +97,8 @@ class BatchRunnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     control_step_s: PositiveFloat = 1.0
     # Engines' waiting requests tolerated, as a share of their running ones (at least 1): a
     # request arriving between two engine steps waits until the next; more is a queue.
-    waiting_tolerance: Annotated[float, msgspec.Meta(ge=0)] = 0.125
+    waiting_tolerance: Annotated[float, msgspec.Meta(ge=0)] = 0.25
+    contention_steps: PositiveInt = 3  # control steps in a row with a queue before backing off
     request_timeout_s: PositiveFloat = 600.0
     max_attempts: PositiveInt = 3  # a line that gets 429/5xx/connection errors, before the error file
     cancel_grace_s: PositiveFloat = 60.0  # in-flight lines of a cancelled/expired batch, then abandoned

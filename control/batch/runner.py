@@ -172,7 +172,8 @@ class BatchRunner:
             for model in self.backlog:
                 pacer = self.pacers.get(model)
                 if pacer is None:
-                    pacer = self.pacers[model] = Pacer(s.min_concurrency, s.max_concurrency)
+                    pacer = self.pacers[model] = Pacer(s.min_concurrency, s.max_concurrency,
+                                                       s.contention_steps)
                 room = pacer.limit - self.inflight.get(model, 0)
                 if room <= 0 or self._stopping:
                     continue

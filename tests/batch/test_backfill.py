@@ -95,13 +95,15 @@ async def test_model_queue_wakes_interactive_before_batch() -> None:
 
 
 def test_pacer_grows_while_idle_and_halves_when_requests_wait() -> None:
-    p = Pacer(1, 12)
+    p = Pacer(1, 12, patience=2)
     assert [p.step(0, False, p.limit) for _ in range(3)] == [2, 4, 8]  # slow start
     assert p.step(0, False, 0) == 8  # an unused limit does not grow
-    assert p.step(3, False, 8) == 4  # the engines have waiting requests: back off
-    assert [p.step(0, False, p.limit) for _ in range(2)] == [5, 6]  # then one at a time
-    assert p.step(None, True, 6) == 3  # pushed back by the gateway
-    assert p.step(None, False, 3) == 4  # no scrape, no push-back: grow
+    assert p.step(3, False, 8) == 8  # a queue once: hold (a request between two engine steps)
+    assert p.step(0, False, 8) == 12  # gone: grow again
+    assert [p.step(3, False, 12) for _ in range(2)] == [12, 6]  # a queue that stays: back off
+    assert [p.step(0, False, p.limit) for _ in range(2)] == [7, 8]  # then one at a time
+    assert p.step(None, True, 8) == 4  # pushed back by the gateway: at once
+    assert p.step(None, False, 4) == 5  # no scrape, no push-back: grow
     p.limit = 12
     assert p.step(0, False, 12) == 12  # never above the maximum
 
