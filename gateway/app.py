@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Coroutine
@@ -105,6 +106,9 @@ class Gateway:
         self.metrics.add_state(self._state_view)
         self.api_relay = ApiRelay(s) if s.batch_api_url else None
         self._internal_token = s.internal_token.encode() if s.internal_token else None
+        # Batch requests leave a share of each endpoint's slots to interactive ones (with a cap).
+        cap = s.endpoint_max_inflight
+        self.batch_max_inflight = max(1, math.floor(cap * (1.0 - s.batch_headroom))) if cap else 0
 
     def batch_principal(self, token: bytes, tenant: bytes | None) -> Principal:
         """A batch runner's request: it proves itself with the internal token and names the

@@ -145,7 +145,7 @@ class ProxyCall:
         if self.batch and gw.queues.length(self.route.name):
             return False  # interactive requests wait for this model: go behind them (slow path)
         backend = choose(self.route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                         max_inflight=s.endpoint_max_inflight)
+                         max_inflight=gw.batch_max_inflight if self.batch else s.endpoint_max_inflight)
         if backend is None:
             return False
         up = backend.pool.take_idle()
@@ -305,8 +305,9 @@ class ProxyCall:
             if self.batch and gw.queues.length(route.name):
                 backend = None  # interactive requests are waiting: they go first
             else:
+                cap = gw.batch_max_inflight if self.batch else s.endpoint_max_inflight
                 backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                                 max_inflight=s.endpoint_max_inflight, exclude=self.tried)
+                                 max_inflight=cap, exclude=self.tried)
             if backend is None:
                 if self.tried:
                     raise upstream_error(self.last)

@@ -70,6 +70,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # vLLM "priority" given to batch requests on endpoints that announce priority scheduling
     # (lower runs first; interactive requests keep the default 0)
     batch_priority: int = 10
+    # share of endpoint_max_inflight that batch requests leave free for interactive ones (a
+    # request arriving then starts at once instead of waiting for a batch request to end)
+    batch_headroom: Ratio = 0.1
     # common (no section prefix)
     internal_token: str | None = None  # batch runner -> gateway, gateway -> control API
     database_url: str | None = None

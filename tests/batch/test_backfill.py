@@ -178,3 +178,20 @@ async def _engine_waiting(url: str, n: int) -> bool:
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"{url}/metrics")).content
     return parse_engine_load(text).waiting == n
+
+
+async def test_batch_requests_leave_headroom_for_interactive(batch_stack: BatchStack) -> None:
+    tenant_id, key = await add_tenant(batch_stack.dsn, "backfill-headroom")
+    async with running_gateway(static_endpoints=(f"{MODEL}={batch_stack.sim.url}",),
+                               database_url=batch_stack.dsn, key_hash_secret=SECRET, internal_token=TOKEN,
+                               endpoint_max_inflight=2, batch_headroom=0.5) as gw:
+        queues = gw.gateway.queues
+        r0, w0 = await _send(gw.port, _batch_request(tenant_id, _body(2000)))  # the batch share: 1 slot
+        assert (await asyncio.wait_for(r0.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+        _, wb = await _send(gw.port, _batch_request(tenant_id, _body(4)))
+        await wait_until(lambda: queues.batch_length(MODEL) == 1, 10, "the second batch request to wait")
+        ri, wi = await _send(gw.port, post("/v1/chat/completions", _body(4), key))
+        head = await asyncio.wait_for(ri.readuntil(b"\r\n\r\n"), 10)  # the free slot is interactive's
+        assert head.startswith(b"HTTP/1.1 200") and queues.batch_length(MODEL) == 1
+        for w in (w0, wb, wi):
+            w.transport.abort()
