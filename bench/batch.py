@@ -162,19 +162,30 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-async def _run_batch(client: httpx.AsyncClient, data: bytes) -> dict[str, Any]:
-    """Upload, create, poll to the end (the SDK's calls, made with httpx: the bench extra does
-    not install the SDK)."""
+async def _start_batch(client: httpx.AsyncClient, data: bytes) -> str:
+    """Upload and create (the SDK's calls, made with httpx: the bench extra has no SDK)."""
     r = await client.post("/v1/files", files={"file": ("bench.jsonl", data)}, data={"purpose": "batch"})
     r.raise_for_status()
     create = {"input_file_id": r.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     r = await client.post("/v1/batches", json=create)
     r.raise_for_status()
-    batch: dict[str, Any] = r.json()
-    while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
-        await asyncio.sleep(0.5)
-        batch = (await client.get(f"/v1/batches/{batch['id']}")).json()
-    return batch
+    return str(r.json()["id"])
+
+
+async def _wait_batch(client: httpx.AsyncClient, batch_id: str, *,
+                      until_done: int | None = None) -> dict[str, Any]:
+    """Poll until the batch ends (or, with ``until_done``, until that many lines are done)."""
+    while True:
+        batch: dict[str, Any] = (await client.get(f"/v1/batches/{batch_id}")).json()
+        if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        if until_done is not None and batch["request_counts"]["completed"] >= until_done:
+            return batch
+        await asyncio.sleep(0.2)
+
+
+async def _run_batch(client: httpx.AsyncClient, data: bytes) -> dict[str, Any]:
+    return await _wait_batch(client, await _start_batch(client, data))
 
 
 async def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -251,11 +262,10 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
                             label="interactive")
         wl = _workload(a.interactive_requests, a.prompt_tokens, a.output_tokens, "interactive")
         alone = await run_benchmark(inter, wl, progress=False)
-        backfill = asyncio.create_task(_run_batch(client, _lines(a.backfill_lines, a.prompt_tokens,
-                                                                 a.output_tokens, "bf")))
-        await asyncio.sleep(3.0)  # the runner has claimed lines and ramped up
+        bf_id = await _start_batch(client, _lines(a.backfill_lines, a.prompt_tokens, a.output_tokens, "bf"))
+        await _wait_batch(client, bf_id, until_done=min(a.backfill_lines, 4 * a.slots))  # it is running
         during = await run_benchmark(inter, wl, progress=False)
-        bf = await backfill
+        bf = await _wait_batch(client, bf_id)
         am, wm = alone["metrics"], during["metrics"]
         assert isinstance(am, dict) and isinstance(wm, dict)
         print(f"[batch] interactive TTFT p50/p99 alone {am['median_ttft_ms']:.1f}/"
