@@ -1,6 +1,6 @@
-"""``hpcgate bench run|table|calibrate|overhead|footprint|connections``: the load driver, Table 1
-reproduction, the simulator's calibration to it, proxy overhead, the install's footprint, and
-the gateway's memory per connection.
+"""``hpcgate bench run|table|calibrate|overhead|footprint|connections|batch``: the load driver,
+Table 1 reproduction, the simulator's calibration to it, proxy overhead, the install's footprint,
+the gateway's memory per connection, and the batch machinery (bench/batch.py).
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
+from bench import batch as batch_bench
 from bench import connections, footprint
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
@@ -36,6 +37,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "overhead": ("numpy", "psutil"),
     "footprint": (),
     "connections": ("psutil",),
+    "batch": ("numpy", "psutil"),
 }
 
 
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _overhead_parser(sub)
     footprint.add_parser(sub)
     connections.add_parser(sub)
+    batch_bench.add_parser(sub)
     return parser
 
 
@@ -196,6 +199,10 @@ def main(argv: list[str]) -> int:
         from bench.table import cmd_table
 
         return cmd_table(args, settings.results_dir)
+    if args.command == "batch":
+        from bench.batch import cmd_batch
+
+        return cmd_batch(args, settings.results_dir)
     from bench.overhead import cmd_overhead
 
     return cmd_overhead(args, settings.results_dir)

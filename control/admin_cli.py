@@ -21,7 +21,7 @@ from control.admin_client import AdminApiError, AdminClient, seg
 from control.admin_render import render
 from control.settings import DEFAULT_CONTROL_URL, AdminSettings
 from control.ui_tickets import LOGIN, LOGIN_TTL_S, SESSION_TTL_S, sign
-from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Tribunal, Usage
+from control.wire import ApiKey, BatchSummary, Endpoint, Job, KeyCreated, Model, Tenant, Tribunal, Usage
 from hpcgate.settings import SettingsError, load_settings
 
 T = TypeVar("T")
@@ -457,6 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
         "drain an endpoint",
     ).add_argument("endpoint_id", type=int)
 
+    p = cmd(
+        groups,
+        "batches",
+        lambda c, a: _do(c, list[BatchSummary], "GET", "/admin/batches",
+                         query={"tenant": a.tenant, "active": a.active or None}),
+        "batches of all tenants: status, progress, throughput (lines/s), ETA (s)",
+    )
+    p.add_argument("--tenant", help="only this tenant's batches")
+    p.add_argument("--active", action="store_true", help="only batches still running")
     p = cmd(
         groups,
         "usage",

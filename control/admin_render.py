@@ -9,6 +9,7 @@ import msgspec
 
 from control.wire import (
     ApiKey,
+    BatchSummary,
     Endpoint,
     Job,
     JurorSpec,
@@ -45,6 +46,8 @@ _COLUMNS: dict[type, tuple[str, ...]] = {
         "slurm_template",
     ),
     Tribunal: ("model", "jurors", "judge", "fallback_judge", "rounds", "quorum", "peer_review", "deadline_s"),
+    BatchSummary: ("batch_id", "tenant", "status", "total", "completed", "failed", "progress_pct",
+                   "lines_per_s", "eta_s", "expires_at"),
     Job: ("endpoint_job_id", "model", "state", "launcher", "launcher_job_id", "node", "port", "state_reason"),
     Endpoint: (
         "endpoint_id",

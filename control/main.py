@@ -15,6 +15,7 @@ DAEMONS: dict[str, tuple[str, str]] = {
     "api": ("control.api.main", "registration API, admin API and Prometheus HTTP SD (granian)"),
     "health": ("control.health.main", "Endpoint Worker: probes, readiness, expiry, publishes tables"),
     "jobs": ("control.jobs.main", "Job Worker: reconciles desired instances with Slurm/local jobs"),
+    "batches": ("control.batch.main", "batch runner: Batch API lines through the gateway, as backfill"),
     "register": ("control.jobs.register_client", "job side: register this job, print its port"),
 }
 

@@ -17,6 +17,7 @@ from hpcgate.settings import HttpUrl, LogLevel, Port, PositiveFloat, PostgresUrl
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/hpcgate"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_CONTROL_URL = "http://127.0.0.1:8081"
+DEFAULT_BATCH_DIR = "var/batch"
 
 PortNumber = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -41,6 +42,14 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Site template directories, as the Job Worker's jobs.template_dirs: a model's template is
     # checked against them (and the built-in ones) when it is created or changed.
     template_dirs: tuple[str, ...] = ()
+    # The Files and Batch APIs (control/batch/api.py, docs/batch.md), reached through the gateway.
+    internal_token: str = ""  # the gateways' shared secret; empty: /v1/files and /v1/batches refuse
+    batch_dir: str = DEFAULT_BATCH_DIR
+    files_max_bytes: PositiveInt = 200 * 1024 * 1024  # one upload; beyond: 413
+    files_retention_s: PositiveFloat = 30 * 86400.0  # files are deleted this long after upload
+    tenant_max_stored_bytes: PositiveInt = 10 * 1024**3  # a tenant's files together; beyond: 413
+    tenant_max_active_batches: PositiveInt = 16  # validating/in_progress/finalizing/cancelling
+    batch_max_window_h: Annotated[int, msgspec.Meta(ge=24)] = 24  # longest completion_window allowed
 
     def __post_init__(self) -> None:
         if self.port_range_end < self.port_range_start:
@@ -67,6 +76,36 @@ class HealthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     observe_interval_s: PositiveFloat = 10.0
     # A second replica stands by (control/singleton.py): lock poll and check interval.
     standby_poll_s: Annotated[float, msgspec.Meta(gt=0, le=2.5)] = 1.0
+
+
+class BatchRunnerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``hpcgate control batches``: the batch runner (``HPCGATE_BATCHES_*``, ``[batches]``)."""
+
+    database_url: PostgresUrl = DEFAULT_DATABASE_URL
+    internal_token: str = ""  # presented to the gateway with each batch request; required
+    batch_dir: str = DEFAULT_BATCH_DIR
+    log_level: LogLevel = "info"
+    gateway_url: HttpUrl = "http://127.0.0.1:8000"  # batch requests go through the gateway
+    poll_s: PositiveFloat = 1.0  # how often idle runners look for work
+    lease_s: PositiveFloat = 30.0  # a claimed line's lease; renewed while its request runs
+    max_lines: PositiveInt = 50_000  # lines per batch
+    max_errors: PositiveInt = 100  # validation errors reported in errors.data
+    files_retention_s: PositiveFloat = 30 * 86400.0  # output and error files, as the api's uploads
+    # Concurrency per model: starts at min, grows by one per step while the engines have no
+    # waiting requests, halves as soon as they do (AIMD), never above max.
+    min_concurrency: PositiveInt = 1
+    max_concurrency: PositiveInt = 64
+    control_step_s: PositiveFloat = 1.0
+    # Engines' waiting requests tolerated, as a share of their running ones (at least 1): a
+    # request arriving between two engine steps waits until the next; more is a queue.
+    waiting_tolerance: Annotated[float, msgspec.Meta(ge=0)] = 0.25
+    contention_steps: PositiveInt = 3  # control steps in a row with a queue before backing off
+    request_timeout_s: PositiveFloat = 600.0
+    max_attempts: PositiveInt = 3  # a line that gets 429/5xx/connection errors, before the error file
+    cancel_grace_s: PositiveFloat = 60.0  # in-flight lines of a cancelled/expired batch, then abandoned
+    db_pool_size: PositiveInt = 4
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port = 0  # Prometheus /metrics of the runner; 0: not served
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -393,3 +393,24 @@ class SdTargetGroup(Struct, kw_only=True):
 
 def encode(value: object) -> bytes:
     return msgspec.json.encode(value)
+
+
+# Batches, for operators (GET /admin/batches; the tenants' own view is OpenAI's, control/batch).
+BatchStatusName = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired",
+                          "cancelling", "cancelled"]
+
+
+class BatchSummary(Struct, kw_only=True):
+    batch_id: str
+    tenant: str
+    status: BatchStatusName
+    endpoint: str
+    total: int
+    completed: int
+    failed: int
+    progress_pct: float  # (completed + failed) / total
+    lines_per_s: float | None  # since in_progress; None before
+    eta_s: float | None  # remaining lines at that rate; None when unknown or finished
+    created_at: datetime
+    in_progress_at: datetime | None
+    expires_at: datetime

@@ -2,7 +2,9 @@
 
 The model queue is the paper's queue: when every instance of a model is saturated, requests
 wait in a bounded FIFO (per model) and are woken one at a time as requests on that model end;
-a full queue or a wait past the timeout is a 503.
+a full queue or a wait past the timeout is a 503. Batch requests (from the batch runner) wait
+in a second FIFO per model that is woken only when no interactive request waits, and a batch
+request never takes a slot while interactive ones wait (gateway.proxy): backfill.
 """
 
 from __future__ import annotations
@@ -15,21 +17,28 @@ from gateway.errors import ApiError
 
 
 class ModelQueues:
-    __slots__ = ("_loop", "_waiters")
+    __slots__ = ("_batch", "_loop", "_waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}  # interactive
+        self._batch: dict[str, deque[asyncio.Future[None]]] = {}  # batch: only after interactive
 
     def length(self, model: str) -> int:
+        """Interactive requests waiting for ``model``."""
         q = self._waiters.get(model)
         return len(q) if q else 0
 
-    async def wait(self, model: str, max_len: int, timeout: float) -> None:
+    def batch_length(self, model: str) -> int:
+        q = self._batch.get(model)
+        return len(q) if q else 0
+
+    async def wait(self, model: str, max_len: int, timeout: float, batch: bool = False) -> None:
         """Wait for a slot on ``model`` in FIFO order; 503 if the queue is full or the wait too long."""
-        q = self._waiters.get(model)
+        queues = self._batch if batch else self._waiters
+        q = queues.get(model)
         if q is None:
-            q = self._waiters[model] = deque()
+            q = queues[model] = deque()
         if len(q) >= max_len:
             raise ApiError(503, f"model {model!r} is saturated and its queue is full", "model_saturated",
                            retry_after=1)
@@ -49,13 +58,18 @@ class ModelQueues:
 
     def wake(self, models: frozenset[str]) -> None:
         """A request on these models ended: let the oldest waiter of each try again."""
-        waiters = self._waiters
-        if not waiters:
+        waiters, batch = self._waiters, self._batch
+        if not waiters and not batch:
             return
         for model in models:
-            q = waiters.get(model)
-            while q:
-                fut = q.popleft()
-                if not fut.done():
-                    fut.set_result(None)
-                    break
+            if not _wake_one(waiters.get(model)):
+                _wake_one(batch.get(model))
+
+
+def _wake_one(q: deque[asyncio.Future[None]] | None) -> bool:
+    while q:
+        fut = q.popleft()
+        if not fut.done():
+            fut.set_result(None)
+            return True
+    return False

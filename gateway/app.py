@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Coroutine
@@ -24,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.access_log import AccessLog
 from gateway.admission import ModelQueues
+from gateway.api_relay import ApiRelay
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
 from gateway.client_guard import FailedAuthLimiter
@@ -64,6 +66,8 @@ _POST_PATHS = {
     b"/pooling": "pooling",
     b"/classify": "classify",
 }
+_API_ROOTS = frozenset({b"/v1/files", b"/v1/batches"})  # relayed to the control API (gateway.api_relay)
+_API_SUBPATHS = (b"/v1/files/", b"/v1/batches/")
 _GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models", b"/openapi.json"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -121,6 +125,22 @@ class Gateway:
         self._metrics_auth = b"Bearer " + s.metrics_token.encode() if s.metrics_token else None
         self._openapi: bytes | None = None  # GET /openapi.json, built on first request
         self.metrics.add_state(self._state_view)
+        self.api_relay = ApiRelay(s) if s.batch_api_url else None
+        self._internal_token = s.internal_token.encode() if s.internal_token else None
+        # Batch requests leave a share of each endpoint's slots to interactive ones (with a cap).
+        cap = s.endpoint_max_inflight
+        self.batch_max_inflight = max(1, math.floor(cap * (1.0 - s.batch_headroom))) if cap else 0
+
+    def batch_principal(self, token: bytes, tenant: bytes | None) -> Principal:
+        """A batch runner's request: it proves itself with the internal token and names the
+        tenant whose line it runs (the request is then booked and limited as that tenant's)."""
+        expected = self._internal_token
+        if expected is None or not hmac.compare_digest(token, expected):
+            raise ApiError(401, "invalid internal token", "invalid_api_key")
+        principal = self.auth.index.by_tenant(int(tenant)) if tenant and tenant.isdigit() else None
+        if principal is None:
+            raise ApiError(401, "unknown or disabled tenant", "invalid_api_key")
+        return principal
 
     # -- tables (control path) --------------------------------------------------------------------
     def backend_for(self, key: BackendKey, host: str, port: int) -> Backend:
@@ -214,6 +234,11 @@ class Gateway:
         q = path.find(b"?")
         if q >= 0:
             path = path[:q]
+        if path in _API_ROOTS or path.startswith(_API_SUBPATHS):  # a file upload too
+            if self.api_relay is None:
+                raise ApiError(404, "the Files and Batch APIs are not enabled on this gateway", "unknown_url")
+            principal = self.authenticate(req, conn)
+            return self.api_relay.relay(req, conn, principal)
         if req.upload is not None:  # a multipart upload (audio): relayed as its body arrives
             return UploadCall(self, conn, path, rid).begin(req)
         kind = _POST_PATHS.get(path)

@@ -41,15 +41,20 @@ ANONYMOUS = Principal(0, "anonymous", None, max_concurrent=None, tpm=None, expir
 
 
 class KeyIndex:
-    __slots__ = ("_by_hash", "generated_at", "version")
+    __slots__ = ("_by_hash", "_by_tenant", "generated_at", "version")
 
     def __init__(self, version: int, generated_at: float, by_hash: dict[bytes, Principal]) -> None:
         self.version = version
         self.generated_at = generated_at
         self._by_hash = by_hash
+        # A tenant with at least one active key (the batch runner names tenants, not keys).
+        self._by_tenant = {p.tenant_id: p for p in by_hash.values()}
 
     def get(self, key_hash: bytes) -> Principal | None:
         return self._by_hash.get(key_hash)
+
+    def by_tenant(self, tenant_id: int) -> Principal | None:
+        return self._by_tenant.get(tenant_id)
 
     def __len__(self) -> int:
         return len(self._by_hash)

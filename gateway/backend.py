@@ -18,7 +18,7 @@ BackendKey = tuple[str, str | None]  # (base URL, bearer token)
 class Backend:
     __slots__ = (
         "auth_line", "ejected_until", "ejections", "failures", "host", "host_header", "inflight",
-        "kv_usage", "label", "models", "pool", "port", "queue", "scrape_failures", "scraped_at",
+        "kv_usage", "label", "models", "pool", "port", "priority", "queue", "scrape_failures", "scraped_at",
         "since_scrape", "token", "url",
     )
 
@@ -35,6 +35,7 @@ class Backend:
         self.pool = pool
         self.models: frozenset[str] = frozenset()  # canonical model names routed here (for wake-ups)
         self.inflight = 0  # requests of this worker on this backend now
+        self.priority = False  # the engine honours vLLM's request priority (set by the table)
         self.since_scrape = 0  # requests this worker sent since the last successful scrape
         self.queue: float | None = None  # running + waiting at the last scrape; None: unknown
         self.kv_usage: float | None = None

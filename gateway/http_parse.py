@@ -7,17 +7,18 @@ after buffering: a header flood is cut at ``max_header_count`` headers or ``max_
 while a chunked body arrives). Invariants: the body is joined once from its pieces (never grown
 with ``+=``); a :class:`FramingError` leaves the framer unusable (the connection is closed).
 
-Uploads (``upload_paths``, the multipart audio endpoints) are not buffered: their request is
-handed out as soon as its head is complete, with an empty ``body`` and an :class:`Upload` that
-receives the body's pieces as they arrive (limit ``max_upload_bytes``); the connection reads
-from it, pausing the client while it holds more than :data:`Upload.HIGH` bytes.
+Uploads (``upload_limits``: the multipart audio endpoints, ``/v1/files``; each path with its own
+body limit) are not buffered: their request is handed out as soon as its head is complete (a
+POST), with an empty ``body`` and an :class:`Upload` that receives the body's pieces as they
+arrive; the connection reads from it, pausing the client while it holds more than
+:data:`Upload.HIGH` bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import httptools
 
@@ -141,16 +142,16 @@ class RequestFramer:
     __slots__ = (
         "_body", "_body_size", "_done", "_error", "_header_bytes", "_headers", "_in_message",
         "_max_body", "_max_header_bytes", "_max_headers", "_max_upload", "_parser", "_upload",
-        "_upload_paths", "_url",
+        "_upload_limits", "_url",
     )
 
     def __init__(self, max_body_bytes: int, max_header_count: int, max_header_bytes: int, *,
-                 upload_paths: frozenset[bytes] = frozenset(), max_upload_bytes: int = 0) -> None:
+                 upload_limits: Mapping[bytes, int] | None = None) -> None:
         self._max_body = max_body_bytes
         self._max_headers = max_header_count
         self._max_header_bytes = max_header_bytes
-        self._upload_paths = upload_paths
-        self._max_upload = max_upload_bytes
+        self._upload_limits = upload_limits or {}  # path -> body limit of an upload there
+        self._max_upload = 0  # the limit of the upload being received
         self._upload: Upload | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._done: list[Request] = []
@@ -211,12 +212,12 @@ class RequestFramer:
 
     def on_headers_complete(self) -> None:
         limit = self._max_body
-        uploads = self._upload_paths
+        uploads = self._upload_limits
         if uploads:
             path = self._url[0] if len(self._url) == 1 else b"".join(self._url)
-            if (path in uploads or (b"?" in path and path.partition(b"?")[0] in uploads)) and \
-                    self._parser.get_method() == b"POST":
-                limit = self._max_upload
+            upload_limit = uploads.get(path.partition(b"?")[0])
+            if upload_limit is not None and self._parser.get_method() == b"POST":
+                limit = self._max_upload = upload_limit
                 self._upload = Upload()
                 self._done.append(Request(b"POST", path, self._headers, b"",
                                           keep_alive=self._parser.should_keep_alive(), upload=self._upload))

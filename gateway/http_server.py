@@ -28,7 +28,7 @@ import email.utils
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from http import HTTPStatus
 from typing import Any, Protocol, cast
 
@@ -49,6 +49,7 @@ _JSON = b"application/json"
 _MAX_PIPELINE = 16
 LINGER_S = 2.0  # a rejected connection drops what the client still sends for this long ...
 LINGER_BYTES = 8 * 1024 * 1024  # ... or this much, then closes (see HttpConnection._reject)
+# POSTs under these paths are streamed to the control API (gateway.api_relay), not buffered.
 
 
 class _Clock:
@@ -86,7 +87,7 @@ class HttpConnection(asyncio.Protocol):
         s = server.settings
         self._server = server
         self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes,
-                                     upload_paths=server.upload_paths, max_upload_bytes=s.max_upload_bytes)
+                                     upload_limits=server.upload_limits)
         self._upload: Upload | None = None  # the body of the request being answered, if an upload
         self._pipeline: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None  # only for a request on a slow path
@@ -408,10 +409,11 @@ class HttpServer:
     """Owns the listening socket, the open connections and the once-a-second tick."""
 
     def __init__(self, handler: Handler, settings: GatewaySettings, loop: asyncio.AbstractEventLoop,
-                 upload_paths: frozenset[bytes] = frozenset()) -> None:
+                 upload_limits: Mapping[bytes, int] | None = None) -> None:
         self.handler = handler
         self.settings = settings
-        self.upload_paths = upload_paths  # requests whose body is relayed as it arrives (multipart)
+        # paths whose POST body is relayed as it arrives (multipart), each with its body limit
+        self.upload_limits = upload_limits or {}
         self.loop = loop
         self.connections: set[HttpConnection] = set()
         self.per_address = ConnectionCounter(settings.max_connections_per_address)

@@ -31,7 +31,7 @@ from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.relay import CLIENT_GONE, Exchange
-from gateway.request_view import GENERATES, ask_for_usage, parse_view, with_model
+from gateway.request_view import GENERATES, ask_for_usage, parse_view, with_model, with_priority
 from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
 from gateway.sse import SseScanner, usage_of
 from gateway.tenant_admission import Admission
@@ -53,9 +53,9 @@ _POST = b"POST"
 
 class ProxyCall:
     __slots__ = (
-        "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task", "kind",
-        "last", "model", "path", "prompt", "rid", "route", "stale_retried", "start", "status", "stream",
-        "strip_usage", "tenant", "tenant_id", "tried", "tstate",
+        "backend", "batch", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
+        "kind", "last", "model", "path", "prompt", "rid", "route", "stale_retried", "start", "status",
+        "stream", "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
 
     def __init__(self, gw: Gateway, conn: HttpConnection, path: bytes, rid: bytes) -> None:
@@ -66,6 +66,7 @@ class ProxyCall:
         self.start = perf_counter()
         self.tenant = "-"
         self.tenant_id = 0
+        self.batch = False  # a batch runner's request: admitted behind interactive ones
         self.model = "-"
         self.route: ModelRoute | None = None
         self.body = b""
@@ -109,7 +110,12 @@ class ProxyCall:
     def _prelude(self, req: Request, kind: str) -> None:
         gw = self.gw
         headers = req.headers
-        principal = gw.authenticate(req, self.conn)
+        internal = headers.get(b"x-hpcgate-internal-token")
+        if internal is None:
+            principal = gw.authenticate(req, self.conn)
+        else:
+            principal = gw.batch_principal(internal, headers.get(b"x-hpcgate-tenant-id"))
+            self.batch = True
         self.tenant, self.tenant_id = principal.name, principal.tenant_id
         ctype = headers.get(b"content-type")
         if ctype != _JSON and (ctype is None or ctype.partition(b";")[0].strip().lower() != _JSON):
@@ -161,8 +167,10 @@ class ProxyCall:
         s = gw.settings
         gw.retry_tokens = min(RETRY_BUDGET_CAP, gw.retry_tokens + s.retry_budget_ratio)
         assert self.route is not None
+        if self.batch and gw.queues.length(self.route.name):
+            return False  # interactive requests wait for this model: go behind them (slow path)
         backend = choose(self.route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                         max_inflight=s.endpoint_max_inflight)
+                         max_inflight=gw.batch_max_inflight if self.batch else s.endpoint_max_inflight)
         if backend is None:
             return False
         up = backend.pool.take_idle()
@@ -191,7 +199,10 @@ class ProxyCall:
         ex.upstream = up
         self.conn.listener = ex
         # The request id goes to the engine too: one id follows a request through gateway and engine logs.
-        up.send(build_request(_POST, self.path, backend.host_header, backend.auth_line, self.body,
+        body = self.body
+        if self.batch and backend.priority:  # backfill: the engine schedules it after interactive work
+            body = with_priority(body, gw.settings.batch_priority)
+        up.send(build_request(_POST, self.path, backend.host_header, backend.auth_line, body,
                               request_id=self.rid), ex)
         return ex
 
@@ -316,12 +327,16 @@ class ProxyCall:
         route = self.route
         assert route is not None
         while True:
-            backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                             max_inflight=s.endpoint_max_inflight, exclude=self.tried)
+            if self.batch and gw.queues.length(route.name):
+                backend = None  # interactive requests are waiting: they go first
+            else:
+                cap = gw.batch_max_inflight if self.batch else s.endpoint_max_inflight
+                backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
+                                 max_inflight=cap, exclude=self.tried)
             if backend is None:
                 if self.tried:
                     raise upstream_error(self.last)
-                await gw.queues.wait(route.name, s.queue_max, s.queue_timeout_s)
+                await gw.queues.wait(route.name, s.queue_max, s.queue_timeout_s, batch=self.batch)
                 continue
             self._count(backend)
             reused = False

@@ -124,6 +124,13 @@ def with_model(body: bytes, name: str) -> bytes:
     return _encode(doc)
 
 
+def with_priority(body: bytes, priority: int) -> bytes:
+    """The body with vLLM's ``priority`` set (batch requests, on engines that announce it)."""
+    doc = _decode_object(body)
+    doc["priority"] = msgspec.Raw(b"%d" % priority)
+    return _encode(doc)
+
+
 def ask_for_usage(body: bytes, has_stream_options: bool) -> bytes:
     """The body of a streaming request with ``stream_options.include_usage`` set to true, so the
     engine reports exact token counts whatever the client asked (the gateway then strips the

@@ -71,6 +71,7 @@ def table_from_snapshot(
     for ep in snap.endpoints:
         if ep.ready and not ep.draining:
             backend = backend_for((ep.url.rstrip("/"), ep.bearer_token), ep.node, ep.port)
+            backend.priority = ep.priority
             by_model.setdefault(ep.model, []).append(backend)
     routes: list[ModelRoute] = []
     seen: set[str] = set()

@@ -77,7 +77,19 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     tls_key_file: str | None = None
     # a bearer token that /metrics requires (Prometheus's bearer_token); unset: /metrics is open
     metrics_token: str | None = None
+    # The Files and Batch APIs (docs/batch.md): relayed to the control API at this URL, with the
+    # tenant vouched for by internal_token; None: /v1/files and /v1/batches answer 404.
+    batch_api_url: str | None = None
+    files_max_bytes: PositiveInt = 200 * 1024 * 1024  # an upload (413 beyond; the api checks it too)
+    batch_api_timeout_s: PositiveFloat = 60.0  # connect + each read of the relayed exchange
+    # vLLM "priority" given to batch requests on endpoints that announce priority scheduling
+    # (lower runs first; interactive requests keep the default 0)
+    batch_priority: int = 10
+    # share of endpoint_max_inflight that batch requests leave free for interactive ones (a
+    # request arriving then starts at once instead of waiting for a batch request to end)
+    batch_headroom: Ratio = 0.1
     # common (no section prefix)
+    internal_token: str | None = None  # batch runner -> gateway, gateway -> control API
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "hpcgate:"
@@ -144,6 +156,15 @@ def load_gateway_settings(
             raise SettingsError(f"invalid TLS setting: {exc}") from None
     if not settings.static_mode and not settings.redis_url:
         raise SettingsError("HPCGATE_REDIS_URL is required without --static-endpoint (dynamic mode)")
+    if settings.batch_api_url is not None:
+        parts = urlsplit(settings.batch_api_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise SettingsError(f"invalid setting HPCGATE_GATEWAY_BATCH_API_URL: {settings.batch_api_url!r} "
+                                "is not an http:// URL")
+        if not settings.internal_token:
+            raise SettingsError("HPCGATE_INTERNAL_TOKEN is required with a batch_api_url")
+        if settings.no_auth:
+            raise SettingsError("the Files and Batch APIs (batch_api_url) need API keys, not --no-auth")
     if not settings.no_auth:
         if not settings.key_hash_secret:
             raise SettingsError("HPCGATE_KEY_HASH_SECRET is required unless --no-auth")

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from gateway.api_relay import FILES_PATH, FORM_OVERHEAD
 from gateway.app import Gateway
 from gateway.http_server import HttpServer
 from gateway.key_source import load_key_table, load_month_usage
@@ -51,7 +52,10 @@ class Worker:
         self.index = index
         self.loop = asyncio.get_running_loop()
         self.gateway = Gateway(settings, self.loop, index)
-        self.server = HttpServer(self.gateway.handle, settings, self.loop, upload_paths=UPLOAD_PATHS)
+        uploads = dict.fromkeys(UPLOAD_PATHS, settings.max_upload_bytes)
+        if settings.batch_api_url:
+            uploads[FILES_PATH] = settings.files_max_bytes + FORM_OVERHEAD
+        self.server = HttpServer(self.gateway.handle, settings, self.loop, upload_limits=uploads)
         self._tasks: list[asyncio.Task[None]] = []
         self.sync: RedisTableSync | None = None
         self.leases: LeaseSync | None = None  # cluster-wide tenant limits (auth on, with Redis)

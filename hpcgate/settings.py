@@ -31,6 +31,7 @@ CONFIG_ENV = "HPCGATE_CONFIG"
 # Sections that own settings; a variable HPCGATE_<SECTION>_* belongs to that section.
 SECTIONS = (
     "gateway", "control", "db", "job", "api", "jobs", "health", "autoscaler", "sim", "bench", "up", "admin",
+    "batches",
 )
 
 # Settings every process may read; they carry no section prefix.
@@ -44,6 +45,8 @@ COMMON_FIELDS = frozenset(
         "data_dir",
         "admin_token",
         "control_url",
+        "internal_token",  # the gateway's proof to the control API and the runner's to the gateway
+        "batch_dir",  # the batch file store (a directory; on a cluster, on the shared filesystem)
     }
 )
 

@@ -97,6 +97,7 @@ class Secrets(msgspec.Struct, frozen=True):
     admin_token: str
     key_hash_secret: str
     demo_key: str | None = None  # the demo tenant's key, reused by the next run while active
+    internal_token: str = ""  # gateway <-> control API and batch runner -> gateway (batch APIs)
 
 
 class StackInfo(msgspec.Struct, frozen=True):
@@ -119,11 +120,17 @@ def load_secrets(path: Path) -> Secrets:
     """The deployment's admin token and key-hash secret, created once and kept (mode 0600)."""
     if path.exists():
         try:
-            return msgspec.json.decode(path.read_bytes(), type=Secrets)
+            held = msgspec.json.decode(path.read_bytes(), type=Secrets)
         except msgspec.DecodeError as exc:
             raise SystemExit(f"hpcgate up: error: {path} is damaged ({exc}); remove it to start afresh") \
                 from None
-    found = Secrets(admin_token=secrets.token_urlsafe(24), key_hash_secret=secrets.token_urlsafe(32))
+        if held.internal_token:
+            return held
+        held = msgspec.structs.replace(held, internal_token=secrets.token_urlsafe(32))  # an older data dir
+        write_private(path, msgspec.json.encode(held))
+        return held
+    found = Secrets(admin_token=secrets.token_urlsafe(24), key_hash_secret=secrets.token_urlsafe(32),
+                    internal_token=secrets.token_urlsafe(32))
     write_private(path, msgspec.json.encode(found))
     return found
 
@@ -182,6 +189,11 @@ class Stack:
             HPCGATE_DATA_DIR=str(data_dir),
             HPCGATE_LOG_LEVEL="info",
             HPCGATE_JOBS_LOCAL_END_WITH_WORKER="true",  # local instances end with the Job Worker
+            # The Files and Batch APIs: relayed by the gateway to the control API, run by the runner.
+            HPCGATE_INTERNAL_TOKEN=secrets_.internal_token,
+            HPCGATE_BATCH_DIR=str(data_dir / "batch"),
+            HPCGATE_GATEWAY_BATCH_API_URL=self.control_url,
+            HPCGATE_BATCHES_GATEWAY_URL=f"http://{settings.host}:{settings.gateway_port}",
         )
         self.sup = Supervisor(data_dir / "logs", env, on_spawn=lambda _child: self.write_record())
         self.admin = AdminClient(self.control_url, secrets_.admin_token)
@@ -237,6 +249,7 @@ class Stack:
                          "--workers", str(s.gateway_workers)),
             "gateway_listening",
         )
+        await self.sup.start("control-batches", hpcgate_argv("control", "batches"), "batch_runner_started")
 
     async def _admin(self, cls: type[T], method: str, path: str, body: object = None) -> T:
         return await asyncio.to_thread(self.admin.call, cls, method, path, body)

@@ -60,6 +60,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     fail_after_head_every: Annotated[int, msgspec.Meta(ge=0)] = 0
     # On SIGTERM: stop accepting, let requests in progress finish for up to this long, then cut.
     shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    # vLLM's --scheduling-policy: "priority" admits waiting requests by their ``priority`` field
+    # (lower first); with "fcfs" a request with a non-zero priority is refused (400), as in vLLM.
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     log_level: LogLevel = "info"
 
 
@@ -173,7 +176,8 @@ class Simulator:
         self.profile = PROFILES[config.profile]
         self.models = tuple(config.model) or ("sim-model",)
         self.metrics = SimMetrics(self.models[0], config.legacy_metrics, self._gauges)
-        self.engine = Engine(self.profile, self.metrics, config.max_num_seqs)
+        self.engine = Engine(self.profile, self.metrics, config.max_num_seqs,
+                             by_priority=config.scheduling_policy == "priority")
         self._auth = b"Bearer " + config.api_key.encode() if config.api_key else None
         # vLLM's /version, plus what a benchmark needs to say which backend it measured
         self._version = msgspec.json.encode(
@@ -298,6 +302,9 @@ class Simulator:
         else:
             preq, prompt_tokens = wire.parse_completion(body)
             creq, max_tokens, text_seed = preq, preq.max_tokens, body  # type: ignore[assignment]
+        if creq.priority != 0 and self.config.scheduling_policy != "priority":
+            raise wire.BadRequestError(
+                f"Got priority {creq.priority} but Priority scheduling is not enabled.")
         model = self._check_model(creq.model, conn)
         if model is None:
             return
@@ -324,7 +331,7 @@ class Simulator:
                      include_usage=bool(opts and opts.include_usage), request_id=request_id, model=model,
                      prompt_tokens=prompt_tokens)
         seq = Seq(prompt_tokens, out_len, max_tokens=max_tokens, seed=seed, sink=sink,
-                  arrival=asyncio.get_running_loop().time())
+                  arrival=asyncio.get_running_loop().time(), priority=creq.priority)
         sink.seq = seq
         if creq.stream:
             conn.start_stream()

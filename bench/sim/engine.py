@@ -50,12 +50,13 @@ class Seq:
 
     __slots__ = (
         "arrival", "blocks", "computed", "first_scheduled", "first_token", "generated",
-        "max_tokens", "out_len", "prefill_target", "prefilled", "prompt_len", "seed", "sink",
+        "max_tokens", "out_len", "prefill_target", "prefilled", "priority", "prompt_len", "seed", "sink",
         "state",
     )
 
     def __init__(self, prompt_len: int, out_len: int, *, max_tokens: int, seed: int, sink: Sink,
-                 arrival: float) -> None:
+                 arrival: float, priority: int = 0) -> None:
+        self.priority = priority        # with the priority policy: lower runs first (vLLM's rule)
         self.prompt_len = prompt_len
         self.out_len = out_len          # tokens it will generate (EOS or max_tokens)
         self.max_tokens = max_tokens    # finish reason is "length" when out_len reaches it
@@ -73,11 +74,25 @@ class Seq:
 
 
 class Engine:
-    __slots__ = ("_batch", "free_blocks", "max_num_seqs", "observer", "profile", "running",
-                 "total_blocks", "waiting")
+    __slots__ = (
+        "_batch",
+        "by_priority",
+        "free_blocks",
+        "max_num_seqs",
+        "observer",
+        "profile",
+        "running",
+        "total_blocks",
+        "waiting",
+    )
 
-    def __init__(self, profile: Profile, observer: Observer, max_num_seqs: int | None = None) -> None:
+    def __init__(self, profile: Profile, observer: Observer, max_num_seqs: int | None = None,
+                 by_priority: bool = False) -> None:
         self.profile = profile
+        # vLLM's --scheduling-policy priority: the waiting queue is ordered by (priority, arrival)
+        # instead of arrival alone. (vLLM also preempts a running lower-priority request for a
+        # waiting higher-priority one; the simulator only orders admission.)
+        self.by_priority = by_priority
         self.observer = observer
         self.max_num_seqs = max_num_seqs or profile.max_num_seqs
         self.total_blocks = max(1, profile.kv_cache_tokens // profile.block_size)
@@ -100,7 +115,14 @@ class Engine:
     def add(self, seq: Seq) -> None:
         # The engine computes the prompt as the profile sees it reaching the GPU (prompt_scale).
         seq.prefill_target = self.profile.engine_prompt_len(seq.prompt_len)
-        self.waiting.append(seq)
+        waiting = self.waiting
+        if not self.by_priority or not waiting or waiting[-1].priority <= seq.priority:
+            waiting.append(seq)
+            return
+        i = len(waiting)
+        while i > 0 and waiting[i - 1].priority > seq.priority:  # after equals: FIFO within a level
+            i -= 1
+        waiting.insert(i, seq)
 
     def abort(self, seq: Seq) -> bool:
         """Remove a waiting or running sequence; False if it already finished."""

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-after-head-every", type=int, metavar="N",
                    help="fault mode: every Nth streamed request gets its head, then the connection "
                    "closes before the first token (default 0: never)")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
+                   help="vLLM's: 'priority' admits waiting requests by their priority field, lower "
+                        "first (default fcfs, which refuses a non-zero priority)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     return p
 

@@ -45,6 +45,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     n: int = 1
+    priority: int = 0  # vLLM's request priority (lower first; needs --scheduling-policy priority)
 
 
 class ChatRequest(_Sampling, kw_only=True):

@@ -28,6 +28,8 @@ from control.api.metrics import metrics
 from control.api.routes import ADMIN, ADMIN_ROUTES, OPEN_ROUTES, SD_ROUTES
 from control.api.security import ADMIN_SCHEME, SD_SCHEME, bearer_guard, sd_guards
 from control.api.ui import ui_router
+from control.batch.admin import list_all_batches
+from control.batch.api import batch_router
 from control.jobs.render import LaunchConfig, prepare
 from control.jobs.resources import ResourceError
 from control.settings import ApiSettings
@@ -59,10 +61,11 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
     return Litestar(
         route_handlers=[
             *OPEN_ROUTES,
+            batch_router(db, settings),
             Router("/", route_handlers=[*SD_ROUTES, metrics],
                    guards=sd_guards(settings.sd_token, settings.admin_token)),
-            Router("/admin", route_handlers=ADMIN_ROUTES, guards=[bearer_guard(settings.admin_token)],
-                   security=ADMIN),
+            Router("/admin", route_handlers=[*ADMIN_ROUTES, list_all_batches],
+                   guards=[bearer_guard(settings.admin_token)], security=ADMIN),
             ui_router(settings.admin_token),
         ],
         dependencies={

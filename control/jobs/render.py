@@ -118,11 +118,24 @@ def setup_block(ctx: JobContext) -> str:
     return "\n".join(lines)
 
 
+def priority_scheduling(engine_args: tuple[str, ...]) -> bool:
+    """Does the engine run with vLLM's ``--scheduling-policy priority``?"""
+    for i, arg in enumerate(engine_args):
+        if arg == "--scheduling-policy=priority" or (
+                arg == "--scheduling-policy" and engine_args[i + 1:i + 2] == ("priority",)):
+            return True
+    return False
+
+
 def register_block(ctx: JobContext, hpcgate: str | None = None) -> str:
     """The registration step; ``hpcgate`` is the (quoted) command that runs the client, by
     default the node's ``hpcgate_bin``."""
     hpcgate = hpcgate or shlex.quote(ctx.hpcgate_bin)
+    # The endpoint announces what it serves; "priority": it honours vLLM's request priority, so
+    # the gateway gives batch (backfill) requests a lower one (docs/batch.md).
+    caps = ["chat", "completions", *(["priority"] if priority_scheduling(ctx.engine_args) else [])]
     return "\n".join([
+        f"export HPCGATE_JOB_CAPABILITIES={','.join(caps)}",
         'HPCG_JOB_ID="${SLURM_JOB_ID:-${HPCG_LOCAL_JOB_ID:-}}"',
         'HPCG_NODE="${SLURMD_NODENAME:-${HPCG_LOCAL_NODE:-$(hostname)}}"',
         'echo "hpcgate: registering endpoint job $HPCGATE_JOB_ENDPOINT_JOB_ID (launcher job $HPCG_JOB_ID) '
@@ -161,6 +174,8 @@ def render_text(template_text: str, ctx: JobContext) -> str:
     res = ctx.resources
     q = shlex.quote
     sim_args = ["--profile", res.sim_profile] if res.sim_profile else []
+    if priority_scheduling(ctx.engine_args):  # the simulator models that engine option too
+        sim_args += ["--scheduling-policy", "priority"]
     values = {
         "sbatch": sbatch_block(ctx),
         "setup": setup_block(ctx),

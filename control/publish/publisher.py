@@ -45,7 +45,7 @@ SELECT m.name, m.state, m.state_reason, m.desired_instances, m.max_model_len,
 
 _ENDPOINTS_SQL = """
 SELECT e.endpoint_id, e.endpoint_job_id, m.name AS model, e.node, e.port, j.launcher_job_id,
-       e.bearer_token, e.consecutive_failures,
+       e.bearer_token, e.consecutive_failures, e.capabilities,
        (e.draining OR j.state IN ('draining', 'cancelling') OR m.state = 'draining') AS draining
   FROM ai_model_endpoints e
   JOIN ai_model_endpoint_jobs j USING (endpoint_job_id)
@@ -81,7 +81,8 @@ async def read_endpoint_table(conn: Conn, unroutable_after: int) -> EndpointTabl
         )
         for r in await conn.fetch(_MODELS_SQL)
     ]
-    endpoints = [EndpointRow(**dict(r)) for r in await conn.fetch(_ENDPOINTS_SQL)]
+    endpoints = [EndpointRow(**{**dict(r), "capabilities": tuple(r["capabilities"])})
+                 for r in await conn.fetch(_ENDPOINTS_SQL)]
     tribunals = [TribunalRow(r["name"], r["config"]) for r in await conn.fetch(_TRIBUNALS_SQL)]
     return build_endpoint_table(models, endpoints, unroutable_after=unroutable_after, tribunals=tribunals)
 

@@ -62,6 +62,7 @@ class EndpointRow:
     bearer_token: str
     consecutive_failures: int
     draining: bool  # endpoint, job or model draining
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,7 @@ def build_endpoint_table(
             bearer_token=e.bearer_token,
             ready=e.consecutive_failures < unroutable_after,
             draining=e.draining,
+            priority="priority" in e.capabilities,
         )
         for e in sorted(endpoints, key=lambda e: e.endpoint_id)
     )

@@ -42,6 +42,7 @@ class EndpointEntry(msgspec.Struct, frozen=True, kw_only=True):
     bearer_token: str | None = None  # what the vLLM behind it requires
     ready: bool = False
     draining: bool = False  # finishing in-flight requests, gets no new ones
+    priority: bool = False  # the engine honours vLLM's request "priority" (--scheduling-policy priority)
 
 
 class EndpointTable(msgspec.Struct, frozen=True, kw_only=True):

@@ -140,3 +140,20 @@ def test_admitted_requests_cost_their_step_and_scaled_prompts_are_what_prefill_c
     assert a.generated == 1 and b.generated == 1  # both prompts fit the 100-token budget at once
     dt2 = engine.schedule(dt)
     assert dt2 is not None and abs(dt2 - (0.01 + 0.002)) < 1e-12  # decode only: nobody admitted
+
+
+def test_priority_policy_admits_lower_priority_values_first() -> None:
+    rec = Recorder()
+    engine = Engine(PROFILE, rec, by_priority=True)
+    batch = [Seq(10, 3, max_tokens=3, seed=1, sink=rec, arrival=0.0, priority=10) for _ in range(3)]
+    chat = [Seq(10, 3, max_tokens=3, seed=1, sink=rec, arrival=0.1, priority=0) for _ in range(2)]
+    for s in (*batch, *chat):
+        engine.add(s)
+    assert list(engine.waiting) == [*chat, *batch]  # FIFO within a level
+    engine.schedule(0.0)
+    assert [s.state for s in chat] == [RUNNING, RUNNING] and all(s.state == WAITING for s in batch)
+    fcfs = Engine(PROFILE, rec)
+    for s in (*batch, *chat):
+        s.state = WAITING
+        fcfs.add(s)
+    assert list(fcfs.waiting) == [*batch, *chat]

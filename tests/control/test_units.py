@@ -358,3 +358,9 @@ async def test_launcher_observer_judges_only_jobs_older_than_its_look() -> None:
     assert await observer.gone(jobs) == frozenset({20}) and launcher.calls == 1  # cached
     now[0] = 1011.0
     assert await observer.gone(jobs) == frozenset({20, 30}) and launcher.calls == 2
+
+
+def test_endpoint_table_announces_priority_scheduling() -> None:
+    rows = [row(1, "a"), row(2, "a", capabilities=("chat", "completions", "priority"))]
+    table = build_endpoint_table([model("a")], rows, unroutable_after=1)
+    assert [e.priority for e in table.endpoints] == [False, True]

@@ -208,7 +208,7 @@ def test_model_field_is_read_from_the_first_bytes() -> None:
 
 
 async def test_the_framer_hands_an_upload_out_with_its_head() -> None:
-    framer = RequestFramer(100, 10, 4096, upload_paths=frozenset({b"/up"}), max_upload_bytes=10_000)
+    framer = RequestFramer(100, 10, 4096, upload_limits={b"/up": 10_000})
     (req,) = framer.feed(b"POST /up HTTP/1.1\r\nContent-Length: 8\r\n\r\nabc")
     upload = req.upload
     assert upload is not None and req.body == b"" and framer.uploading

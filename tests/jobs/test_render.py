@@ -184,3 +184,18 @@ def test_the_image_template_registers_with_the_client_of_its_image() -> None:
         render(_ctx("vllm-image", {"gpus_per_node": 2, "image": "/i.sif"}))
     with pytest.raises(ResourceError, match=r"needs slurm_resources\.image"):
         render(_ctx("vllm-image", {"gpus_per_node": 1}))
+
+
+def test_priority_scheduling_is_announced_and_given_to_the_simulator() -> None:
+    plain = render(_ctx("sim", {"sim_profile": "fast"}))
+    assert "export HPCGATE_JOB_CAPABILITIES=chat,completions\n" in plain
+    assert "--scheduling-policy" not in plain
+    for args in (("--scheduling-policy", "priority"), ("--scheduling-policy=priority",)):
+        text = render(_ctx("sim", {"sim_profile": "fast"}, engine_args=args))
+        assert "export HPCGATE_JOB_CAPABILITIES=chat,completions,priority\n" in text
+        assert "--profile fast --scheduling-policy priority" in text
+        _check_bash_syntax(text)
+    vllm = render(_ctx("vllm", {"image": "/i.sif", "gpus_per_node": 1},
+                       engine_args=("--scheduling-policy", "priority")))
+    assert "HPCGATE_JOB_CAPABILITIES=chat,completions,priority" in vllm
+    assert "--scheduling-policy priority" in vllm
