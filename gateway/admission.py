@@ -71,15 +71,21 @@ class TenantLimiter:
 
 
 class ModelQueues:
+    """Per-model FIFO of waiting requests; each entry is (arrival time, future)."""
+
     __slots__ = ("_loop", "_waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, deque[tuple[float, asyncio.Future[None]]]] = {}
 
     def length(self, model: str) -> int:
         q = self._waiters.get(model)
         return len(q) if q else 0
+
+    def demand(self, now: float) -> dict[str, tuple[int, float]]:
+        """Held requests per model with the age of the oldest (what the autoscaler is told)."""
+        return {m: (len(q), now - q[0][0]) for m, q in self._waiters.items() if q}
 
     async def wait(self, model: str, max_len: int, timeout: float) -> None:
         """Wait for a slot on ``model`` in FIFO order; 503 if the queue is full or the wait too long."""
@@ -90,7 +96,8 @@ class ModelQueues:
             raise ApiError(503, f"model {model!r} is saturated and its queue is full", "model_saturated",
                            retry_after=1)
         fut: asyncio.Future[None] = self._loop.create_future()
-        q.append(fut)
+        entry = (self._loop.time(), fut)
+        q.append(entry)
         try:
             async with asyncio.timeout(timeout):
                 await fut
@@ -101,7 +108,7 @@ class ModelQueues:
             if not fut.done():
                 fut.cancel()
             with contextlib.suppress(ValueError):
-                q.remove(fut)
+                q.remove(entry)
 
     def wake(self, models: frozenset[str]) -> None:
         """A request on these models ended: let the oldest waiter of each try again."""
@@ -111,7 +118,7 @@ class ModelQueues:
         for model in models:
             q = waiters.get(model)
             while q:
-                fut = q.popleft()
+                _, fut = q.popleft()
                 if not fut.done():
                     fut.set_result(None)
                     break

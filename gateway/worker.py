@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from gateway.app import Gateway
+from gateway.demand import DemandPublisher
 from gateway.http_server import HttpServer
 from gateway.key_source import load_key_table
 from gateway.routing_table import ModelRoute, RoutingTable
@@ -66,6 +67,9 @@ class Worker:
                 on_keys=gw.install_keys if auth_on else None,
             )
             self._tasks.append(self.loop.create_task(self.sync.run()))
+        if s.redis_url and not s.static_mode:
+            demand = DemandPublisher(s.redis_url, s.redis_prefix, gw.queues.demand)
+            self._tasks.append(self.loop.create_task(demand.run()))
         if auth_on and s.database_url:
             await self._load_keys_once()
             self._tasks.append(self.loop.create_task(self._resync_keys()))
