@@ -44,7 +44,10 @@ class DemandPublisher:
                 await self.publish_once(loop.time())
                 await asyncio.sleep(self._interval)
         finally:
-            await self._redis.aclose()
+            await self.close()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
 
     async def publish_once(self, now: float) -> None:
         held = self._read(now)
