@@ -19,7 +19,7 @@ import msgspec
 from control.admin_client import AdminApiError, AdminClient, seg
 from control.admin_render import render
 from control.settings import DEFAULT_CONTROL_URL, AdminSettings
-from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
+from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, ModelScaling, Tenant, Usage
 from hpcgate.settings import SettingsError, load_settings
 
 T = TypeVar("T")
@@ -142,6 +142,16 @@ def _set_enabled(enabled: bool) -> Command:
         return _do(client, Tenant, "PATCH", f"/admin/tenants/{seg(args.name)}", {"enabled": enabled})
 
     return run
+
+
+def _scaling(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]:
+    """Show a model's scaling; with --set/--unset, change its overrides first."""
+    path = f"/admin/models/{seg(args.name)}/scaling"
+    changes: dict[str, Any] = dict(args.set or [])
+    changes.update(dict.fromkeys(args.unset or []))  # null: back to the autoscaler's default
+    if changes:
+        client.raw("PATCH", path, changes, None)
+    return _do(client, ModelScaling, "GET", path, query={"limit": args.limit})
 
 
 def _delete(cls: type[Tenant | Model], collection: str) -> Command:
@@ -301,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
         lambda c, a: _do(c, Model, "PATCH", f"/admin/models/{seg(a.name)}", {"state": "active"}),
         "undo a drain, clear a failure",
     ).add_argument("name")
+    p = cmd(m, "scaling", _scaling,
+            "show a model's autoscaling (limits, last observation, decisions: time, from -> to, why); "
+            "--set/--unset change its thresholds")
+    p.add_argument("name")
+    p.add_argument("--limit", type=int, help="at most this many decisions, newest first (default 50)")
+    p.add_argument("--set", type=_resource, action="append", metavar="FIELD=VALUE",
+                   help="override a threshold for this model, e.g. scale_up_queue_time_s=3 (repeatable)")
+    p.add_argument("--unset", action="append", metavar="FIELD",
+                   help="remove an override: back to the autoscaler's default (repeatable)")
     cmd(
         m, "delete", _delete(Model, "models"),
         "delete a model without live jobs (scale it to 0 first; its aliases and ended jobs go with it)",

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import msgspec
 
-from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
+from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, ModelScaling, Tenant, Usage
 
 _COLUMNS: dict[type, tuple[str, ...]] = {
     Tenant: (
@@ -84,6 +84,30 @@ def render(value: object) -> str:
         if not value.rows:
             return head + "(none)"
         return head + render_table(cols, [[getattr(r, c) for c in cols] for r in value.rows])
+    if isinstance(value, ModelScaling):
+        return _render_scaling(value)
     fields = msgspec.structs.asdict(value)  # type: ignore[arg-type]
     width = max(len(k) for k in fields)
     return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in fields.items())
+
+
+def _render_scaling(v: ModelScaling) -> str:
+    overdue = "  (a job is overdue)" if v.pending_overdue else ""
+    lines = [
+        f"model      {v.model} ({v.state})",
+        f"instances  min {v.min_instances}  desired {v.desired_instances}  max {v.max_instances}  "
+        f"ready {v.ready_endpoints}  pending {v.pending_jobs}{overdue}",
+        f"overrides  {_cell(v.policy)}",
+    ]
+    if v.observed_at is not None:
+        lines.append(f"observed   {_cell(v.observed_at)}: {v.hold or 'changed'}; {v.detail or '-'}")
+    if v.signals:
+        keys = ("queue_time_s", "stalled_s", "waiting", "running", "kv_usage", "held", "oldest_held_s",
+                "known")
+        lines.append("signals    " + "  ".join(f"{k}={_cell(v.signals.get(k))}" for k in keys))
+    lines.append("")
+    if not v.decisions:
+        return "\n".join([*lines, "(no decisions)"])
+    rows = [[d.decided_at, f"{d.from_instances} -> {d.to_instances}", d.reason, d.source, d.detail]
+            for d in v.decisions]
+    return "\n".join(lines) + "\n" + render_table(("time", "from -> to", "reason", "source", "why"), rows)

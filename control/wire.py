@@ -188,6 +188,60 @@ class Model(Struct, kw_only=True):
     updated_at: datetime
 
 
+# ----------------------------------------------------------------------------- autoscaling
+
+Seconds = Annotated[float, Meta(ge=0, le=7 * 86400)]
+PositiveSeconds = Annotated[float, Meta(gt=0, le=7 * 86400)]
+PerInstance = Annotated[float, Meta(ge=0, le=100_000)]
+ScalingMode = Literal["queue_time", "target"]
+
+
+class ScalingPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-model overrides of the autoscaler's defaults (its settings); ``null`` removes one.
+    The fields are those of ``control.autoscale.policy.PolicyConfig``."""
+
+    mode: ScalingMode | UnsetType | None = UNSET
+    scale_up_queue_time_s: PositiveSeconds | UnsetType | None = UNSET
+    scale_up_sustain_s: Seconds | UnsetType | None = UNSET
+    scale_down_stabilise_s: Seconds | UnsetType | None = UNSET
+    scale_down_running_per_instance: PerInstance | UnsetType | None = UNSET
+    cooldown_s: Seconds | UnsetType | None = UNSET
+    max_pending: Annotated[int, Meta(ge=1, le=1000)] | UnsetType | None = UNSET
+    pending_report_s: PositiveSeconds | UnsetType | None = UNSET
+    target_waiting_per_instance: Annotated[float, Meta(gt=0, le=100_000)] | UnsetType | None = UNSET
+    stable_window_s: PositiveSeconds | UnsetType | None = UNSET
+    panic_window_s: PositiveSeconds | UnsetType | None = UNSET
+    panic_threshold: Annotated[float, Meta(ge=1, le=1000)] | UnsetType | None = UNSET
+
+
+class ScalingDecision(Struct, kw_only=True):
+    decided_at: datetime
+    from_instances: int
+    to_instances: int
+    reason: str  # the rule: queue_time_sustained, idle_stabilised, zero_to_one, ...
+    source: str  # autoscaler, webhook, schedule
+    detail: str  # the rule with its numbers
+
+
+class ModelScaling(Struct, kw_only=True):
+    """``GET /admin/models/{name}/scaling``: limits, overrides, the last observation, the history."""
+
+    model: str
+    state: ModelAdminState
+    min_instances: int
+    desired_instances: int
+    max_instances: int
+    ready_endpoints: int
+    pending_jobs: int  # submitted or registered, not ready yet
+    policy: dict[str, str | int | float]  # this model's overrides only
+    observed_at: datetime | None  # the autoscaler's last pass over this model
+    hold: str | None  # why it made no change then (cooldown, sustaining, unknown, ...)
+    detail: str | None
+    pending_overdue: bool  # a job has stayed pending past pending_report_s
+    signals: dict[str, float | int | bool | None] | None
+    decisions: list[ScalingDecision]  # newest first
+
+
 # ----------------------------------------------------------------------------- jobs, endpoints
 
 

@@ -21,7 +21,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from control.api.errors import ApiError
 from control.api.security import ADMIN_SCHEME, SD_SCHEME
-from control.store import jobs, models, registration, tenants, usage
+from control.store import jobs, models, registration, scaling, tenants, usage
 from control.store.db import Database
 from control.store.models import LaunchCheck
 from control.store.registration import PortRange
@@ -44,9 +44,11 @@ from control.wire import (
     KeyUpdate,
     Model,
     ModelCreate,
+    ModelScaling,
     ModelUpdate,
     RegisterRequest,
     RegisterResponse,
+    ScalingPolicy,
     SdTargetGroup,
     Tenant,
     TenantCreate,
@@ -67,6 +69,7 @@ _STATUS_TEXT = {
 }
 # An empty body means {} (Litestar hands a handler its default when there is no body).
 _NO_TENANT_CHANGE, _NO_KEY_CHANGE, _NO_MODEL_CHANGE = TenantUpdate(), KeyUpdate(), ModelUpdate()
+_NO_POLICY_CHANGE = ScalingPolicy()
 _DEFAULT_KEY = KeyCreate()
 # Path and query parameters restate the bounds of the wire aliases from the same constants:
 # Litestar documents and enforces ``PathParameter``/``QueryParameter`` constraints, not msgspec's
@@ -203,6 +206,19 @@ async def drain_model(db: Db, name: ModelPath) -> Model:
     return await models.drain_model(db, name)
 
 
+@get("/models/{name:str}/scaling", summary="A model's autoscaling: limits, overrides, last observation, "
+     "decisions (newest first)", tags=["models"], responses=errors(404))
+async def get_scaling(db: Db, name: ModelPath, limit: ListLimit = 50) -> ModelScaling:
+    return await scaling.get_scaling(db, name, limit)
+
+
+@patch("/models/{name:str}/scaling", summary="Override the autoscaler's thresholds for a model (null: "
+       "back to the default)", tags=["models"], responses=errors(404, body=True))
+async def set_scaling(db: Db, name: ModelPath,
+                      data: JSONBody[ScalingPolicy] = _NO_POLICY_CHANGE) -> ModelScaling:
+    return await scaling.set_policy(db, name, data)
+
+
 # ----------------------------------------------------------------------------- jobs and endpoints
 
 
@@ -288,6 +304,6 @@ SD_ROUTES: list[Any] = [sd_vllm]
 ADMIN_ROUTES: list[Any] = [
     create_tenant, list_tenants, get_tenant, update_tenant, delete_tenant,
     create_key, list_keys, update_key, revoke_key,
-    create_model, list_models, get_model, update_model, delete_model, drain_model,
+    create_model, list_models, get_model, update_model, delete_model, drain_model, get_scaling, set_scaling,
     list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report,
 ]

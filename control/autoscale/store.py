@@ -94,6 +94,12 @@ async def apply_decision(conn: Conn, model_id: int, from_n: int, to_n: int, *, r
             model_id, from_n, to_n, reason, source, detail,
             None if signals is None else _json.encode(signals).decode())
         await conn.execute(
+            """INSERT INTO ai_model_autoscaling AS s (model_id, decision_counts)
+               VALUES ($1, jsonb_build_object($2::text, 1))
+               ON CONFLICT (model_id) DO UPDATE SET decision_counts = s.decision_counts
+                   || jsonb_build_object($2::text, coalesce((s.decision_counts ->> $2)::bigint, 0) + 1)""",
+            model_id, f"{source}:{reason}")
+        await conn.execute(
             """DELETE FROM ai_model_scaling_decisions WHERE model_id = $1 AND decision_id <
                    (SELECT decision_id FROM ai_model_scaling_decisions WHERE model_id = $1
                      ORDER BY decision_id DESC OFFSET $2 LIMIT 1)""", model_id, keep - 1)

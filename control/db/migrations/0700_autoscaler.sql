@@ -13,6 +13,8 @@ CREATE TABLE ai_model_autoscaling (
     hold             text,
     detail           text,
     pending_overdue  boolean NOT NULL DEFAULT false,
+    -- decisions applied so far by "source:reason": never trimmed, so /metrics can export counters
+    decision_counts  jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(decision_counts) = 'object'),
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 
