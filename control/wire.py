@@ -212,6 +212,8 @@ class ScalingPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     stable_window_s: PositiveSeconds | UnsetType | None = UNSET
     panic_window_s: PositiveSeconds | UnsetType | None = UNSET
     panic_threshold: Annotated[float, Meta(ge=1, le=1000)] | UnsetType | None = UNSET
+    # scale from zero: how long a gateway holds a request for this model at zero instances
+    hold_s: Annotated[float, Meta(gt=0, le=3600)] | UnsetType | None = UNSET
 
 
 class ScalingDecision(Struct, kw_only=True):

@@ -8,7 +8,9 @@ front), so a tenant can overdraw by one request and then waits (429 with Retry-A
 
 The model queue is the paper's queue: when every instance of a model is saturated, requests
 wait in a bounded FIFO (per model) and are woken one at a time as requests on that model end;
-a full queue or a wait past the timeout is a 503.
+a full queue or a wait past the timeout is a 503. The same queue holds the requests for a model
+scaled to zero until a table with a ready instance arrives (all are woken then); its length and
+oldest wait are what the worker announces to the autoscaler (:mod:`gateway.demand`).
 """
 
 from __future__ import annotations
@@ -109,6 +111,13 @@ class ModelQueues:
                 fut.cancel()
             with contextlib.suppress(ValueError):
                 q.remove(entry)
+
+    def wake_all(self, model: str) -> None:
+        """Instances of ``model`` became ready: every waiter tries again (in FIFO order)."""
+        q = self._waiters.get(model)
+        for _, fut in list(q or ()):
+            if not fut.done():
+                fut.set_result(None)
 
     def wake(self, models: frozenset[str]) -> None:
         """A request on these models ended: let the oldest waiter of each try again."""

@@ -36,9 +36,12 @@ _ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by
 _KEY_LOCK = 0x6870_6770_0002
 
 _MODELS_SQL = """
-SELECT m.name, m.state, m.state_reason, m.desired_instances, m.max_model_len,
+SELECT m.name, m.state, m.state_reason, m.desired_instances, m.max_model_len, m.min_instances,
+       m.max_instances,
        coalesce((SELECT array_agg(a.alias ORDER BY a.alias) FROM ai_model_aliases a
-                  WHERE a.model_id = m.model_id), '{}') AS aliases
+                  WHERE a.model_id = m.model_id), '{}') AS aliases,
+       (SELECT (s.policy ->> 'hold_s')::float8 FROM ai_model_autoscaling s
+         WHERE s.model_id = m.model_id) AS hold_s
   FROM ai_model_configurations m
 """
 
@@ -74,6 +77,9 @@ async def read_endpoint_table(conn: Conn, unroutable_after: int) -> EndpointTabl
             state_reason=r["state_reason"],
             desired_instances=r["desired_instances"],
             max_model_len=r["max_model_len"],
+            min_instances=r["min_instances"],
+            max_instances=r["max_instances"],
+            hold_s=r["hold_s"],
         )
         for r in await conn.fetch(_MODELS_SQL)
     ]

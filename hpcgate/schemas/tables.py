@@ -27,6 +27,10 @@ class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
     state: ModelState = ModelState.STOPPED
     reason: str | None = None
     max_model_len: int | None = None
+    # Scale from zero: a request that finds no ready instance is held (up to hold_s, or the
+    # gateway's default when None) and announced as demand, instead of answered 503 at once.
+    scale_from_zero: bool = False
+    hold_s: float | None = None
 
 
 class EndpointEntry(msgspec.Struct, frozen=True, kw_only=True):
