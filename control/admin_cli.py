@@ -154,6 +154,19 @@ def _scaling(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]
     return _do(client, ModelScaling, "GET", path, query={"limit": args.limit})
 
 
+def _schedule(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]:
+    """Set, replace or (--clear) remove a model's schedule; shows the model's scaling after."""
+    if args.clear:
+        text = None
+    elif args.file:
+        text = Path(args.file).read_text()
+    elif args.schedule:
+        text = args.schedule
+    else:
+        raise SystemExit("hpcgate admin model schedule: give the schedule, --file PATH or --clear")
+    return _do(client, ModelScaling, "PUT", f"/admin/models/{seg(args.name)}/schedule", {"schedule": text})
+
+
 def _delete(cls: type[Tenant | Model], collection: str) -> Command:
     def run(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]:
         return _do(client, cls, "DELETE", f"/admin/{collection}/{seg(args.name)}")
@@ -320,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a threshold for this model, e.g. scale_up_queue_time_s=3 (repeatable)")
     p.add_argument("--unset", action="append", metavar="FIELD",
                    help="remove an override: back to the autoscaler's default (repeatable)")
+    p = cmd(m, "schedule", _schedule,
+            "set a model's off-hours schedule, one rule per line, e.g. "
+            "'weekdays 08:00-19:00 Europe/Berlin: min 2' and 'otherwise: max 1' (see docs/autoscaling.md)")
+    p.add_argument("name")
+    p.add_argument("schedule", nargs="?", help="the schedule's text (rules separated by newlines or ';')")
+    p.add_argument("--file", help="read the schedule from this file")
+    p.add_argument("--clear", action="store_true", help="remove the schedule")
     cmd(
         m, "delete", _delete(Model, "models"),
         "delete a model without live jobs (scale it to 0 first; its aliases and ended jobs go with it)",
@@ -396,7 +416,7 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 
 # Body fields where null means something (no expiry, every model, no limit): sent when given.
-_NULLABLE = ("expires_at", "allowed_models", "max_concurrent_requests", "tokens_per_minute")
+_NULLABLE = ("expires_at", "allowed_models", "max_concurrent_requests", "tokens_per_minute", "schedule")
 
 
 def _do(

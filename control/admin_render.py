@@ -99,6 +99,10 @@ def _render_scaling(v: ModelScaling) -> str:
         f"ready {v.ready_endpoints}  pending {v.pending_jobs}{overdue}",
         f"overrides  {_cell(v.policy)}",
     ]
+    if v.schedule:
+        now = f"in force: {v.schedule_rule!r}" if v.schedule_rule else "no rule in force"
+        lines.append(f"schedule   {now}; min {v.effective_min}, max {v.effective_max} now")
+        lines += [f"           {rule}" for rule in v.schedule.splitlines() if rule.strip()]
     if v.observed_at is not None:
         lines.append(f"observed   {_cell(v.observed_at)}: {v.hold or 'changed'}; {v.detail or '-'}")
     if v.signals:

@@ -216,6 +216,13 @@ class ScalingPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     hold_s: Annotated[float, Meta(gt=0, le=3600)] | UnsetType | None = UNSET
 
 
+class ScheduleUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``PUT /admin/models/{name}/schedule``: the schedule's text (control/autoscale/schedule.py
+    syntax, one rule per line), or null to remove it."""
+
+    schedule: Annotated[str, Meta(max_length=4000, pattern=r"^[^\x00]*$")] | None
+
+
 class ScalingDecision(Struct, kw_only=True):
     decided_at: datetime
     from_instances: int
@@ -236,6 +243,10 @@ class ModelScaling(Struct, kw_only=True):
     ready_endpoints: int
     pending_jobs: int  # submitted or registered, not ready yet
     policy: dict[str, str | int | float]  # this model's overrides only
+    schedule: str | None  # its off-hours schedule, as written
+    schedule_rule: str | None  # the schedule's rule in force now, if any
+    effective_min: int  # min and max now, after the schedule
+    effective_max: int
     observed_at: datetime | None  # the autoscaler's last pass over this model
     hold: str | None  # why it made no change then (cooldown, sustaining, unknown, ...)
     detail: str | None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from litestar import delete, get, patch, post
+from litestar import delete, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import SecurityRequirement
@@ -49,6 +49,7 @@ from control.wire import (
     RegisterRequest,
     RegisterResponse,
     ScalingPolicy,
+    ScheduleUpdate,
     SdTargetGroup,
     Tenant,
     TenantCreate,
@@ -219,6 +220,12 @@ async def set_scaling(db: Db, name: ModelPath,
     return await scaling.set_policy(db, name, data)
 
 
+@put("/models/{name:str}/schedule", summary="Set (or, with null, remove) a model's off-hours schedule",
+     tags=["models"], responses=errors(404, body=True))
+async def set_schedule(db: Db, name: ModelPath, data: JSONBody[ScheduleUpdate]) -> ModelScaling:
+    return await scaling.set_schedule(db, name, data)
+
+
 # ----------------------------------------------------------------------------- jobs and endpoints
 
 
@@ -305,5 +312,6 @@ ADMIN_ROUTES: list[Any] = [
     create_tenant, list_tenants, get_tenant, update_tenant, delete_tenant,
     create_key, list_keys, update_key, revoke_key,
     create_model, list_models, get_model, update_model, delete_model, drain_model, get_scaling, set_scaling,
+    set_schedule,
     list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report,
 ]

@@ -3,7 +3,10 @@
 One pass: read the active models with their ready endpoints and pending jobs (PostgreSQL), read
 the gateways' demand (Redis, ``<prefix>demand:*``), scrape each ready endpoint's ``/metrics``
 concurrently, build each model's :class:`~control.autoscale.policy.Signals`, ask the policy, and
-apply a change with a compare-and-set plus a history row. Every change is one
+apply a change with a compare-and-set plus a history row. A model's schedule (its text in
+``ai_model_autoscaling.schedule``) narrows its min and max for the current instant first; a
+change forced by a schedule is recorded with source ``schedule`` (lowering desired drains the
+extra instances through the Job Worker's drain-then-cancel path: no stream is cut). Every change is one
 ``autoscaler_decision`` log line with its inputs and rule; every model's last observation is
 stored for the admin API and the metrics.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 import httpx
@@ -28,6 +32,8 @@ from redis.exceptions import RedisError
 
 from control.autoscale import store
 from control.autoscale.policy import Outcome, PolicyConfig, PolicyState, Signals, decide
+from control.autoscale.schedule import Schedule, ScheduleError
+from control.autoscale.schedule import parse as parse_schedule
 from control.autoscale.settings import AutoscalerSettings
 from control.autoscale.signals import Endpoint, QueueTimeWindow, build_signals, total_demand
 from control.http_client import BodyTooLargeError, daemon_client, node_url, read_capped
@@ -58,6 +64,7 @@ class Autoscaler:
         self._windows: dict[int, QueueTimeWindow] = {}
         self._redis_down = False
         self._reported: set[int] = set()  # models whose overdue pending job was reported
+        self._schedules: dict[int, tuple[str, Schedule]] = {}  # parsed once per text
 
     async def reconcile_once(self) -> list[Outcome]:
         loop = asyncio.get_running_loop()
@@ -92,19 +99,44 @@ class Autoscaler:
             outcomes.append(await self._decide(row, signals))
         return outcomes
 
+    def _schedule(self, row: store.ModelRow) -> Schedule | None:
+        if not row.schedule:
+            return None
+        cached = self._schedules.get(row.model_id)
+        if cached is None or cached[0] != row.schedule:
+            try:
+                cached = (row.schedule, parse_schedule(row.schedule))
+            except ScheduleError as exc:  # the admin API validates; a hand-edited row is ignored
+                log.warning("autoscaler_schedule_invalid", model=row.name, error=str(exc))
+                cached = (row.schedule, Schedule(()))
+            self._schedules[row.model_id] = cached
+        return cached[1]
+
     async def _decide(self, row: store.ModelRow, signals: Signals) -> Outcome:
         cfg = store.policy_config(self._defaults, row)
+        schedule = self._schedule(row)
+        limits = None
+        if schedule is not None:
+            limits = schedule.limits(datetime.now(UTC), row.min_instances, row.max_instances)
+            cfg = msgspec.structs.replace(cfg, min_instances=limits.min_instances,
+                                          max_instances=limits.max_instances)
         state = self._states.setdefault(row.model_id, PolicyState())
         out = decide(cfg, state, signals, row.desired)
+        source = "autoscaler"
+        if out.changed and out.reason in {"below_min", "above_max"} and limits is not None and limits.rule:
+            source = "schedule"
+            out = msgspec.structs.replace(out, reason="schedule", detail=(
+                f"{out.detail} (schedule rule {limits.rule!r}: min {limits.min_instances}, "
+                f"max {limits.max_instances})"))
         async with self._pool.acquire() as conn:
             if out.changed:
                 assert out.reason is not None
                 applied = await store.apply_decision(
-                    conn, row.model_id, row.desired, out.desired, reason=out.reason, source="autoscaler",
+                    conn, row.model_id, row.desired, out.desired, reason=out.reason, source=source,
                     detail=out.detail, signals=signals, keep=self.settings.history_per_model)
                 log.info("autoscaler_decision", model=row.name, old=row.desired, new=out.desired,
-                         reason=out.reason, rule=out.detail, applied=applied, ready=signals.ready,
-                         pending=signals.pending, queue_time_s=signals.queue_time_s,
+                         reason=out.reason, source=source, rule=out.detail, applied=applied,
+                         ready=signals.ready, pending=signals.pending, queue_time_s=signals.queue_time_s,
                          stalled_s=signals.stalled_s, waiting=signals.waiting, running=signals.running,
                          kv_usage=signals.kv_usage, held=signals.held, oldest_held_s=signals.oldest_held_s,
                          known=signals.known)

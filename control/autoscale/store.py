@@ -20,7 +20,7 @@ _decode_policy = msgspec.json.Decoder(dict[str, object])
 
 _MODELS = """
 SELECT m.model_id, m.name, m.min_instances, m.max_instances, m.desired_instances,
-       coalesce(s.policy, '{}'::jsonb) AS policy,
+       coalesce(s.policy, '{}'::jsonb) AS policy, s.schedule,
        coalesce((SELECT array_agg(a.alias) FROM ai_model_aliases a WHERE a.model_id = m.model_id),
                 '{}') AS aliases,
        coalesce((SELECT array_agg(ARRAY[e.endpoint_id::text, e.node, e.port::text, e.bearer_token]
@@ -47,6 +47,7 @@ class ModelRow(msgspec.Struct, frozen=True, kw_only=True):
     max_instances: int
     desired: int
     policy: dict[str, object]  # per-model overrides of PolicyConfig fields
+    schedule: str | None
     observation: ModelObservation
 
 
@@ -72,6 +73,7 @@ async def active_models(conn: Conn) -> list[ModelRow]:
         rows.append(ModelRow(model_id=r["model_id"], name=r["name"], aliases=tuple(r["aliases"]),
                              min_instances=r["min_instances"], max_instances=r["max_instances"],
                              desired=r["desired_instances"], policy=_decode_policy.decode(r["policy"]),
+                             schedule=r["schedule"],
                              observation=obs))
     return rows
 

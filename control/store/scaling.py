@@ -1,18 +1,24 @@
-"""Autoscaling through the admin API: a model's scaling view and its policy overrides.
+"""Autoscaling through the admin API: a model's scaling view, policy overrides and schedule.
 
 The autoscaler (control/autoscale/) writes the observations and decisions; this module only
 reads them, and writes the per-model overrides (``ai_model_autoscaling.policy``, migration 0700),
-which the autoscaler merges over its defaults on its next pass. Overrides are validated by
-:class:`control.wire.ScalingPolicy` before they are stored; ``null`` removes one.
+which the autoscaler merges over its defaults on its next pass, and the schedule. Overrides are
+validated by :class:`control.wire.ScalingPolicy` before they are stored (``null`` removes one); a
+schedule is parsed before it is stored, and one that does not parse is refused (422) with the
+parser's reason, nothing changed.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import msgspec
 from msgspec import UNSET
 
-from control.store.db import Database, NotFoundError
-from control.wire import ModelScaling, ScalingDecision, ScalingPolicy
+from control.autoscale.schedule import ScheduleError
+from control.autoscale.schedule import parse as parse_schedule
+from control.store.db import Database, InvalidError, NotFoundError
+from control.wire import ModelScaling, ScalingDecision, ScalingPolicy, ScheduleUpdate
 
 _decode = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
@@ -25,7 +31,7 @@ SELECT m.model_id, m.name, m.state, m.min_instances, m.desired_instances, m.max_
        (SELECT count(*) FROM ai_model_endpoint_jobs j
          WHERE j.model_id = m.model_id
            AND j.state IN ('pending', 'submitted', 'registered'))::int AS pending_jobs,
-       coalesce(s.policy, '{}'::jsonb) AS policy, s.observed_at, s.hold, s.detail,
+       coalesce(s.policy, '{}'::jsonb) AS policy, s.schedule, s.observed_at, s.hold, s.detail,
        coalesce(s.pending_overdue, false) AS pending_overdue, s.signals
   FROM ai_model_configurations m LEFT JOIN ai_model_autoscaling s USING (model_id)
  WHERE m.name = $1
@@ -50,6 +56,13 @@ async def get_scaling(db: Database, name: str, limit: int = 50) -> ModelScaling:
     if signals is not None:
         signals.pop("now", None)  # the autoscaler's monotonic clock: meaningless here
     doc["signals"] = signals
+    try:
+        schedule = parse_schedule(doc["schedule"] or "")
+    except ScheduleError:  # written around the API: the autoscaler ignores it too
+        schedule = parse_schedule("")
+    limits = schedule.limits(datetime.now(UTC), doc["min_instances"], doc["max_instances"])
+    doc.update(schedule_rule=limits.rule, effective_min=limits.min_instances,
+               effective_max=limits.max_instances)
     return msgspec.convert({**doc, "decisions": decisions}, ModelScaling, from_attributes=True)
 
 
@@ -72,4 +85,23 @@ async def set_policy(db: Database, name: str, req: ScalingPolicy) -> ModelScalin
             """INSERT INTO ai_model_autoscaling (model_id, policy) VALUES ($1, $2::jsonb)
                ON CONFLICT (model_id) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()""",
             model_id, _encode.encode(policy).decode())
+    return await get_scaling(db, name)
+
+
+async def set_schedule(db: Database, name: str, req: ScheduleUpdate) -> ModelScaling:
+    text = (req.schedule or "").strip() or None
+    if text is not None:
+        try:
+            parse_schedule(text)
+        except ScheduleError as exc:
+            raise InvalidError(f"schedule: {exc}") from None
+    async with db.transaction() as conn:
+        model_id = await conn.fetchval(
+            "SELECT model_id FROM ai_model_configurations WHERE name = $1 FOR UPDATE", name)
+        if model_id is None:
+            raise NotFoundError(f"no model {name!r}")
+        await conn.execute(
+            """INSERT INTO ai_model_autoscaling (model_id, schedule) VALUES ($1, $2)
+               ON CONFLICT (model_id) DO UPDATE SET schedule = EXCLUDED.schedule, updated_at = now()""",
+            model_id, text)
     return await get_scaling(db, name)

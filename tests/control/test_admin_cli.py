@@ -356,3 +356,20 @@ async def test_model_scaling_shows_the_history_and_takes_overrides(stack: Stack,
         text = (await client.get(f"{stack.api_url}/metrics")).text
     assert ('hpcgate_autoscaler_decisions_total{model="cli/scaled",reason="queue_time_sustained",'
             'source="autoscaler"} 1.0') in text
+
+
+async def test_model_schedule_is_validated_stored_and_shown(stack: Stack, api: Daemon) -> None:
+    await admin_json(stack, "model", "create", "cli/sched", "--max", "4")
+    shown = await admin_json(stack, "model", "schedule", "cli/sched",
+                             "weekdays 08:00-19:00 Europe/Berlin: min 2; daily 00:00-24:00 UTC: max 1")
+    assert shown["schedule"].startswith("weekdays 08:00-19:00 Europe/Berlin: min 2")
+    assert shown["schedule_rule"] is not None and shown["effective_max"] <= 2
+    rc, out, _ = await run_admin(stack, "model", "scaling", "cli/sched")
+    assert rc == 0 and "schedule   in force:" in out and "Europe/Berlin" in out
+
+    rc, _, err = await run_admin(stack, "model", "schedule", "cli/sched",
+                                 "weekdays 08:00-19:00 Mars/Base: min 2")
+    assert rc == 1 and "422" in err and "unknown time zone 'Mars/Base'" in err
+    assert (await admin_json(stack, "model", "scaling", "cli/sched"))["schedule"].startswith("weekdays")
+    cleared = await admin_json(stack, "model", "schedule", "cli/sched", "--clear")
+    assert cleared["schedule"] is None and (cleared["effective_min"], cleared["effective_max"]) == (0, 4)

@@ -1,5 +1,6 @@
 -- The autoscaler (issue 14).
--- ai_model_autoscaling: per-model policy overrides (admin API; keys are PolicyConfig fields) and
+-- ai_model_autoscaling: per-model policy overrides (admin API; keys are PolicyConfig fields), the
+-- off-hours schedule, and
 -- the autoscaler's last observation of the model (signals, what it held on and why), which the
 -- admin API and the control API's /metrics show. No NOTIFY trigger: nothing published depends on it.
 -- ai_model_scaling_decisions: every change of desired_instances the autoscaler or the webhook
@@ -8,6 +9,7 @@
 CREATE TABLE ai_model_autoscaling (
     model_id         bigint PRIMARY KEY REFERENCES ai_model_configurations (model_id) ON DELETE CASCADE,
     policy           jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(policy) = 'object'),
+    schedule         text,  -- control/autoscale/schedule.py syntax; validated by the admin API
     observed_at      timestamptz,
     signals          jsonb,
     hold             text,
