@@ -40,6 +40,12 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Site template directories, as the Job Worker's jobs.template_dirs: a model's template is
     # checked against them (and the built-in ones) when it is created or changed.
     template_dirs: tuple[str, ...] = ()
+    # POST /hooks/grafana (the paper's alert webhook): its own bearer token (empty: the hook
+    # refuses every call) and the cooldown after any change of a model's desired count (a
+    # model's own cooldown_s override wins), as the autoscaler's.
+    grafana_webhook_token: str = ""
+    webhook_cooldown_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    webhook_history_per_model: PositiveInt = 1000
 
     def __post_init__(self) -> None:
         if self.port_range_end < self.port_range_start:

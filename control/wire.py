@@ -223,6 +223,40 @@ class ScheduleUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     schedule: Annotated[str, Meta(max_length=4000, pattern=r"^[^\x00]*$")] | None
 
 
+LabelText = Annotated[str, Meta(max_length=1000, pattern=r"^[^\x00]*$")]
+
+
+class GrafanaAlert(Struct, frozen=True, kw_only=True):
+    """One alert of Grafana's webhook notification (only the fields used; the rest is ignored).
+    ``labels.model`` names the model (or an alias); ``labels.action`` is ``scale_up`` (the
+    default) or ``scale_down``."""
+
+    status: Literal["firing", "resolved"]
+    labels: Annotated[dict[Annotated[str, Meta(max_length=200)], LabelText], Meta(max_length=100)]
+    fingerprint: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+    starts_at: Annotated[str, Meta(max_length=64, pattern=r"^[^\x00]*$")] = msgspec.field(
+        default="", name="startsAt")
+
+
+class GrafanaWebhook(Struct, frozen=True, kw_only=True):
+    """Grafana's alerting webhook payload (``POST /hooks/grafana``)."""
+
+    status: Literal["firing", "resolved"]
+    alerts: Annotated[list[GrafanaAlert], Meta(min_length=1, max_length=100)]
+
+
+class WebhookOutcome(Struct, kw_only=True):
+    fingerprint: str
+    model: str
+    action: str
+    status: str
+    outcome: str  # "applied 1 -> 2", "duplicate", "resolved", "at max", "cooldown", ...
+
+
+class WebhookResult(Struct, kw_only=True):
+    alerts: list[WebhookOutcome]
+
+
 class ScalingDecision(Struct, kw_only=True):
     decided_at: datetime
     from_instances: int

@@ -21,7 +21,8 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from control.api.errors import ApiError
 from control.api.security import ADMIN_SCHEME, SD_SCHEME
-from control.store import jobs, models, registration, scaling, tenants, usage
+from control.settings import ApiSettings
+from control.store import jobs, models, registration, scaling, tenants, usage, webhook
 from control.store.db import Database
 from control.store.models import LaunchCheck
 from control.store.registration import PortRange
@@ -34,6 +35,7 @@ from control.wire import (
     Endpoint,
     EndpointQuery,
     ErrorBody,
+    GrafanaWebhook,
     Health,
     Job,
     JobQuery,
@@ -56,6 +58,7 @@ from control.wire import (
     TenantUpdate,
     Usage,
     UsageQuery,
+    WebhookResult,
 )
 
 _STATUS_TEXT = {
@@ -306,7 +309,16 @@ async def sd_vllm(db: Db) -> list[SdTargetGroup]:
     ]
 
 
+@post("/grafana", status_code=200, summary="Grafana alerting webhook: firing alerts labelled with a model "
+      "(and action scale_up|scale_down) move its desired instances, within its limits and cooldown",
+      tags=["hooks"], responses=errors(404, body=True))
+async def grafana_hook(db: Db, settings: NamedDependency[ApiSettings],
+                       data: JSONBody[GrafanaWebhook]) -> WebhookResult:
+    return await webhook.handle(db, data, settings.webhook_cooldown_s, settings.webhook_history_per_model)
+
+
 OPEN_ROUTES: list[Any] = [health, register]
+HOOK_ROUTES: list[Any] = [grafana_hook]
 SD_ROUTES: list[Any] = [sd_vllm]
 ADMIN_ROUTES: list[Any] = [
     create_tenant, list_tenants, get_tenant, update_tenant, delete_tenant,

@@ -32,3 +32,17 @@ CREATE TABLE ai_model_scaling_decisions (
     signals         jsonb
 );
 CREATE INDEX ai_model_scaling_decisions_model ON ai_model_scaling_decisions (model_id, decision_id DESC);
+
+-- Alerts the Grafana webhook (POST /hooks/grafana) has handled, so a re-sent notification of the
+-- same alert (same fingerprint, same firing episode, same status) changes nothing a second time.
+-- The API deletes rows older than a week when it writes one.
+CREATE TABLE ai_autoscaler_webhook_events (
+    fingerprint  text NOT NULL,
+    starts_at    text NOT NULL,
+    status       text NOT NULL CHECK (status IN ('firing', 'resolved')),
+    model        text,
+    outcome      text NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (fingerprint, starts_at, status)
+);
+CREATE INDEX ai_autoscaler_webhook_events_received ON ai_autoscaler_webhook_events (received_at);
