@@ -158,6 +158,8 @@ def render_text(template_text: str, ctx: JobContext) -> str:
     res = ctx.resources
     q = shlex.quote
     sim_args = ["--profile", res.sim_profile] if res.sim_profile else []
+    if res.sim_max_num_seqs is not None:
+        sim_args += ["--max-num-seqs", str(res.sim_max_num_seqs)]
     values = {
         "sbatch": sbatch_block(ctx),
         "setup": setup_block(ctx),

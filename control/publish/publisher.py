@@ -40,9 +40,9 @@ SELECT m.name, m.state, m.state_reason, m.desired_instances, m.max_model_len, m.
        m.max_instances,
        coalesce((SELECT array_agg(a.alias ORDER BY a.alias) FROM ai_model_aliases a
                   WHERE a.model_id = m.model_id), '{}') AS aliases,
-       (SELECT (s.policy ->> 'hold_s')::float8 FROM ai_model_autoscaling s
-         WHERE s.model_id = m.model_id) AS hold_s
-  FROM ai_model_configurations m
+       s.policy ->> 'hold_s' AS hold_s,
+       coalesce(s.observed_at > now() - interval '60 seconds', false) AS autoscaled
+  FROM ai_model_configurations m LEFT JOIN ai_model_autoscaling s USING (model_id)
 """
 
 _ENDPOINTS_SQL = """
@@ -79,7 +79,8 @@ async def read_endpoint_table(conn: Conn, unroutable_after: int) -> EndpointTabl
             max_model_len=r["max_model_len"],
             min_instances=r["min_instances"],
             max_instances=r["max_instances"],
-            hold_s=r["hold_s"],
+            hold_s=None if r["hold_s"] is None else float(r["hold_s"]),
+            autoscaled=r["autoscaled"],
         )
         for r in await conn.fetch(_MODELS_SQL)
     ]
