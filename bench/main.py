@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
-from bench import footprint
+from bench import autoscale, footprint
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
 
@@ -33,6 +33,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "table": ("numpy", "matplotlib", "psutil"),
     "overhead": ("numpy", "psutil"),
     "footprint": (),
+    "autoscale": (),
 }
 
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _table_parser(sub)
     _overhead_parser(sub)
     footprint.add_parser(sub)
+    autoscale.add_parser(sub)
     return parser
 
 
@@ -166,6 +168,8 @@ def main(argv: list[str]) -> int:
         return _cmd_run(args, settings)
     if args.command == "footprint":
         return footprint.cmd_footprint(args)
+    if args.command == "autoscale":
+        return autoscale.cmd_autoscale(args, settings.results_dir)
     if args.command == "table":
         from bench.table import cmd_table
 
