@@ -7,60 +7,20 @@ The autoscaler acts on every model of its database, so this module has a databas
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator
 
 import asyncpg
 import msgspec
-import pytest
 import redis.asyncio as aioredis
 
 from control.autoscale.daemon import Autoscaler, make_http
 from control.autoscale.settings import AutoscalerSettings
 from hpcgate.schemas import HeldRequests, ModelDemand, RedisNames
+from tests.autoscale.conftest import add_model, add_ready_endpoint, clear_models
 from tests.jobs.stack import free_port, start_daemon
-from tests.support.services import create_migrated_database, drop_database, unique_name
+from tests.support.services import unique_name
 from tests.support.sim import sim_process
-
-
-@pytest.fixture(scope="module")
-async def dsn() -> AsyncIterator[str]:
-    name, dsn = await create_migrated_database("hpcgate_autoscale_test")
-    yield dsn
-    await drop_database(name)
-
-
-async def add_model(conn: asyncpg.Connection, name: str, *, lo: int, hi: int, desired: int) -> int:
-    model_id: int = await conn.fetchval(
-        """INSERT INTO ai_model_configurations (name, min_instances, max_instances, desired_instances)
-           VALUES ($1, $2, $3, $4) RETURNING model_id""",
-        name,
-        lo,
-        hi,
-        desired,
-    )
-    return model_id
-
-
-async def add_ready_endpoint(conn: asyncpg.Connection, model_id: int, port: int) -> int:
-    job_id = await conn.fetchval(
-        """INSERT INTO ai_model_endpoint_jobs (model_id, generation, launcher, state, launcher_job_id,
-               registration_token_hash, registration_expires_at, ready_at)
-           VALUES ($1, 1, 'local', 'ready', $2, $3, now() + interval '1 hour', now())
-           RETURNING endpoint_job_id""",
-        model_id,
-        f"t-{os.urandom(6).hex()}",
-        os.urandom(32),
-    )
-    endpoint_id: int = await conn.fetchval(
-        """INSERT INTO ai_model_endpoints (endpoint_job_id, model_id, node, port, bearer_token, ready_at)
-           VALUES ($1, $2, '127.0.0.1', $3, 'tok', now()) RETURNING endpoint_id""",
-        job_id,
-        model_id,
-        port,
-    )
-    return endpoint_id
 
 
 @contextlib.asynccontextmanager
@@ -77,11 +37,6 @@ async def autoscaler(dsn: str, prefix: str, **policy: object) -> AsyncIterator[A
         await pool.close()
         await http.aclose()
         await redis.aclose()
-
-
-async def clear_models(conn: asyncpg.Connection) -> None:
-    await conn.execute("DELETE FROM ai_model_endpoint_jobs")
-    await conn.execute("DELETE FROM ai_model_configurations")
 
 
 async def test_unknown_load_holds_and_known_idleness_scales_down_with_history(
