@@ -27,8 +27,15 @@ _encode = msgspec.json.Encoder().encode
 
 
 class DemandPublisher:
-    def __init__(self, url: str, prefix: str, read: Callable[[float], dict[str, tuple[int, float]]],
-                 *, interval_s: float = 1.0, ttl_s: int = 3) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        read: Callable[[float], dict[str, tuple[int, float]]],
+        *,
+        interval_s: float = 1.0,
+        ttl_s: int = 3,
+    ) -> None:
         self._redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._key = f"{RedisNames(prefix).demand_prefix}{socket.gethostname()}:{os.getpid()}"
         self._read = read

@@ -52,8 +52,9 @@ def policy_defaults(s: AutoscalerSettings) -> PolicyConfig:
 
 
 class Autoscaler:
-    def __init__(self, settings: AutoscalerSettings, pool: asyncpg.Pool,
-                 http: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    def __init__(
+        self, settings: AutoscalerSettings, pool: asyncpg.Pool, http: httpx.AsyncClient, redis: aioredis.Redis
+    ) -> None:
         self.settings = settings
         self._pool = pool
         self._http = http
@@ -90,10 +91,18 @@ class Autoscaler:
             if demand is None:
                 held, oldest = 0, None
             else:
-                held, oldest = total_demand(row.name, row.aliases, demand, time.time(),
-                                            self.settings.demand_max_age_s)
-            signals = build_signals(now, row.observation, loads, self._windows, held=held,
-                                    oldest_held_s=oldest, min_window_s=self.settings.queue_time_window_s / 2)
+                held, oldest = total_demand(
+                    row.name, row.aliases, demand, time.time(), self.settings.demand_max_age_s
+                )
+            signals = build_signals(
+                now,
+                row.observation,
+                loads,
+                self._windows,
+                held=held,
+                oldest_held_s=oldest,
+                min_window_s=self.settings.queue_time_window_s / 2,
+            )
             if demand is None:  # gateway demand unknown: the load may be hidden
                 signals = msgspec.structs.replace(signals, known=False)
             outcomes.append(await self._decide(row, signals))
@@ -118,35 +127,74 @@ class Autoscaler:
         limits = None
         if schedule is not None:
             limits = schedule.limits(datetime.now(UTC), row.min_instances, row.max_instances)
-            cfg = msgspec.structs.replace(cfg, min_instances=limits.min_instances,
-                                          max_instances=limits.max_instances)
+            cfg = msgspec.structs.replace(
+                cfg, min_instances=limits.min_instances, max_instances=limits.max_instances
+            )
         state = self._states.setdefault(row.model_id, PolicyState())
         out = decide(cfg, state, signals, row.desired)
         source = "autoscaler"
         if out.changed and out.reason in {"below_min", "above_max"} and limits is not None and limits.rule:
             source = "schedule"
-            out = msgspec.structs.replace(out, reason="schedule", detail=(
-                f"{out.detail} (schedule rule {limits.rule!r}: min {limits.min_instances}, "
-                f"max {limits.max_instances})"))
+            out = msgspec.structs.replace(
+                out,
+                reason="schedule",
+                detail=(
+                    f"{out.detail} (schedule rule {limits.rule!r}: min {limits.min_instances}, "
+                    f"max {limits.max_instances})"
+                ),
+            )
         async with self._pool.acquire() as conn:
             if out.changed:
                 assert out.reason is not None
                 applied = await store.apply_decision(
-                    conn, row.model_id, row.desired, out.desired, reason=out.reason, source=source,
-                    detail=out.detail, signals=signals, keep=self.settings.history_per_model)
-                log.info("autoscaler_decision", model=row.name, old=row.desired, new=out.desired,
-                         reason=out.reason, source=source, rule=out.detail, applied=applied,
-                         ready=signals.ready, pending=signals.pending, queue_time_s=signals.queue_time_s,
-                         stalled_s=signals.stalled_s, waiting=signals.waiting, running=signals.running,
-                         kv_usage=signals.kv_usage, held=signals.held, oldest_held_s=signals.oldest_held_s,
-                         known=signals.known)
+                    conn,
+                    row.model_id,
+                    row.desired,
+                    out.desired,
+                    reason=out.reason,
+                    source=source,
+                    detail=out.detail,
+                    signals=signals,
+                    keep=self.settings.history_per_model,
+                )
+                log.info(
+                    "autoscaler_decision",
+                    model=row.name,
+                    old=row.desired,
+                    new=out.desired,
+                    reason=out.reason,
+                    source=source,
+                    rule=out.detail,
+                    applied=applied,
+                    ready=signals.ready,
+                    pending=signals.pending,
+                    queue_time_s=signals.queue_time_s,
+                    stalled_s=signals.stalled_s,
+                    waiting=signals.waiting,
+                    running=signals.running,
+                    kv_usage=signals.kv_usage,
+                    held=signals.held,
+                    oldest_held_s=signals.oldest_held_s,
+                    known=signals.known,
+                )
                 if not applied:
                     state.last_change_at = None  # nothing changed: no cooldown from it
-            await store.record_status(conn, row.model_id, signals, hold=out.hold, detail=out.detail,
-                                      pending_overdue=out.pending_overdue)
+            await store.record_status(
+                conn,
+                row.model_id,
+                signals,
+                hold=out.hold,
+                detail=out.detail,
+                pending_overdue=out.pending_overdue,
+            )
         if out.pending_overdue and row.model_id not in self._reported:
-            log.warning("autoscaler_pending_overdue", model=row.name, pending=signals.pending,
-                        oldest_pending_s=signals.oldest_pending_s, limit_s=cfg.pending_report_s)
+            log.warning(
+                "autoscaler_pending_overdue",
+                model=row.name,
+                pending=signals.pending,
+                oldest_pending_s=signals.oldest_pending_s,
+                limit_s=cfg.pending_report_s,
+            )
             self._reported.add(row.model_id)
         elif not out.pending_overdue:
             self._reported.discard(row.model_id)
@@ -179,8 +227,9 @@ class Autoscaler:
         headers = {"authorization": f"Bearer {ep.bearer_token}"} if ep.bearer_token else {}
         try:
             async with asyncio.timeout(self.settings.scrape_timeout_s):
-                async with self._http.stream("GET", node_url(ep.node, ep.port, "/metrics"),
-                                             headers=headers) as response:
+                async with self._http.stream(
+                    "GET", node_url(ep.node, ep.port, "/metrics"), headers=headers
+                ) as response:
                     if response.status_code != 200:
                         return None
                     return parse_engine_load(await read_capped(response, _MAX_PAGE))

@@ -43,8 +43,9 @@ async def run(settings: AutoscalerSettings, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 if pool is None or scaler is None:
-                    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2,
-                                                     command_timeout=10)
+                    pool = await asyncpg.create_pool(
+                        settings.database_url, min_size=1, max_size=2, command_timeout=10
+                    )
                     scaler = Autoscaler(settings, pool, http, redis)
                 await scaler.reconcile_once()
                 if failing is not None:
@@ -72,9 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpcgate control autoscaler",
         description="The autoscaler: moves each model's desired instances between its min and max "
-        "from its engines' queue time, waiting requests and the gateways' held requests.")
-    parser.add_argument("--interval", type=float, default=None, dest="interval_s", metavar="SECONDS",
-                        help="one reconcile pass per interval (default 5, setting autoscaler.interval_s)")
+        "from its engines' queue time, waiting requests and the gateways' held requests.",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        dest="interval_s",
+        metavar="SECONDS",
+        help="one reconcile pass per interval (default 5, setting autoscaler.interval_s)",
+    )
     return parser
 
 

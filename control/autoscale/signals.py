@@ -63,8 +63,9 @@ class ModelObservation(msgspec.Struct, frozen=True, kw_only=True):
     oldest_pending_s: float | None
 
 
-def total_demand(model: str, aliases: Iterable[str], docs: Iterable[ModelDemand], now_unix: float,
-                 max_age_s: float) -> tuple[int, float | None]:
+def total_demand(
+    model: str, aliases: Iterable[str], docs: Iterable[ModelDemand], now_unix: float, max_age_s: float
+) -> tuple[int, float | None]:
     """Requests held for ``model`` (or an alias) across gateways, and the oldest one's age."""
     names = {model, *aliases}
     held, oldest = 0, None
@@ -78,9 +79,16 @@ def total_demand(model: str, aliases: Iterable[str], docs: Iterable[ModelDemand]
     return held, oldest
 
 
-def build_signals(now: float, obs: ModelObservation, loads: Mapping[int, EngineLoad | None],
-                  windows: Mapping[int, QueueTimeWindow], *, held: int, oldest_held_s: float | None,
-                  min_window_s: float) -> Signals:
+def build_signals(
+    now: float,
+    obs: ModelObservation,
+    loads: Mapping[int, EngineLoad | None],
+    windows: Mapping[int, QueueTimeWindow],
+    *,
+    held: int,
+    oldest_held_s: float | None,
+    min_window_s: float,
+) -> Signals:
     """One model's :class:`Signals`; ``loads`` maps each ready endpoint to its page (None: failed)
     and ``windows`` to its queue-time window, already fed with this scrape."""
     known = True
@@ -102,6 +110,17 @@ def build_signals(now: float, obs: ModelObservation, loads: Mapping[int, EngineL
             d_sum, d_count, span = d_sum + ds, d_count + dc, max(span, sp)
     queue_time = d_sum / d_count if d_count > 0 else None
     stalled = span if (d_count == 0 and (waiting or 0) > 0 and span >= min_window_s) else None
-    return Signals(now=now, ready=len(obs.ready), pending=obs.pending, oldest_pending_s=obs.oldest_pending_s,
-                   known=known, queue_time_s=queue_time, stalled_s=stalled, waiting=waiting, running=running,
-                   kv_usage=kv, held=held, oldest_held_s=oldest_held_s)
+    return Signals(
+        now=now,
+        ready=len(obs.ready),
+        pending=obs.pending,
+        oldest_pending_s=obs.oldest_pending_s,
+        known=known,
+        queue_time_s=queue_time,
+        stalled_s=stalled,
+        waiting=waiting,
+        running=running,
+        kv_usage=kv,
+        held=held,
+        oldest_held_s=oldest_held_s,
+    )

@@ -61,8 +61,9 @@ def policy_config(defaults: PolicyConfig, row: ModelRow) -> PolicyConfig:
     try:
         return msgspec.convert(merged, PolicyConfig)
     except msgspec.ValidationError:
-        return msgspec.structs.replace(defaults, min_instances=row.min_instances,
-                                       max_instances=row.max_instances)
+        return msgspec.structs.replace(
+            defaults, min_instances=row.min_instances, max_instances=row.max_instances
+        )
 
 
 async def active_models(conn: Conn) -> list[ModelRow]:
@@ -70,50 +71,89 @@ async def active_models(conn: Conn) -> list[ModelRow]:
     for r in await conn.fetch(_MODELS):
         ready = tuple(Endpoint(int(e[0]), e[1], int(e[2]), e[3]) for e in r["ready"])
         obs = ModelObservation(ready=ready, pending=r["pending"], oldest_pending_s=r["oldest_pending_s"])
-        rows.append(ModelRow(model_id=r["model_id"], name=r["name"], aliases=tuple(r["aliases"]),
-                             min_instances=r["min_instances"], max_instances=r["max_instances"],
-                             desired=r["desired_instances"], policy=_decode_policy.decode(r["policy"]),
-                             schedule=r["schedule"],
-                             observation=obs))
+        rows.append(
+            ModelRow(
+                model_id=r["model_id"],
+                name=r["name"],
+                aliases=tuple(r["aliases"]),
+                min_instances=r["min_instances"],
+                max_instances=r["max_instances"],
+                desired=r["desired_instances"],
+                policy=_decode_policy.decode(r["policy"]),
+                schedule=r["schedule"],
+                observation=obs,
+            )
+        )
     return rows
 
 
-async def apply_decision(conn: Conn, model_id: int, from_n: int, to_n: int, *, reason: str, source: str,
-                         detail: str, signals: Signals | None, keep: int) -> bool:
+async def apply_decision(
+    conn: Conn,
+    model_id: int,
+    from_n: int,
+    to_n: int,
+    *,
+    reason: str,
+    source: str,
+    detail: str,
+    signals: Signals | None,
+    keep: int,
+) -> bool:
     """Set desired ``from_n`` → ``to_n`` and record it; False if the row moved meanwhile."""
     async with conn.transaction():
         done = await conn.fetchval(
             """UPDATE ai_model_configurations SET desired_instances = $3, updated_at = now()
                 WHERE model_id = $1 AND desired_instances = $2 AND state = 'active'
                   AND $3 BETWEEN min_instances AND max_instances
-            RETURNING true""", model_id, from_n, to_n)
+            RETURNING true""",
+            model_id,
+            from_n,
+            to_n,
+        )
         if not done:
             return False
         await conn.execute(
             """INSERT INTO ai_model_scaling_decisions
                    (model_id, from_instances, to_instances, reason, source, detail, signals)
                VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)""",
-            model_id, from_n, to_n, reason, source, detail,
-            None if signals is None else _json.encode(signals).decode())
+            model_id,
+            from_n,
+            to_n,
+            reason,
+            source,
+            detail,
+            None if signals is None else _json.encode(signals).decode(),
+        )
         await conn.execute(
             """INSERT INTO ai_model_autoscaling AS s (model_id, decision_counts)
                VALUES ($1, jsonb_build_object($2::text, 1))
                ON CONFLICT (model_id) DO UPDATE SET decision_counts = s.decision_counts
                    || jsonb_build_object($2::text, coalesce((s.decision_counts ->> $2)::bigint, 0) + 1)""",
-            model_id, f"{source}:{reason}")
+            model_id,
+            f"{source}:{reason}",
+        )
         await conn.execute(
             """DELETE FROM ai_model_scaling_decisions WHERE model_id = $1 AND decision_id <
                    (SELECT decision_id FROM ai_model_scaling_decisions WHERE model_id = $1
-                     ORDER BY decision_id DESC OFFSET $2 LIMIT 1)""", model_id, keep - 1)
+                     ORDER BY decision_id DESC OFFSET $2 LIMIT 1)""",
+            model_id,
+            keep - 1,
+        )
     return True
 
 
-async def record_status(conn: Conn, model_id: int, signals: Signals, *, hold: str | None, detail: str,
-                        pending_overdue: bool) -> None:
+async def record_status(
+    conn: Conn, model_id: int, signals: Signals, *, hold: str | None, detail: str, pending_overdue: bool
+) -> None:
     """The last observation of a model, for the admin API and the control API's metrics."""
     await conn.execute(
         """INSERT INTO ai_model_autoscaling (model_id, observed_at, signals, hold, detail, pending_overdue)
            VALUES ($1, now(), $2::jsonb, $3, $4, $5)
            ON CONFLICT (model_id) DO UPDATE SET observed_at = now(), signals = EXCLUDED.signals,
                hold = EXCLUDED.hold, detail = EXCLUDED.detail, pending_overdue = EXCLUDED.pending_overdue""",
-        model_id, _json.encode(signals).decode(), hold, detail, pending_overdue)
+        model_id,
+        _json.encode(signals).decode(),
+        hold,
+        detail,
+        pending_overdue,
+    )

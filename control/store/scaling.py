@@ -61,8 +61,9 @@ async def get_scaling(db: Database, name: str, limit: int = 50) -> ModelScaling:
     except ScheduleError:  # written around the API: the autoscaler ignores it too
         schedule = parse_schedule("")
     limits = schedule.limits(datetime.now(UTC), doc["min_instances"], doc["max_instances"])
-    doc.update(schedule_rule=limits.rule, effective_min=limits.min_instances,
-               effective_max=limits.max_instances)
+    doc.update(
+        schedule_rule=limits.rule, effective_min=limits.min_instances, effective_max=limits.max_instances
+    )
     return msgspec.convert({**doc, "decisions": decisions}, ModelScaling, from_attributes=True)
 
 
@@ -71,7 +72,8 @@ async def set_policy(db: Database, name: str, req: ScalingPolicy) -> ModelScalin
     changes = {f: v for f in req.__struct_fields__ if (v := getattr(req, f)) is not UNSET}
     async with db.transaction() as conn:
         model_id = await conn.fetchval(
-            "SELECT model_id FROM ai_model_configurations WHERE name = $1 FOR UPDATE", name)
+            "SELECT model_id FROM ai_model_configurations WHERE name = $1 FOR UPDATE", name
+        )
         if model_id is None:
             raise NotFoundError(f"no model {name!r}")
         current = await conn.fetchval("SELECT policy FROM ai_model_autoscaling WHERE model_id = $1", model_id)
@@ -84,7 +86,9 @@ async def set_policy(db: Database, name: str, req: ScalingPolicy) -> ModelScalin
         await conn.execute(
             """INSERT INTO ai_model_autoscaling (model_id, policy) VALUES ($1, $2::jsonb)
                ON CONFLICT (model_id) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()""",
-            model_id, _encode.encode(policy).decode())
+            model_id,
+            _encode.encode(policy).decode(),
+        )
     return await get_scaling(db, name)
 
 
@@ -97,11 +101,14 @@ async def set_schedule(db: Database, name: str, req: ScheduleUpdate) -> ModelSca
             raise InvalidError(f"schedule: {exc}") from None
     async with db.transaction() as conn:
         model_id = await conn.fetchval(
-            "SELECT model_id FROM ai_model_configurations WHERE name = $1 FOR UPDATE", name)
+            "SELECT model_id FROM ai_model_configurations WHERE name = $1 FOR UPDATE", name
+        )
         if model_id is None:
             raise NotFoundError(f"no model {name!r}")
         await conn.execute(
             """INSERT INTO ai_model_autoscaling (model_id, schedule) VALUES ($1, $2)
                ON CONFLICT (model_id) DO UPDATE SET schedule = EXCLUDED.schedule, updated_at = now()""",
-            model_id, text)
+            model_id,
+            text,
+        )
     return await get_scaling(db, name)

@@ -46,8 +46,9 @@ def _target(alert: GrafanaAlert) -> tuple[str, str]:
         raise InvalidError(f"alert {alert.fingerprint}: no 'model' label naming the model to scale")
     action = alert.labels.get("action", "scale_up")
     if action not in ACTIONS:
-        raise InvalidError(f"alert {alert.fingerprint}: label action={action!r} is not one of "
-                           f"{', '.join(ACTIONS)}")
+        raise InvalidError(
+            f"alert {alert.fingerprint}: label action={action!r} is not one of {', '.join(ACTIONS)}"
+        )
     return model, action
 
 
@@ -56,36 +57,64 @@ async def handle(db: Database, hook: GrafanaWebhook, cooldown_s: float, keep: in
     out: list[WebhookOutcome] = []
     async with db.transaction() as conn:
         for (model, _), alert in zip(targets, hook.alerts, strict=True):
-            if await conn.fetchval("SELECT 1 FROM ai_model_configurations WHERE name = $1 UNION ALL "
-                                   "SELECT 1 FROM ai_model_aliases WHERE alias = $1 LIMIT 1", model) is None:
+            if (
+                await conn.fetchval(
+                    "SELECT 1 FROM ai_model_configurations WHERE name = $1 UNION ALL "
+                    "SELECT 1 FROM ai_model_aliases WHERE alias = $1 LIMIT 1",
+                    model,
+                )
+                is None
+            ):
                 raise NotFoundError(f"alert {alert.fingerprint}: no model {model!r}")
         await conn.execute(
-            "DELETE FROM ai_autoscaler_webhook_events WHERE received_at < now() - interval '7 days'")
+            "DELETE FROM ai_autoscaler_webhook_events WHERE received_at < now() - interval '7 days'"
+        )
         for (model, action), alert in zip(targets, hook.alerts, strict=True):
             outcome = await _one(conn, alert, model, action, cooldown_s=cooldown_s, keep=keep)
-            out.append(WebhookOutcome(fingerprint=alert.fingerprint, model=model, action=action,
-                                      status=alert.status, outcome=outcome))
+            out.append(
+                WebhookOutcome(
+                    fingerprint=alert.fingerprint,
+                    model=model,
+                    action=action,
+                    status=alert.status,
+                    outcome=outcome,
+                )
+            )
     return WebhookResult(alerts=out)
 
 
-async def _one(conn: Conn, alert: GrafanaAlert, model: str, action: str, *, cooldown_s: float,
-               keep: int) -> str:
+async def _one(
+    conn: Conn, alert: GrafanaAlert, model: str, action: str, *, cooldown_s: float, keep: int
+) -> str:
     new = await conn.fetchval(
         """INSERT INTO ai_autoscaler_webhook_events (fingerprint, starts_at, status, model, outcome)
            VALUES ($1, $2, $3, $4, '') ON CONFLICT DO NOTHING RETURNING true""",
-        alert.fingerprint, alert.starts_at, alert.status, model)
+        alert.fingerprint,
+        alert.starts_at,
+        alert.status,
+        model,
+    )
     if not new:
         return "duplicate"
-    outcome = "resolved: no change" if alert.status == "resolved" else await _apply(
-        conn, alert, model, action, cooldown_s=cooldown_s, keep=keep)
+    outcome = (
+        "resolved: no change"
+        if alert.status == "resolved"
+        else await _apply(conn, alert, model, action, cooldown_s=cooldown_s, keep=keep)
+    )
     await conn.execute(
         "UPDATE ai_autoscaler_webhook_events SET outcome = $4 WHERE fingerprint = $1 AND starts_at = $2 "
-        "AND status = $3", alert.fingerprint, alert.starts_at, alert.status, outcome)
+        "AND status = $3",
+        alert.fingerprint,
+        alert.starts_at,
+        alert.status,
+        outcome,
+    )
     return outcome
 
 
-async def _apply(conn: Conn, alert: GrafanaAlert, model: str, action: str, *, cooldown_s: float,
-                 keep: int) -> str:
+async def _apply(
+    conn: Conn, alert: GrafanaAlert, model: str, action: str, *, cooldown_s: float, keep: int
+) -> str:
     row = await conn.fetchrow(_MODEL, model)
     if row is None:  # deleted since the check above
         raise NotFoundError(f"alert {alert.fingerprint}: no model {model!r}")
@@ -111,6 +140,15 @@ async def _apply(conn: Conn, alert: GrafanaAlert, model: str, action: str, *, co
         return f"not changed: cooldown ({since:.0f} s of {cooldown:g} s since the last change)"
     name = alert.labels.get("alertname", "")
     detail = f"grafana alert {name!r} ({alert.fingerprint}) firing since {alert.starts_at or '?'}: {action}"
-    applied = await apply_decision(conn, row["model_id"], desired, to, reason="webhook_firing",
-                                   source="webhook", detail=detail[:1000], signals=None, keep=keep)
+    applied = await apply_decision(
+        conn,
+        row["model_id"],
+        desired,
+        to,
+        reason="webhook_firing",
+        source="webhook",
+        detail=detail[:1000],
+        signals=None,
+        keep=keep,
+    )
     return f"applied {desired} -> {to}" if applied else "not changed: the model changed meanwhile"

@@ -55,5 +55,3 @@ async def add_ready_endpoint(conn: asyncpg.Connection, model_id: int, port: int)
 async def clear_models(conn: asyncpg.Connection) -> None:
     await conn.execute("DELETE FROM ai_model_endpoint_jobs")
     await conn.execute("DELETE FROM ai_model_configurations")
-
-

@@ -187,19 +187,24 @@ async def test_two_autoscalers_one_acts_and_the_standby_takes_over_after_kill_9(
 
 
 async def test_a_schedule_narrows_the_limits_and_its_changes_are_recorded_as_such(
-        dsn: str, redis_prefix: str) -> None:
+    dsn: str, redis_prefix: str
+) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await clear_models(conn)
         mid = await add_model(conn, "m-sched", lo=0, hi=3, desired=3)
         # every day, all day, in a zone with daylight saving: at most one instance
-        await conn.execute("INSERT INTO ai_model_autoscaling (model_id, schedule) VALUES ($1, $2)",
-                           mid, "daily 00:00-24:00 Europe/Berlin: max 1")
+        await conn.execute(
+            "INSERT INTO ai_model_autoscaling (model_id, schedule) VALUES ($1, $2)",
+            mid,
+            "daily 00:00-24:00 Europe/Berlin: max 1",
+        )
         async with autoscaler(dsn, f"{redis_prefix}sched:") as a:
             [out] = await a.reconcile_once()
             assert (out.changed, out.desired, out.reason) == (True, 1, "schedule")
-        row = await conn.fetchrow("SELECT source, detail FROM ai_model_scaling_decisions WHERE model_id = $1",
-                                  mid)
+        row = await conn.fetchrow(
+            "SELECT source, detail FROM ai_model_scaling_decisions WHERE model_id = $1", mid
+        )
         assert row["source"] == "schedule" and "daily 00:00-24:00 Europe/Berlin: max 1" in row["detail"]
         assert await conn.fetchval("SELECT desired_instances FROM ai_model_configurations") == 1
     finally:

@@ -32,27 +32,43 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecor
 
 
 async def test_outages_change_nothing_are_logged_once_and_are_caught_up(
-        dsn: str, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    dsn: str, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     pg = urlsplit(dsn)
     conn = await asyncpg.connect(dsn)
-    async with TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432) as pg_proxy, \
-            TcpProxy("127.0.0.1", urlsplit(redis_url).port or 6379) as redis_proxy, \
-            sim_process("--model", "m-outage") as sim:
+    async with (
+        TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432) as pg_proxy,
+        TcpProxy("127.0.0.1", urlsplit(redis_url).port or 6379) as redis_proxy,
+        sim_process("--model", "m-outage") as sim,
+    ):
         try:
             await clear_models(conn)
             mid = await add_model(conn, "m-outage", lo=1, hi=3, desired=2)
             await add_ready_endpoint(conn, mid, sim.port)
-            settings = msgspec.convert({
-                "database_url": dsn.replace(f":{pg.port}/", f":{pg_proxy.port}/"),
-                "redis_url": f"redis://127.0.0.1:{redis_proxy.port}/0", "redis_prefix": f"{redis_prefix}out:",
-                "interval_s": 0.2, "outage_backoff_max_s": 0.5, "scale_down_stabilise_s": 0.0,
-                "cooldown_s": 0.0, "scrape_timeout_s": 1.0}, AutoscalerSettings)
+            settings = msgspec.convert(
+                {
+                    "database_url": dsn.replace(f":{pg.port}/", f":{pg_proxy.port}/"),
+                    "redis_url": f"redis://127.0.0.1:{redis_proxy.port}/0",
+                    "redis_prefix": f"{redis_prefix}out:",
+                    "interval_s": 0.2,
+                    "outage_backoff_max_s": 0.5,
+                    "scale_down_stabilise_s": 0.0,
+                    "cooldown_s": 0.0,
+                    "scrape_timeout_s": 1.0,
+                },
+                AutoscalerSettings,
+            )
 
             async def passes() -> int:
-                return int(await conn.fetchval(
-                    "SELECT extract(epoch FROM observed_at) * 1000 FROM ai_model_autoscaling "
-                    "WHERE model_id = $1", mid) or 0)
+                return int(
+                    await conn.fetchval(
+                        "SELECT extract(epoch FROM observed_at) * 1000 FROM ai_model_autoscaling "
+                        "WHERE model_id = $1",
+                        mid,
+                    )
+                    or 0
+                )
 
             await redis_proxy.cut()
             stop = asyncio.Event()
@@ -86,8 +102,9 @@ async def test_outages_change_nothing_are_logged_once_and_are_caught_up(
             await conn.close()
 
 
-async def wait_until_value(probe: Callable[[], Awaitable[int]], accept: Callable[[int], bool],
-                           timeout: float = 10.0) -> int:
+async def wait_until_value(
+    probe: Callable[[], Awaitable[int]], accept: Callable[[int], bool], timeout: float = 10.0
+) -> int:
     box: list[int] = []
 
     async def ok() -> bool:

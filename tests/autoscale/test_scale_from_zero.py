@@ -27,13 +27,29 @@ async def publish(client: aioredis.Redis, names: RedisNames, table: EndpointTabl
 
 def zero_table(version: int, *endpoints: EndpointEntry, hold_s: float | None = None) -> EndpointTable:
     state = ModelState.READY if endpoints else ModelState.STOPPED
-    return EndpointTable(version=version, generated_at=time.time(), endpoints=endpoints, models=(
-        ModelEntry(name="zero", aliases=("zero-alias",), state=state, reason="scaled to zero",
-                   scale_from_zero=True, hold_s=hold_s),
-        ModelEntry(name="short", state=ModelState.STOPPED, reason="scaled to zero", scale_from_zero=True,
-                   hold_s=0.5),
-        ModelEntry(name="off", state=ModelState.STOPPED, reason="scaled to zero"),  # min > 0: no holding
-    ))
+    return EndpointTable(
+        version=version,
+        generated_at=time.time(),
+        endpoints=endpoints,
+        models=(
+            ModelEntry(
+                name="zero",
+                aliases=("zero-alias",),
+                state=state,
+                reason="scaled to zero",
+                scale_from_zero=True,
+                hold_s=hold_s,
+            ),
+            ModelEntry(
+                name="short",
+                state=ModelState.STOPPED,
+                reason="scaled to zero",
+                scale_from_zero=True,
+                hold_s=0.5,
+            ),
+            ModelEntry(name="off", state=ModelState.STOPPED, reason="scaled to zero"),  # min > 0: no holding
+        ),
+    )
 
 
 async def test_a_held_request_is_answered_when_an_instance_arrives(redis_url: str, redis_prefix: str) -> None:
@@ -49,8 +65,9 @@ async def test_a_held_request_is_answered_when_an_instance_arrives(redis_url: st
             assert listed == {"zero": "stopped", "short": "stopped", "off": "stopped"}
 
             # the first request is held, not refused, and announced as demand within about a second
-            held = asyncio.ensure_future(sdk.chat.completions.create(model="zero-alias", messages=MESSAGES,
-                                                                     max_tokens=3))  # type: ignore[arg-type]
+            held = asyncio.ensure_future(
+                sdk.chat.completions.create(model="zero-alias", messages=MESSAGES, max_tokens=3)
+            )  # type: ignore[arg-type]
             await wait_until(lambda: gw.gateway.queues.length("zero") == 1, 5, "the request to be held")
 
             async def announced() -> bool:
@@ -64,8 +81,15 @@ async def test_a_held_request_is_answered_when_an_instance_arrives(redis_url: st
 
             # an instance becomes ready: the held request goes out and is answered
             async with sim_process("--model", "zero") as sim:
-                ep = EndpointEntry(endpoint_id=1, model="zero", url=sim.url, node=sim.host, port=sim.port,
-                                   endpoint_job_id=1, ready=True)
+                ep = EndpointEntry(
+                    endpoint_id=1,
+                    model="zero",
+                    url=sim.url,
+                    node=sim.host,
+                    port=sim.port,
+                    endpoint_job_id=1,
+                    ready=True,
+                )
                 await publish(client, names, zero_table(2, ep))
                 reply = await asyncio.wait_for(held, 20)
                 assert reply.choices[0].message.content
@@ -75,7 +99,8 @@ async def test_a_held_request_is_answered_when_an_instance_arrives(redis_url: st
 
 
 async def test_past_the_hold_limit_503_with_retry_after_and_a_model_without_autoscaling_at_once(
-        redis_url: str, redis_prefix: str) -> None:
+    redis_url: str, redis_prefix: str
+) -> None:
     prefix = f"{redis_prefix}zero-limit:"
     names = RedisNames(prefix)
     client = aioredis.from_url(redis_url)
