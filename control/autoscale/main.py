@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import logging
 import signal
 
 import asyncpg
@@ -90,6 +91,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     settings = load_settings(AutoscalerSettings, "autoscaler", overrides={"interval_s": args.interval_s})
     setup_logging(settings.log_level)
+    # one line per scrape (every engine, every pass) would drown the decisions
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
     async def _main() -> None:
         stop = asyncio.Event()
