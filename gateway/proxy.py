@@ -329,13 +329,13 @@ class ProxyCall:
                 raise ApiError(503, f"model '{name}' is scaled to zero and no instance was ready within "
                                f"{limit:g}s; it is starting", "model_starting",
                                retry_after=RETRY_AFTER_STARTING)
+            if gw.queues.length(name) >= gw.settings.queue_max:
+                raise ApiError(503, f"model '{name}' is starting and holds as many requests as it may",
+                               "model_starting", retry_after=RETRY_AFTER_STARTING)
             try:
                 await gw.queues.wait(name, gw.settings.queue_max, left)
-            except ApiError as exc:
-                if exc.message.endswith("queue is full"):
-                    raise ApiError(503, f"model '{name}' is starting and holds as many requests as it may",
-                                   "model_starting", retry_after=RETRY_AFTER_STARTING) from None
-                continue  # the time limit: answered above
+            except ApiError:
+                continue  # the wait passed the hold limit: answered at the top
             current = gw.table.lookup(name)
             if current is None:
                 raise ApiError(404, f"The model '{name}' does not exist", "model_not_found", "model")

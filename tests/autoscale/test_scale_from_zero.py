@@ -5,6 +5,7 @@ answered once a table routes the model; past the hold limit the answer is 503 wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgspec
@@ -122,5 +123,27 @@ async def test_past_the_hold_limit_503_with_retry_after_and_a_model_without_auto
                 await sdk.chat.completions.create(model="off", messages=MESSAGES)  # type: ignore[arg-type]
             assert info.value.status_code == 503 and time.monotonic() - started < 0.5
             assert "retry-after" not in info.value.response.headers
+    finally:
+        await client.aclose()
+
+
+async def test_the_hold_queue_is_bounded(redis_url: str, redis_prefix: str) -> None:
+    prefix = f"{redis_prefix}zero-full:"
+    names = RedisNames(prefix)
+    client = aioredis.from_url(redis_url)
+    try:
+        async with running_gateway(redis_url=redis_url, redis_prefix=prefix, no_auth=True, queue_max=1) as gw:
+            await publish(client, names, zero_table(1, hold_s=30))
+            await wait_until(lambda: gw.gateway.table.version == 1, 5, "the table")
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+            held = asyncio.ensure_future(sdk.chat.completions.create(model="zero", messages=MESSAGES))  # type: ignore[arg-type]
+            await wait_until(lambda: gw.gateway.queues.length("zero") == 1, 5, "the first request held")
+            with pytest.raises(openai.APIStatusError) as info:
+                await sdk.chat.completions.create(model="zero", messages=MESSAGES)  # type: ignore[arg-type]
+            assert info.value.status_code == 503 and info.value.response.headers["retry-after"] == "10"
+            assert "holds as many requests as it may" in info.value.message
+            held.cancel()
+            with contextlib.suppress(asyncio.CancelledError, openai.APIError):
+                await held
     finally:
         await client.aclose()
