@@ -50,7 +50,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--admin-dsn", default=ADMIN_DSN, help="PostgreSQL server (a database is created and dropped)"
     )
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="Redis server (keys under a prefix of the run's own)",
+    )
     p.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients (default 16)")
     p.add_argument("--max-num-seqs", type=int, default=2, help="engine batch size of the sim (default 2)")
     p.add_argument("--threshold-s", type=float, default=5.0, help="scale_up_queue_time_s (default 5)")
