@@ -212,6 +212,7 @@ class ScalingPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     stable_window_s: PositiveSeconds | UnsetType | None = UNSET
     panic_window_s: PositiveSeconds | UnsetType | None = UNSET
     panic_threshold: Annotated[float, Meta(ge=1, le=1000)] | UnsetType | None = UNSET
+    early_scale_up: bool | UnsetType | None = UNSET
     # scale from zero: how long a gateway holds a request for this model at zero instances
     hold_s: Annotated[float, Meta(gt=0, le=3600)] | UnsetType | None = UNSET
 
@@ -276,7 +277,7 @@ class ModelScaling(Struct, kw_only=True):
     max_instances: int
     ready_endpoints: int
     pending_jobs: int  # submitted or registered, not ready yet
-    policy: dict[str, str | int | float]  # this model's overrides only
+    policy: dict[str, str | int | float | bool]  # this model's overrides only
     schedule: str | None  # its off-hours schedule, as written
     schedule_rule: str | None  # the schedule's rule in force now, if any
     effective_min: int  # min and max now, after the schedule

@@ -17,7 +17,10 @@ Rules, in order (the first that applies wins):
    time is the largest of the engines' mean queue time over their window, the length of that
    window when requests waited but none was scheduled in it (vLLM records queue time only when
    a request is scheduled, so a stalled queue shows none), and the age of the oldest request a
-   gateway holds for the model. After a scale-up the sustain window starts again.
+   gateway holds for the model. After a scale-up the sustain window starts again. With
+   ``early_scale_up`` and a known ``expected_start_s`` (the model's jobs' typical submit-to-ready
+   time), the rule judges the queue time extrapolated on its trend over the sustain window to
+   the moment a new instance could serve, so capacity is ordered before the queue is long.
 5. **target tracking** (``mode = "target"``, after Knative's KPA): desired = ceil(demand /
    ``target_waiting_per_instance``) over a stable window, or over the short panic window when
    that asks for at least ``panic_threshold`` x the ready instances (no scale-down in panic);
@@ -47,6 +50,7 @@ Reason = Literal[
     "above_max",
     "zero_to_one",
     "queue_time_sustained",
+    "queue_time_predicted",
     "target_tracking",
     "panic",
     "idle_stabilised",
@@ -85,6 +89,10 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True):
     stable_window_s: float = 60.0
     panic_window_s: float = 6.0
     panic_threshold: float = 2.0
+    # Scale up early: judge the queue time expected once a new instance could serve (now + the
+    # model's expected start: Slurm queue wait plus load time, learned from its jobs), on the
+    # trend of the last scale_up_sustain_s, rather than the queue time now.
+    early_scale_up: bool = False
 
 
 class Signals(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,6 +114,7 @@ class Signals(msgspec.Struct, frozen=True, kw_only=True):
     kv_usage: float | None = None
     held: int = 0  # requests held in gateways for this model
     oldest_held_s: float | None = None
+    expected_start_s: float | None = None  # submit to ready, typical of the model's recent jobs
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,13 +129,14 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
 class PolicyState:
     """What the policy remembers about one model between observations."""
 
-    __slots__ = ("above_since", "idle_since", "last_change_at", "samples")
+    __slots__ = ("above_since", "idle_since", "last_change_at", "queue_times", "samples")
 
     def __init__(self) -> None:
         self.above_since: float | None = None
         self.idle_since: float | None = None
         self.last_change_at: float | None = None
         self.samples: deque[tuple[float, float]] = deque()  # (time, demand) for target mode
+        self.queue_times: deque[tuple[float, float]] = deque()  # (time, queue time) for the trend
 
     def changed(self, now: float) -> None:
         self.last_change_at = now
@@ -199,17 +209,45 @@ def decide(cfg: PolicyConfig, state: PolicyState, s: Signals, desired: int) -> O
     return _scale_down(p)
 
 
+def trend(samples: deque[tuple[float, float]]) -> float:
+    """Least-squares slope of (time, value) samples; 0 with fewer than two distinct times."""
+    n = len(samples)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in samples) / n
+    mv = sum(v for _, v in samples) / n
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    return sum((t - mt) * (v - mv) for t, v in samples) / var if var > 0 else 0.0
+
+
 def _queue_time(p: _Pass) -> Outcome | None:
     cfg, state, s = p.cfg, p.state, p.s
     qt = effective_queue_time(s)
-    if qt is None or qt <= cfg.scale_up_queue_time_s:
+    reason: Reason = "queue_time_sustained"
+    judged, ahead = qt, ""
+    if cfg.early_scale_up and qt is not None and s.expected_start_s:
+        history = state.queue_times
+        history.append((s.now, qt))
+        while history and history[0][0] < s.now - cfg.scale_up_sustain_s:
+            history.popleft()
+        slope = max(0.0, trend(history))
+        if slope > 0:
+            judged = qt + slope * s.expected_start_s
+            ahead = (
+                f" (now {qt:.1f} s, rising {slope:.2f} s/s over the expected start of "
+                f"{s.expected_start_s:.0f} s)"
+            )
+            if qt <= cfg.scale_up_queue_time_s:
+                reason = "queue_time_predicted"
+    if judged is None or judged <= cfg.scale_up_queue_time_s:
         state.above_since = None
         return None
     state.idle_since = None
     if state.above_since is None:
         state.above_since = s.now
     sustained = s.now - state.above_since
-    detail = f"queue time {qt:.1f} s > {cfg.scale_up_queue_time_s:g} s for {sustained:.0f} s"
+    what = "expected queue time" if ahead else "queue time"
+    detail = f"{what} {judged:.1f} s > {cfg.scale_up_queue_time_s:g} s for {sustained:.0f} s{ahead}"
     if sustained < cfg.scale_up_sustain_s:
         return p.hold("sustaining", detail)
     if p.desired >= cfg.max_instances:
@@ -218,7 +256,7 @@ def _queue_time(p: _Pass) -> Outcome | None:
         return p.hold("pending_capacity", f"{detail}; {p.on_the_way} instance(s) on the way")
     if p.in_cooldown:
         return p.hold("cooldown", detail)
-    return p.change(p.desired + 1, "queue_time_sustained", detail)
+    return p.change(p.desired + 1, reason, detail)
 
 
 def _window_mean(samples: deque[tuple[float, float]], since: float) -> float:

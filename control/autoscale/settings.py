@@ -41,3 +41,4 @@ class AutoscalerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     stable_window_s: PositiveFloat = 60.0
     panic_window_s: PositiveFloat = 6.0
     panic_threshold: PositiveFloat = 2.0
+    early_scale_up: bool = False  # judge the queue time expected when a new instance could serve

@@ -61,6 +61,7 @@ class ModelObservation(msgspec.Struct, frozen=True, kw_only=True):
     ready: tuple[Endpoint, ...]
     pending: int
     oldest_pending_s: float | None
+    expected_start_s: float | None = None  # median job row to ready of the model's last 10 jobs
 
 
 def total_demand(
@@ -123,4 +124,5 @@ def build_signals(
         kv_usage=kv,
         held=held,
         oldest_held_s=oldest_held_s,
+        expected_start_s=obs.expected_start_s,
     )

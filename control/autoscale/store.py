@@ -32,7 +32,11 @@ SELECT m.model_id, m.name, m.min_instances, m.max_instances, m.desired_instances
          WHERE j.model_id = m.model_id AND j.state IN ('pending', 'submitted', 'registered'))::int AS pending,
        (SELECT extract(epoch FROM now() - min(j.created_at)) FROM ai_model_endpoint_jobs j
          WHERE j.model_id = m.model_id AND j.state IN ('pending', 'submitted', 'registered'))::float8
-         AS oldest_pending_s
+         AS oldest_pending_s,
+       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY r.start_s) FROM
+          (SELECT extract(epoch FROM j.ready_at - j.created_at) AS start_s FROM ai_model_endpoint_jobs j
+            WHERE j.model_id = m.model_id AND j.ready_at IS NOT NULL
+            ORDER BY j.endpoint_job_id DESC LIMIT 10) r)::float8 AS expected_start_s
   FROM ai_model_configurations m LEFT JOIN ai_model_autoscaling s USING (model_id)
  WHERE m.state = 'active'
  ORDER BY m.model_id
@@ -70,7 +74,8 @@ async def active_models(conn: Conn) -> list[ModelRow]:
     rows = []
     for r in await conn.fetch(_MODELS):
         ready = tuple(Endpoint(int(e[0]), e[1], int(e[2]), e[3]) for e in r["ready"])
-        obs = ModelObservation(ready=ready, pending=r["pending"], oldest_pending_s=r["oldest_pending_s"])
+        obs = ModelObservation(ready=ready, pending=r["pending"], oldest_pending_s=r["oldest_pending_s"],
+                               expected_start_s=r["expected_start_s"])
         rows.append(
             ModelRow(
                 model_id=r["model_id"],

@@ -7,11 +7,13 @@ The autoscaler acts on every model of its database, so this module has a databas
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 
 import asyncpg
 import msgspec
+import pytest
 import redis.asyncio as aioredis
 
 from control.autoscale.daemon import Autoscaler, make_http
@@ -207,5 +209,29 @@ async def test_a_schedule_narrows_the_limits_and_its_changes_are_recorded_as_suc
         )
         assert row["source"] == "schedule" and "daily 00:00-24:00 Europe/Berlin: max 1" in row["detail"]
         assert await conn.fetchval("SELECT desired_instances FROM ai_model_configurations") == 1
+    finally:
+        await conn.close()
+
+
+async def test_the_expected_start_is_learned_from_the_model_jobs(dsn: str, redis_prefix: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await clear_models(conn)
+        mid = await add_model(conn, "m-start", lo=0, hi=2, desired=0)
+        for seconds in (30, 40, 90):  # three jobs that took this long from their row to ready
+            await conn.execute(
+                """INSERT INTO ai_model_endpoint_jobs (model_id, generation, launcher, state,
+                       registration_token_hash, registration_expires_at, created_at, ready_at)
+                   VALUES ($1, 1, 'local', 'ended', $2, now(), now() - make_interval(secs => $3), now())""",
+                mid,
+                os.urandom(32),
+                float(seconds),
+            )
+        async with autoscaler(dsn, f"{redis_prefix}start:") as a:
+            await a.reconcile_once()
+        signals = msgspec.json.decode(
+            await conn.fetchval("SELECT signals FROM ai_model_autoscaling WHERE model_id = $1", mid)
+        )
+        assert signals["expected_start_s"] == pytest.approx(40.0, abs=1.0)  # the median
     finally:
         await conn.close()

@@ -219,3 +219,36 @@ def test_target_tracking_with_stable_and_panic_windows() -> None:
     assert [o.desired for _, o in changes] == list(range(before - 1, 0, -1))
     assert all(o.reason == "idle_stabilised" for _, o in changes)
     assert changes[0][0] - 100.0 >= cfg.scale_down_stabilise_s
+
+
+def test_early_scale_up_orders_capacity_by_the_trend_over_the_expected_start() -> None:
+    def rising(
+        start: float = 0.0, rate: float = 0.1, expected: float | None = 60.0
+    ) -> Callable[[float, int], Signals]:
+        def make(t: float, desired: int) -> Signals:
+            return Signals(
+                now=t,
+                ready=desired,
+                pending=0,
+                queue_time_s=rate * (t - start),
+                waiting=5.0,
+                running=8.0,
+                expected_start_s=expected,
+            )
+
+        return make
+
+    early = PolicyConfig(min_instances=1, max_instances=3, early_scale_up=True)
+    # queue time rising 0.1 s/s from 0; a new instance takes 60 s: 5 s will be passed by then
+    _, changes = run(early, [rising()] * 40, desired=1)
+    assert changes and changes[0][1].reason == "queue_time_predicted"
+    first_early = changes[0][0]
+    assert "rising 0.10 s/s over the expected start of 60 s" in changes[0][1].detail
+    # the plain rule waits for the queue itself: above 5 s from t=55, sustained 30 s
+    _, changes = run(PAPER, [rising()] * 40, desired=1)
+    assert changes[0][1].reason == "queue_time_sustained" and changes[0][0] >= 85.0 > first_early
+    # a steady queue below the threshold, or no known start time, adds nothing early
+    steady = [rising(rate=0.0)] * 40
+    assert run(early, steady, desired=1) == (1, [])
+    unknown_start = [rising(expected=None)] * 10  # 0..45 s: below 5 s all along
+    assert run(early, unknown_start, desired=1) == (1, [])

@@ -339,7 +339,10 @@ async def test_model_scaling_shows_the_history_and_takes_overrides(stack: Stack,
     shown = await admin_json(stack, "model", "scaling", "cli/scaled", "--set", "scale_up_queue_time_s=2.5",
                              "--set", "cooldown_s=10")
     assert shown["policy"] == {"scale_up_queue_time_s": 2.5, "cooldown_s": 10}
-    shown = await admin_json(stack, "model", "scaling", "cli/scaled", "--unset", "cooldown_s")
+    shown = await admin_json(stack, "model", "scaling", "cli/scaled", "--unset", "cooldown_s",
+                             "--set", "early_scale_up=true")
+    assert shown["policy"] == {"scale_up_queue_time_s": 2.5, "early_scale_up": True}
+    shown = await admin_json(stack, "model", "scaling", "cli/scaled", "--unset", "early_scale_up")
     assert shown["policy"] == {"scale_up_queue_time_s": 2.5}
     assert [d["reason"] for d in shown["decisions"]] == ["queue_time_sustained"]
 
