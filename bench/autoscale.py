@@ -1,7 +1,9 @@
 """``hpcgate bench autoscale``: reaction time of the autoscaler, overload to new instance serving.
 
 Starts a stack of its own (fresh database, own Redis prefix, temporary data dir): control api,
-Endpoint Worker, Job Worker (local launcher), autoscaler and one gateway worker. One model runs
+Endpoint Worker, Job Worker (``--launcher local``, or ``slurm``: the project's private
+single-node cluster, started or reused as ``hpcgate up`` does), autoscaler and one gateway
+worker. One model runs
 on simulated engines with a GPU-like pace and ``--max-num-seqs`` sequences at a time (min 1,
 max 2, desired 1). Once its instance is ready, ``--clients`` closed-loop clients send requests
 through the gateway: the overload starts. The run ends when the second instance has served a
@@ -25,6 +27,7 @@ import contextlib
 import json
 import os
 import secrets
+import sys
 import tempfile
 import time
 import uuid
@@ -36,8 +39,10 @@ import httpx
 
 from bench.procs import free_port
 from control.db.migrate import migrate
+from control.jobs.main import make_launcher
 from control.jobs.naming import name_prefix
-from control.launchers.local import LocalLauncher
+from control.jobs.settings import JobsSettings
+from control.launchers.base import LauncherError
 from hpcgate.metrics_text import parse_engine_load
 from hpcgate.supervisor import Supervisor, hpcgate_argv
 
@@ -61,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--sustain-s", type=float, default=30.0, help="scale_up_sustain_s (default 30)")
     p.add_argument("--window-s", type=float, default=30.0, help="queue_time_window_s (default 30)")
     p.add_argument("--interval-s", type=float, default=5.0, help="autoscaler pass interval (default 5)")
+    p.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local processes (default) or the project's single-node Slurm cluster",
+    )
     p.add_argument("--timeout-s", type=float, default=300.0, help="give up after this long")
     p.add_argument("--result-file", help="where to write the JSON result")
 
@@ -174,12 +185,23 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         HPCGATE_AUTOSCALER_SCALE_UP_SUSTAIN_S=str(args.sustain_s),
         HPCGATE_AUTOSCALER_QUEUE_TIME_WINDOW_S=str(args.window_s),
     )
+    job_prefix = f"bench{uuid.uuid4().hex[:8]}"
+    env["HPCGATE_JOBS_JOB_NAME_PREFIX"] = job_prefix
+    if args.launcher == "slurm":
+        from hpcgate.up import slurm_env
+
+        reach = await asyncio.to_thread(slurm_env)
+        env.update(reach)
+        os.environ.update(reach)  # this process cancels the run's jobs at the end (squeue, scancel)
+        env["HPCGATE_JOBS_OUTPUT_DIR"] = str(Path(tmp) / "jobs")
     sup = Supervisor(Path(tmp) / "logs", env)
     stop = asyncio.Event()
     try:
         await sup.start("api", hpcgate_argv("control", "api", "--port", str(api_port)), "api_listening")
         await sup.start("health", hpcgate_argv("control", "health"), "health_worker_started")
-        await sup.start("jobs", hpcgate_argv("control", "jobs", "--launcher", "local"), "jobs_worker_started")
+        await sup.start(
+            "jobs", hpcgate_argv("control", "jobs", "--launcher", args.launcher), "jobs_worker_started"
+        )
         await sup.start("autoscaler", hpcgate_argv("control", "autoscaler"), "autoscaler_started")
         await sup.start("gateway", hpcgate_argv("gateway", "--port", str(gw_port)), "gateway_listening")
         auth = {"authorization": f"Bearer {admin_token}"}
@@ -234,7 +256,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         }
         return {
             "benchmark": "autoscale-reaction",
-            "launcher": "local",
+            "launcher": args.launcher,
             "engine": "hpcgate sim (paced)",
             "settings": {
                 k: getattr(args, k)
@@ -248,10 +270,18 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         stop.set()
         await sup.stop_all()
-        launcher = LocalLauncher(Path(tmp) / "jobs" / "local-state", kill_wait_s=0)
-        for left in await launcher.observe(name_prefix("hpcgate")):  # jobs run in sessions of their own
-            if left.alive:
-                await launcher.cancel(left.launcher_job_id)
+        # the jobs outlive the Job Worker (their own sessions, or Slurm): cancel this run's
+        launcher = make_launcher(
+            JobsSettings(launcher=args.launcher, data_dir=tmp, job_name_prefix=job_prefix)
+        )
+        try:
+            for left in await launcher.observe(name_prefix(job_prefix)):
+                if left.alive:
+                    await launcher.cancel(left.launcher_job_id)
+        except LauncherError as exc:
+            print(f"warning: cannot cancel this run's jobs (prefix {job_prefix}): {exc}", file=sys.stderr)
+        finally:
+            await launcher.close()
         await _drop(args.admin_dsn, name)
 
 
