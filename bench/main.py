@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
+from bench import autoscale, connections, footprint
 from bench import batch as batch_bench
-from bench import connections, footprint
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
 
@@ -36,6 +36,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "calibrate": ("numpy",),
     "overhead": ("numpy", "psutil"),
     "footprint": (),
+    "autoscale": (),
     "connections": ("psutil",),
     "batch": ("numpy", "psutil"),
 }
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _calibrate_parser(sub)
     _overhead_parser(sub)
     footprint.add_parser(sub)
+    autoscale.add_parser(sub)
     connections.add_parser(sub)
     batch_bench.add_parser(sub)
     return parser
@@ -189,6 +191,8 @@ def main(argv: list[str]) -> int:
         return _cmd_run(args, settings)
     if args.command == "footprint":
         return footprint.cmd_footprint(args)
+    if args.command == "autoscale":
+        return autoscale.cmd_autoscale(args, settings.results_dir)
     if args.command == "connections":
         return connections.cmd_connections(args, settings.results_dir)
     if args.command == "calibrate":

@@ -21,7 +21,18 @@ from control.admin_client import AdminApiError, AdminClient, seg
 from control.admin_render import render
 from control.settings import DEFAULT_CONTROL_URL, AdminSettings
 from control.ui_tickets import LOGIN, LOGIN_TTL_S, SESSION_TTL_S, sign
-from control.wire import ApiKey, BatchSummary, Endpoint, Job, KeyCreated, Model, Tenant, Tribunal, Usage
+from control.wire import (
+    ApiKey,
+    BatchSummary,
+    Endpoint,
+    Job,
+    KeyCreated,
+    Model,
+    ModelScaling,
+    Tenant,
+    Tribunal,
+    Usage,
+)
 from hpcgate.settings import SettingsError, load_settings
 
 T = TypeVar("T")
@@ -173,6 +184,29 @@ def _set_enabled(enabled: bool) -> Command:
         return _do(client, Tenant, "PATCH", f"/admin/tenants/{seg(args.name)}", {"enabled": enabled})
 
     return run
+
+
+def _scaling(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]:
+    """Show a model's scaling; with --set/--unset, change its overrides first."""
+    path = f"/admin/models/{seg(args.name)}/scaling"
+    changes: dict[str, Any] = dict(args.set or [])
+    changes.update(dict.fromkeys(args.unset or []))  # null: back to the autoscaler's default
+    if changes:
+        client.raw("PATCH", path, changes, None)
+    return _do(client, ModelScaling, "GET", path, query={"limit": args.limit})
+
+
+def _schedule(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]:
+    """Set, replace or (--clear) remove a model's schedule; shows the model's scaling after."""
+    if args.clear:
+        text = None
+    elif args.file:
+        text = Path(args.file).read_text()
+    elif args.schedule:
+        text = args.schedule
+    else:
+        raise SystemExit("hpcgate admin model schedule: give the schedule, --file PATH or --clear")
+    return _do(client, ModelScaling, "PUT", f"/admin/models/{seg(args.name)}/schedule", {"schedule": text})
 
 
 def _juror(text: str) -> dict[str, Any]:
@@ -388,6 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
         lambda c, a: _do(c, Model, "PATCH", f"/admin/models/{seg(a.name)}", {"state": "active"}),
         "undo a drain, clear a failure",
     ).add_argument("name")
+    p = cmd(m, "scaling", _scaling,
+            "show a model's autoscaling (limits, last observation, decisions: time, from -> to, why); "
+            "--set/--unset change its thresholds")
+    p.add_argument("name")
+    p.add_argument("--limit", type=int, help="at most this many decisions, newest first (default 50)")
+    p.add_argument("--set", type=_resource, action="append", metavar="FIELD=VALUE",
+                   help="override a threshold for this model, e.g. scale_up_queue_time_s=3 (repeatable)")
+    p.add_argument("--unset", action="append", metavar="FIELD",
+                   help="remove an override: back to the autoscaler's default (repeatable)")
+    p = cmd(m, "schedule", _schedule,
+            "set a model's off-hours schedule, one rule per line, e.g. "
+            "'weekdays 08:00-19:00 Europe/Berlin: min 2' and 'otherwise: max 1' (see docs/autoscaling.md)")
+    p.add_argument("name")
+    p.add_argument("schedule", nargs="?", help="the schedule's text (rules separated by newlines or ';')")
+    p.add_argument("--file", help="read the schedule from this file")
+    p.add_argument("--clear", action="store_true", help="remove the schedule")
     cmd(
         m, "delete", _delete(Model, "models"),
         "delete a model without live jobs (scale it to 0 first; its aliases and ended jobs go with it)",
@@ -519,7 +569,7 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 # Body fields where null means something (no expiry, every model, no limit): sent when given.
 _NULLABLE = ("expires_at", "allowed_models", "max_concurrent_requests", "tokens_per_minute",
-             "monthly_token_quota")
+             "monthly_token_quota", "schedule")
 
 
 def _do(

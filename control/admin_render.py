@@ -16,6 +16,7 @@ from control.wire import (
     KeyCreated,
     Model,
     ModelLimitSpec,
+    ModelScaling,
     Tenant,
     Tribunal,
     Usage,
@@ -119,6 +120,34 @@ def render(value: object) -> str:
         return f"key: {value.key}\n(store it now: it is shown only once)\n\n" + render([value.api_key])
     if isinstance(value, Usage):
         return _render_usage(value)
+    if isinstance(value, ModelScaling):
+        return _render_scaling(value)
     fields = msgspec.structs.asdict(value)  # type: ignore[arg-type]
     width = max(len(k) for k in fields)
     return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in fields.items())
+
+
+def _render_scaling(v: ModelScaling) -> str:
+    overdue = "  (a job is overdue)" if v.pending_overdue else ""
+    lines = [
+        f"model      {v.model} ({v.state})",
+        f"instances  min {v.min_instances}  desired {v.desired_instances}  max {v.max_instances}  "
+        f"ready {v.ready_endpoints}  pending {v.pending_jobs}{overdue}",
+        f"overrides  {_cell(v.policy)}",
+    ]
+    if v.schedule:
+        now = f"in force: {v.schedule_rule!r}" if v.schedule_rule else "no rule in force"
+        lines.append(f"schedule   {now}; min {v.effective_min}, max {v.effective_max} now")
+        lines += [f"           {rule}" for rule in v.schedule.splitlines() if rule.strip()]
+    if v.observed_at is not None:
+        lines.append(f"observed   {_cell(v.observed_at)}: {v.hold or 'changed'}; {v.detail or '-'}")
+    if v.signals:
+        keys = ("queue_time_s", "stalled_s", "waiting", "running", "kv_usage", "held", "oldest_held_s",
+                "known")
+        lines.append("signals    " + "  ".join(f"{k}={_cell(v.signals.get(k))}" for k in keys))
+    lines.append("")
+    if not v.decisions:
+        return "\n".join([*lines, "(no decisions)"])
+    rows = [[d.decided_at, f"{d.from_instances} -> {d.to_instances}", d.reason, d.source, d.detail]
+            for d in v.decisions]
+    return "\n".join(lines) + "\n" + render_table(("time", "from -> to", "reason", "source", "why"), rows)

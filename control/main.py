@@ -16,13 +16,14 @@ DAEMONS: dict[str, tuple[str, str]] = {
     "health": ("control.health.main", "Endpoint Worker: probes, readiness, expiry, publishes tables"),
     "jobs": ("control.jobs.main", "Job Worker: reconciles desired instances with Slurm/local jobs"),
     "batches": ("control.batch.main", "batch runner: Batch API lines through the gateway, as backfill"),
+    "autoscaler": ("control.autoscale.main", "Autoscaler: moves desired instances from the engines' queues"),
     "register": ("control.jobs.register_client", "job side: register this job, print its port"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: hpcgate control DAEMON [ARGS...]", "", "daemons:"]
-    lines += [f"  {name:<9} {help_}" for name, (_, help_) in DAEMONS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in DAEMONS.items()]
     return "\n".join(lines)
 
 

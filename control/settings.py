@@ -50,6 +50,12 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     tenant_max_stored_bytes: PositiveInt = 10 * 1024**3  # a tenant's files together; beyond: 413
     tenant_max_active_batches: PositiveInt = 16  # validating/in_progress/finalizing/cancelling
     batch_max_window_h: Annotated[int, msgspec.Meta(ge=24)] = 24  # longest completion_window allowed
+    # POST /hooks/grafana (the paper's alert webhook): its own bearer token (empty: the hook
+    # refuses every call) and the cooldown after any change of a model's desired count (a
+    # model's own cooldown_s override wins), as the autoscaler's.
+    grafana_webhook_token: str = ""
+    webhook_cooldown_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    webhook_history_per_model: PositiveInt = 1000
 
     def __post_init__(self) -> None:
         if self.port_range_end < self.port_range_start:

@@ -212,6 +212,106 @@ class Model(Struct, kw_only=True):
     updated_at: datetime
 
 
+# ----------------------------------------------------------------------------- autoscaling
+
+Seconds = Annotated[float, Meta(ge=0, le=7 * 86400)]
+PositiveSeconds = Annotated[float, Meta(gt=0, le=7 * 86400)]
+PerInstance = Annotated[float, Meta(ge=0, le=100_000)]
+ScalingMode = Literal["queue_time", "target"]
+
+
+class ScalingPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-model overrides of the autoscaler's defaults (its settings); ``null`` removes one.
+    The fields are those of ``control.autoscale.policy.PolicyConfig``."""
+
+    mode: ScalingMode | UnsetType | None = UNSET
+    scale_up_queue_time_s: PositiveSeconds | UnsetType | None = UNSET
+    scale_up_sustain_s: Seconds | UnsetType | None = UNSET
+    scale_down_stabilise_s: Seconds | UnsetType | None = UNSET
+    scale_down_running_per_instance: PerInstance | UnsetType | None = UNSET
+    cooldown_s: Seconds | UnsetType | None = UNSET
+    max_pending: Annotated[int, Meta(ge=1, le=1000)] | UnsetType | None = UNSET
+    pending_report_s: PositiveSeconds | UnsetType | None = UNSET
+    target_waiting_per_instance: Annotated[float, Meta(gt=0, le=100_000)] | UnsetType | None = UNSET
+    stable_window_s: PositiveSeconds | UnsetType | None = UNSET
+    panic_window_s: PositiveSeconds | UnsetType | None = UNSET
+    panic_threshold: Annotated[float, Meta(ge=1, le=1000)] | UnsetType | None = UNSET
+    early_scale_up: bool | UnsetType | None = UNSET
+    # scale from zero: how long a gateway holds a request for this model at zero instances
+    hold_s: Annotated[float, Meta(gt=0, le=3600)] | UnsetType | None = UNSET
+
+
+class ScheduleUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``PUT /admin/models/{name}/schedule``: the schedule's text (control/autoscale/schedule.py
+    syntax, one rule per line), or null to remove it."""
+
+    schedule: Annotated[str, Meta(max_length=4000, pattern=r"^[^\x00]*$")] | None
+
+
+LabelText = Annotated[str, Meta(max_length=1000, pattern=r"^[^\x00]*$")]
+
+
+class GrafanaAlert(Struct, frozen=True, kw_only=True):
+    """One alert of Grafana's webhook notification (only the fields used; the rest is ignored).
+    ``labels.model`` names the model (or an alias); ``labels.action`` is ``scale_up`` (the
+    default) or ``scale_down``."""
+
+    status: Literal["firing", "resolved"]
+    labels: Annotated[dict[Annotated[str, Meta(max_length=200)], LabelText], Meta(max_length=100)]
+    fingerprint: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+    starts_at: Annotated[str, Meta(max_length=64, pattern=r"^[^\x00]*$")] = msgspec.field(
+        default="", name="startsAt")
+
+
+class GrafanaWebhook(Struct, frozen=True, kw_only=True):
+    """Grafana's alerting webhook payload (``POST /hooks/grafana``)."""
+
+    status: Literal["firing", "resolved"]
+    alerts: Annotated[list[GrafanaAlert], Meta(min_length=1, max_length=100)]
+
+
+class WebhookOutcome(Struct, kw_only=True):
+    fingerprint: str
+    model: str
+    action: str
+    status: str
+    outcome: str  # "applied 1 -> 2", "duplicate", "resolved", "at max", "cooldown", ...
+
+
+class WebhookResult(Struct, kw_only=True):
+    alerts: list[WebhookOutcome]
+
+
+class ScalingDecision(Struct, kw_only=True):
+    decided_at: datetime
+    from_instances: int
+    to_instances: int
+    reason: str  # the rule: queue_time_sustained, idle_stabilised, zero_to_one, ...
+    source: str  # autoscaler, webhook, schedule
+    detail: str  # the rule with its numbers
+
+
+class ModelScaling(Struct, kw_only=True):
+    """``GET /admin/models/{name}/scaling``: limits, overrides, the last observation, the history."""
+
+    model: str
+    state: ModelAdminState
+    min_instances: int
+    desired_instances: int
+    max_instances: int
+    ready_endpoints: int
+    pending_jobs: int  # submitted or registered, not ready yet
+    policy: dict[str, str | int | float | bool]  # this model's overrides only
+    schedule: str | None  # its off-hours schedule, as written
+    schedule_rule: str | None  # the schedule's rule in force now, if any
+    effective_min: int  # min and max now, after the schedule
+    effective_max: int
+    observed_at: datetime | None  # the autoscaler's last pass over this model
+    hold: str | None  # why it made no change then (cooldown, sustaining, unknown, ...)
+    detail: str | None
+    pending_overdue: bool  # a job has stayed pending past pending_report_s
+    signals: dict[str, float | int | bool | None] | None
+    decisions: list[ScalingDecision]  # newest first
 # ----------------------------------------------------------------------------- tribunals
 
 TRIBUNAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # mirrors migration 0900

@@ -176,6 +176,9 @@ class Gateway:
         for b in gone:
             b.pool.close()
         self.scraper.track(live)
+        for route in table.models:
+            if route.backends and self.queues.length(route.name):
+                self.queues.wake_all(route.name)  # held for a model at zero: its instances are here
         log.info("table_installed", version=table.version, models=len(table.models), endpoints=len(live))
         return gone
 

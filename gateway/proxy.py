@@ -156,7 +156,7 @@ class ProxyCall:
         self.model = route.name
         if not principal.may_use(route.name, name):
             raise ApiError(403, f"this API key may not use model '{name}'", "model_not_allowed", "model")
-        if not route.backends:
+        if not route.backends and not (route.scale_from_zero and route.state in _HOLDABLE):
             raise _no_instance(route)
         self.route = route
         return route
@@ -336,6 +336,9 @@ class ProxyCall:
             if backend is None:
                 if self.tried:
                     raise upstream_error(self.last)
+                if not route.backends:  # scaled to zero: held until an instance is ready
+                    route = self.route = await self._hold(route)
+                    continue
                 await gw.queues.wait(route.name, s.queue_max, s.queue_timeout_s, batch=self.batch)
                 continue
             self._count(backend)
@@ -353,6 +356,34 @@ class ProxyCall:
             except UpstreamError as exc:
                 err, status = exc, 0
             self._attempt_failed(err, status, reused)
+
+    async def _hold(self, route: ModelRoute) -> ModelRoute:
+        """Wait in the model's queue (announced as demand) until a table routes the model; 503 with
+        Retry-After past the hold limit. Returns the route of the table that has instances."""
+        gw = self.gw
+        limit = route.hold_s or gw.settings.scale_from_zero_hold_s
+        name = route.name
+        while True:
+            left = limit - (perf_counter() - self.start)
+            if left <= 0:
+                raise ApiError(503, f"model '{name}' is scaled to zero and no instance was ready within "
+                               f"{limit:g}s; it is starting", "model_starting",
+                               retry_after=RETRY_AFTER_STARTING)
+            held = gw.queues.batch_length(name) if self.batch else gw.queues.length(name)
+            if held >= gw.settings.queue_max:
+                raise ApiError(503, f"model '{name}' is starting and holds as many requests as it may",
+                               "model_starting", retry_after=RETRY_AFTER_STARTING)
+            try:
+                await gw.queues.wait(name, gw.settings.queue_max, left, batch=self.batch)
+            except ApiError:
+                continue  # the wait passed the hold limit: answered at the top
+            current = gw.table.lookup(name)
+            if current is None:
+                raise ApiError(404, f"The model '{name}' does not exist", "model_not_found", "model")
+            if current.backends:
+                return current
+            if not current.scale_from_zero:
+                raise _no_instance(current)
 
     # -- the end ----------------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -384,6 +415,9 @@ class ProxyCall:
                                  duration_s=duration, prompt=prompt, completion=completion, error=self.error)
         if not self.in_task:
             self.conn.request_done()
+
+
+_HOLDABLE = frozenset({ModelState.STOPPED, ModelState.STARTING})
 
 
 def _no_instance(route: ModelRoute) -> ApiError:

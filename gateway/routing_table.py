@@ -20,12 +20,16 @@ RETRY_AFTER_STARTING = 10
 
 
 class ModelRoute:
-    __slots__ = ("aliases", "backends", "max_model_len", "name", "reason", "state")
+    __slots__ = ("aliases", "backends", "hold_s", "max_model_len", "name", "reason", "scale_from_zero",
+                 "state")
 
     def __init__(self, name: str, state: ModelState, backends: tuple[Backend, ...],
                  aliases: tuple[str, ...] = (), reason: str | None = None, *,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, scale_from_zero: bool = False,
+                 hold_s: float | None = None) -> None:
         self.max_model_len = max_model_len
+        self.scale_from_zero = scale_from_zero  # no ready instance: hold the request, do not 503
+        self.hold_s = hold_s
         self.name = name
         self.state = state
         self.backends = backends
@@ -81,7 +85,8 @@ def table_from_snapshot(
             entry.state if entry.state != ModelState.READY else ModelState.STARTING
         )
         routes.append(ModelRoute(entry.name, state, ready, entry.aliases, entry.reason,
-                                 max_model_len=entry.max_model_len))
+                                 max_model_len=entry.max_model_len, scale_from_zero=entry.scale_from_zero,
+                                 hold_s=entry.hold_s))
         seen.add(entry.name)
     for name, listed in by_model.items():
         if name not in seen:  # an endpoint for a model the snapshot does not describe: still route it

@@ -57,6 +57,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     endpoint_max_inflight: NonNegInt = 0  # 0: no gateway-side cap per endpoint
     queue_max: NonNegInt = 256  # requests waiting per model when every instance is saturated
     queue_timeout_s: PositiveFloat = 10.0
+    # scale from zero: how long a request for a model at zero instances is held (a model's own
+    # hold_s, set through the admin API, wins); then 503 with Retry-After
+    scale_from_zero_hold_s: PositiveFloat = 120.0
     # tenant limits (gateway.tenant_limits, gateway.lease_sync)
     tpm_completion_estimate: NonNegInt = 1024  # reserved for a request without max_tokens
     lease_interval_s: PositiveFloat = 0.5  # how often each worker leases budget from Redis

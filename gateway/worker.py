@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from gateway.api_relay import FILES_PATH, FORM_OVERHEAD
 from gateway.app import Gateway
+from gateway.demand import DemandPublisher
 from gateway.http_server import HttpServer
 from gateway.key_source import load_key_table, load_month_usage
 from gateway.lease_sync import LeaseSync
@@ -74,6 +75,9 @@ class Worker:
                 on_keys=gw.install_keys if auth_on else None,
             )
             self._tasks.append(self.loop.create_task(self.sync.run()))
+        if s.redis_url and not s.static_mode:
+            demand = DemandPublisher(s.redis_url, s.redis_prefix, gw.queues.demand)
+            self._tasks.append(self.loop.create_task(demand.run()))
         if auth_on and s.redis_url:
             leases = self.leases = LeaseSync(s.redis_url, s.redis_prefix, gw.tenants, self.loop,
                                              interval_s=s.lease_interval_s, hold_s=s.lease_hold_s)

@@ -2,7 +2,8 @@
 
 Brings up, in order: the database schema (creating the database if needed), the control API,
 the Endpoint Worker, the Job Worker (local processes by default, or the project's single-node
-Slurm with ``--launcher slurm``), and the gateway; then makes sure a demo tenant and a model
+Slurm with ``--launcher slurm``), the autoscaler (the demo model has min 0: it scales between
+zero and ``instances`` with its load), and the gateway; then makes sure a demo tenant and a model
 served by simulated vLLM instances exist, issues a fresh API key, waits until the model has a
 ready instance, and prints the gateway URL and the key.
 
@@ -236,12 +237,14 @@ class Stack:
         if s.launcher == "slurm":
             say("starting the local Slurm cluster ...")
             await self.use_slurm()
-        say("starting control api, health worker, job worker ...")
+        say("starting control api, health worker, job worker, autoscaler ...")
         await self.sup.start("control-api", hpcgate_argv("control", "api", "--host", s.host, "--port",
                                                          str(s.api_port)), "api_listening")
         await self.sup.start("control-health", hpcgate_argv("control", "health"), "health_worker_started")
         await self.sup.start("control-jobs", hpcgate_argv("control", "jobs", "--launcher", s.launcher),
                              "jobs_worker_started")
+        await self.sup.start("control-autoscaler", hpcgate_argv("control", "autoscaler"),
+                             "autoscaler_started")
         say("starting the gateway ...")
         await self.sup.start(
             "gateway",

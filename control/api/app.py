@@ -25,8 +25,8 @@ from litestar.openapi.spec import Components, SecurityScheme
 from control.api.decoding import ApiRequest, decode_path_params, routing_path
 from control.api.errors import EXCEPTION_HANDLERS, ApiError
 from control.api.metrics import metrics
-from control.api.routes import ADMIN, ADMIN_ROUTES, OPEN_ROUTES, SD_ROUTES
-from control.api.security import ADMIN_SCHEME, SD_SCHEME, bearer_guard, sd_guards
+from control.api.routes import ADMIN, ADMIN_ROUTES, HOOK_ROUTES, OPEN_ROUTES, SD_ROUTES
+from control.api.security import ADMIN_SCHEME, HOOK_SCHEME, SD_SCHEME, bearer_guard, sd_guards
 from control.api.ui import ui_router
 from control.batch.admin import list_all_batches
 from control.batch.api import batch_router
@@ -64,6 +64,8 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
             batch_router(db, settings),
             Router("/", route_handlers=[*SD_ROUTES, metrics],
                    guards=sd_guards(settings.sd_token, settings.admin_token)),
+            Router("/hooks", route_handlers=HOOK_ROUTES, security=[{HOOK_SCHEME: []}],
+                   guards=[bearer_guard(settings.grafana_webhook_token)]),
             Router("/admin", route_handlers=[*ADMIN_ROUTES, list_all_batches],
                    guards=[bearer_guard(settings.admin_token)], security=ADMIN),
             ui_router(settings.admin_token),
@@ -73,6 +75,7 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
             "ports": constant(PortRange(settings.port_range_start, settings.port_range_end)),
             "key_secret": constant(settings.key_hash_secret.encode()),
             "launch": constant(launch_check(settings)),
+            "settings": constant(settings),
         },
         middleware=[decode_path_params],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
@@ -86,6 +89,7 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
             components=Components(security_schemes={
                 ADMIN_SCHEME: _bearer("the admin_token setting"),
                 SD_SCHEME: _bearer("the api.sd_token setting"),
+                HOOK_SCHEME: _bearer("the api.grafana_webhook_token setting"),
             }),
         ),
         logging_config=None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from litestar import delete, get, patch, post
+from litestar import delete, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import SecurityRequirement
@@ -21,7 +21,8 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from control.api.errors import ApiError
 from control.api.security import ADMIN_SCHEME, SD_SCHEME
-from control.store import jobs, models, registration, tenants, tribunals, usage
+from control.settings import ApiSettings
+from control.store import jobs, models, registration, scaling, tenants, tribunals, usage, webhook
 from control.store.db import Database
 from control.store.models import LaunchCheck
 from control.store.registration import PortRange
@@ -35,6 +36,7 @@ from control.wire import (
     Endpoint,
     EndpointQuery,
     ErrorBody,
+    GrafanaWebhook,
     Health,
     Job,
     JobQuery,
@@ -45,9 +47,12 @@ from control.wire import (
     KeyUpdate,
     Model,
     ModelCreate,
+    ModelScaling,
     ModelUpdate,
     RegisterRequest,
     RegisterResponse,
+    ScalingPolicy,
+    ScheduleUpdate,
     SdTargetGroup,
     Tenant,
     TenantCreate,
@@ -58,6 +63,7 @@ from control.wire import (
     Usage,
     UsagePeriod,
     UsageQuery,
+    WebhookResult,
 )
 
 _STATUS_TEXT = {
@@ -72,6 +78,7 @@ _STATUS_TEXT = {
 }
 # An empty body means {} (Litestar hands a handler its default when there is no body).
 _NO_TENANT_CHANGE, _NO_KEY_CHANGE, _NO_MODEL_CHANGE = TenantUpdate(), KeyUpdate(), ModelUpdate()
+_NO_POLICY_CHANGE = ScalingPolicy()
 _DEFAULT_KEY = KeyCreate()
 _NO_TRIBUNAL_CHANGE = TribunalUpdate()
 # Path and query parameters restate the bounds of the wire aliases from the same constants:
@@ -211,6 +218,25 @@ async def drain_model(db: Db, name: ModelPath) -> Model:
     return await models.drain_model(db, name)
 
 
+@get("/models/{name:str}/scaling", summary="A model's autoscaling: limits, overrides, last observation, "
+     "decisions (newest first)", tags=["models"], responses=errors(404))
+async def get_scaling(db: Db, name: ModelPath, limit: ListLimit = 50) -> ModelScaling:
+    return await scaling.get_scaling(db, name, limit)
+
+
+@patch("/models/{name:str}/scaling", summary="Override the autoscaler's thresholds for a model (null: "
+       "back to the default)", tags=["models"], responses=errors(404, body=True))
+async def set_scaling(db: Db, name: ModelPath,
+                      data: JSONBody[ScalingPolicy] = _NO_POLICY_CHANGE) -> ModelScaling:
+    return await scaling.set_policy(db, name, data)
+
+
+@put("/models/{name:str}/schedule", summary="Set (or, with null, remove) a model's off-hours schedule",
+     tags=["models"], responses=errors(404, body=True))
+async def set_schedule(db: Db, name: ModelPath, data: JSONBody[ScheduleUpdate]) -> ModelScaling:
+    return await scaling.set_schedule(db, name, data)
+
+
 # ----------------------------------------------------------------------------- tribunals
 
 
@@ -337,12 +363,22 @@ async def sd_vllm(db: Db) -> list[SdTargetGroup]:
     ]
 
 
+@post("/grafana", status_code=200, summary="Grafana alerting webhook: firing alerts labelled with a model "
+      "(and action scale_up|scale_down) move its desired instances, within its limits and cooldown",
+      tags=["hooks"], responses=errors(404, body=True))
+async def grafana_hook(db: Db, settings: NamedDependency[ApiSettings],
+                       data: JSONBody[GrafanaWebhook]) -> WebhookResult:
+    return await webhook.handle(db, data, settings.webhook_cooldown_s, settings.webhook_history_per_model)
+
+
 OPEN_ROUTES: list[Any] = [health, register]
+HOOK_ROUTES: list[Any] = [grafana_hook]
 SD_ROUTES: list[Any] = [sd_vllm]
 ADMIN_ROUTES: list[Any] = [
     create_tenant, list_tenants, get_tenant, update_tenant, delete_tenant,
     create_key, list_keys, update_key, revoke_key,
-    create_model, list_models, get_model, update_model, delete_model, drain_model,
+    create_model, list_models, get_model, update_model, delete_model, drain_model, get_scaling, set_scaling,
+    set_schedule,
     create_tribunal, list_tribunals, get_tribunal, update_tribunal, delete_tribunal,
     list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report, usage_report_csv,
 ]

@@ -1,9 +1,10 @@
 """Bearer-token guards of the control API.
 
-``/admin/*`` needs the admin token. ``/sd/*`` is open unless ``sd_token`` is set (its labels hold
-no secrets); then it takes the sd token or the admin token. Registration and ``/health`` need
-none (a job proves itself with its one-time registration token in the body). Tokens are
-compared in constant time; a refusal is 401 with ``WWW-Authenticate: Bearer``.
+``/admin/*`` needs the admin token; ``/hooks/*`` (the Grafana alert webhook) its own token,
+``grafana_webhook_token`` (unset: every call is refused). ``/sd/*`` is open unless ``sd_token``
+is set (its labels hold no secrets); then it takes the sd token or the admin token.
+Registration and ``/health`` need none (a job proves itself with its one-time registration
+token in the body). Tokens are compared in constant time; a refusal is 401 with ``WWW-Authenticate: Bearer``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from control.api.errors import unauthorized
 
 ADMIN_SCHEME = "adminToken"
 SD_SCHEME = "sdToken"
+HOOK_SCHEME = "webhookToken"
 
 
 def bears(connection: ASGIConnection[Any, Any, Any, Any], *tokens: str) -> bool:

@@ -176,6 +176,8 @@ def render_text(template_text: str, ctx: JobContext) -> str:
     sim_args = ["--profile", res.sim_profile] if res.sim_profile else []
     if priority_scheduling(ctx.engine_args):  # the simulator models that engine option too
         sim_args += ["--scheduling-policy", "priority"]
+    if res.sim_max_num_seqs is not None:
+        sim_args += ["--max-num-seqs", str(res.sim_max_num_seqs)]
     values = {
         "sbatch": sbatch_block(ctx),
         "setup": setup_block(ctx),

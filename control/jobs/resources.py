@@ -53,6 +53,9 @@ class SlurmResources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     modules: tuple[ModuleName, ...] = ()  # `module load` lines, in order
     env: dict[EnvName, Annotated[str, msgspec.Meta(max_length=4096)]] = msgspec.field(default_factory=dict)
     sim_profile: SlurmName | None = None  # `hpcgate sim --profile` for the sim template
+    # `hpcgate sim --max-num-seqs` for the sim template: a small value makes requests queue in the
+    # engine at low load (autoscaling tests and demos)
+    sim_max_num_seqs: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
 
 
 def parse_resources(raw: Mapping[str, Any] | str | bytes) -> tuple[SlurmResources, int | None]:

@@ -37,10 +37,13 @@ _ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by
 _KEY_LOCK = 0x6870_6770_0002
 
 _MODELS_SQL = """
-SELECT m.name, m.state, m.state_reason, m.desired_instances, m.max_model_len,
+SELECT m.name, m.state, m.state_reason, m.desired_instances, m.max_model_len, m.min_instances,
+       m.max_instances,
        coalesce((SELECT array_agg(a.alias ORDER BY a.alias) FROM ai_model_aliases a
-                  WHERE a.model_id = m.model_id), '{}') AS aliases
-  FROM ai_model_configurations m
+                  WHERE a.model_id = m.model_id), '{}') AS aliases,
+       s.policy ->> 'hold_s' AS hold_s,
+       coalesce(s.observed_at > now() - interval '60 seconds', false) AS autoscaled
+  FROM ai_model_configurations m LEFT JOIN ai_model_autoscaling s USING (model_id)
 """
 
 _ENDPOINTS_SQL = """
@@ -78,6 +81,10 @@ async def read_endpoint_table(conn: Conn, unroutable_after: int) -> EndpointTabl
             state_reason=r["state_reason"],
             desired_instances=r["desired_instances"],
             max_model_len=r["max_model_len"],
+            min_instances=r["min_instances"],
+            max_instances=r["max_instances"],
+            hold_s=None if r["hold_s"] is None else float(r["hold_s"]),
+            autoscaled=r["autoscaled"],
         )
         for r in await conn.fetch(_MODELS_SQL)
     ]

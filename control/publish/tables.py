@@ -49,6 +49,12 @@ class ModelRow:
     state_reason: str | None
     desired_instances: int
     max_model_len: int | None
+    min_instances: int = 0
+    max_instances: int = 1
+    hold_s: float | None = None  # per-model hold limit of scale from zero (admin scaling override)
+    # an autoscaler observed the model within the last minute: only then is a request for it at
+    # zero instances held (someone will start one); otherwise it is answered 503 at once
+    autoscaled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,9 @@ def build_endpoint_table(
             state=_model_state(m, m.name in serving),
             reason=_model_reason(m),
             max_model_len=m.max_model_len,
+            scale_from_zero=(m.autoscaled and m.state == "active" and m.min_instances == 0
+                             and m.max_instances > 0),
+            hold_s=m.hold_s,
         )
         for m in sorted(models, key=lambda m: m.name)
     )

@@ -29,6 +29,10 @@ class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
     state: ModelState = ModelState.STOPPED
     reason: str | None = None
     max_model_len: int | None = None
+    # Scale from zero: a request that finds no ready instance is held (up to hold_s, or the
+    # gateway's default when None) and announced as demand, instead of answered 503 at once.
+    scale_from_zero: bool = False
+    hold_s: float | None = None
 
 
 class EndpointEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,7 +102,8 @@ class KeyTable(msgspec.Struct, frozen=True, kw_only=True):
 class RedisNames:
     """Redis keys and channels under a deployment's prefix (``redis_prefix``, e.g. "hpcgate:")."""
 
-    __slots__ = ("endpoint_table", "endpoint_table_channel", "key_table", "key_table_channel", "prefix")
+    __slots__ = ("demand_prefix", "endpoint_table", "endpoint_table_channel", "key_table",
+                 "key_table_channel", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -106,3 +111,18 @@ class RedisNames:
         self.endpoint_table_channel = f"{prefix}endpoint_table:version"
         self.key_table = f"{prefix}key_table"
         self.key_table_channel = f"{prefix}key_table:version"
+        # one key per gateway worker, ``<demand_prefix><host>:<pid>``, holding a ModelDemand
+        self.demand_prefix = f"{prefix}demand:"
+
+
+class HeldRequests(msgspec.Struct, frozen=True, array_like=True):
+    held: int  # requests held in the worker's model queue
+    oldest_s: float  # how long the oldest of them has waited
+
+
+class ModelDemand(msgspec.Struct, frozen=True, kw_only=True):
+    """What one gateway worker holds per model, published about once a second with an expiry
+    (a worker that dies stops counting by itself). Read by the autoscaler."""
+
+    at: float  # unix time
+    models: dict[str, HeldRequests] = {}

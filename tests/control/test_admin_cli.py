@@ -7,9 +7,12 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
+import httpx
 import pytest
 
 from control.admin_cli import build_parser
+from control.autoscale.store import apply_decision
 from control.store.db import Database, InvalidError
 from tests.control.conftest import Stack
 from tests.control.daemons import ADMIN_TOKEN, Daemon, free_port
@@ -316,6 +319,63 @@ async def test_model_deleted_only_without_live_jobs(stack: Stack, api: Daemon) -
     await admin_json(stack, "model", "create", "cli-del-alias")  # the alias is free again
 
 
+async def test_model_scaling_shows_the_history_and_takes_overrides(stack: Stack, api: Daemon) -> None:
+    await admin_json(stack, "model", "create", "cli/scaled", "--max", "3", "--desired", "1", "--min", "1")
+    [row] = await stack.sql("SELECT model_id FROM ai_model_configurations WHERE name = 'cli/scaled'")
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        assert await apply_decision(conn, row["model_id"], 1, 2, reason="queue_time_sustained",
+                                    source="autoscaler", detail="queue time 7.2 s > 5 s for 30 s",
+                                    signals=None, keep=10)
+    finally:
+        await conn.close()
+    rc, out, err = await run_admin(stack, "model", "scaling", "cli/scaled")
+    assert rc == 0, err
+    assert "min 1  desired 2  max 3" in out
+    header = next(line for line in out.splitlines() if line.startswith("TIME"))
+    assert header.split() == ["TIME", "FROM", "->", "TO", "REASON", "SOURCE", "WHY"]
+    assert "1 -> 2" in out and "queue time 7.2 s > 5 s for 30 s" in out
+
+    shown = await admin_json(stack, "model", "scaling", "cli/scaled", "--set", "scale_up_queue_time_s=2.5",
+                             "--set", "cooldown_s=10")
+    assert shown["policy"] == {"scale_up_queue_time_s": 2.5, "cooldown_s": 10}
+    shown = await admin_json(stack, "model", "scaling", "cli/scaled", "--unset", "cooldown_s",
+                             "--set", "early_scale_up=true")
+    assert shown["policy"] == {"scale_up_queue_time_s": 2.5, "early_scale_up": True}
+    shown = await admin_json(stack, "model", "scaling", "cli/scaled", "--unset", "early_scale_up")
+    assert shown["policy"] == {"scale_up_queue_time_s": 2.5}
+    assert [d["reason"] for d in shown["decisions"]] == ["queue_time_sustained"]
+
+    # out of range and unknown thresholds: 422 naming the field, nothing stored
+    rc, _, err = await run_admin(stack, "model", "scaling", "cli/scaled", "--set", "scale_up_queue_time_s=-1")
+    assert rc == 1 and "422" in err and "scale_up_queue_time_s" in err
+    rc, _, err = await run_admin(stack, "model", "scaling", "cli/scaled", "--set", "bogus=1")
+    assert rc == 1 and "422" in err and "bogus" in err
+    shown = await admin_json(stack, "model", "scaling", "cli/scaled")
+    assert shown["policy"] == {"scale_up_queue_time_s": 2.5}
+    rc, _, err = await run_admin(stack, "model", "scaling", "nobody")
+    assert rc == 1 and "404" in err
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"{stack.api_url}/metrics")).text
+    assert ('hpcgate_autoscaler_decisions_total{model="cli/scaled",reason="queue_time_sustained",'
+            'source="autoscaler"} 1.0') in text
+
+
+async def test_model_schedule_is_validated_stored_and_shown(stack: Stack, api: Daemon) -> None:
+    await admin_json(stack, "model", "create", "cli/sched", "--max", "4")
+    shown = await admin_json(stack, "model", "schedule", "cli/sched",
+                             "weekdays 08:00-19:00 Europe/Berlin: min 2; daily 00:00-24:00 UTC: max 1")
+    assert shown["schedule"].startswith("weekdays 08:00-19:00 Europe/Berlin: min 2")
+    assert shown["schedule_rule"] is not None and shown["effective_max"] <= 2
+    rc, out, _ = await run_admin(stack, "model", "scaling", "cli/sched")
+    assert rc == 0 and "schedule   in force:" in out and "Europe/Berlin" in out
+
+    rc, _, err = await run_admin(stack, "model", "schedule", "cli/sched",
+                                 "weekdays 08:00-19:00 Mars/Base: min 2")
+    assert rc == 1 and "422" in err and "unknown time zone 'Mars/Base'" in err
+    assert (await admin_json(stack, "model", "scaling", "cli/sched"))["schedule"].startswith("weekdays")
+    cleared = await admin_json(stack, "model", "schedule", "cli/sched", "--clear")
+    assert cleared["schedule"] is None and (cleared["effective_min"], cleared["effective_max"]) == (0, 4)
 async def test_usage_export_periods_csv_and_quotas(stack: Stack, api: Daemon) -> None:
     created = await admin_json(stack, "tenant", "create", "cli-quota", "--monthly-quota", "1000",
                                "--model-limit", "big/model=concurrent=1,tpm=500",

@@ -24,7 +24,9 @@ SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 
 @pytest.fixture(scope="module")
 async def api(stack: Stack) -> AsyncIterator[Daemon]:
-    daemon = await start_api({**stack.env, "HPCGATE_LOG_LEVEL": "warning"}, stack.tmp)
+    # the webhook takes the same token here, so the one Authorization header reaches every route
+    daemon = await start_api({**stack.env, "HPCGATE_LOG_LEVEL": "warning",
+                              "HPCGATE_API_GRAFANA_WEBHOOK_TOKEN": ADMIN_TOKEN}, stack.tmp)
     stack.api_url = f"http://127.0.0.1:{daemon.port}"
     yield daemon
     await daemon.stop()
@@ -42,6 +44,9 @@ def test_openapi_document_covers_every_route() -> None:
         ("POST", "/admin/jobs/{job_id}/cancel"),
         ("GET", "/admin/usage"),
         ("GET", "/sd/vllm"),
+        ("POST", "/hooks/grafana"),
+        ("GET", "/admin/models/{name}/scaling"),
+        ("PUT", "/admin/models/{name}/schedule"),
     } <= ops
     register = doc["paths"]["/v1/register"]["post"]
     assert "security" not in register and "security" not in doc  # no requirement: open

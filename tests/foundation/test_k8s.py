@@ -22,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from control.autoscale.settings import AutoscalerSettings
 from control.jobs.settings import JobsSettings
 from control.settings import ApiSettings, HealthSettings
 from gateway.settings import GatewaySettings, load_gateway_settings
@@ -32,7 +33,7 @@ K8S = Path(__file__).resolve().parents[2] / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests target (endPort, autoscaling/v2, policy/v1)
 OPERATOR_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
-SINGLETONS = {"hpcgate-control-jobs", "hpcgate-control-health"}
+SINGLETONS = {"hpcgate-control-jobs", "hpcgate-control-health", "hpcgate-control-autoscaler"}
 Doc = dict[str, Any]
 
 
@@ -261,7 +262,8 @@ def load_process_settings(args: list[str], env: dict[str, str]) -> None:
         load_gateway_settings(env=env)
         return
     assert args[0] == "control", args
-    cls: type[Any] = {"api": ApiSettings, "health": HealthSettings, "jobs": JobsSettings}[args[1]]
+    cls: type[Any] = {"api": ApiSettings, "health": HealthSettings, "jobs": JobsSettings,
+                      "autoscaler": AutoscalerSettings}[args[1]]
     load_settings(cls, args[1], env=env)
 
 

@@ -19,7 +19,7 @@ from tests.support.metric_names import K8S, dashboard_exprs, rule_exprs, used_na
 OBS = K8S / "observability"
 ALERTS_REQUIRED = {"HpcgateGateway5xxRate", "HpcgateTTFTP95High", "HpcgateEndpointTableStale",
                    "HpcgateEndpointEjected", "HpcgateModelNoReadyInstance", "HpcgateSlurmJobPendingTooLong",
-                   "HpcgateUsageWritesFailing"}
+                   "HpcgateUsageWritesFailing", "HpcgateAutoscalerAtMax"}
 
 
 def promtool(*args: str, cwd: Path = OBS) -> str:
@@ -68,3 +68,20 @@ def test_rules_and_dashboards_use_our_names() -> None:
     assert any(n.startswith("hpcgate_gateway_") for n in used)
     assert any(n.startswith("hpcgate_control_") for n in used)
     assert any(n.startswith("vllm:") for n in used)
+
+
+def test_the_grafana_example_reproduces_the_paper_rule_and_targets_the_webhook(tmp_path: Path) -> None:
+    doc = yaml.safe_load((K8S / "examples/grafana-autoscaling.yaml").read_text())
+    [receiver] = doc["contactPoints"][0]["receivers"]
+    assert receiver["type"] == "webhook" and receiver["settings"]["url"].endswith("/hooks/grafana")
+    assert receiver["settings"]["authorization_scheme"] == "Bearer"
+    [rule] = doc["groups"][0]["rules"]
+    assert rule["for"] == "30s" and rule["labels"] == {"action": "scale_up"}
+    query = next(d for d in rule["data"] if d["refId"] == "A")["model"]["expr"]
+    threshold = next(d for d in rule["data"] if d["refId"] == rule["condition"])["model"]
+    assert threshold["conditions"][0]["evaluator"] == {"type": "gt", "params": [5]}
+    assert "by (model)" in query  # the webhook reads the model from the alert's labels
+    # the query is valid PromQL: promtool checks it as a recording rule
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(
+        {"groups": [{"name": "q", "rules": [{"record": "hpcgate:queue_time:mean1m", "expr": query}]}]}))
+    assert "SUCCESS" in promtool("check", "rules", "q.yaml", cwd=tmp_path)

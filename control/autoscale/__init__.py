@@ -1,0 +1,1 @@
+"""The autoscaler (``hpcgate control autoscaler``): a pure policy, its signals and its daemon."""
