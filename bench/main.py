@@ -1,5 +1,5 @@
-"""``hpcgate bench run|table|overhead|footprint``: the load driver, Table 1 reproduction, proxy
-overhead, and the install's footprint.
+"""``hpcgate bench run|table|overhead|footprint|chaos``: the load driver, Table 1 reproduction, proxy
+overhead, the install's footprint, and the stack under faults.
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
@@ -24,6 +24,7 @@ import msgspec
 import uvloop
 
 from bench import footprint
+from bench.chaos_plan import add_parser as chaos_parser
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
 
@@ -33,6 +34,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "table": ("numpy", "matplotlib", "psutil"),
     "overhead": ("numpy", "psutil"),
     "footprint": (),
+    "chaos": ("psutil",),
 }
 
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _table_parser(sub)
     _overhead_parser(sub)
     footprint.add_parser(sub)
+    chaos_parser(sub)
     return parser
 
 
@@ -166,6 +169,10 @@ def main(argv: list[str]) -> int:
         return _cmd_run(args, settings)
     if args.command == "footprint":
         return footprint.cmd_footprint(args)
+    if args.command == "chaos":
+        from bench.chaos import cmd_chaos
+
+        return cmd_chaos(args, settings.results_dir)
     if args.command == "table":
         from bench.table import cmd_table
 
