@@ -84,7 +84,6 @@ class Chaos:
         self.faults: list[Fault] = []
         self.load: Load | None = None
         self._samplers: list[asyncio.Task[None]] = []
-        self._side: list[asyncio.Task[None]] = []
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -357,7 +356,7 @@ class Chaos:
         return state, problems
 
     async def close(self, keep_logs: Path | None) -> None:
-        for task in self._samplers + self._side:
+        for task in self._samplers:
             task.cancel()
         await self.stack.close()
         if keep_logs is not None:

@@ -160,9 +160,10 @@ VIOLATIONS = ("hung", "cut_without_event", "rejected_503_without_retry_after", "
 
 
 def usage_at_risk(outcomes: Sequence[Outcome], kills: Sequence[float], flush_s: float,
-                  slack_s: float = 0.5) -> dict[str, int]:
-    """Per tenant, the tokens of requests that completed within one flush interval (plus slack)
-    before a gateway worker was SIGKILLed: what that worker may not have written yet."""
+                  slack_s: float = 1.0) -> dict[str, int]:
+    """Per tenant, the tokens of requests that completed within one flush interval before a
+    gateway worker was SIGKILLed, plus ``slack_s`` (a busy worker's flush may run late): what
+    that worker may not have written yet."""
     out: dict[str, int] = {}
     for o in outcomes:
         near = any(k - flush_s - slack_s <= o.end <= k + slack_s for k in kills)
