@@ -4,7 +4,9 @@ With ``--workers 1`` the process serves itself. With N > 1 the parent binds the 
 with SO_REUSEPORT but never listens on that socket (it only reserves the port and learns it,
 for ``--port 0``); each forked worker binds its own listening SO_REUSEPORT socket on that port,
 so the kernel spreads connections evenly. The parent prints one ``gateway_listening`` line once
-every worker listens, forwards SIGTERM/SIGINT to them, and restarts a worker that dies.
+every worker listens, forwards SIGTERM/SIGINT to them, and restarts a worker that dies; in
+dynamic mode the restarted worker listens only once it holds the tables (at most
+``restart_table_wait_s``), so while Redis is away its siblings take the connections.
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _serve(settings: GatewaySettings, sock: object, index: int, on_ready: object) -> None:
+def _serve(settings: GatewaySettings, sock: object, index: int, on_ready: object,
+           table_wait_s: float = 0.0) -> None:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(run_worker(settings, sock, index, on_ready))  # type: ignore[arg-type]
+        loop.run_until_complete(run_worker(settings, sock, index, on_ready,  # type: ignore[arg-type]
+                                           table_wait_s=table_wait_s))
     finally:
         loop.close()
 
@@ -100,7 +104,8 @@ def _run_workers(settings: GatewaySettings) -> int:
             try:
                 sock = bind_socket(settings.host, port, reuse_port=True)
                 ready = (lambda _p: os.write(ready_w, b".")) if announce else (lambda _p: 0)
-                _serve(settings, sock, index, ready)
+                # a restarted worker listens once it holds the tables (Redis may be away)
+                _serve(settings, sock, index, ready, 0.0 if announce else settings.restart_table_wait_s)
             except BaseException:  # report and exit the child, never return into the parent's code
                 log.exception("worker_crashed", worker=index)
                 code = 1

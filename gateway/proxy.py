@@ -110,6 +110,9 @@ class ProxyCall:
         view = parse_view(kind, req.body)
         route = gw.table.lookup(view.model)
         if route is None:
+            if not gw.has_table:  # no endpoint table yet (Redis away at start): it may well exist
+                raise ApiError(503, "the gateway has no endpoint table yet; retry shortly", "not_ready",
+                               retry_after=1)
             raise ApiError(404, f"The model '{view.model}' does not exist", "model_not_found", "model")
         self.model = route.name
         if not principal.may_use(route.name, view.model):

@@ -53,7 +53,9 @@ class Worker:
         self.sync: RedisTableSync | None = None
         self.key_load_failures = 0  # PostgreSQL loads that failed (the keys held stay in use)
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, *, table_wait_s: float = 0.0) -> None:
+        """Start the background tasks, then listen. ``table_wait_s`` > 0 (a worker its parent
+        restarted, in dynamic mode): listen only once the tables are held, or that long at most."""
         s = self.settings
         gw = self.gateway
         if s.static_mode:
@@ -73,7 +75,27 @@ class Worker:
         self.server.on_tick.append(gw.check_stalls)
         if gw.access_log is not None:
             self.server.on_tick.append(gw.access_log.flush)
+        if table_wait_s > 0 and self.sync is not None and not s.static_mode:
+            await self._wait_for_tables(table_wait_s)
         await self.server.start(sock)
+
+    def _holds_tables(self) -> bool:
+        gw = self.gateway
+        return gw.has_table and (self.settings.no_auth or gw.auth.index.version > 0)
+
+    async def _wait_for_tables(self, timeout: float) -> None:
+        """Wait before listening until the endpoint and key tables are held. Until a worker
+        listens, the kernel gives new connections to its siblings (SO_REUSEPORT), which hold
+        tables; a worker restarted while Redis is away that listened at once would answer 404
+        "model does not exist" to its share of the clients. After ``timeout`` it listens anyway
+        (and answers 503 with Retry-After while it has no endpoint table): the siblings may be
+        gone too, and refusing connections forever would be worse."""
+        deadline = self.loop.time() + timeout
+        while not self._holds_tables():
+            if self.loop.time() >= deadline:
+                log.warning("worker_listening_without_tables", worker=self.index, waited_s=timeout)
+                return
+            await asyncio.sleep(0.02)
 
     async def _load_keys_once(self) -> bool:
         assert self.settings.database_url is not None
@@ -116,12 +138,12 @@ class Worker:
 
 
 async def run_worker(settings: GatewaySettings, sock: socket.socket, index: int,
-                     on_ready: Callable[[int], None]) -> None:
+                     on_ready: Callable[[int], None], *, table_wait_s: float = 0.0) -> None:
     worker = Worker(settings, index)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         worker.loop.add_signal_handler(sig, stop.set)
-    await worker.start(sock)
+    await worker.start(sock, table_wait_s=table_wait_s)
     # Everything made at start-up (modules, tables, settings) lives as long as the worker: out of
     # the collector's sight, the full collections that still happen under load scan only what
     # requests made (their pauses land on requests in flight; measured in docs/benchmarks.md).
