@@ -9,10 +9,12 @@ for several tenants (:mod:`bench.chaos_load`); and the fault schedule, one fault
 ``kill_instance``         SIGKILL a ready model instance; the Job Worker must replace it
 ``kill_gateway_worker``   SIGKILL one gateway worker; its parent restarts it
 ``restart_redis``         stop Redis (every key is lost), start it again after ``down_s``
-``restart_postgres``      fast shutdown of PostgreSQL, start it again after ``down_s``
+``restart_postgres``      stop PostgreSQL as a crash would (immediate shutdown), start it after ``down_s``
 ``kill_endpoint_worker``  SIGKILL ``control health``; a new one is started (as Kubernetes would)
 ``kill_job_worker``       SIGKILL ``control jobs``; a new one is started and adopts the jobs
 ``stall_instance``        SIGSTOP a ready instance (it reads and answers nothing) for ``stall_s``
+``kill_gateway_worker_redis_down``  both at once: Redis stopped, a gateway worker SIGKILLed and
+                          restarted, Redis started ``down_s`` later
 ========================  =================================================================
 
 After each fault the run waits until the stack has recovered (the fault's own condition, e.g.
@@ -82,6 +84,7 @@ class Chaos:
         self.killed_jobs: list[int] = []
         self.resources = Resources()
         self.faults: list[Fault] = []
+        self._struck_at = 0.0
         self.load: Load | None = None
         self._samplers: list[asyncio.Task[None]] = []
 
@@ -169,6 +172,7 @@ class Chaos:
     async def kill_gateway_worker(self, at: float) -> tuple[str, float | None]:
         workers = self.stack.gateway_tree()[1:]
         victim = self.rng.choice(workers)
+        self._struck_at = self.now()  # the report's time of this fault: when the worker died
         victim.send_signal(signal.SIGKILL)
 
         async def restarted() -> bool:
@@ -177,25 +181,37 @@ class Chaos:
 
         return f"pid {victim.pid}", await self._until(restarted, at)
 
+    async def _tables_republished(self) -> bool:
+        names = RedisNames("chaos:")
+        client = aioredis.from_url(self.stack.redis.url, socket_connect_timeout=1)
+        try:
+            return bool(await client.exists(names.endpoint_table, names.key_table) == 2)
+        except aioredis.RedisError:
+            return False
+        finally:
+            await client.aclose()
+
     async def restart_redis(self, at: float) -> tuple[str, float | None]:
         await self.stack.redis.stop()
         await asyncio.sleep(self.profile.down_s)
         await self.stack.redis.start()
-        names = RedisNames("chaos:")
+        return (f"down {self.profile.down_s:.0f}s, tables republished",
+                await self._until(self._tables_republished, at))
 
-        async def republished() -> bool:
-            client = aioredis.from_url(self.stack.redis.url, socket_connect_timeout=1)
-            try:
-                return bool(await client.exists(names.endpoint_table, names.key_table) == 2)
-            except aioredis.RedisError:
-                return False
-            finally:
-                await client.aclose()
-
-        return f"down {self.profile.down_s:.0f}s, tables republished", await self._until(republished, at)
+    async def kill_gateway_worker_redis_down(self, at: float) -> tuple[str, float | None]:
+        """Two faults at once: a gateway worker restarted while Redis is away must not answer
+        for want of tables while the other workers hold them."""
+        await self.stack.redis.stop()
+        detail, restarted = await self.kill_gateway_worker(at)
+        await asyncio.sleep(self.profile.down_s)
+        await self.stack.redis.start()
+        if restarted is None:
+            return f"{detail} not restarted", None
+        return (f"{detail}, Redis down {self.now() - at:.0f}s",
+                await self._until(self._tables_republished, at))
 
     async def restart_postgres(self, at: float) -> tuple[str, float | None]:
-        await self.stack.pg.stop()
+        await self.stack.pg.stop(crash=True)
         await asyncio.sleep(self.profile.down_s)
         await self.stack.pg.start()
 
@@ -203,7 +219,7 @@ class Chaos:
             await self.stack.admin("GET", "/admin/models")
             return await self._instances_back()
 
-        return f"down {self.profile.down_s:.0f}s", await self._until(serving, at)
+        return f"crashed, down {self.profile.down_s:.0f}s", await self._until(serving, at)
 
     async def _kill_daemon(self, name: str, at: float) -> tuple[str, float | None]:
         child = self.stack.daemon(name)
@@ -223,12 +239,15 @@ class Chaos:
         return await self._kill_daemon("control-jobs", at)
 
     async def inject(self, kind: str) -> Fault:
-        at = self.now()
+        at = self._struck_at = self.now()
         self.say(progress_line(at, f"FAULT {kind}", self.load.outcomes if self.load else []))
         try:
             detail, recovery = await getattr(self, kind)(at)
         except StackError as exc:
             detail, recovery = f"could not inject: {exc}", None
+        if recovery is not None:
+            recovery -= self._struck_at - at
+        at = self._struck_at
         self.say(f"{self.now():7.1f}s  {kind}: {detail}; recovered "
                  + ("NOT" if recovery is None else f"after {recovery:.1f}s"))
         return Fault(kind, at, recovery, detail)
@@ -339,7 +358,7 @@ class Chaos:
                          port_block=self.stack.port_block,
                          instance_processes=len(procs), killed_instances=len(self.killed_jobs),
                          states=sorted(r["state"] for r in rows),
-                         ended=[f"{r['n']} {r['state']}: {r['reason'][:120]}" for r in over])
+                         ended=[f"{r['n']} {r['state']}: {r['reason'][-300:]}" for r in over])
             problems[:] = []
             if len(rows) != self.profile.instances:
                 problems.append(f"{len(rows)} live jobs at the end, {self.profile.instances} desired")
@@ -397,7 +416,7 @@ def cmd_chaos(args: argparse.Namespace, results_dir: str) -> int:
         except (StackError, ChildFailedError, OSError) as exc:
             say(f"hpcgate bench chaos: error: {exc}")
         finally:
-            broken = report is None or bool(report["violations"])
+            broken = report is None or bool(report["violations"]) or args.keep_logs
             await chaos.close(path.with_suffix(".logs") if broken else None)
         return report
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 FAULT_KINDS: tuple[str, ...] = (
     "kill_instance", "kill_gateway_worker", "restart_redis", "restart_postgres",
-    "kill_endpoint_worker", "kill_job_worker", "stall_instance",
+    "kill_endpoint_worker", "kill_job_worker", "stall_instance", "kill_gateway_worker_redis_down",
 )
 REQUEST_KINDS: tuple[str, ...] = ("chat_stream", "chat", "completion_stream", "completion", "embedding")
 
@@ -261,7 +261,7 @@ def build_report(*, profile: Profile, outcomes: Sequence[Outcome], faults: Seque
                  flush_s: float, resources: Resources, jobs: dict[str, object],
                  job_problems: Sequence[str], duration_s: float) -> dict[str, object]:
     """Everything the run found, and ``violations``: each broken invariant, one line each."""
-    kills = [f.at for f in faults if f.kind == "kill_gateway_worker"]
+    kills = [f.at for f in faults if f.kind.startswith("kill_gateway_worker")]
     categories: dict[str, int] = {}
     by_kind: dict[str, dict[str, int]] = {}
     examples: dict[str, list[dict[str, object]]] = {}
@@ -368,3 +368,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--concurrency", type=int,
                    help="client requests in flight (default 12, or 6 with --quick)")
     p.add_argument("--result-file", help="JSON results path (default: <results_dir>/chaos-<time>.json)")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the daemons' logs next to the JSON (RESULT.logs) even when all invariants hold")

@@ -117,7 +117,7 @@ class PrivatePostgres:
         self.proc = await asyncio.create_subprocess_exec(
             str(pg_bin() / "postgres"), "-D", str(self.dir / "data"), "-p", str(self.port),
             "-k", str(self.dir),
-            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
             "-c", "full_page_writes=off", "-c", "max_connections=200",
             stdout=log, stderr=log, start_new_session=True, **self._user)  # type: ignore[arg-type]
         log.close()
@@ -129,10 +129,13 @@ class PrivatePostgres:
 
         await _wait_for(accepts, 30, "private PostgreSQL")
 
-    async def stop(self) -> None:
-        """A fast shutdown (SIGINT: sessions are ended, what was committed is kept)."""
+    async def stop(self, *, crash: bool = False) -> None:
+        """A fast shutdown (SIGINT), or with ``crash`` an immediate one (SIGQUIT: every process
+        exits at once, no checkpoint; the next start replays the WAL, as after a crash). Either
+        way what was committed is kept: commits are synchronous (``fsync`` is off, which only
+        matters if the machine itself goes down)."""
         if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGQUIT if crash else signal.SIGINT)
             try:
                 await asyncio.wait_for(self.proc.wait(), 30)
             except TimeoutError:
@@ -186,7 +189,9 @@ class ChaosStack:
         self.redis = PrivateRedis(root)
         self.admin_token = secrets.token_urlsafe(16)
         self.api_port, self.gateway_port = free_port(), free_port()
-        self.port_block = random.randrange(30000, 39000, 100)  # ports handed to this run's instances
+        # ports handed to this run's instances: below the kernel's ephemeral range (32768 and up,
+        # where any client's connection may hold one) and the tests' blocks (21000-32000)
+        self.port_block = random.randrange(10000, 20000, 100)
         self.sup: Supervisor | None = None
         self.dsn = ""
 
