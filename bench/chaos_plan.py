@@ -335,10 +335,10 @@ def format_table(report: dict[str, object]) -> str:
     lines = [f"chaos ({report['profile']}, {report['duration_s']} s): {req['total']} requests, "
              f"{req['ok']} ok, {req['failed']} not ok", "", f"{'outcome':<36}{'requests':>10}"]
     lines += [f"{cat:<36}{n:>10}" for cat, n in req["categories"].items()]
-    lines += ["", f"{'fault':<22}{'at s':>8}{'recovered s':>13}{'clients ok again s':>20}  detail"]
+    lines += ["", f"{'fault':<31}{'at s':>8}{'recovered s':>13}{'clients ok again s':>20}  detail"]
     for f in report["faults"]:  # type: ignore[attr-defined]
         rec = "NOT" if f["recovery_s"] is None else f"{f['recovery_s']:.1f}"
-        lines.append(f"{f['kind']:<22}{f['at_s']:>8.1f}{rec:>13}{f['client_recovery_s']:>20.1f}  "
+        lines.append(f"{f['kind']:<31}{f['at_s']:>8.1f}{rec:>13}{f['client_recovery_s']:>20.1f}  "
                      f"{f['detail']}")
     lines += ["", f"{'tenant':<16}{'received tokens':>17}{'in PostgreSQL':>15}{'lost':>7}{'at risk':>9}"]
     for tenant, u in report["usage"].items():  # type: ignore[attr-defined]
