@@ -34,8 +34,8 @@ import psutil  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
 from bench.chaos_load import MODEL
+from control.db.migrate import migrate
 from hpcgate.supervisor import Child, Supervisor, hpcgate_argv
-from hpcgate.up import ensure_database
 
 # The events each daemon logs once it is ready (what ``hpcgate up`` waits for).
 READY_EVENTS = {"control-api": "api_listening", "control-health": "health_worker_started",
@@ -229,7 +229,16 @@ class ChaosStack:
         await self.pg.init()
         await self.pg.start()
         self.dsn = self.pg.dsn("hpcgate")
-        await ensure_database(self.dsn)
+        conn = await asyncpg.connect(self.pg.dsn(), timeout=10)
+        try:
+            await conn.execute('CREATE DATABASE "hpcgate"')
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
         await self.redis.start()
         self.sup = Supervisor(self.root / "logs", self.env())
         for name in READY_EVENTS:
