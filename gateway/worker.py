@@ -21,6 +21,7 @@ from gateway.key_source import load_key_table
 from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
 from gateway.table_sync import RedisTableSync
+from gateway.usage_spool import UsageSpool
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
 
@@ -43,11 +44,13 @@ def static_table(gw: Gateway, settings: GatewaySettings) -> RoutingTable:
 class Worker:
     """Everything one worker runs, startable in-process (tests) or in a forked child."""
 
-    def __init__(self, settings: GatewaySettings, index: int = 0) -> None:
+    def __init__(self, settings: GatewaySettings, index: int = 0, spool: UsageSpool | None = None) -> None:
         self.settings = settings
         self.index = index
         self.loop = asyncio.get_running_loop()
         self.gateway = Gateway(settings, self.loop, index)
+        if spool is not None:  # a worker slot of several: what a killed predecessor left is written
+            self.gateway.usage.attach(spool)
         self.server = HttpServer(self.gateway.handle, settings, self.loop)
         self._tasks: list[asyncio.Task[None]] = []
         self.sync: RedisTableSync | None = None
@@ -138,8 +141,9 @@ class Worker:
 
 
 async def run_worker(settings: GatewaySettings, sock: socket.socket, index: int,
-                     on_ready: Callable[[int], None], *, table_wait_s: float = 0.0) -> None:
-    worker = Worker(settings, index)
+                     on_ready: Callable[[int], None], *, table_wait_s: float = 0.0,
+                     spool: UsageSpool | None = None) -> None:
+    worker = Worker(settings, index, spool)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         worker.loop.add_signal_handler(sig, stop.set)
