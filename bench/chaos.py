@@ -62,7 +62,7 @@ from bench.chaos_stack import ChaosStack, StackError
 from hpcgate.schemas import RedisNames
 from hpcgate.supervisor import ChildFailedError
 
-FLUSH_S = 0.25  # the gateway's usage flush interval in the run: what a killed worker can lose
+FLUSH_S = 0.25  # the gateway's usage flush interval in the run
 TIMEOUT_S = 30.0  # a request without its end after this long hangs (the gateway's upstream
 # read timeout is 3 s in the run, so nothing may legitimately take this long)
 MIB = 1024 * 1024
@@ -306,7 +306,7 @@ class Chaos:
         for task in self._samplers:
             task.cancel()
         return build_report(profile=p, outcomes=self.load.outcomes, faults=self.faults,
-                            timeline=self.timeline, recorded=recorded, flush_s=FLUSH_S,
+                            timeline=self.timeline, recorded=recorded,
                             resources=self.resources, jobs=jobs, job_problems=job_problems,
                             duration_s=duration)
 

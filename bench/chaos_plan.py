@@ -9,9 +9,9 @@ The invariants the issue asks for are computed here, so they are unit-tested by 
   retries those): ``failed_while_ready == 0``;
 - a stream cut by a killed or stalled instance ends with an SSE error event; none hangs;
 - a 503 comes only while no instance was ready, and carries ``Retry-After``;
-- per tenant, the tokens in PostgreSQL equal the tokens the clients were told, except what a
-  SIGKILLed gateway worker had not flushed yet: that loss is reported, and must stay within
-  what that worker's clients received in its last flush interval (``at_risk``);
+- per tenant, the tokens in PostgreSQL equal the tokens the clients were told, across Redis
+  and PostgreSQL restarts and SIGKILLed gateway workers (their successors write what they had
+  counted: gateway/usage_spool.py);
 - the gateway's RSS and open descriptors end near where they started (no leak).
 
 A request a SIGKILLed gateway worker was serving dies with it (no process is left to write an
@@ -159,19 +159,6 @@ VIOLATIONS = ("hung", "cut_without_event", "rejected_503_without_retry_after", "
               "failed_while_ready")
 
 
-def usage_at_risk(outcomes: Sequence[Outcome], kills: Sequence[float], flush_s: float,
-                  slack_s: float = 1.0) -> dict[str, int]:
-    """Per tenant, the tokens of requests that completed within one flush interval before a
-    gateway worker was SIGKILLed, plus ``slack_s`` (a busy worker's flush may run late): what
-    that worker may not have written yet."""
-    out: dict[str, int] = {}
-    for o in outcomes:
-        near = any(k - flush_s - slack_s <= o.end <= k + slack_s for k in kills)
-        if near and o.status == 200 and o.complete:
-            out[o.tenant] = out.get(o.tenant, 0) + o.prompt_tokens + o.completion_tokens
-    return out
-
-
 def expected_usage(outcomes: Sequence[Outcome]) -> dict[str, tuple[int, int]]:
     """Per tenant, the (prompt, completion) tokens PostgreSQL must hold for what the clients saw:
     the usage of every complete response, plus for each stream cut with an error event the
@@ -192,8 +179,8 @@ def expected_usage(outcomes: Sequence[Outcome]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def usage_check(outcomes: Sequence[Outcome], recorded: dict[str, tuple[int, int]],
-                at_risk: dict[str, int]) -> tuple[dict[str, dict[str, int]], list[str]]:
+def usage_check(outcomes: Sequence[Outcome],
+                recorded: dict[str, tuple[int, int]]) -> tuple[dict[str, dict[str, int]], list[str]]:
     """Compare the usage clients were told (:func:`expected_usage`) with PostgreSQL's per tenant."""
     received = expected_usage(outcomes)
     table: dict[str, dict[str, int]] = {}
@@ -202,15 +189,14 @@ def usage_check(outcomes: Sequence[Outcome], recorded: dict[str, tuple[int, int]
         got_p, got_c = received.get(tenant, (0, 0))
         pg_p, pg_c = recorded.get(tenant, (0, 0))
         lost = (got_p + got_c) - (pg_p + pg_c)
-        risk = at_risk.get(tenant, 0)
         table[tenant] = {"received_prompt": got_p, "received_completion": got_c, "recorded_prompt": pg_p,
-                         "recorded_completion": pg_c, "lost": lost, "at_risk": risk}
-        if lost < 0 or pg_p > got_p or pg_c > got_c:
+                         "recorded_completion": pg_c, "lost": lost}
+        if pg_p > got_p or pg_c > got_c:
             problems.append(f"tenant {tenant}: PostgreSQL holds more than clients received "
                             f"({pg_p}+{pg_c} > {got_p}+{got_c})")
-        elif lost > risk:
-            problems.append(f"tenant {tenant}: {lost} tokens lost, beyond the {risk} a killed gateway "
-                            "worker could hold unflushed")
+        elif lost:
+            problems.append(f"tenant {tenant}: {lost} tokens lost ({pg_p}+{pg_c} in PostgreSQL, "
+                            f"clients received {got_p}+{got_c})")
     return table, problems
 
 
@@ -258,7 +244,7 @@ def resources_check(r: Resources, pooled_max: int) -> tuple[dict[str, object], l
 
 def build_report(*, profile: Profile, outcomes: Sequence[Outcome], faults: Sequence[Fault],
                  timeline: Sequence[tuple[float, int]], recorded: dict[str, tuple[int, int]],
-                 flush_s: float, resources: Resources, jobs: dict[str, object],
+                 resources: Resources, jobs: dict[str, object],
                  job_problems: Sequence[str], duration_s: float) -> dict[str, object]:
     """Everything the run found, and ``violations``: each broken invariant, one line each."""
     kills = [f.at for f in faults if f.kind.startswith("kill_gateway_worker")]
@@ -274,7 +260,7 @@ def build_report(*, profile: Profile, outcomes: Sequence[Outcome], faults: Seque
         if cat != "ok" and len(examples.setdefault(cat, [])) < 5:
             examples[cat].append({"kind": o.kind, "start": round(o.start, 3), "end": round(o.end, 3),
                                   "status": o.status, "error": o.error[:200], "request_id": o.request_id})
-    usage, usage_problems = usage_check(outcomes, recorded, usage_at_risk(outcomes, kills, flush_s))
+    usage, usage_problems = usage_check(outcomes, recorded)
     res, res_problems = resources_check(
         resources, profile.concurrency * profile.gateway_workers * (profile.instances + 1))
     violations = [f"{categories[c]} request(s) {c.replace('_', ' ')}"
@@ -340,10 +326,10 @@ def format_table(report: dict[str, object]) -> str:
         rec = "NOT" if f["recovery_s"] is None else f"{f['recovery_s']:.1f}"
         lines.append(f"{f['kind']:<31}{f['at_s']:>8.1f}{rec:>13}{f['client_recovery_s']:>20.1f}  "
                      f"{f['detail']}")
-    lines += ["", f"{'tenant':<16}{'received tokens':>17}{'in PostgreSQL':>15}{'lost':>7}{'at risk':>9}"]
+    lines += ["", f"{'tenant':<16}{'received tokens':>17}{'in PostgreSQL':>15}{'lost':>7}"]
     for tenant, u in report["usage"].items():  # type: ignore[attr-defined]
         lines.append(f"{tenant:<16}{u['received_prompt'] + u['received_completion']:>17}"
-                     f"{u['recorded_prompt'] + u['recorded_completion']:>15}{u['lost']:>7}{u['at_risk']:>9}")
+                     f"{u['recorded_prompt'] + u['recorded_completion']:>15}{u['lost']:>7}")
     res = report["resources"]
     assert isinstance(res, dict)
     lines += ["", f"gateway RSS MiB first {res['rss_mib']['first']:.0f} max {res['rss_mib']['max']:.0f} "

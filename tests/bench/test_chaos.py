@@ -33,7 +33,6 @@ from bench.chaos_plan import (
     request_kind,
     resources_check,
     schedule,
-    usage_at_risk,
     usage_check,
 )
 from tests.support.procs import child_env, hpcgate_cmd
@@ -76,19 +75,17 @@ def test_each_request_gets_the_category_its_client_saw() -> None:
     assert min_ready(READY, 9.0, 11.0) == 1 and min_ready(READY, 11.0, 15.0) == 0 and min_ready([], 0, 1) == 0
 
 
-def test_usage_must_match_except_what_a_killed_worker_held() -> None:
+def test_usage_must_match_to_the_token() -> None:
     outcomes = [ok(), ok(tenant="b", end=4.9), ok(complete=False, error_event=True, data_events=4),
                 ok(kind="embedding", completion_tokens=0), ok(status=503, complete=False)]
     assert expected_usage(outcomes) == {"a": (20, 5 + 3), "b": (10, 5)}  # the cut stream: 4 events - 1
-    at_risk = usage_at_risk(outcomes, [5.0], flush_s=0.25)
-    assert at_risk == {"b": 15}
-    table, problems = usage_check(outcomes, {"a": (20, 8), "b": (10, 5)}, at_risk)
+    table, problems = usage_check(outcomes, {"a": (20, 8), "b": (10, 5)})
     assert problems == [] and table["a"]["lost"] == 0
-    _, problems = usage_check(outcomes, {"a": (20, 8)}, at_risk)  # b's 15 tokens: all at risk
-    assert problems == []
-    _, problems = usage_check(outcomes, {"a": (20, 7), "b": (10, 5)}, at_risk)
+    _, problems = usage_check(outcomes, {"a": (20, 8)})  # b's usage never written
+    assert problems == ["tenant b: 15 tokens lost (0+0 in PostgreSQL, clients received 10+5)"]
+    _, problems = usage_check(outcomes, {"a": (20, 7), "b": (10, 5)})
     assert problems and "1 tokens lost" in problems[0]
-    _, problems = usage_check(outcomes, {"a": (20, 9), "b": (10, 5)}, at_risk)
+    _, problems = usage_check(outcomes, {"a": (20, 9), "b": (10, 5)})
     assert problems and "more than clients received" in problems[0]
 
 
@@ -107,7 +104,7 @@ def test_the_report_names_every_broken_invariant() -> None:
     outcomes = [ok(), ok(kind="chat", status=502, complete=False, start=3.0, end=3.5),
                 ok(start=8.5, end=40.0, complete=False, timed_out=True)]
     report = build_report(profile=profile, outcomes=outcomes, faults=faults, timeline=[(0.0, 2)],
-                          recorded={"a": (30, 15)}, flush_s=0.25, resources=Resources(),
+                          recorded={"a": (30, 15)}, resources=Resources(),
                           jobs={"live_jobs": 2}, job_problems=["1 live jobs at the end, 2 desired"],
                           duration_s=41.0)
     assert report["failed_while_ready"] == 1
@@ -120,7 +117,7 @@ def test_the_report_names_every_broken_invariant() -> None:
     text = format_table(report)
     assert "VIOLATIONS:" in text and "stall_instance" in text and "NOT" in text
     clean = build_report(profile=profile, outcomes=[ok()], faults=[], timeline=[(0.0, 2)],
-                         recorded={"a": (10, 5)}, flush_s=0.25, resources=Resources(), jobs={},
+                         recorded={"a": (10, 5)}, resources=Resources(), jobs={},
                          job_problems=[], duration_s=2.0)
     assert clean["violations"] == [] and "invariants: all hold" in format_table(clean)
     assert client_recovery([ok()], faults[0], faults, [(0.0, 2)], []) == 0.0
@@ -168,7 +165,7 @@ def test_quick_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert report["rejected_503"]["without_retry_after"] == 0
     assert len(report["usage"]) == 3
     for tenant in report["usage"].values():
-        assert 0 <= tenant["lost"] <= tenant["at_risk"], report["usage"]
+        assert tenant["lost"] == 0, report["usage"]
     jobs = report["jobs"]
     assert jobs["live_jobs"] == jobs["desired"] == jobs["instance_processes"] == 2
     assert jobs["killed_instances"] == 1
