@@ -139,7 +139,8 @@ class Chaos:
         live = [p for p in ports or [] if p not in self.disabled]
         return ports is not None and len(live) >= self.profile.instances
 
-    async def _pick_instance(self) -> tuple[int, psutil.Process]:
+    async def _pick_instance(self) -> tuple[int, psutil.Process, list[int]]:
+        """A ready instance of this run: its port, process and job row id(s)."""
         procs = self.stack.instances_by_port()
         ready = await self.stack.ready_ports() or []
         ports = sorted(p for p in ready if p in procs and p not in self.disabled)
@@ -147,22 +148,21 @@ class Chaos:
             raise StackError("no ready instance to break")
         port = self.rng.choice(ports)
         rows = await self.stack.sql("SELECT endpoint_job_id FROM ai_model_endpoints WHERE port = $1", port)
-        self.killed_jobs += [int(r["endpoint_job_id"]) for r in rows]
-        return port, procs[port]
+        return port, procs[port], [int(r["endpoint_job_id"]) for r in rows]
 
     async def kill_instance(self, at: float) -> tuple[str, float | None]:
-        port, proc = await self._pick_instance()
+        port, proc, jobs = await self._pick_instance()
+        self.killed_jobs += jobs  # must be over at the end, and replaced
         self.disabled.add(port)
         proc.send_signal(signal.SIGKILL)
         self._note_ready()
         return f"port {port}", await self._until(self._instances_back, at)
 
     async def stall_instance(self, at: float) -> tuple[str, float | None]:
-        port, proc = await self._pick_instance()
+        port, proc, _ = await self._pick_instance()  # it may come back: it need not be replaced
         self.disabled.add(port)
         proc.send_signal(signal.SIGSTOP)
         self._note_ready()
-        self.killed_jobs.pop()  # a stalled instance may come back: it need not be replaced
         await asyncio.sleep(self.profile.stall_s)
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGCONT)
