@@ -53,7 +53,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "quick": Profile("quick", duration_s=0, gap_s=2.0, concurrency=6, tenants=3, instances=2,
                      gateway_workers=2, stall_s=5.0, down_s=1.0, recover_timeout_s=40.0, max_tokens=24),
-    "full": Profile("full", duration_s=420, gap_s=8.0, concurrency=12, tenants=4, instances=2,
+    "full": Profile("full", duration_s=300, gap_s=8.0, concurrency=12, tenants=4, instances=2,
                     gateway_workers=2, stall_s=8.0, down_s=3.0, recover_timeout_s=60.0, max_tokens=48),
 }
 
@@ -348,7 +348,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        "that nothing is lost")
     p.add_argument("--quick", action="store_true", help="one pass of the faults, small load (about a minute)")
     p.add_argument("--duration", type=float, help="repeat the fault schedule for this many seconds "
-                   "(default: 420, or one pass with --quick)")
+                   "(default: 300, or one pass with --quick)")
     p.add_argument("--faults", default=",".join(FAULT_KINDS),
                    help=f"comma-separated, in order (default all: {','.join(FAULT_KINDS)})")
     p.add_argument("--concurrency", type=int,
