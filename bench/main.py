@@ -1,6 +1,7 @@
-"""``hpcgate bench run|table|calibrate|overhead|footprint|connections|batch``: the load driver,
-Table 1 reproduction, the simulator's calibration to it, proxy overhead, the install's footprint,
-the gateway's memory per connection, and the batch machinery (bench/batch.py).
+"""``hpcgate bench ...``: the load driver (run), Table 1 reproduction (table) and the simulator's
+calibration to it (calibrate), proxy overhead (overhead), the install's footprint (footprint),
+the gateway's memory per connection (connections), the batch machinery (batch), the autoscaler's
+reaction time (autoscale) and the stack under faults (chaos).
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
@@ -26,6 +27,7 @@ import uvloop
 
 from bench import autoscale, connections, footprint
 from bench import batch as batch_bench
+from bench.chaos_plan import add_parser as chaos_parser
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
 
@@ -39,6 +41,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "autoscale": (),
     "connections": ("psutil",),
     "batch": ("numpy", "psutil"),
+    "chaos": ("psutil",),
 }
 
 
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     autoscale.add_parser(sub)
     connections.add_parser(sub)
     batch_bench.add_parser(sub)
+    chaos_parser(sub)
     return parser
 
 
@@ -199,6 +203,10 @@ def main(argv: list[str]) -> int:
         from bench.calibrate import cmd_calibrate
 
         return cmd_calibrate(args)
+    if args.command == "chaos":
+        from bench.chaos import cmd_chaos
+
+        return cmd_chaos(args, settings.results_dir)
     if args.command == "table":
         from bench.table import cmd_table
 

@@ -5,7 +5,10 @@ with SO_REUSEPORT but never listens on that socket (it only reserves the port an
 for ``--port 0``); each forked worker binds its own listening SO_REUSEPORT socket on that port,
 so the kernel spreads connections evenly. The parent prints one ``gateway_listening`` line once
 every worker listens, forwards SIGTERM/SIGINT to them (a second one too: each worker then exits
-at once), and restarts a worker that dies.
+at once), and restarts a worker that dies; in dynamic mode the restarted worker listens only
+once it holds the tables (at most ``restart_table_wait_s``), so while Redis is away its siblings
+take the connections, and it writes the usage its predecessor had counted but not written
+(:mod:`gateway.usage_spool`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import orjson
 
 from gateway.http_server import bind_socket
 from gateway.settings import GatewaySettings, load_gateway_settings
+from gateway.usage_spool import UsageSpool
 from gateway.worker import run_worker
 from hpcgate.backoff import ceiling
 from hpcgate.logs import get_logger, setup_logging
@@ -61,11 +65,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _serve(settings: GatewaySettings, sock: object, index: int, on_ready: object) -> None:
+def _serve(settings: GatewaySettings, sock: object, index: int, on_ready: object, *,
+           table_wait_s: float = 0.0, spool: UsageSpool | None = None) -> None:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(run_worker(settings, sock, index, on_ready))  # type: ignore[arg-type]
+        loop.run_until_complete(run_worker(settings, sock, index, on_ready,  # type: ignore[arg-type]
+                                           table_wait_s=table_wait_s, spool=spool))
     finally:
         loop.close()
 
@@ -115,6 +121,8 @@ def _run_workers(settings: GatewaySettings) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     started: dict[int, float] = {}  # worker index -> when it was last spawned
     quick_deaths: dict[int, int] = {}  # worker index -> deaths in a row within STABLE_S of a start
+    # per worker slot, shared with its workers: usage a killed worker had not written yet
+    spools = {i: UsageSpool() for i in range(settings.workers)} if settings.database_url else {}
 
     def spawn(index: int, announce: bool) -> None:
         pid = os.fork()
@@ -125,7 +133,9 @@ def _run_workers(settings: GatewaySettings) -> int:
             try:
                 sock = bind_socket(settings.host, port, reuse_port=True)
                 ready = (lambda _p: os.write(ready_w, b".")) if announce else (lambda _p: 0)
-                _serve(settings, sock, index, ready)
+                # a restarted worker listens once it holds the tables (Redis may be away)
+                _serve(settings, sock, index, ready, spool=spools.get(index),
+                       table_wait_s=0.0 if announce else settings.restart_table_wait_s)
             except BaseException:  # report and exit the child, never return into the parent's code
                 log.exception("worker_crashed", worker=index)
                 code = 1

@@ -152,6 +152,9 @@ class ProxyCall:
                     raise ApiError(400, f"'{name}' is a tribunal: it serves /v1/chat/completions only",
                                    "invalid_model_for_endpoint", "model")
                 raise TribunalHandoff(tribunal, principal)
+            if not self.gw.has_table:  # no endpoint table yet (Redis away at start): it may well exist
+                raise ApiError(503, "the gateway has no endpoint table yet; retry shortly", "not_ready",
+                               retry_after=1)
             raise ApiError(404, f"The model '{name}' does not exist", "model_not_found", "model")
         self.model = route.name
         if not principal.may_use(route.name, name):

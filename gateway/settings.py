@@ -20,6 +20,7 @@ from hpcgate.settings import LogLevel, Port, PositiveFloat, SettingsError, load_
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -67,6 +68,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     quota_resync_s: PositiveFloat = 10.0  # monthly token use re-read from PostgreSQL
     # tables
     table_resync_s: PositiveFloat = 30.0
+    # a worker restarted by its parent listens once it holds the tables, or after this long
+    restart_table_wait_s: NonNegFloat = 30.0
     key_resync_s: PositiveFloat = 30.0
     redis_backoff_max_s: PositiveFloat = 5.0
     # accounting and lifecycle

@@ -7,6 +7,10 @@ concurrent gateways add up instead of overwriting. Invariants: a batch that fail
 merged back and retried (counts are never lost while PostgreSQL is down, only delayed); the
 dict holds one row per tenant x model x minute, so it stays small; :meth:`close` writes what is
 left (graceful shutdown). Anonymous requests (``--no-auth``, tenant 0) are not recorded here.
+With a :class:`~gateway.usage_spool.UsageSpool` (a worker of several: its parent keeps the
+spool), each count is also appended there and a committed batch advances the spool's
+``flushed``, so what a SIGKILLed worker had not written is written by its successor
+(:meth:`attach` takes it over).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import datetime as dt
 
 import asyncpg
 
+from gateway.usage_spool import UsageSpool
 from hpcgate.logs import get_logger
 
 log = get_logger("hpcgate.gateway.usage")
@@ -43,6 +48,21 @@ class UsageRecorder:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._writing = 0
+        self._spool: UsageSpool | None = None
+
+    def attach(self, spool: UsageSpool) -> int:
+        """Spool from now on, and take over what a predecessor in this slot left unwritten
+        (counted here, written with the next flush); returns how many requests that was."""
+        self._spool = spool
+        taken = 0
+        if self._dsn is None:
+            return 0
+        for tenant_id, model, bucket, ok, prompt, completion in spool.unwritten():
+            self._count((tenant_id, model, bucket), ok, prompt, completion)
+            taken += 1
+        if taken:
+            log.info("usage_taken_over", requests=taken, rows=len(self._rows))
+        return taken
 
     def add(
         self, tenant_id: int, model: str, now_unix: float, *, ok: bool, prompt: int, completion: int
@@ -50,6 +70,11 @@ class UsageRecorder:
         if tenant_id == 0 or self._dsn is None:
             return
         key = (tenant_id, model, int(now_unix) // 60 * 60)
+        self._count(key, ok, prompt, completion)
+        if self._spool is not None:
+            self._spool.append(tenant_id, model, key[2], ok=ok, prompt=prompt, completion=completion)
+
+    def _count(self, key: Key, ok: bool, prompt: int, completion: int) -> None:
         row = self._rows.get(key)
         if row is None:
             self._rows[key] = [1, 0 if ok else 1, prompt, completion]
@@ -76,6 +101,8 @@ class UsageRecorder:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        if self._rows:  # taken over from a killed predecessor: write it now
+            await self.flush()
         while True:
             await asyncio.sleep(self._flush_s)
             await self.flush()
@@ -86,6 +113,7 @@ class UsageRecorder:
             if not self._rows:
                 return True
             rows, self._rows = self._rows, {}
+            spooled = self._spool.written if self._spool is not None else 0  # what ``rows`` hold
             self._writing = len(rows)
             args = [
                 (t, m, dt.datetime.fromtimestamp(b, dt.UTC), r[0], r[1], r[2], r[3])
@@ -95,6 +123,8 @@ class UsageRecorder:
                 if self._conn is None or self._conn.is_closed():
                     self._conn = await asyncpg.connect(self._dsn, timeout=5)
                 await self._conn.executemany(UPSERT, args, timeout=10)
+                if self._spool is not None:
+                    self._spool.mark_flushed(spooled)
                 return True
             except BaseException as exc:  # asyncpg raises many types, and we may be cancelled: keep the rows
                 self._merge_back(rows)

@@ -25,6 +25,7 @@ from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
 from gateway.table_sync import RedisTableSync
 from gateway.upload import UPLOAD_PATHS
+from gateway.usage_spool import UsageSpool
 from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
@@ -48,11 +49,13 @@ def static_table(gw: Gateway, settings: GatewaySettings) -> RoutingTable:
 class Worker:
     """Everything one worker runs, startable in-process (tests) or in a forked child."""
 
-    def __init__(self, settings: GatewaySettings, index: int = 0) -> None:
+    def __init__(self, settings: GatewaySettings, index: int = 0, spool: UsageSpool | None = None) -> None:
         self.settings = settings
         self.index = index
         self.loop = asyncio.get_running_loop()
         self.gateway = Gateway(settings, self.loop, index)
+        if spool is not None:  # a worker slot of several: what a killed predecessor left is written
+            self.gateway.usage.attach(spool)
         uploads = dict.fromkeys(UPLOAD_PATHS, settings.max_upload_bytes)
         if settings.batch_api_url:
             uploads[FILES_PATH] = settings.files_max_bytes + FORM_OVERHEAD
@@ -62,7 +65,9 @@ class Worker:
         self.leases: LeaseSync | None = None  # cluster-wide tenant limits (auth on, with Redis)
         self.key_load_failures = 0  # PostgreSQL loads that failed (the keys held stay in use)
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, *, table_wait_s: float = 0.0) -> None:
+        """Start the background tasks, then listen. ``table_wait_s`` > 0 (a worker its parent
+        restarted, in dynamic mode): listen only once the tables are held, or that long at most."""
         s = self.settings
         gw = self.gateway
         if s.static_mode:
@@ -92,7 +97,27 @@ class Worker:
         self.server.on_tick.append(gw.tick)
         if gw.access_log is not None:
             self.server.on_tick.append(gw.access_log.flush)
+        if table_wait_s > 0 and self.sync is not None and not s.static_mode:
+            await self._wait_for_tables(table_wait_s)
         await self.server.start(sock)
+
+    def _holds_tables(self) -> bool:
+        gw = self.gateway
+        return gw.has_table and (self.settings.no_auth or gw.auth.index.version > 0)
+
+    async def _wait_for_tables(self, timeout: float) -> None:
+        """Wait before listening until the endpoint and key tables are held. Until a worker
+        listens, the kernel gives new connections to its siblings (SO_REUSEPORT), which hold
+        tables; a worker restarted while Redis is away that listened at once would answer 404
+        "model does not exist" to its share of the clients. After ``timeout`` it listens anyway
+        (and answers 503 with Retry-After while it has no endpoint table): the siblings may be
+        gone too, and refusing connections forever would be worse."""
+        deadline = self.loop.time() + timeout
+        while not self._holds_tables():
+            if self.loop.time() >= deadline:
+                log.warning("worker_listening_without_tables", worker=self.index, waited_s=timeout)
+                return
+            await asyncio.sleep(0.02)
 
     async def _load_keys_once(self) -> bool:
         assert self.settings.database_url is not None
@@ -154,11 +179,12 @@ class Worker:
 
 
 async def run_worker(settings: GatewaySettings, sock: socket.socket, index: int,
-                     on_ready: Callable[[int], None]) -> None:
-    worker = Worker(settings, index)
+                     on_ready: Callable[[int], None], *, table_wait_s: float = 0.0,
+                     spool: UsageSpool | None = None) -> None:
+    worker = Worker(settings, index, spool)
     stop = asyncio.Event()
     install_stop_signals(worker.loop, stop.set)  # a second signal exits at once
-    await worker.start(sock)
+    await worker.start(sock, table_wait_s=table_wait_s)
     # Everything made at start-up (modules, tables, settings) lives as long as the worker: out of
     # the collector's sight, the full collections that still happen under load scan only what
     # requests made (their pauses land on requests in flight; measured in docs/benchmarks.md).
