@@ -122,9 +122,19 @@ case "${1:-}" in
     "$VENV/bin/ruff" check .
     say "mypy"
     "$VENV/bin/mypy"
-    say "pytest"
     # pytest exits 5 when it collected no test: that is a failure here, never a pass.
-    "$VENV/bin/pytest" "$@"
+    if [ "$#" -gt 0 ]; then
+      say "pytest $*"
+      "$VENV/bin/pytest" "$@"
+    else
+      # Most tests wait on real servers, not on the CPU: they run in parallel processes (one
+      # test module per process: module fixtures stay whole). Those marked `serial` (per-exchange
+      # deadlines, CPU-heavy runs) run afterwards, alone.
+      say "pytest, in parallel (${HPCGATE_TEST_WORKERS:-3} processes)"
+      "$VENV/bin/pytest" -n "${HPCGATE_TEST_WORKERS:-3}" --dist loadfile -m "not serial"
+      say "pytest, the serial tests"
+      "$VENV/bin/pytest" -m serial
+    fi
     ;;
   *)
     echo "usage: $0 up|test [ARGS...]" >&2

@@ -37,6 +37,8 @@ from bench.chaos_plan import (
 )
 from tests.support.procs import child_env, hpcgate_cmd
 
+pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it alone, after the rest
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = "hpcgate bench chaos --quick"
 READY = [(0.0, 2), (10.0, 1), (12.0, 0), (14.0, 2)]

@@ -17,6 +17,8 @@ from tests.gateway.cut_proxy import CuttableProxy
 from tests.support.procs import wait_until
 from tests.support.sim import SimProcess
 
+pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it alone, after the rest
+
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 CHAT_STREAM = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2,"stream":true}'
 ANSWER_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"

@@ -12,7 +12,11 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from tests.support import sanitized_relay
+
+pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it alone, after the rest
 
 STRESS_STREAMS = "160"
 
