@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 
-from control.wire import Endpoint, Job, Model, Usage
+from control.wire import Endpoint, Job, Model, ScalingDecision, Usage
 from hpcgate.metrics_text import EngineLoad
 
 REFRESH_S = 15
@@ -30,6 +30,7 @@ class OperatorView:
     jobs: Sequence[Job]  # live jobs and those that ended recently, newest first
     endpoints: Sequence[tuple[Endpoint, EngineLoad | None]]  # None: the scrape failed
     usage: Usage  # per tenant and model since midnight UTC
+    decisions: Sequence[tuple[str, ScalingDecision]] = ()  # (model, decision), newest first
 
 
 def age(since: datetime | None, now: datetime) -> str:
@@ -115,6 +116,18 @@ def _endpoints(view: OperatorView) -> str:
                   rows, "no registered endpoint")
 
 
+def _decisions(view: OperatorView) -> str:
+    now = view.generated_at
+    rows = [
+        f"{_cell(age(d.decided_at, now) + ' ago')}{_cell(model)}"
+        f"<td class=\"num\">{d.from_instances} &rarr; {d.to_instances}</td>{_cell(d.source)}"
+        f"{_cell(d.reason)}{_cell(d.detail)}"
+        for model, d in view.decisions
+    ]
+    return _table("Scaling decisions", ("when", "model", "instances", "by", "rule", "why"), rows,
+                  "no change of a desired count yet (autoscaler, schedule or webhook)")
+
+
 def _usage(view: OperatorView) -> str:
     rows = [
         f"{_cell(r.tenant)}{_cell(r.model)}<td class=\"num\">{r.requests}</td>"
@@ -147,6 +160,6 @@ def render(view: OperatorView) -> str:
         f"<style>{_STYLE}</style></head><body>"
         f"<h1>hpcgate</h1><p class=\"muted\">Read-only view, generated {escape(stamp)};"
         f" refreshes every {REFRESH_S} s.</p>"
-        f"{_models(view)}{_jobs(view)}{_endpoints(view)}{_usage(view)}"
+        f"{_models(view)}{_jobs(view)}{_endpoints(view)}{_decisions(view)}{_usage(view)}"
         "</body></html>"
     )

@@ -1,7 +1,8 @@
 """The operator page on the control API: ``GET /ui`` (the page) and ``GET /ui/login`` (a signed
 login link from ``hpcgate admin ui`` exchanged for a session cookie).
 
-Read-only: the handlers only read PostgreSQL (models, jobs, endpoints, today's usage) and scrape
+Read-only: the handlers only read PostgreSQL (models, jobs, endpoints, the latest scaling
+decisions, today's usage) and scrape
 the ready endpoints' ``/metrics`` for their load, each with a short timeout and concurrently, so
 one slow engine shows as "unknown" instead of holding the page. Access needs the admin token,
 either as a bearer header (curl, a proxy that injects it) or as the session cookie that a login
@@ -24,7 +25,7 @@ from control.api.operator_page import OperatorView, render
 from control.api.security import bears
 from control.http_client import daemon_client
 from control.jobs.inflight import scrape_engine_load
-from control.store import jobs, models, usage
+from control.store import jobs, models, scaling, usage
 from control.store.db import Database
 from control.ui_tickets import LOGIN, SESSION, SESSION_TTL_S, sign, verify
 from control.wire import EndpointQuery, Job, JobQuery, UsageQuery
@@ -65,7 +66,8 @@ async def gather_view(db: Database) -> OperatorView:
             scrape_engine_load(client, ep.node, ep.port, bearers.get(ep.endpoint_id), SCRAPE_TIMEOUT_S)
             if ep.ready_at is not None else _none() for ep in endpoints))
     return OperatorView(generated_at=now, models=model_rows, jobs=job_rows,
-                        endpoints=list(zip(endpoints, loads, strict=True)), usage=today)
+                        endpoints=list(zip(endpoints, loads, strict=True)), usage=today,
+                        decisions=await scaling.recent_decisions(db))
 
 
 async def _none() -> None:

@@ -42,6 +42,20 @@ SELECT decided_at, from_instances, to_instances, reason, source, detail
 """
 
 
+_RECENT = """
+SELECT m.name AS model, d.decided_at, d.from_instances, d.to_instances, d.reason, d.source, d.detail
+  FROM ai_model_scaling_decisions d JOIN ai_model_configurations m USING (model_id)
+ ORDER BY d.decision_id DESC LIMIT $1
+"""
+
+
+async def recent_decisions(db: Database, limit: int = 20) -> list[tuple[str, ScalingDecision]]:
+    """The latest desired-count changes of every model, newest first: (model, decision)."""
+    async with db.transaction() as conn:
+        rows = await conn.fetch(_RECENT, limit)
+    return [(r["model"], ScalingDecision(**{k: v for k, v in dict(r).items() if k != "model"})) for r in rows]
+
+
 async def get_scaling(db: Database, name: str, limit: int = 50) -> ModelScaling:
     async with db.transaction() as conn:
         row = await conn.fetchrow(_VIEW, name)

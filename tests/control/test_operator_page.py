@@ -18,7 +18,7 @@ from PIL import Image
 from control.admin_cli import ui_login_url
 from control.api.operator_page import OperatorView, age, render
 from control.ui_tickets import LOGIN, SESSION, sign, verify
-from control.wire import Endpoint, Job, Model, Usage, UsageRow
+from control.wire import Endpoint, Job, Model, ScalingDecision, Usage, UsageRow
 from gateway.http_server import bind_socket
 from gateway.settings import GatewaySettings
 from gateway.worker import Worker
@@ -86,8 +86,11 @@ def _view(load: EngineLoad | None, reason: str) -> OperatorView:
     }, Endpoint)
     usage = Usage(since=NOW, until=NOW, rows=[UsageRow(tenant="physics", model="org/<m>", requests=5,
                                                        errors=1, prompt_tokens=120, completion_tokens=80)])
+    decision = ScalingDecision(decided_at=NOW - timedelta(minutes=3), from_instances=1, to_instances=2,
+                               reason="queue_time_sustained", source="autoscaler",
+                               detail="queue time 7.1 s > 5 s for 30 s")
     return OperatorView(generated_at=NOW, models=[model], jobs=jobs, endpoints=[(endpoint, load)],
-                        usage=usage)
+                        usage=usage, decisions=[("org/<m>", decision)])
 
 
 def test_the_page_shows_each_section_and_escapes_what_it_is_given() -> None:
@@ -101,6 +104,8 @@ def test_the_page_shows_each_section_and_escapes_what_it_is_given() -> None:
     assert '<td class="num">3</td><td class="num">1</td><td class="num">42 %</td>' in page
     assert "<td>gpu01:8100</td>" in page and "<td>2h 5m</td>" in page
     assert "<td>physics</td>" in page and '<td class="num">120</td>' in page
+    assert "<td>3m 0s ago</td><td>org/&lt;m&gt;</td><td class=\"num\">1 &rarr; 2</td>" in page
+    assert "<td>queue time 7.1 s &gt; 5 s for 30 s</td>" in page
 
 
 def test_an_engine_that_could_not_be_scraped_is_unknown_not_idle() -> None:
@@ -149,6 +154,10 @@ async def _chromium(*args: str, tmp: Path) -> str:
 async def test_the_page_in_a_real_browser_with_live_data(stack: Stack, gateway: Worker,
                                                          tmp_path: Path) -> None:
     model_id = await stack.add_model(MODEL)
+    await stack.sql("""INSERT INTO ai_model_scaling_decisions
+                         (model_id, from_instances, to_instances, reason, source, detail)
+                       VALUES ($1, 0, 1, 'zero_to_one', 'autoscaler', 'a request is held at zero')""",
+                    model_id)
     job_id, token = await stack.add_job(model_id)
     status, reg = await stack.register(job_id, token, MODEL, bearer="ui-secret",
                                        launcher_job_id="slurm-77001")
@@ -188,6 +197,7 @@ async def test_the_page_in_a_real_browser_with_live_data(stack: Stack, gateway: 
         endpoint_row = dom.split(f"<td>127.0.0.1:{reg['port']}</td>")[1].split("</tr>")[0]
         assert "unknown" not in endpoint_row, endpoint_row
         assert "<td>astro</td>" in dom  # usage today
+        assert "<td>a request is held at zero</td>" in dom  # the latest scaling decisions
 
         shot = tmp_path / "operator.png"
         await _chromium(f"--screenshot={shot}", "--window-size=1280,900", link, tmp=tmp_path)
