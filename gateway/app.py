@@ -32,10 +32,11 @@ from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.metrics import GatewayMetrics, StateView
 from gateway.offload import make_offloader
+from gateway.prefix_router import PrefixRouter
 from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, ModelRoute, RoutingTable, table_from_snapshot
 from gateway.scraper import Scraper
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, routing_policies
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
 from hpcgate.schemas import EndpointTable, KeyTable
@@ -94,6 +95,15 @@ class Gateway:
         self.scraper = Scraper(loop, s.scrape_interval_s, max(1.0, s.scrape_interval_s))
         self.stale_after = max(3.0 * s.scrape_interval_s, 2.0)
         self.retry_tokens = 10.0  # retry budget, shared by this worker's requests
+        # cache-aware routing (gateway.prefix_router) for the models whose policy says so
+        self._policies = routing_policies(s)
+        self.cache_aware: frozenset[str] = frozenset()
+        self.prefix_router: PrefixRouter | None = None
+        if s.routing_policy == "cache-aware" or "cache-aware" in self._policies.values():
+            self.prefix_router = PrefixRouter(block_bytes=s.prefix_block_bytes,
+                                              kv_saturated=s.prefix_kv_saturated,
+                                              max_imbalance=s.prefix_max_imbalance)
+        self.session_header = s.session_header.lower().encode()
         self._rid_prefix = secrets.token_hex(4).encode() + b"-"
         self._rid_n = 0
         self.access_log = AccessLog() if s.access_log else None
@@ -132,6 +142,11 @@ class Gateway:
         self.backends = {k: b for k, b in self.backends.items() if b in live}
         self.table = table
         self.has_table = True
+        default = self.settings.routing_policy
+        self.cache_aware = frozenset(r.name for r in table.models
+                                     if self._policies.get(r.name, default) == "cache-aware")
+        if self.prefix_router is not None:
+            self.prefix_router.keep(live)
         for b in gone:
             b.pool.close()
         self.scraper.track(live)
@@ -147,7 +162,8 @@ class Gateway:
     def _state_view(self) -> StateView:
         queues = {r.name: self.queues.length(r.name) for r in self.table.models}
         return StateView(list(self.backends.values()), self.table.version, self.table.generated_at,
-                         self.auth.index.version, queues, stream_relay=self.stream_relay)
+                         self.auth.index.version, queues, stream_relay=self.stream_relay,
+                         prefix_router=self.prefix_router)
 
     # -- requests (hot path) ----------------------------------------------------------------------
     def handle(self, req: Request, conn: HttpConnection) -> Coroutine[Any, Any, None] | None:

@@ -30,6 +30,7 @@ from gateway.balancer import choose
 from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
+from gateway.prefix_router import PromptKey
 from gateway.relay import CLIENT_GONE, Exchange
 from gateway.request_view import ask_for_usage, parse_view, with_model
 from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
@@ -51,8 +52,8 @@ _POST = b"POST"
 class ProxyCall:
     __slots__ = (
         "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
-        "last", "model", "path", "prompt", "rid", "route", "stale_retried", "start", "status", "stream",
-        "strip_usage", "tenant", "tenant_id", "tried", "tstate",
+        "last", "model", "path", "pkey", "prompt", "rid", "route", "stale_retried", "start", "status",
+        "stream", "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
 
     def __init__(self, gw: Gateway, conn: HttpConnection, path: bytes, rid: bytes) -> None:
@@ -65,6 +66,7 @@ class ProxyCall:
         self.tenant_id = 0
         self.model = "-"
         self.route: ModelRoute | None = None
+        self.pkey: PromptKey | None = None  # set for a model routed cache-aware
         self.body = b""
         self.stream = False
         self.strip_usage = False  # a stream for which the gateway asked the engine for usage
@@ -118,6 +120,11 @@ class ProxyCall:
         if not route.backends:
             raise _no_instance(route)
         self.route = route
+        if gw.prefix_router is not None and route.name in gw.cache_aware:
+            raw = view.messages if view.messages is not msgspec.UNSET else view.prompt
+            if raw is not msgspec.UNSET:
+                self.pkey = gw.prefix_router.key(memoryview(raw), route.name, principal.tenant_id,
+                                                 headers.get(gw.session_header))
         self.tstate = gw.tenants.enter(principal, gw.loop.time())
         body = req.body if view.model == route.name else with_model(req.body, route.name)
         if view.stream:
@@ -136,8 +143,13 @@ class ProxyCall:
         s = gw.settings
         gw.retry_tokens = min(RETRY_BUDGET_CAP, gw.retry_tokens + s.retry_budget_ratio)
         assert self.route is not None
-        backend = choose(self.route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                         max_inflight=s.endpoint_max_inflight)
+        pkey, router = self.pkey, gw.prefix_router
+        if pkey is not None and router is not None:
+            backend = router.choose(self.route.backends, pkey, gw.loop.time(), stale_after=gw.stale_after,
+                                    max_inflight=s.endpoint_max_inflight)
+        else:
+            backend = choose(self.route.backends, gw.loop.time(), stale_after=gw.stale_after,
+                             max_inflight=s.endpoint_max_inflight)
         if backend is None:
             return False
         up = backend.pool.take_idle()
@@ -290,9 +302,14 @@ class ProxyCall:
         s = gw.settings
         route = self.route
         assert route is not None
+        pkey, router = self.pkey, gw.prefix_router
         while True:
-            backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                             max_inflight=s.endpoint_max_inflight, exclude=self.tried)
+            if pkey is not None and router is not None:
+                backend = router.choose(route.backends, pkey, gw.loop.time(), stale_after=gw.stale_after,
+                                        max_inflight=s.endpoint_max_inflight, exclude=self.tried)
+            else:
+                backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
+                                 max_inflight=s.endpoint_max_inflight, exclude=self.tried)
             if backend is None:
                 if self.tried:
                     raise upstream_error(self.last)

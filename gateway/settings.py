@@ -8,7 +8,7 @@ gateway reads the environment elsewhere. Static endpoints are parsed here too, s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -18,6 +18,8 @@ from hpcgate.settings import LogLevel, Port, PositiveFloat, SettingsError, load_
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+RoutingPolicy = Literal["least-queue", "cache-aware"]
+POLICIES: tuple[str, ...] = ("least-queue", "cache-aware")
 
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -48,6 +50,14 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     eject_after_failures: PositiveInt = 5
     eject_base_s: PositiveFloat = 5.0
     endpoint_max_inflight: NonNegInt = 0  # 0: no gateway-side cap per endpoint
+    # routing policy: "least-queue" or "cache-aware" (docs/gateway.md, "Routing"); the default for
+    # every model, and "MODEL=POLICY" entries for single models
+    routing_policy: RoutingPolicy = "least-queue"
+    routing_policy_models: tuple[str, ...] = ()
+    prefix_block_bytes: Annotated[int, msgspec.Meta(ge=64)] = 512  # cache-aware: bytes per index block
+    prefix_max_imbalance: PositiveFloat = 16.0  # cache-aware: skip an instance this many requests deeper
+    prefix_kv_saturated: Ratio = 0.95  # cache-aware: skip an instance whose KV cache is this full
+    session_header: str = "x-session-id"  # cache-aware: a client's conversation id, used to break ties
     queue_max: NonNegInt = 256  # requests waiting per model when every instance is saturated
     queue_timeout_s: PositiveFloat = 10.0
     # tables
@@ -104,6 +114,18 @@ def parse_static_endpoints(specs: Sequence[str]) -> tuple[StaticEndpoint, ...]:
     return tuple(out)
 
 
+def routing_policies(settings: GatewaySettings) -> dict[str, str]:
+    """``MODEL=POLICY`` entries -> {model: policy}; raises SettingsError naming a bad entry."""
+    out: dict[str, str] = {}
+    for spec in settings.routing_policy_models:
+        model, sep, policy = (part.strip() for part in spec.partition("="))
+        if not sep or not model or policy not in POLICIES:
+            raise SettingsError(f"invalid routing_policy_models entry {spec!r}: expected MODEL=POLICY with "
+                                f"POLICY one of {', '.join(POLICIES)}")
+        out[model] = policy
+    return out
+
+
 def load_gateway_settings(
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
@@ -112,6 +134,7 @@ def load_gateway_settings(
     settings = load_settings(GatewaySettings, "gateway", env=env, overrides=overrides,
                              config_path=config_path)
     parse_static_endpoints(settings.static_endpoints)  # validate now, fail fast
+    routing_policies(settings)
     if not settings.static_mode and not settings.redis_url:
         raise SettingsError("HPCGATE_REDIS_URL is required without --static-endpoint (dynamic mode)")
     if not settings.no_auth:

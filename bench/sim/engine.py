@@ -13,6 +13,9 @@ Invariants:
   one block at a time while decoding; when none is free the newest running sequence is
   preempted (its blocks freed, put back at the head of the queue, recomputed later: vLLM's
   recompute preemption);
+- with prefix caching (:mod:`bench.sim.prefix_cache`, on by default as in vLLM V1), a sequence
+  admitted with cached leading blocks starts its prefill past them: a step's prefill tokens
+  count only uncached tokens; the marked hooks are the only places the engine calls it;
 - an aborted sequence leaves the engine at once, frees its blocks and never emits again,
   even if it belonged to the step in flight.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
+from bench.sim.prefix_cache import PrefixCache, SeqPrefix
 from bench.sim.profiles import Profile
 
 WAITING, RUNNING, FINISHED, ABORTED = 0, 1, 2, 3
@@ -47,7 +51,7 @@ class Seq:
 
     __slots__ = (
         "arrival", "blocks", "computed", "first_scheduled", "first_token", "generated",
-        "max_tokens", "out_len", "prefill_target", "prefilled", "prompt_len", "seed", "sink",
+        "max_tokens", "out_len", "prefill_target", "prefilled", "prefix", "prompt_len", "seed", "sink",
         "state",
     )
 
@@ -67,13 +71,15 @@ class Seq:
         self.prefill_target = prompt_len
         self.prefilled = False
         self.blocks = 0                 # KV blocks held
+        self.prefix: SeqPrefix | None = None  # its tokens for the prefix cache; None: never cached
 
 
 class Engine:
-    __slots__ = ("_batch", "free_blocks", "max_num_seqs", "observer", "profile", "running",
+    __slots__ = ("_batch", "free_blocks", "max_num_seqs", "observer", "prefix_cache", "profile", "running",
                  "total_blocks", "waiting")
 
-    def __init__(self, profile: Profile, observer: Observer, max_num_seqs: int | None = None) -> None:
+    def __init__(self, profile: Profile, observer: Observer, max_num_seqs: int | None = None, *,
+                 prefix_caching: bool = True) -> None:
         self.profile = profile
         self.observer = observer
         self.max_num_seqs = max_num_seqs or profile.max_num_seqs
@@ -82,6 +88,8 @@ class Engine:
         self.waiting: deque[Seq] = deque()
         self.running: dict[Seq, None] = {}  # insertion order = admission order
         self._batch: list[tuple[Seq, int]] = []  # the step in flight: (seq, prefill chunk or 0)
+        # vLLM's automatic prefix caching (bench/sim/prefix_cache.py); the hooks below are marked
+        self.prefix_cache = PrefixCache(profile.block_size) if prefix_caching else None
 
     # --- queries -------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -108,17 +116,22 @@ class Engine:
                 return False
         else:
             return False
-        self.free_blocks += seq.blocks
-        seq.blocks = 0
+        self._release(seq)
         seq.state = ABORTED
         return True
+
+    def _release(self, seq: Seq) -> None:
+        """Free a sequence's KV blocks (finished, aborted or preempted)."""
+        if self.prefix_cache is not None and seq.prefix is not None:  # prefix-cache hook
+            self.prefix_cache.release(seq.prefix, seq.computed)
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
 
     # --- steps ---------------------------------------------------------------------------
     def _preempt_newest(self) -> Seq:
         victim = next(reversed(self.running))
         del self.running[victim]
-        self.free_blocks += victim.blocks
-        victim.blocks = 0
+        self._release(victim)
         victim.state = WAITING
         victim.computed = 0
         victim.prefilled = False
@@ -160,6 +173,9 @@ class Engine:
             if need > self.free_blocks:
                 break
             self.waiting.popleft()
+            if self.prefix_cache is not None and seq.prefix is not None:
+                # prefix-cache hook: cached leading blocks need no prefill (computed starts past them)
+                seq.computed = self.prefix_cache.admit(seq.prefix, seq.prefill_target, self.free_blocks)
             seq.state = RUNNING
             seq.blocks = need
             self.free_blocks -= need
@@ -185,6 +201,8 @@ class Engine:
                 continue
             if chunk:
                 seq.computed += chunk
+                if self.prefix_cache is not None and seq.prefix is not None:  # prefix-cache hook
+                    self.prefix_cache.computed(seq.prefix, seq.computed)
                 if seq.computed < seq.prefill_target:
                     continue
                 seq.prefilled = True
@@ -198,8 +216,7 @@ class Engine:
             if seq.generated >= seq.out_len:
                 reason = "length" if seq.generated >= seq.max_tokens else "stop"
                 del self.running[seq]
-                self.free_blocks += seq.blocks
-                seq.blocks = 0
+                self._release(seq)
                 seq.state = FINISHED
                 seq.sink.on_token(seq, reason)
                 self.observer.on_finished(seq, reason, now)

@@ -1,0 +1,207 @@
+"""Cache-aware routing: send a prompt to the instance that probably holds its prefix (pure code).
+
+Each gateway worker keeps its own approximate view of which instance holds which prompt prefix,
+learned from its own decisions; no lock, no shared state between workers or replicas, no
+tokenizer. Invariants and rules:
+
+- **Prompt key.** The raw JSON bytes of ``messages`` (or ``prompt``) are cut into blocks of
+  ``block_bytes``; block *i* is named by a CRC-32 chained over the bytes of blocks 0..i, seeded
+  with model and tenant (tenants never share entries). Only full blocks are named. CRC-32 is
+  stable across processes, so every worker and replica names a prompt the same way.
+- **Per-instance index.** An LRU of block names per backend, sized from the instance's KV cache
+  (``kv_capacity`` tokens at ``bytes_per_token``); a routed prompt's blocks are recorded head
+  last, so a prefix's head is evicted last (as vLLM frees blocks tail first). A backend's view is
+  dropped when its ``cache_epoch`` moves (engine restarted, ejected) and when it leaves the
+  table (:meth:`PrefixRouter.keep`: removed, drained).
+- **One cost, in tokens.** ``cost = uncached + load * avg_uncached``: the part of this prompt
+  the instance does not hold, plus its queue (the least-queue score, in requests) times the
+  prefill work an average request brings (a running mean of the uncached tokens routed).
+- **Saturation guard.** An instance whose KV cache is nearly full (``kv_saturated``) or whose
+  queue exceeds the least-loaded one's by ``max_imbalance`` is skipped whatever it holds, unless
+  every candidate is.
+- **Cold placement.** When no candidate holds any block of the prompt, the instance is chosen
+  among the less loaded (queue within ``cold_slack`` of the least) by rendezvous hashing of the
+  first block's name (or of a session id the client sent), so independent workers place a new
+  conversation on the same instance. The same rendezvous rank breaks cost ties.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
+
+from gateway.backend import Backend
+from gateway.balancer import load_score
+
+_MASK = (1 << 64) - 1
+DEFAULT_KV_TOKENS = 131_072  # an instance whose KV-cache size is not known yet
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a well-spread 64-bit rank from a (url, anchor) pair."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
+    return x ^ (x >> 31)
+
+
+class PromptKey:
+    """The named blocks of one prompt, its size in estimated tokens, its placement anchor."""
+
+    __slots__ = ("anchor", "blocks", "tokens")
+
+    def __init__(self, blocks: list[int], tokens: int, anchor: int) -> None:
+        self.blocks = blocks
+        self.tokens = tokens
+        self.anchor = anchor
+
+
+class _View:
+    """This worker's view of one backend: the LRU of block names it probably holds."""
+
+    __slots__ = ("epoch", "lru", "rank_seed")
+
+    def __init__(self, b: Backend) -> None:
+        self.epoch = b.cache_epoch
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.rank_seed = zlib.crc32(b.url.encode()) << 32
+
+
+class PrefixRouter:
+    __slots__ = ("_views", "avg_uncached", "block_bytes", "decisions", "bytes_per_token", "cold_slack", "evictions",
+                 "hit_tokens", "kv_saturated", "max_imbalance", "query_tokens")
+
+    def __init__(self, *, block_bytes: int = 512, bytes_per_token: float = 4.0, kv_saturated: float = 0.95,
+                 max_imbalance: float = 16.0, cold_slack: float = 2.0) -> None:
+        self.block_bytes = block_bytes
+        self.bytes_per_token = bytes_per_token
+        self.kv_saturated = kv_saturated
+        self.max_imbalance = max_imbalance
+        self.cold_slack = cold_slack
+        self._views: dict[Backend, _View] = {}
+        self.avg_uncached = 0.0  # running mean of the uncached tokens of routed prompts
+        self.decisions = 0
+        self.query_tokens = 0  # tokens of routed prompts (estimated)
+        self.hit_tokens = 0  # of those, the part the chosen instance was estimated to hold
+        self.evictions = 0
+
+    # -- prompt keys ------------------------------------------------------------------------------
+    def key(self, raw: bytes | memoryview, model: str, tenant_id: int,
+            session: bytes | None = None) -> PromptKey:
+        """Name the full blocks of ``raw`` (the prompt's JSON bytes as the client sent them)."""
+        seed = zlib.crc32(b"%d\x00%b" % (tenant_id, model.encode()))
+        size = self.block_bytes
+        view = memoryview(raw)
+        blocks: list[int] = []
+        h = seed
+        for lo in range(0, len(raw) - size + 1, size):
+            h = zlib.crc32(view[lo:lo + size], h)
+            blocks.append(h)
+        if session:  # the client names its conversation: place it by that
+            anchor = zlib.crc32(session, seed)
+        elif blocks:
+            anchor = blocks[0]
+        else:
+            anchor = zlib.crc32(raw, seed)
+        return PromptKey(blocks, max(1, int(len(raw) / self.bytes_per_token)), anchor)
+
+    # -- the choice -------------------------------------------------------------------------------
+    def choose(self, backends: tuple[Backend, ...], key: PromptKey, now: float, *, stale_after: float,
+               max_inflight: int = 0, exclude: Collection[Backend] = ()) -> Backend | None:
+        """The backend for this prompt, recorded as now holding it; None when all are excluded or
+        at ``max_inflight`` (the caller queues)."""
+        cands: list[tuple[Backend, float]] = []
+        ejected: list[tuple[Backend, float]] = []
+        for b in backends:
+            if (exclude and b in exclude) or (max_inflight and b.inflight >= max_inflight):
+                continue
+            (ejected if b.ejected_until > now else cands).append((b, load_score(b, now, stale_after)))
+        if not cands:
+            cands = ejected  # every candidate is ejected: ignore ejection rather than fail all
+            if not cands:
+                return None
+        least = min(s for _, s in cands)
+        fresh_after = now - stale_after
+        ok = [(b, s) for b, s in cands if s < least + self.max_imbalance and not (
+            b.kv_usage is not None and b.scraped_at >= fresh_after and b.kv_usage >= self.kv_saturated)]
+        if not ok:
+            ok = [(b, s) for b, s in cands if s == least]
+        per_block = self.block_bytes / self.bytes_per_token
+        avg = self.avg_uncached if self.decisions else key.tokens
+        best: Backend | None = None
+        best_cost = best_rank = 0.0
+        best_matched = 0
+        anchor = key.anchor
+        for b, s in ok:
+            matched = self._matched(b, key.blocks)
+            cost = max(0.0, key.tokens - matched * per_block) + s * avg
+            rank = _mix(self._view(b).rank_seed ^ anchor)
+            if best is None or cost < best_cost or (cost == best_cost and rank > best_rank):
+                best, best_cost, best_rank, best_matched = b, cost, rank, matched
+        if best_matched == 0:  # nothing known anywhere: rendezvous among the less loaded
+            floor = min(s for _, s in ok) + self.cold_slack
+            best_rank = -1.0
+            for b, s in ok:
+                rank = _mix(self._view(b).rank_seed ^ anchor)
+                if s <= floor and rank > best_rank:
+                    best, best_rank = b, rank
+        assert best is not None
+        self._record(best, key, best_matched)
+        return best
+
+    def _view(self, b: Backend) -> _View:
+        view = self._views.get(b)
+        if view is None or view.epoch != b.cache_epoch:
+            view = self._views[b] = _View(b)
+        return view
+
+    def _matched(self, b: Backend, blocks: list[int]) -> int:
+        """How many leading blocks the backend probably holds (binary search: a prefix is recorded
+        and evicted as a whole, head last)."""
+        if not blocks:
+            return 0
+        lru = self._view(b).lru
+        if not lru:
+            return 0
+        lo, hi = 0, len(blocks)  # blocks[:lo] held; blocks[hi:] not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if blocks[mid - 1] in lru:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _record(self, b: Backend, key: PromptKey, matched: int) -> None:
+        self.query_tokens += key.tokens
+        hit = min(key.tokens, int(matched * self.block_bytes / self.bytes_per_token))
+        self.hit_tokens += hit
+        self.decisions += 1
+        # a mean over the first 20 decisions, then exponentially weighted (recent traffic counts most)
+        self.avg_uncached += ((key.tokens - hit) - self.avg_uncached) / min(self.decisions, 20)
+        if not key.blocks:
+            return
+        lru = self._view(b).lru
+        for h in reversed(key.blocks):  # head last: most recently used, evicted last
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+        cap = max(1, int((b.kv_capacity or DEFAULT_KV_TOKENS) * self.bytes_per_token / self.block_bytes))
+        while len(lru) > cap:
+            lru.popitem(last=False)
+            self.evictions += 1
+
+    # -- the view's lifecycle (control path) ------------------------------------------------------
+    def keep(self, live: Iterable[Backend]) -> None:
+        """Forget backends no table routes to any more (removed, drained)."""
+        live = set(live)
+        for b in [b for b in self._views if b not in live]:
+            del self._views[b]
+
+    def retire(self, b: Backend) -> None:
+        self._views.pop(b, None)
+
+    def blocks(self, b: Backend) -> int:
+        view = self._views.get(b)
+        return len(view.lru) if view is not None and view.epoch == b.cache_epoch else 0
