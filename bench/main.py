@@ -1,5 +1,5 @@
-"""``hpcgate bench run|table|overhead|footprint``: the load driver, Table 1 reproduction, proxy
-overhead, and the install's footprint.
+"""``hpcgate bench run|table|overhead|footprint|prefix``: the load driver, Table 1 reproduction, proxy
+overhead, the install's footprint, and cache-aware routing against least-queue.
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
-from bench import footprint
+from bench import footprint, prefix_bench
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
 
@@ -33,6 +33,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "table": ("numpy", "matplotlib", "psutil"),
     "overhead": ("numpy", "psutil"),
     "footprint": (),
+    "prefix": ("openai", "psutil"),
 }
 
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _table_parser(sub)
     _overhead_parser(sub)
     footprint.add_parser(sub)
+    prefix_bench.add_parser(sub)
     return parser
 
 
@@ -166,6 +168,8 @@ def main(argv: list[str]) -> int:
         return _cmd_run(args, settings)
     if args.command == "footprint":
         return footprint.cmd_footprint(args)
+    if args.command == "prefix":
+        return prefix_bench.cmd_prefix(args, settings.results_dir)
     if args.command == "table":
         from bench.table import cmd_table
 

@@ -138,15 +138,18 @@ async def start_dynamic_gateway(env: dict[str, str], workers: int = 1) -> Child:
     return await _start_announcing("gateway", "gateway_listening", args, timeout=20, env=env)
 
 
-async def start_gateway(model: str, upstream: str, workers: int = 1, *, offload: bool = True) -> Child:
-    """``offload=False``: every token through the event loop (the target "gateway-loop")."""
+async def start_gateway(model: str, upstream: str, workers: int = 1, *, offload: bool = True,
+                        env: dict[str, str] | None = None) -> Child:
+    """``offload=False``: every token through the event loop (the target "gateway-loop");
+    ``env``: more ``HPCGATE_*`` settings (e.g. the routing policy)."""
     args = [HPCGATE, "gateway", "--host", "127.0.0.1", "--port", "0", "--no-auth",
             "--static-endpoint", f"{model}={upstream}"]
     if workers != 1:
         args += ["--workers", str(workers)]
     return await _start_announcing("gateway", "gateway_listening", args, timeout=20,
                                    env={"HPCGATE_LOG_LEVEL": "warning",
-                                        "HPCGATE_GATEWAY_STREAM_OFFLOAD": str(offload).lower()})
+                                        "HPCGATE_GATEWAY_STREAM_OFFLOAD": str(offload).lower(),
+                                        **(env or {})})
 
 
 NGINX_CONF = """\

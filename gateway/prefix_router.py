@@ -14,7 +14,8 @@ tokenizer. Invariants and rules:
   dropped when its ``cache_epoch`` moves (engine restarted, ejected) and when it leaves the
   table (:meth:`PrefixRouter.keep`: removed, drained).
 - **One cost, in tokens.** ``cost = uncached + load * avg_uncached``: the part of this prompt
-  the instance does not hold, plus its queue (the least-queue score, in requests) times the
+  the instance does not hold, plus its queue (requests: the engine's scraped running + waiting,
+  or this worker's in-flight requests on it if more) times the
   prefill work an average request brings (a running mean of the uncached tokens routed).
 - **Saturation guard.** An instance whose KV cache is nearly full (``kv_saturated``) or whose
   queue exceeds the least-loaded one's by ``max_imbalance`` is skipped whatever it holds, unless
@@ -35,6 +36,7 @@ from gateway.backend import Backend
 from gateway.balancer import load_score
 
 _MASK = (1 << 64) - 1
+_INF = float("inf")
 DEFAULT_KV_TOKENS = 131_072  # an instance whose KV-cache size is not known yet
 
 
@@ -43,6 +45,30 @@ def _mix(x: int) -> int:
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
     x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
     return x ^ (x >> 31)
+
+
+def _load(b: Backend, now: float, stale_after: float) -> float:
+    """The backend's queue in requests: the engine's last scraped running + waiting, or this
+    worker's own in-flight requests if more (least-queue adds every request sent since the scrape,
+    finished ones too, which would push a conversation off its instance at low load)."""
+    if b.queue is not None and now - b.scraped_at <= stale_after:
+        return max(b.queue, float(b.inflight))
+    return load_score(b, now, stale_after)
+
+
+def _matched(lru: OrderedDict[int, None], blocks: list[int]) -> int:
+    """How many leading blocks the backend probably holds (binary search: a prefix is recorded
+    and evicted as a whole, head last)."""
+    if not blocks or not lru:
+        return 0
+    lo, hi = 0, len(blocks)  # blocks[:lo] held; blocks[hi:] not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if blocks[mid - 1] in lru:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class PromptKey:
@@ -66,12 +92,27 @@ class _View:
         self.lru: OrderedDict[int, None] = OrderedDict()
         self.rank_seed = zlib.crc32(b.url.encode()) << 32
 
+    def rank(self, key: PromptKey) -> int:
+        """Rendezvous rank of this backend for the key's anchor: the same in every process."""
+        return _mix(self.rank_seed ^ key.anchor)
+
 
 class PrefixRouter:
-    __slots__ = ("_views", "avg_uncached", "block_bytes", "decisions", "bytes_per_token", "cold_slack", "evictions",
-                 "hit_tokens", "kv_saturated", "max_imbalance", "query_tokens")
+    __slots__ = (
+        "_views",
+        "avg_uncached",
+        "block_bytes",
+        "bytes_per_token",
+        "cold_slack",
+        "decisions",
+        "evictions",
+        "hit_tokens",
+        "kv_saturated",
+        "max_imbalance",
+        "query_tokens",
+    )
 
-    def __init__(self, *, block_bytes: int = 512, bytes_per_token: float = 4.0, kv_saturated: float = 0.95,
+    def __init__(self, *, block_bytes: int = 1024, bytes_per_token: float = 4.0, kv_saturated: float = 0.95,
                  max_imbalance: float = 16.0, cold_slack: float = 2.0) -> None:
         self.block_bytes = block_bytes
         self.bytes_per_token = bytes_per_token
@@ -112,65 +153,62 @@ class PrefixRouter:
         at ``max_inflight`` (the caller queues)."""
         cands: list[tuple[Backend, float]] = []
         ejected: list[tuple[Backend, float]] = []
+        least = _INF
         for b in backends:
             if (exclude and b in exclude) or (max_inflight and b.inflight >= max_inflight):
                 continue
-            (ejected if b.ejected_until > now else cands).append((b, load_score(b, now, stale_after)))
+            s = _load(b, now, stale_after)
+            if b.ejected_until > now:
+                ejected.append((b, s))
+                continue
+            cands.append((b, s))
+            least = min(least, s)
         if not cands:
             cands = ejected  # every candidate is ejected: ignore ejection rather than fail all
             if not cands:
                 return None
-        least = min(s for _, s in cands)
+            least = min(s for _, s in cands)
+        # the saturation guard, then one cost in tokens for each instance that passes it
+        limit = least + self.max_imbalance
         fresh_after = now - stale_after
-        ok = [(b, s) for b, s in cands if s < least + self.max_imbalance and not (
-            b.kv_usage is not None and b.scraped_at >= fresh_after and b.kv_usage >= self.kv_saturated)]
-        if not ok:
-            ok = [(b, s) for b, s in cands if s == least]
+        saturated = self.kv_saturated
         per_block = self.block_bytes / self.bytes_per_token
         avg = self.avg_uncached if self.decisions else key.tokens
-        best: Backend | None = None
-        best_cost = best_rank = 0.0
+        tokens, blocks = key.tokens, key.blocks
+        ok: list[tuple[Backend, float, _View]] = []
+        best: _View | None = None
+        best_b = cands[0][0]
+        best_cost = _INF
         best_matched = 0
-        anchor = key.anchor
-        for b, s in ok:
-            matched = self._matched(b, key.blocks)
-            cost = max(0.0, key.tokens - matched * per_block) + s * avg
-            rank = _mix(self._view(b).rank_seed ^ anchor)
-            if best is None or cost < best_cost or (cost == best_cost and rank > best_rank):
-                best, best_cost, best_rank, best_matched = b, cost, rank, matched
+        for b, s in cands:
+            kv = b.kv_usage
+            if s >= limit or (kv is not None and kv >= saturated and b.scraped_at >= fresh_after):
+                continue
+            view = self._view(b)
+            ok.append((b, s, view))
+            matched = _matched(view.lru, blocks)
+            cost = max(0.0, tokens - matched * per_block) + s * avg
+            if cost < best_cost or (cost == best_cost and best is not None
+                                    and view.rank(key) > best.rank(key)):
+                best, best_b, best_cost, best_matched = view, b, cost, matched
+        if not ok:  # every instance is saturated: the least loaded, whatever it holds
+            ok = [(b, s, self._view(b)) for b, s in cands if s == least]
         if best_matched == 0:  # nothing known anywhere: rendezvous among the less loaded
-            floor = min(s for _, s in ok) + self.cold_slack
-            best_rank = -1.0
-            for b, s in ok:
-                rank = _mix(self._view(b).rank_seed ^ anchor)
-                if s <= floor and rank > best_rank:
-                    best, best_rank = b, rank
-        assert best is not None
-        self._record(best, key, best_matched)
-        return best
+            floor = min(s for _, s, _ in ok) + self.cold_slack
+            best_rank = -1
+            for b, s, view in ok:
+                if s <= floor:
+                    rank = view.rank(key)
+                    if rank > best_rank:
+                        best_b, best_rank = b, rank
+        self._record(best_b, key, best_matched)
+        return best_b
 
     def _view(self, b: Backend) -> _View:
         view = self._views.get(b)
         if view is None or view.epoch != b.cache_epoch:
             view = self._views[b] = _View(b)
         return view
-
-    def _matched(self, b: Backend, blocks: list[int]) -> int:
-        """How many leading blocks the backend probably holds (binary search: a prefix is recorded
-        and evicted as a whole, head last)."""
-        if not blocks:
-            return 0
-        lru = self._view(b).lru
-        if not lru:
-            return 0
-        lo, hi = 0, len(blocks)  # blocks[:lo] held; blocks[hi:] not
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if blocks[mid - 1] in lru:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
 
     def _record(self, b: Backend, key: PromptKey, matched: int) -> None:
         self.query_tokens += key.tokens
@@ -201,6 +239,10 @@ class PrefixRouter:
 
     def retire(self, b: Backend) -> None:
         self._views.pop(b, None)
+
+    def matched(self, b: Backend, key: PromptKey) -> int:
+        """Leading blocks of the key this worker believes the backend holds."""
+        return _matched(self._view(b).lru, key.blocks)
 
     def blocks(self, b: Backend) -> int:
         view = self._views.get(b)

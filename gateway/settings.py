@@ -54,7 +54,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # every model, and "MODEL=POLICY" entries for single models
     routing_policy: RoutingPolicy = "least-queue"
     routing_policy_models: tuple[str, ...] = ()
-    prefix_block_bytes: Annotated[int, msgspec.Meta(ge=64)] = 512  # cache-aware: bytes per index block
+    prefix_block_bytes: Annotated[int, msgspec.Meta(ge=64)] = 1024  # cache-aware: bytes per index block
     prefix_max_imbalance: PositiveFloat = 16.0  # cache-aware: skip an instance this many requests deeper
     prefix_kv_saturated: Ratio = 0.95  # cache-aware: skip an instance whose KV cache is this full
     session_header: str = "x-session-id"  # cache-aware: a client's conversation id, used to break ties
