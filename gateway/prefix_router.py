@@ -149,8 +149,8 @@ class PrefixRouter:
     # -- the choice -------------------------------------------------------------------------------
     def choose(self, backends: tuple[Backend, ...], key: PromptKey, now: float, *, stale_after: float,
                max_inflight: int = 0, exclude: Collection[Backend] = ()) -> Backend | None:
-        """The backend for this prompt, recorded as now holding it; None when all are excluded or
-        at ``max_inflight`` (the caller queues)."""
+        """The backend for this prompt; None when all are excluded or at ``max_inflight`` (the
+        caller queues). The caller :meth:`record` s the prompt on the backend it sends it to."""
         cands: list[tuple[Backend, float]] = []
         ejected: list[tuple[Backend, float]] = []
         least = _INF
@@ -201,7 +201,6 @@ class PrefixRouter:
                     rank = view.rank(key)
                     if rank > best_rank:
                         best_b, best_rank = b, rank
-        self._record(best_b, key, best_matched)
         return best_b
 
     def _view(self, b: Backend) -> _View:
@@ -210,7 +209,10 @@ class PrefixRouter:
             view = self._views[b] = _View(b)
         return view
 
-    def _record(self, b: Backend, key: PromptKey, matched: int) -> None:
+    def record(self, b: Backend, key: PromptKey) -> None:
+        """The prompt was sent to ``b``: it holds the prompt's blocks from now on."""
+        view = self._view(b)
+        matched = _matched(view.lru, key.blocks)
         self.query_tokens += key.tokens
         hit = min(key.tokens, int(matched * self.block_bytes / self.bytes_per_token))
         self.hit_tokens += hit
@@ -219,7 +221,7 @@ class PrefixRouter:
         self.avg_uncached += ((key.tokens - hit) - self.avg_uncached) / min(self.decisions, 20)
         if not key.blocks:
             return
-        lru = self._view(b).lru
+        lru = view.lru
         for h in reversed(key.blocks):  # head last: most recently used, evicted last
             if h in lru:
                 lru.move_to_end(h)

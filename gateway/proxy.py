@@ -163,6 +163,8 @@ class ProxyCall:
         backend.inflight += 1
         backend.since_scrape += 1
         self.backend = backend
+        if self.pkey is not None:
+            self.gw.prefix_router.record(backend, self.pkey)  # type: ignore[union-attr]
 
     def _send(self, up: UpstreamConnection) -> Exchange:
         backend = self.backend

@@ -49,8 +49,10 @@ def conversation(n: int, system: str | None = None) -> list[bytes]:
 
 def route(router: PrefixRouter, bs: tuple[Backend, ...], raw: bytes, tenant: int = 1,
           session: bytes | None = None) -> Backend:
-    b = router.choose(bs, router.key(raw, "m", tenant, session), NOW, stale_after=STALE)
+    key = router.key(raw, "m", tenant, session)
+    b = router.choose(bs, key, NOW, stale_after=STALE)
     assert b is not None
+    router.record(b, key)  # the proxy records the prompt on the backend it sends it to
     return b
 
 
