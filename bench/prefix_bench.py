@@ -9,6 +9,11 @@ Measured per run: median and p99 TTFT (first content chunk), request throughput 
 the run's duration), errors, the engines' prefix-cache hit ratio (their own counters, summed)
 and the router's estimate (the gateway's ``hpcgate_gateway_prefix_index_*`` counters). The
 summary gives cache-aware over least-queue as ratios within the one run.
+
+``--sglang-router PATH`` adds a third run with SGLang's router (the ``sglang-router`` package's
+``sglang-router launch --policy cache_aware``, an approximate radix tree per worker) in place
+of the gateway, in front of the same fresh simulators: a peer's cache-aware router on the same
+workload. It is not a dependency of hpcgate; install it where you like and pass its path.
 """
 
 from __future__ import annotations
@@ -109,8 +114,31 @@ async def _scrape(url: str) -> bytes:
         return (await http.get(url + "/metrics")).content
 
 
+async def _start_sglang_router(path: str, urls: list[str]) -> Child:
+    """SGLang's router in front of ``urls``; ready once it answers a chat completion."""
+    from bench.procs import Child, free_port, stop
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        path, "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
+        "--policy", "cache_aware", "--log-level", "warn", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+    child = Child("sglang-router", proc, "127.0.0.1", port)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "ready"}], "max_tokens": 1}
+    async with httpx.AsyncClient(timeout=2) as http:
+        for _ in range(150):
+            try:
+                if (await http.post(child.url + "/v1/chat/completions", json=body)).status_code == 200:
+                    return child
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    await stop(child)
+    raise RuntimeError("sglang-router did not answer within 30 s")
+
+
 async def run_one(wl: ConversationWorkload, policy: str, *, instances: int, profile: str,
-                  users: int) -> dict[str, object]:
+                  users: int, sglang_router: str | None = None) -> dict[str, object]:
     from bench.procs import start_gateway, start_sim, stop
 
     sims: list[Child] = []
@@ -118,10 +146,14 @@ async def run_one(wl: ConversationWorkload, policy: str, *, instances: int, prof
     try:
         for _ in range(instances):
             sims.append(await start_sim(profile, MODEL))
-        gateway = await start_gateway(MODEL, ",".join(s.url for s in sims),
-                                      env={"HPCGATE_GATEWAY_ROUTING_POLICY": policy,
-                                           "HPCGATE_GATEWAY_SCRAPE_INTERVAL_S": "0.5"})
-        await asyncio.sleep(1.0)  # let the gateway scrape every instance once (KV-cache sizes)
+        if policy == "sglang-router":
+            assert sglang_router is not None
+            gateway = await _start_sglang_router(sglang_router, [s.url for s in sims])
+        else:
+            gateway = await start_gateway(MODEL, ",".join(s.url for s in sims),
+                                          env={"HPCGATE_GATEWAY_ROUTING_POLICY": policy,
+                                               "HPCGATE_GATEWAY_SCRAPE_INTERVAL_S": "0.5"})
+            await asyncio.sleep(1.0)  # let the gateway scrape every instance once (KV-cache sizes)
         result = await drive(gateway.url, wl, users)
         queries = hits = 0.0
         per_instance = []
@@ -130,7 +162,7 @@ async def run_one(wl: ConversationWorkload, policy: str, *, instances: int, prof
             queries += load.prefix_queries or 0.0
             hits += load.prefix_hits or 0.0
             per_instance.append(round(load.prefix_hit_rate or 0.0, 3))
-        page = await _scrape(gateway.url)
+        page = await _scrape(gateway.url) if policy != "sglang-router" else b""
         counters = {m.group(1).decode(): float(m.group(2)) for m in _COUNTER.finditer(page)}
         routed = counters.get("hpcgate_gateway_prefix_index_query_tokens", 0.0)
         estimate = counters.get("hpcgate_gateway_prefix_index_hit_tokens", 0.0) / routed if routed else None
@@ -145,13 +177,15 @@ async def run_one(wl: ConversationWorkload, policy: str, *, instances: int, prof
 
 
 async def run_prefix_bench(workloads: list[str], *, instances: int, profile: str, users: int,
-                           scale: float, seed: int) -> dict[str, object]:
+                           scale: float, seed: int, sglang_router: str | None = None) -> dict[str, object]:
     from bench.driver import git_commit, machine
 
     rows = []
     for name in workloads:
         wl = build(name, seed=seed, scale=scale)
-        runs = {p: await run_one(wl, p, instances=instances, profile=profile, users=users) for p in POLICIES}
+        policies = (*POLICIES, "sglang-router") if sglang_router else POLICIES
+        runs = {p: await run_one(wl, p, instances=instances, profile=profile, users=users,
+                                 sglang_router=sglang_router) for p in policies}
         base, aware = runs["least-queue"], runs["cache-aware"]
         ratios: dict[str, float | None] = {}
         if base["median_ttft_ms"] and aware["median_ttft_ms"]:
@@ -160,10 +194,16 @@ async def run_prefix_bench(workloads: list[str], *, instances: int, profile: str
         if base["request_throughput"]:
             ratios["throughput_ca_over_lq"] = round(
                 aware["request_throughput"] / base["request_throughput"], 2)  # type: ignore[operator]
+        peer = runs.get("sglang-router")
+        if peer is not None and peer["median_ttft_ms"] and aware["median_ttft_ms"]:
+            ratios["median_ttft_sglang_over_ca"] = round(
+                peer["median_ttft_ms"] / aware["median_ttft_ms"], 2)  # type: ignore[operator]
+            ratios["throughput_ca_over_sglang"] = round(
+                aware["request_throughput"] / peer["request_throughput"], 2)  # type: ignore[operator]
         rows.append({"workload": name, "description": wl.description, "runs": runs, "ratios": ratios})
     return {"benchmark": "prefix", "commit": git_commit(), "machine": machine(),
             "settings": {"instances": instances, "profile": profile, "users": users, "scale": scale,
-                         "seed": seed},
+                         "seed": seed, "sglang_router": sglang_router},
             "rows": rows}
 
 
@@ -175,12 +215,15 @@ def render(doc: dict[str, object]) -> str:
             lines.append(f"| {row['workload']} | {policy} | {r['median_ttft_ms']} | {r['p99_ttft_ms']} | "
                          f"{r['request_throughput']} | {r['errors']} | {r['engine_hit_ratio']} | "
                          f"{r['router_hit_estimate'] if r['router_hit_estimate'] is not None else '-'} |")
-    lines += ["", "| workload | median TTFT least-queue / cache-aware | "
-              "throughput cache-aware / least-queue |", "|---|---|---|"]
+    lines += ["", "| workload | median TTFT least-queue / cache-aware | throughput cache-aware / least-queue "
+              "| median TTFT sglang-router / cache-aware | throughput cache-aware / sglang-router |",
+              "|---|---|---|---|---|"]
     for row in doc["rows"]:  # type: ignore[attr-defined]
         ratios = row["ratios"]
         lines.append(f"| {row['workload']} | {ratios.get('median_ttft_lq_over_ca')} | "
-                     f"{ratios.get('throughput_ca_over_lq')} |")
+                     f"{ratios.get('throughput_ca_over_lq')} | "
+                     f"{ratios.get('median_ttft_sglang_over_ca', '-')} | "
+                     f"{ratios.get('throughput_ca_over_sglang', '-')} |")
     return "\n".join(lines)
 
 
@@ -194,6 +237,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--users", type=int, default=32, help="concurrent clients, the offered load (default 32)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the conversations of each workload")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sglang-router", metavar="PATH",
+                   help="also run SGLang's router (sglang-router launch --policy cache_aware) at PATH")
     p.add_argument("--result-file", help="JSON results (default: RESULTS_DIR/prefix-TIMESTAMP.json)")
 
 
@@ -203,7 +248,7 @@ def cmd_prefix(args: argparse.Namespace, results_dir: str) -> int:
         return 2
     doc = uvloop.run(run_prefix_bench(args.workload or list(WORKLOADS), instances=args.instances,
                                       profile=args.profile, users=args.users, scale=args.scale,
-                                      seed=args.seed))
+                                      seed=args.seed, sglang_router=args.sglang_router))
     print(render(doc))
     path = Path(args.result_file or Path(results_dir) / f"prefix-{time.strftime('%Y%m%dT%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,29 @@ BackendKey = tuple[str, str | None]  # (base URL, bearer token)
 
 class Backend:
     __slots__ = (
-        "auth_line", "cache_epoch", "ejected_until", "ejections", "failures", "host", "host_header",
-        "inflight", "kv_capacity", "kv_usage", "label", "models", "pool", "port", "prefix_hit_rate",
-        "prefix_queries", "queue", "scrape_failures", "scraped_at", "since_scrape", "token", "url",
+        "auth_line",
+        "cache_epoch",
+        "ejected_until",
+        "ejections",
+        "failures",
+        "host",
+        "host_header",
+        "inflight",
+        "kv_capacity",
+        "kv_usage",
+        "label",
+        "models",
+        "pool",
+        "port",
+        "prefix_hit_rate",
+        "prefix_queries",
+        "queue",
+        "scrape_failures",
+        "scraped_at",
+        "since_scrape",
+        "token",
+        "url",
+        "waiting",
     )
 
     def __init__(
@@ -42,6 +62,7 @@ class Backend:
         self.inflight = 0  # requests of this worker on this backend now
         self.since_scrape = 0  # requests this worker sent since the last successful scrape
         self.queue: float | None = None  # running + waiting at the last scrape; None: unknown
+        self.waiting: float | None = None  # of which waiting (not admitted: prefill still ahead)
         self.kv_usage: float | None = None
         self.kv_capacity: int | None = None  # KV-cache tokens (vllm:cache_config_info)
         self.prefix_queries: float | None = None  # the engine's prefix-cache counters at the last scrape
@@ -55,6 +76,7 @@ class Backend:
 
     def record_load(self, load: EngineLoad, now: float) -> None:
         self.queue = load.queue
+        self.waiting = load.waiting
         self.kv_usage = load.kv_usage
         if load.kv_capacity_tokens is not None:
             self.kv_capacity = load.kv_capacity_tokens

@@ -56,6 +56,18 @@ def _load(b: Backend, now: float, stale_after: float) -> float:
     return load_score(b, now, stale_after)
 
 
+RUNNING_WEIGHT = 0.25  # a running request slows the steps a new prompt shares, a waiting one is ahead
+
+
+def _prefill_load(b: Backend, now: float, stale_after: float, requests: float) -> float:
+    """The instance's queued work in requests of prefill: waiting requests (and this worker's
+    sent since the scrape, still in flight) count whole, running ones a quarter."""
+    if b.queue is not None and b.waiting is not None and now - b.scraped_at <= stale_after:
+        waiting = b.waiting + min(b.since_scrape, b.inflight)
+        return waiting + RUNNING_WEIGHT * max(0.0, b.queue - b.waiting)
+    return requests
+
+
 def _matched(lru: OrderedDict[int, None], blocks: list[int]) -> int:
     """How many leading blocks the backend probably holds (binary search: a prefix is recorded
     and evicted as a whole, head last)."""
@@ -187,7 +199,7 @@ class PrefixRouter:
             view = self._view(b)
             ok.append((b, s, view))
             matched = _matched(view.lru, blocks)
-            cost = max(0.0, tokens - matched * per_block) + s * avg
+            cost = max(0.0, tokens - matched * per_block) + _prefill_load(b, now, stale_after, s) * avg
             if cost < best_cost or (cost == best_cost and best is not None
                                     and view.rank(key) > best.rank(key)):
                 best, best_b, best_cost, best_matched = view, b, cost, matched
