@@ -157,17 +157,20 @@ async def run_one(wl: ConversationWorkload, policy: str, *, instances: int, prof
         result = await drive(gateway.url, wl, users)
         queries = hits = 0.0
         per_instance = []
+        share = []
         for s in sims:
             load = parse_engine_load(await _scrape(s.url))
             queries += load.prefix_queries or 0.0
             hits += load.prefix_hits or 0.0
             per_instance.append(round(load.prefix_hit_rate or 0.0, 3))
+            share.append(load.prefix_queries or 0.0)
         page = await _scrape(gateway.url) if policy != "sglang-router" else b""
         counters = {m.group(1).decode(): float(m.group(2)) for m in _COUNTER.finditer(page)}
         routed = counters.get("hpcgate_gateway_prefix_index_query_tokens", 0.0)
         estimate = counters.get("hpcgate_gateway_prefix_index_hit_tokens", 0.0) / routed if routed else None
         return {**result, "policy": policy, "engine_hit_ratio": round(hits / queries, 3) if queries else 0.0,
                 "engine_hit_ratio_per_instance": per_instance,
+                "prompt_token_share_per_instance": [round(q / queries, 3) if queries else 0.0 for q in share],
                 "router_hit_estimate": round(estimate, 3) if estimate is not None else None}
     finally:
         if gateway is not None:
