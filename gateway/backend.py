@@ -36,6 +36,7 @@ class Backend:
         "models",
         "pool",
         "port",
+        "prefill_inflight",
         "prefix_hit_rate",
         "prefix_queries",
         "queue",
@@ -60,6 +61,7 @@ class Backend:
         self.pool = pool
         self.models: frozenset[str] = frozenset()  # canonical model names routed here (for wake-ups)
         self.inflight = 0  # requests of this worker on this backend now
+        self.prefill_inflight = 0.0  # cache-aware: estimated uncached prompt tokens of those
         self.since_scrape = 0  # requests this worker sent since the last successful scrape
         self.queue: float | None = None  # running + waiting at the last scrape; None: unknown
         self.waiting: float | None = None  # of which waiting (not admitted: prefill still ahead)

@@ -13,10 +13,11 @@ tokenizer. Invariants and rules:
   last, so a prefix's head is evicted last (as vLLM frees blocks tail first). A backend's view is
   dropped when its ``cache_epoch`` moves (engine restarted, ejected) and when it leaves the
   table (:meth:`PrefixRouter.keep`: removed, drained).
-- **One cost, in tokens.** ``cost = uncached + load * avg_uncached``: the part of this prompt
-  the instance does not hold, plus its queue (requests: the engine's scraped running + waiting,
-  or this worker's in-flight requests on it if more) times the
-  prefill work an average request brings (a running mean of the uncached tokens routed).
+- **One cost, in tokens.** ``cost = uncached + queued``: the part of this prompt the instance
+  does not hold, plus the prefill work queued there: the estimated uncached tokens of this
+  worker's requests in flight on it (``Backend.prefill_inflight``, kept by the proxy), plus the
+  requests other workers sent (the engine's scraped queue less this worker's in-flight ones) at
+  half the average uncached request each.
 - **Saturation guard.** An instance whose KV cache is nearly full (``kv_saturated``) or whose
   queue exceeds the least-loaded one's by ``max_imbalance`` is skipped whatever it holds, unless
   every candidate is.
@@ -56,16 +57,17 @@ def _load(b: Backend, now: float, stale_after: float) -> float:
     return load_score(b, now, stale_after)
 
 
-RUNNING_WEIGHT = 0.25  # a running request slows the steps a new prompt shares, a waiting one is ahead
+FOREIGN_WEIGHT = 0.5  # a request another worker sent is, on average, half-way through its prefill
 
 
-def _prefill_load(b: Backend, now: float, stale_after: float, requests: float) -> float:
-    """The instance's queued work in requests of prefill: waiting requests (and this worker's
-    sent since the scrape, still in flight) count whole, running ones a quarter."""
-    if b.queue is not None and b.waiting is not None and now - b.scraped_at <= stale_after:
-        waiting = b.waiting + min(b.since_scrape, b.inflight)
-        return waiting + RUNNING_WEIGHT * max(0.0, b.queue - b.waiting)
-    return requests
+def _queued_tokens(b: Backend, now: float, stale_after: float, avg: float) -> float:
+    """Prefill work queued on the instance, in tokens: the uncached part of this worker's requests
+    in flight there (known exactly: it routed them), plus the requests of other workers and
+    replicas (the engine's scraped queue less this worker's) at half an average request each."""
+    own = b.prefill_inflight
+    if b.queue is not None and now - b.scraped_at <= stale_after:
+        return own + max(0.0, b.queue - b.inflight) * avg * FOREIGN_WEIGHT
+    return float(own)
 
 
 def _matched(lru: OrderedDict[int, None], blocks: list[int]) -> int:
@@ -199,7 +201,7 @@ class PrefixRouter:
             view = self._view(b)
             ok.append((b, s, view))
             matched = _matched(view.lru, blocks)
-            cost = max(0.0, tokens - matched * per_block) + _prefill_load(b, now, stale_after, s) * avg
+            cost = max(0.0, tokens - matched * per_block) + _queued_tokens(b, now, stale_after, avg)
             if cost < best_cost or (cost == best_cost and best is not None
                                     and view.rank(key) > best.rank(key)):
                 best, best_b, best_cost, best_matched = view, b, cost, matched
@@ -221,8 +223,10 @@ class PrefixRouter:
             view = self._views[b] = _View(b)
         return view
 
-    def record(self, b: Backend, key: PromptKey) -> None:
-        """The prompt was sent to ``b``: it holds the prompt's blocks from now on."""
+    def record(self, b: Backend, key: PromptKey) -> float:
+        """The prompt was sent to ``b``: it holds the prompt's blocks from now on. Returns the
+        estimated uncached tokens, which the caller keeps in ``b.prefill_inflight`` while the
+        request is in flight."""
         view = self._view(b)
         matched = _matched(view.lru, key.blocks)
         self.query_tokens += key.tokens
@@ -232,7 +236,7 @@ class PrefixRouter:
         # a mean over the first 20 decisions, then exponentially weighted (recent traffic counts most)
         self.avg_uncached += ((key.tokens - hit) - self.avg_uncached) / min(self.decisions, 20)
         if not key.blocks:
-            return
+            return float(key.tokens - hit)
         lru = view.lru
         for h in reversed(key.blocks):  # head last: most recently used, evicted last
             if h in lru:
@@ -243,6 +247,7 @@ class PrefixRouter:
         while len(lru) > cap:
             lru.popitem(last=False)
             self.evictions += 1
+        return float(key.tokens - hit)
 
     # -- the view's lifecycle (control path) ------------------------------------------------------
     def keep(self, live: Iterable[Backend]) -> None:

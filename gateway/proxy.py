@@ -52,8 +52,8 @@ _POST = b"POST"
 class ProxyCall:
     __slots__ = (
         "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
-        "last", "model", "path", "pkey", "prompt", "rid", "route", "stale_retried", "start", "status",
-        "stream", "strip_usage", "tenant", "tenant_id", "tried", "tstate",
+        "last", "model", "path", "pkey", "prefill_est", "prompt", "rid", "route", "stale_retried", "start",
+        "status", "stream", "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
 
     def __init__(self, gw: Gateway, conn: HttpConnection, path: bytes, rid: bytes) -> None:
@@ -67,6 +67,7 @@ class ProxyCall:
         self.model = "-"
         self.route: ModelRoute | None = None
         self.pkey: PromptKey | None = None  # set for a model routed cache-aware
+        self.prefill_est = 0.0  # its estimated uncached tokens, in the backend's prefill_inflight
         self.body = b""
         self.stream = False
         self.strip_usage = False  # a stream for which the gateway asked the engine for usage
@@ -164,7 +165,15 @@ class ProxyCall:
         backend.since_scrape += 1
         self.backend = backend
         if self.pkey is not None:
-            self.gw.prefix_router.record(backend, self.pkey)  # type: ignore[union-attr]
+            self.prefill_est = self.gw.prefix_router.record(backend, self.pkey)  # type: ignore[union-attr]
+            backend.prefill_inflight += self.prefill_est
+
+    def _release(self, backend: Backend) -> None:
+        """The backend no longer carries this request (finished, or the attempt failed)."""
+        if self.prefill_est:
+            backend.prefill_inflight -= self.prefill_est
+            self.prefill_est = 0.0
+        self.gw.release(backend)
 
     def _send(self, up: UpstreamConnection) -> Exchange:
         backend = self.backend
@@ -241,7 +250,7 @@ class ProxyCall:
             self.exchange = None
         self.conn.listener = None
         self.backend = None
-        gw.release(backend)
+        self._release(backend)
         if err is not None and err.kind == "closed" and err.before_head and reused and not self.stale_retried:
             self.stale_retried = True  # a keep-alive connection the engine had closed: not its fault
             return
@@ -346,7 +355,7 @@ class ProxyCall:
         backend = self.backend
         if backend is not None:
             self.backend = None
-            gw.release(backend)
+            self._release(backend)
         prompt, completion = self.prompt, self.completion
         if self.tstate is not None:
             TenantLimiter.leave(self.tstate, prompt + completion)
