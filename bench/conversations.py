@@ -12,7 +12,7 @@ the next question, as chat clients do; it waits ``think_s`` between turns.
 - ``no-sharing``: one-turn requests with nothing in common, the control.
 
 The default sizes are chosen so that what the workload shares does not fit every instance's KV
-cache at once (64 conversations growing to ~3,000 tokens; 32 prefixes of 4,000 tokens; the
+cache at once (64 conversations growing to ~3,700 tokens; 32 prefixes of 4,000 tokens; the
 ``gpu-l`` profile holds 120,000 tokens): spread over all instances, as least-queue spreads it,
 prefixes are evicted and recomputed; kept together, each instance holds its share.
 
@@ -52,7 +52,7 @@ def _text(tokens: int, tag: str, offset: int) -> str:
     return tag + " " + make_prompt(tokens - 1, offset=offset)
 
 
-def multi_turn(conversations: int = 64, turns: int = 6, *, system_tokens: int = 1000,
+def multi_turn(conversations: int = 64, turns: int = 8, *, system_tokens: int = 1000,
                question_tokens: int = 300, answer_tokens: int = 32, think_s: float = 0.1,
                seed: int = 0) -> ConversationWorkload:
     convs = tuple(
@@ -66,7 +66,7 @@ def multi_turn(conversations: int = 64, turns: int = 6, *, system_tokens: int = 
                     f"question {question_tokens}, answer {answer_tokens}, think {think_s} s")
 
 
-def shared_prefix(groups: int = 32, per_group: int = 8, *, prefix_tokens: int = 4000,
+def shared_prefix(groups: int = 32, per_group: int = 16, *, prefix_tokens: int = 4000,
                   question_tokens: int = 100, answer_tokens: int = 32, seed: int = 0) -> ConversationWorkload:
     prefixes = [_text(prefix_tokens, f"group-{seed}-{g}", seed + g) for g in range(groups)]
     # interleaved, so a group's requests arrive spread over the run, not back to back
@@ -95,7 +95,7 @@ def build(name: str, seed: int = 0, scale: float = 1.0) -> ConversationWorkload:
     if name == "multi-turn":
         return multi_turn(n(64), seed=seed)
     if name == "shared-prefix":
-        return shared_prefix(32, n(8), seed=seed)
+        return shared_prefix(32, n(16), seed=seed)
     if name == "no-sharing":
         return no_sharing(n(192), seed=seed)
     raise ValueError(f"unknown workload {name!r}: one of {', '.join(WORKLOADS)}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
 import time
@@ -183,6 +184,7 @@ async def run_prefix_bench(workloads: list[str], *, instances: int, profile: str
                            scale: float, seed: int, sglang_router: str | None = None) -> dict[str, object]:
     from bench.driver import git_commit, machine
 
+    load_before = os.getloadavg()
     rows = []
     for name in workloads:
         wl = build(name, seed=seed, scale=scale)
@@ -204,7 +206,9 @@ async def run_prefix_bench(workloads: list[str], *, instances: int, profile: str
             ratios["throughput_ca_over_sglang"] = round(
                 aware["request_throughput"] / peer["request_throughput"], 2)  # type: ignore[operator]
         rows.append({"workload": name, "description": wl.description, "runs": runs, "ratios": ratios})
+    # other work on a shared machine starves the simulators' modelled clocks: say how busy it was
     return {"benchmark": "prefix", "commit": git_commit(), "machine": machine(),
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "settings": {"instances": instances, "profile": profile, "users": users, "scale": scale,
                          "seed": seed, "sglang_router": sglang_router},
             "rows": rows}

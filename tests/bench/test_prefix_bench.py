@@ -52,7 +52,7 @@ def test_bench_prefix_runs_and_reports_ratios(tmp_path: Path) -> None:
     runs = row["runs"]
     assert set(runs) == {"least-queue", "cache-aware"}
     for r in runs.values():
-        assert r["completed"] == r["requests"] == 18 and r["errors"] == 0  # 3 conversations x 6 turns
+        assert r["completed"] == r["requests"] == 24 and r["errors"] == 0  # 3 conversations x 8 turns
     assert runs["cache-aware"]["engine_hit_ratio"] > 0.3  # later turns found their history
     assert runs["cache-aware"]["router_hit_estimate"] > 0
     assert runs["least-queue"]["router_hit_estimate"] is None
