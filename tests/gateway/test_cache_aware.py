@@ -52,6 +52,8 @@ async def test_a_conversation_returns_to_its_instance_and_the_engine_counts_hits
             grew = [s for s, b in zip(engines, before, strict=True) if served(s) > b]
             assert len(grew) == 1, f"conversation {conversation} was spread over {len(grew)} instances"
         await client.close()
+        # each request's estimated prefill was counted on its backend exactly while in flight
+        assert all(b.inflight == 0 and abs(b.prefill_inflight) < 1e-6 for b in backends)
         hits = [s.engine.prefix_cache.hits for s in engines]  # type: ignore[union-attr]
         queries = [served(s) for s in engines]
         assert sum(hits) > 0.6 * sum(queries)  # turns 2..4 find their history cached
