@@ -102,7 +102,8 @@ class Gateway:
         if s.routing_policy == "cache-aware" or "cache-aware" in self._policies.values():
             self.prefix_router = PrefixRouter(block_bytes=s.prefix_block_bytes,
                                               kv_saturated=s.prefix_kv_saturated,
-                                              max_imbalance=s.prefix_max_imbalance)
+                                              max_imbalance=s.prefix_max_imbalance,
+                                              prefill_tokens_per_s=s.prefix_prefill_tokens_per_s)
         self.session_header = s.session_header.lower().encode()
         self._rid_prefix = secrets.token_hex(4).encode() + b"-"
         self._rid_n = 0

@@ -23,6 +23,7 @@ BackendKey = tuple[str, str | None]  # (base URL, bearer token)
 class Backend:
     __slots__ = (
         "auth_line",
+        "backlog_at",
         "cache_epoch",
         "ejected_until",
         "ejections",
@@ -36,6 +37,7 @@ class Backend:
         "models",
         "pool",
         "port",
+        "prefill_backlog",
         "prefill_inflight",
         "prefix_hit_rate",
         "prefix_queries",
@@ -62,6 +64,8 @@ class Backend:
         self.models: frozenset[str] = frozenset()  # canonical model names routed here (for wake-ups)
         self.inflight = 0  # requests of this worker on this backend now
         self.prefill_inflight = 0.0  # cache-aware: estimated uncached prompt tokens of those
+        self.prefill_backlog = 0.0  # cache-aware: the same, drained at the assumed prefill rate
+        self.backlog_at = 0.0  # when the backlog was last updated (loop time)
         self.since_scrape = 0  # requests this worker sent since the last successful scrape
         self.queue: float | None = None  # running + waiting at the last scrape; None: unknown
         self.waiting: float | None = None  # of which waiting (not admitted: prefill still ahead)

@@ -15,7 +15,9 @@ tokenizer. Invariants and rules:
   table (:meth:`PrefixRouter.keep`: removed, drained).
 - **One cost, in tokens.** ``cost = uncached + queued``: the part of this prompt the instance
   does not hold, plus the prefill work queued there: the estimated uncached tokens of this
-  worker's requests in flight on it (``Backend.prefill_inflight``, kept by the proxy), plus the
+  worker's requests on it, while they are in flight (``Backend.prefill_inflight``, kept by the
+  proxy) and not yet worked off at the assumed ``prefill_tokens_per_s`` (a backlog drained
+  with time: a request stays in flight while it decodes, long after its prefill), plus the
   requests other workers sent (the engine's scraped queue less this worker's in-flight ones) at
   half the average uncached request each.
 - **Saturation guard.** An instance whose KV cache is nearly full (``kv_saturated``) or whose
@@ -60,14 +62,16 @@ def _load(b: Backend, now: float, stale_after: float) -> float:
 FOREIGN_WEIGHT = 0.5  # a request another worker sent is, on average, half-way through its prefill
 
 
-def _queued_tokens(b: Backend, now: float, stale_after: float, avg: float) -> float:
+def _queued_tokens(b: Backend, now: float, stale_after: float, avg: float, rate: float) -> float:
     """Prefill work queued on the instance, in tokens: the uncached part of this worker's requests
-    in flight there (known exactly: it routed them), plus the requests of other workers and
-    replicas (the engine's scraped queue less this worker's) at half an average request each."""
-    own = b.prefill_inflight
+    there, as long as they are in flight and the assumed prefill rate has not worked it off (a
+    request in flight may be decoding long after its prefill), plus the requests of other
+    workers and replicas (the engine's scraped queue less this worker's) at half an average
+    request each."""
+    own = min(b.prefill_inflight, max(0.0, b.prefill_backlog - (now - b.backlog_at) * rate))
     if b.queue is not None and now - b.scraped_at <= stale_after:
         return own + max(0.0, b.queue - b.inflight) * avg * FOREIGN_WEIGHT
-    return float(own)
+    return own
 
 
 def _matched(lru: OrderedDict[int, None], blocks: list[int]) -> int:
@@ -123,11 +127,14 @@ class PrefixRouter:
         "hit_tokens",
         "kv_saturated",
         "max_imbalance",
+        "prefill_tokens_per_s",
         "query_tokens",
     )
 
     def __init__(self, *, block_bytes: int = 1024, bytes_per_token: float = 4.0, kv_saturated: float = 0.95,
-                 max_imbalance: float = 16.0, cold_slack: float = 2.0) -> None:
+                 max_imbalance: float = 16.0, cold_slack: float = 2.0,
+                 prefill_tokens_per_s: float = 20_000.0) -> None:
+        self.prefill_tokens_per_s = prefill_tokens_per_s
         self.block_bytes = block_bytes
         self.bytes_per_token = bytes_per_token
         self.kv_saturated = kv_saturated
@@ -188,12 +195,13 @@ class PrefixRouter:
         saturated = self.kv_saturated
         per_block = self.block_bytes / self.bytes_per_token
         avg = self.avg_uncached if self.decisions else key.tokens
+        rate = self.prefill_tokens_per_s
         tokens, blocks = key.tokens, key.blocks
         ok: list[tuple[Backend, float, _View]] = []
         best: _View | None = None
         best_b = cands[0][0]
         best_cost = _INF
-        best_matched = 0
+        known = False  # some instance holds a block of this prompt
         for b, s in cands:
             kv = b.kv_usage
             if s >= limit or (kv is not None and kv >= saturated and b.scraped_at >= fresh_after):
@@ -201,13 +209,14 @@ class PrefixRouter:
             view = self._view(b)
             ok.append((b, s, view))
             matched = _matched(view.lru, blocks)
-            cost = max(0.0, tokens - matched * per_block) + _queued_tokens(b, now, stale_after, avg)
+            known = known or matched > 0
+            cost = max(0.0, tokens - matched * per_block) + _queued_tokens(b, now, stale_after, avg, rate)
             if cost < best_cost or (cost == best_cost and best is not None
                                     and view.rank(key) > best.rank(key)):
-                best, best_b, best_cost, best_matched = view, b, cost, matched
+                best, best_b, best_cost = view, b, cost
         if not ok:  # every instance is saturated: the least loaded, whatever it holds
             ok = [(b, s, self._view(b)) for b, s in cands if s == least]
-        if best_matched == 0:  # nothing known anywhere: rendezvous among the less loaded
+        if not known:  # nothing known anywhere: rendezvous among the less loaded
             floor = min(s for _, s, _ in ok) + self.cold_slack
             best_rank = -1
             for b, s, view in ok:
@@ -223,20 +232,24 @@ class PrefixRouter:
             view = self._views[b] = _View(b)
         return view
 
-    def record(self, b: Backend, key: PromptKey) -> float:
-        """The prompt was sent to ``b``: it holds the prompt's blocks from now on. Returns the
-        estimated uncached tokens, which the caller keeps in ``b.prefill_inflight`` while the
-        request is in flight."""
+    def record(self, b: Backend, key: PromptKey, now: float) -> float:
+        """The prompt was sent to ``b``: it holds the prompt's blocks from now on, and its
+        uncached part joins the backend's prefill backlog. Returns the estimated uncached tokens,
+        which the caller keeps in ``b.prefill_inflight`` while the request is in flight."""
         view = self._view(b)
         matched = _matched(view.lru, key.blocks)
         self.query_tokens += key.tokens
         hit = min(key.tokens, int(matched * self.block_bytes / self.bytes_per_token))
         self.hit_tokens += hit
         self.decisions += 1
+        uncached = float(key.tokens - hit)
+        worked_off = (now - b.backlog_at) * self.prefill_tokens_per_s
+        b.prefill_backlog = max(0.0, b.prefill_backlog - worked_off) + uncached
+        b.backlog_at = now
         # a mean over the first 20 decisions, then exponentially weighted (recent traffic counts most)
         self.avg_uncached += ((key.tokens - hit) - self.avg_uncached) / min(self.decisions, 20)
         if not key.blocks:
-            return float(key.tokens - hit)
+            return uncached
         lru = view.lru
         for h in reversed(key.blocks):  # head last: most recently used, evicted last
             if h in lru:
@@ -247,7 +260,7 @@ class PrefixRouter:
         while len(lru) > cap:
             lru.popitem(last=False)
             self.evictions += 1
-        return float(key.tokens - hit)
+        return uncached
 
     # -- the view's lifecycle (control path) ------------------------------------------------------
     def keep(self, live: Iterable[Backend]) -> None:

@@ -165,7 +165,8 @@ class ProxyCall:
         backend.since_scrape += 1
         self.backend = backend
         if self.pkey is not None:
-            self.prefill_est = self.gw.prefix_router.record(backend, self.pkey)  # type: ignore[union-attr]
+            self.prefill_est = self.gw.prefix_router.record(  # type: ignore[union-attr]
+                backend, self.pkey, self.gw.loop.time())
             backend.prefill_inflight += self.prefill_est
 
     def _release(self, backend: Backend) -> None:

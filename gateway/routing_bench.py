@@ -109,7 +109,7 @@ def run_prefix(candidates: int, prompt_bytes: int = 16 * 1024,
     for raw in prompts:  # warm: every conversation has been routed before (its earlier turns)
         for cut in range(4096, len(raw), 4096):
             key = router.key(raw[:cut], "m", 1)
-            router.record(router.choose(backends, key, 0.5, stale_after=3.0) or backends[0], key)
+            router.record(router.choose(backends, key, 0.5, stale_after=3.0) or backends[0], key, 0.5)
     out: dict[str, str | float | int] = {"policy": "cache-aware", "prompt_bytes": prompt_bytes,
                                    "candidates": candidates}
     # CPU time of this thread (what a decision costs) and wall time (what a shared machine adds)
@@ -120,7 +120,7 @@ def run_prefix(candidates: int, prompt_bytes: int = 16 * 1024,
             raw = prompts[i % len(prompts)]
             t0 = clock()
             key = router.key(raw, "m", 1)
-            router.record(router.choose(backends, key, 0.5, stale_after=3.0) or backends[0], key)
+            router.record(router.choose(backends, key, 0.5, stale_after=3.0) or backends[0], key, 0.5)
             t1 = clock()
             choose(backends, 0.5, stale_after=3.0)
             t2 = clock()

@@ -57,6 +57,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     prefix_block_bytes: Annotated[int, msgspec.Meta(ge=64)] = 1024  # cache-aware: bytes per index block
     prefix_max_imbalance: PositiveFloat = 16.0  # cache-aware: skip an instance this many requests deeper
     prefix_kv_saturated: Ratio = 0.95  # cache-aware: skip an instance whose KV cache is this full
+    # cache-aware: how fast an instance works off prefill, in tokens of 4 bytes of prompt per second
+    prefix_prefill_tokens_per_s: PositiveFloat = 20_000.0
     session_header: str = "x-session-id"  # cache-aware: a client's conversation id, used to break ties
     queue_max: NonNegInt = 256  # requests waiting per model when every instance is saturated
     queue_timeout_s: PositiveFloat = 10.0

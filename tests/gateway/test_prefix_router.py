@@ -52,7 +52,7 @@ def route(router: PrefixRouter, bs: tuple[Backend, ...], raw: bytes, tenant: int
     key = router.key(raw, "m", tenant, session)
     b = router.choose(bs, key, NOW, stale_after=STALE)
     assert b is not None
-    router.record(b, key)  # the proxy records the prompt on the backend it sends it to
+    router.record(b, key, NOW)  # the proxy records the prompt on the backend it sends it to
     return b
 
 
@@ -178,3 +178,17 @@ def test_excluded_and_capped_backends() -> None:
     for b in bs:
         b.inflight = 4
     assert r.choose(bs, key, NOW, stale_after=STALE, max_inflight=4) is None
+
+
+def test_queued_prefill_is_worked_off_at_the_assumed_rate() -> None:
+    r = PrefixRouter(prefill_tokens_per_s=20_000)
+    bs = backends(2)
+    group = messages("q", system="a shared prefix of a group " * 200)  # ~1,400 estimated tokens
+    home = route(r, bs, group)
+    cold = r.key(messages("x", system="another group's long prompt " * 1500), "m", 1)  # ~10k tokens
+    home.prefill_inflight = r.record(home, cold, NOW)  # in flight on home, as the proxy keeps it
+    member = r.key(group[:-2] + b', {"role":"user","content":"next"}]', "m", 1)
+    # right after: home must first prefill 10k tokens, more than recomputing the group elsewhere
+    assert r.choose(bs, member, NOW + 0.01, stale_after=STALE) is not home
+    # a second later, ~12k tokens at 20k/s are worked off although the request still decodes
+    assert r.choose(bs, member, NOW + 1.0, stale_after=STALE) is home
