@@ -31,6 +31,7 @@ class Backend:
         "host",
         "host_header",
         "inflight",
+        "inflight_at_scrape",
         "kv_capacity",
         "kv_usage",
         "label",
@@ -63,6 +64,7 @@ class Backend:
         self.pool = pool
         self.models: frozenset[str] = frozenset()  # canonical model names routed here (for wake-ups)
         self.inflight = 0  # requests of this worker on this backend now
+        self.inflight_at_scrape = 0  # this worker's in-flight requests when the last scrape landed
         self.prefill_inflight = 0.0  # cache-aware: estimated uncached prompt tokens of those
         self.prefill_backlog = 0.0  # cache-aware: the same, drained at the assumed prefill rate
         self.backlog_at = 0.0  # when the backlog was last updated (loop time)
@@ -82,6 +84,7 @@ class Backend:
 
     def record_load(self, load: EngineLoad, now: float) -> None:
         self.queue = load.queue
+        self.inflight_at_scrape = self.inflight
         self.waiting = load.waiting
         self.kv_usage = load.kv_usage
         if load.kv_capacity_tokens is not None:

@@ -66,11 +66,12 @@ def _queued_tokens(b: Backend, now: float, stale_after: float, avg: float, rate:
     """Prefill work queued on the instance, in tokens: the uncached part of this worker's requests
     there, as long as they are in flight and the assumed prefill rate has not worked it off (a
     request in flight may be decoding long after its prefill), plus the requests of other
-    workers and replicas (the engine's scraped queue less this worker's) at half an average
-    request each."""
+    workers and replicas (the engine's scraped queue less this worker's requests in flight at
+    that scrape: its own that have finished since must not count) at half an average request
+    each."""
     own = min(b.prefill_inflight, max(0.0, b.prefill_backlog - (now - b.backlog_at) * rate))
     if b.queue is not None and now - b.scraped_at <= stale_after:
-        return own + max(0.0, b.queue - b.inflight) * avg * FOREIGN_WEIGHT
+        return own + max(0.0, b.queue - b.inflight_at_scrape) * avg * FOREIGN_WEIGHT
     return own
 
 
