@@ -192,3 +192,16 @@ def test_queued_prefill_is_worked_off_at_the_assumed_rate() -> None:
     assert r.choose(bs, member, NOW + 0.01, stale_after=STALE) is not home
     # a second later, ~12k tokens at 20k/s are worked off although the request still decodes
     assert r.choose(bs, member, NOW + 1.0, stale_after=STALE) is home
+
+
+def test_own_finished_requests_are_not_load_and_other_workers_are() -> None:
+    r = PrefixRouter()
+    bs = backends(2)
+    raw = conversation(3)
+    home = route(r, bs, raw[0])
+    home.inflight = 12
+    home.record_load(EngineLoad(12.0, 0.0, 0.1), NOW)  # the scrape saw this worker's 12 requests
+    home.inflight = 0  # which have all finished since
+    assert route(r, bs, raw[1]) is home
+    home.record_load(EngineLoad(40.0, 0.0, 0.1), NOW)  # 40 requests of other workers or replicas
+    assert route(r, bs, raw[2]) is not home
