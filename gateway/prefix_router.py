@@ -18,8 +18,8 @@ tokenizer. Invariants and rules:
   worker's requests on it, while they are in flight (``Backend.prefill_inflight``, kept by the
   proxy) and not yet worked off at the assumed ``prefill_tokens_per_s`` (a backlog drained
   with time: a request stays in flight while it decodes, long after its prefill), plus the
-  requests other workers sent (the engine's scraped queue less this worker's in-flight ones) at
-  half the average uncached request each.
+  requests other workers sent (the engine's scraped queue less this worker's in flight at that
+  scrape) at half the average uncached request each.
 - **Saturation guard.** An instance whose KV cache is nearly full (``kv_saturated``) or whose
   queue exceeds the least-loaded one's by ``max_imbalance`` is skipped whatever it holds, unless
   every candidate is.
