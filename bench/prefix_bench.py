@@ -243,7 +243,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="simulator profile (default gpu-l)")
     p.add_argument("--users", type=int, default=32, help="concurrent clients, the offered load (default 32)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the conversations of each workload")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="shifts the words of every workload (default 0)")
     p.add_argument("--sglang-router", metavar="PATH",
                    help="also run SGLang's router (sglang-router launch --policy cache_aware) at PATH")
     p.add_argument("--result-file", help="JSON results (default: RESULTS_DIR/prefix-TIMESTAMP.json)")
