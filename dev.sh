@@ -46,6 +46,9 @@ ensure_packages() {
   # Prometheus rules with promtool (Debian's prometheus package; its service is never started).
   command -v kubectl > /dev/null || pkgs+=(kubernetes-client)
   command -v promtool > /dev/null || pkgs+=(prometheus)
+  # The operator page (control/api/ui.py) is tested in a real headless browser.
+  command -v chromium > /dev/null || pkgs+=(chromium)
+  command -v openssl > /dev/null || pkgs+=(openssl)  # the TLS tests make a certificate with it
   command -v python3 > /dev/null && python_ok python3 && python3 -m venv --help > /dev/null 2>&1 \
     || pkgs+=(python3 python3-venv python3-dev)
   # gcc and the Python headers build the gateway's C relay (gateway/_crelay.c) at install time.

@@ -1,5 +1,6 @@
-"""``hpcgate bench run|table|overhead|footprint|prefix``: the load driver, Table 1 reproduction, proxy
-overhead, the install's footprint, and cache-aware routing against least-queue.
+"""``hpcgate bench run|table|calibrate|overhead|footprint|connections|prefix``: the load driver,
+Table 1 reproduction, the simulator's calibration to it, proxy overhead, the install's
+footprint, the gateway's memory per connection, and cache-aware routing against least-queue.
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
-from bench import footprint, prefix_bench
+from bench import connections, footprint, prefix_bench
 from hpcgate.logs import setup_logging
 from hpcgate.settings import LogLevel, load_settings
 
@@ -31,8 +32,10 @@ from hpcgate.settings import LogLevel, load_settings
 NEEDS: dict[str, tuple[str, ...]] = {
     "run": ("numpy",),
     "table": ("numpy", "matplotlib", "psutil"),
+    "calibrate": ("numpy",),
     "overhead": ("numpy", "psutil"),
     "footprint": (),
+    "connections": ("psutil",),
     "prefix": ("openai", "psutil"),
 }
 
@@ -78,17 +81,32 @@ def _table_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--quick", action="store_true", help="scaled down: fast profile, small counts (< 1 min)")
     p.add_argument("--profiles", default="gpu-s,gpu-l", help="simulator profiles, comma-separated")
     p.add_argument("--concurrency", default="100,500,1000", help="concurrency levels, comma-separated")
-    p.add_argument("--targets", default="direct,gateway,nginx", help="what to measure, comma-separated")
+    p.add_argument("--targets", default="direct,gateway,nginx",
+                   help="what to measure, comma-separated: direct, gateway, gateway-loop (no C relay), "
+                        "nginx, lb-gateway-xN (nginx over N gateway deployments)")
     p.add_argument("--dataset-path", help="BurstGPT CSV; without it a SYNTHETIC workload is used")
     p.add_argument("--out-dir", help="where to write table.md, table.csv, results.json and plots")
     p.add_argument("--gateway-workers", type=int, default=1, help="gateway worker processes (default 1)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
 
 
+def _calibrate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("calibrate", help="the gpu-s/gpu-l profiles against the paper's Table 1, offline")
+    p.add_argument("--profiles", default="gpu-s,gpu-l", help="calibrated profiles, comma-separated")
+    p.add_argument("--fit", action="store_true",
+                   help="search the fitted parameters, print the errors and write bench/sim/calibrated.py")
+    p.add_argument("--iters", type=_positive_int, default=60,
+                   help="Nelder-Mead iterations per profile (default 60)")
+    p.add_argument("--no-write", action="store_true", help="with --fit: print, do not write")
+    p.add_argument("--compare", metavar="RESULTS", help="a `bench table` results.json: measured vs paper")
+
+
 def _overhead_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("overhead", help="data-plane overhead: CPU per 1000 requests and added TTFT")
     p.add_argument("--concurrency", default="100,500,1000", help="concurrency levels, comma-separated")
-    p.add_argument("--targets", default="direct,gateway,nginx", help="what to measure, comma-separated")
+    p.add_argument("--targets", default="direct,gateway,nginx",
+                   help="what to measure, comma-separated: direct, gateway, gateway-loop (no C relay), "
+                        "nginx, lb-gateway-xN (nginx over N gateway deployments)")
     p.add_argument("--requests-per-level", type=int, help="requests per concurrency level (default 3x level)")
     p.add_argument("--tokens", type=int, default=64, help="output tokens per stream (ignore_eos)")
     p.add_argument("--gateway-workers", type=int, default=1, help="gateway worker processes (default 1)")
@@ -105,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _table_parser(sub)
+    _calibrate_parser(sub)
     _overhead_parser(sub)
     footprint.add_parser(sub)
+    connections.add_parser(sub)
     prefix_bench.add_parser(sub)
     return parser
 
@@ -170,6 +190,12 @@ def main(argv: list[str]) -> int:
         return footprint.cmd_footprint(args)
     if args.command == "prefix":
         return prefix_bench.cmd_prefix(args, settings.results_dir)
+    if args.command == "connections":
+        return connections.cmd_connections(args, settings.results_dir)
+    if args.command == "calibrate":
+        from bench.calibrate import cmd_calibrate
+
+        return cmd_calibrate(args)
     if args.command == "table":
         from bench.table import cmd_table
 

@@ -152,7 +152,7 @@ async def run_one(wl: ConversationWorkload, policy: str, *, instances: int, prof
             gateway = await _start_sglang_router(sglang_router, [s.url for s in sims])
         else:
             gateway = await start_gateway(MODEL, ",".join(s.url for s in sims),
-                                          env={"HPCGATE_GATEWAY_ROUTING_POLICY": policy,
+                                          extra_env={"HPCGATE_GATEWAY_ROUTING_POLICY": policy,
                                                "HPCGATE_GATEWAY_SCRAPE_INTERVAL_S": "0.5"})
             await asyncio.sleep(1.0)  # let the gateway scrape every instance once (KV-cache sizes)
         result = await drive(gateway.url, wl, users)

@@ -44,6 +44,9 @@ class Child:
     errfile: object = None
     workdir: str | None = None
     peak_rss: dict[int, int] = field(default_factory=dict)
+    # processes that serve behind this one (the gateways behind a balancer): their CPU and memory
+    # count as this target's, and stop() stops them too
+    companions: list[Child] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -52,9 +55,10 @@ class Child:
     def tree(self) -> list[psutil.Process]:
         try:
             root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
+            own = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return []
+            own = []
+        return own + [p for c in self.companions for p in c.tree()]
 
     def cpu_seconds(self) -> float:
         total = 0.0
@@ -139,9 +143,9 @@ async def start_dynamic_gateway(env: dict[str, str], workers: int = 1) -> Child:
 
 
 async def start_gateway(model: str, upstream: str, workers: int = 1, *, offload: bool = True,
-                        env: dict[str, str] | None = None) -> Child:
+                        extra_env: dict[str, str] | None = None) -> Child:
     """``offload=False``: every token through the event loop (the target "gateway-loop");
-    ``env``: more ``HPCGATE_*`` settings (e.g. the routing policy)."""
+    ``extra_env``: further ``HPCGATE_*`` settings."""
     args = [HPCGATE, "gateway", "--host", "127.0.0.1", "--port", "0", "--no-auth",
             "--static-endpoint", f"{model}={upstream}"]
     if workers != 1:
@@ -149,7 +153,7 @@ async def start_gateway(model: str, upstream: str, workers: int = 1, *, offload:
     return await _start_announcing("gateway", "gateway_listening", args, timeout=20,
                                    env={"HPCGATE_LOG_LEVEL": "warning",
                                         "HPCGATE_GATEWAY_STREAM_OFFLOAD": str(offload).lower(),
-                                        **(env or {})})
+                                        **(extra_env or {})})
 
 
 NGINX_CONF = """\
@@ -229,16 +233,38 @@ async def start_nginx(upstreams: str | Sequence[str], workers: int = 1) -> Child
     raise TargetUnavailableError(f"nginx did not start: {tail}")
 
 
+PROXY_TARGETS = ("direct", "gateway", "gateway-loop", "nginx", "lb-gateway-xN")
+
+
 async def start_proxy(target: str, model: str, sim: Child, workers: int = 1) -> Child | None:
-    """The proxy in front of ``sim`` for a benchmark target; None for "direct"."""
+    """The proxy in front of ``sim`` for a benchmark target; None for "direct".
+
+    ``lb-gateway-xN``: nginx (round robin) over N separate gateway deployments of ``workers``
+    workers each, as several gateway replicas behind a site's load balancer."""
     if target in ("gateway", "gateway-loop"):
         return await start_gateway(model, sim.url, workers, offload=target == "gateway")
     if target == "nginx":
         return await start_nginx(f"127.0.0.1:{sim.port}", workers)
-    return None
+    if target.startswith("lb-gateway-x") and target[len("lb-gateway-x"):].isdigit():
+        gateways: list[Child] = []
+        try:
+            for _ in range(int(target[len("lb-gateway-x"):])):
+                gateways.append(await start_gateway(model, sim.url, workers))
+            balancer = await start_nginx([f"127.0.0.1:{g.port}" for g in gateways], 1)
+        except BaseException:
+            for g in gateways:
+                await stop(g)
+            raise
+        balancer.companions = gateways
+        return balancer
+    if target == "direct":
+        return None
+    raise TargetUnavailableError(f"unknown target {target!r} (known: {', '.join(PROXY_TARGETS)})")
 
 
 async def stop(child: Child) -> None:
+    for companion in child.companions:
+        await stop(companion)
     proc = child.proc
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):

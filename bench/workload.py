@@ -9,9 +9,11 @@ the prompt length, column 3 the output length (sent as ``max_tokens``).
 
 Synthetic (no CSV): one long-tailed sequence (log-normal lengths) built block by block so that
 its prefixes of 100, 500 and 1000 requests have exactly the totals of the paper's Table 1
-(input 77,561 / 381,456 / 768,960 tokens; output the mean of the GPU-S and GPU-L totals,
-7,014 / 49,945 / 142,093) — nested prefixes like vLLM's seeded samples. It is labelled
-``synthetic`` wherever it is reported.
+(input 77,561 / 381,456 / 768,960 tokens; output the totals the paper measured on the profile's
+GPU, :data:`SYNTHETIC_OUTPUT`, or their mean for other profiles) — nested prefixes like vLLM's
+seeded samples. The prompts and the shape are the same for every profile (the same random
+draws); the longest output of each block is fixed (:data:`LONGEST_OUTPUT`, read off the
+paper's durations). It is labelled ``synthetic`` wherever it is reported.
 
 Prompts are built with :func:`bench.sim.textgen.make_prompt`, whose word count is exactly the
 intended prompt length under the simulator's token rule.
@@ -24,19 +26,28 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from bench.sim.textgen import make_prompt
 
-# (prefix size, cumulative input tokens, cumulative output tokens) from the paper's Table 1.
-SYNTHETIC_TARGETS: tuple[tuple[int, int, int], ...] = (
-    (100, 77_561, 7_014),
-    (500, 381_456, 49_945),
-    (1000, 768_960, 142_093),
-)
+# Prefix sizes and cumulative input tokens of the paper's Table 1 (the same for both GPUs).
+SYNTHETIC_INPUT: tuple[tuple[int, int], ...] = ((100, 77_561), (500, 381_456), (1000, 768_960))
+# Cumulative output tokens per prefix, per profile (the paper's "vLLM Node" totals, rounded; the
+# fractional totals are averages of 50 runs). Other profiles get the mean of the two.
+SYNTHETIC_OUTPUT: dict[str, tuple[int, int, int]] = {
+    "gpu-s": (7_049, 49_764, 141_408),
+    "gpu-l": (6_979, 50_126, 142_778),
+}
+DEFAULT_OUTPUT = (7_014, 49_945, 142_093)
+# The longest output of each block (first 100, next 400, next 500 requests). The paper gives no
+# lengths, but a run's duration is the longest request's life, so these are read off the paper's
+# durations (docs/simulator.md, "Calibration"); the same for both GPUs, as their BurstGPT sample is.
+LONGEST_OUTPUT = (560, 620, 900)
 # Beyond 1000 requests: blocks with the overall means.
 TAIL_MEANS = (769.0, 142.0)
 INPUT_CAP, OUTPUT_CAP = 8192, 2048
-SIGMA = 1.0  # log-normal shape: long-tailed like BurstGPT's Zipf-ish lengths
+SIGMA = 1.0         # prompt lengths: log-normal shape
+OUTPUT_SIGMA = 1.4  # output lengths: median about 0.4x the mean, as the paper's E2EL/TPOT medians imply
 
 
 class Workload(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,14 +92,26 @@ def load_burstgpt(path: str | Path, n: int, seed: int = 0) -> Workload:
                     output_lens=[pool[i][1] for i in idx])
 
 
-def _block(rng: np.random.RandomState, size: int, total: int, cap: int) -> list[int]:
-    """``size`` long-tailed positive ints, each <= cap, summing exactly to ``total``."""
-    raw = rng.lognormal(0.0, SIGMA, size)
+def _block(rng: np.random.RandomState, size: int, total: int, cap: int, *, sigma: float,
+           longest: int | None = None) -> list[int]:
+    """``size`` long-tailed positive ints, each <= cap, summing exactly to ``total``; with
+    ``longest``, the largest of them is exactly that and the others are at most that."""
+    raw = rng.lognormal(0.0, sigma, size)
+    if longest is not None:
+        top = int(np.argmax(raw))
+        rest = np.delete(raw, top)
+        vals = _fit_sum(rest, total - longest, min(cap, longest))
+        return [int(v) for v in np.insert(vals, top, longest)]
+    return [int(v) for v in _fit_sum(raw, total, cap)]
+
+
+def _fit_sum(raw: npt.NDArray[np.float64], total: int, cap: int) -> npt.NDArray[np.int_]:
+    size = len(raw)
     vals = raw * (total / raw.sum())
     for _ in range(20):  # rescale after clipping until the sum settles
         vals = np.clip(vals, 1, cap)
         vals = vals * (total / vals.sum())
-    ints = np.clip(np.rint(vals).astype(int), 1, cap)
+    ints: npt.NDArray[np.int_] = np.clip(np.rint(vals).astype(int), 1, cap)
     diff = total - int(ints.sum())
     order = np.argsort(-ints) if diff < 0 else np.argsort(ints)
     k = 0
@@ -99,25 +122,30 @@ def _block(rng: np.random.RandomState, size: int, total: int, cap: int) -> list[
             ints[j] += step
             diff -= step
         k += 1
-    return [int(v) for v in ints]
+    return ints
 
 
-def synthetic(n: int, seed: int = 0) -> Workload:
+def synthetic(n: int, seed: int = 0, profile: str | None = None) -> Workload:
+    """The synthetic workload of ``n`` requests; ``profile`` picks its output totals."""
     rng = np.random.RandomState(seed)
+    out_totals = SYNTHETIC_OUTPUT.get(profile or "", DEFAULT_OUTPUT)
     prompts: list[int] = []
     outputs: list[int] = []
     done, cum_in, cum_out = 0, 0, 0
-    for size, total_in, total_out in SYNTHETIC_TARGETS:
+    for (size, total_in), total_out, longest in zip(SYNTHETIC_INPUT, out_totals, LONGEST_OUTPUT, strict=True):
         if done >= n:
             break
-        prompts += _block(rng, size - done, total_in - cum_in, INPUT_CAP)
-        outputs += _block(rng, size - done, total_out - cum_out, OUTPUT_CAP)
+        prompts += _block(rng, size - done, total_in - cum_in, INPUT_CAP, sigma=SIGMA)
+        outputs += _block(rng, size - done, total_out - cum_out, OUTPUT_CAP, sigma=OUTPUT_SIGMA,
+                          longest=longest)
         done, cum_in, cum_out = size, total_in, total_out
     while done < n:
         size = 1000
-        prompts += _block(rng, size, round(TAIL_MEANS[0] * size), INPUT_CAP)
-        outputs += _block(rng, size, round(TAIL_MEANS[1] * size), OUTPUT_CAP)
+        prompts += _block(rng, size, round(TAIL_MEANS[0] * size), INPUT_CAP, sigma=SIGMA)
+        outputs += _block(rng, size, round(TAIL_MEANS[1] * size), OUTPUT_CAP, sigma=OUTPUT_SIGMA)
         done += size
-    source = f"log-normal(sigma={SIGMA}) matched to Table 1 totals, seed {seed}"
+    source = (f"log-normal (prompts sigma={SIGMA}, outputs sigma={OUTPUT_SIGMA}, longest outputs "
+              f"{'/'.join(map(str, LONGEST_OUTPUT))}) matched to Table 1 totals"
+              f"{f' of {profile}' if profile in SYNTHETIC_OUTPUT else ''}, seed {seed}")
     return Workload(name="synthetic", source=source,
                     prompt_lens=prompts[:n], output_lens=outputs[:n])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -19,7 +20,8 @@ import msgspec
 from control.admin_client import AdminApiError, AdminClient, seg
 from control.admin_render import render
 from control.settings import DEFAULT_CONTROL_URL, AdminSettings
-from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
+from control.ui_tickets import LOGIN, LOGIN_TTL_S, SESSION_TTL_S, sign
+from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Tribunal, Usage
 from hpcgate.settings import SettingsError, load_settings
 
 T = TypeVar("T")
@@ -67,6 +69,26 @@ def _time(text: str) -> str:
                                          f"(2026-11-29T08:00:00Z), got {text!r}") from None
 
 
+_MODEL_LIMIT_KEYS = {"concurrent": "max_concurrent_requests", "tpm": "tokens_per_minute"}
+_MODEL_LIMIT_HELP = "expected MODEL=concurrent=N,tpm=N (either or both), got %r"
+
+
+def _model_limit(text: str) -> tuple[str, dict[str, int]]:
+    """``MODEL=concurrent=N,tpm=N`` (either or both) -> (model, limits)."""
+    model, sep, rest = text.partition("=")
+    limits: dict[str, int] = {}
+    for item in rest.split(","):
+        key, eq, raw = item.partition("=")
+        field = _MODEL_LIMIT_KEYS.get(key.strip())
+        value = _limit(raw) if eq and field else None
+        if field is None or value is None:
+            raise argparse.ArgumentTypeError(_MODEL_LIMIT_HELP % text)
+        limits[field] = value
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(_MODEL_LIMIT_HELP % text)
+    return model, limits
+
+
 def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
@@ -100,9 +122,13 @@ def _tenant_fields(args: argparse.Namespace) -> dict[str, Any]:
     elif args.allowed_models is not None:
         out["allowed_models"] = args.allowed_models
     for attr, field in (("max_concurrent", "max_concurrent_requests"),
-                        ("tokens_per_minute", "tokens_per_minute")):
+                        ("tokens_per_minute", "tokens_per_minute"), ("monthly_quota", "monthly_token_quota")):
         if hasattr(args, attr):  # absent unless given (SUPPRESS); None clears the limit
             out[field] = getattr(args, attr)
+    if args.no_model_limits:
+        out["model_limits"] = {}
+    elif args.model_limit is not None:
+        out["model_limits"] = dict(args.model_limit)
     return out
 
 
@@ -135,6 +161,11 @@ def _add_tenant_flags(p: argparse.ArgumentParser) -> None:
                        ("--tokens-per-minute", "tokens per minute")):
         p.add_argument(flag, type=_limit, default=argparse.SUPPRESS, metavar="N|none",
                        help=f"at most N {what}; none removes the limit (default: no limit)")
+    p.add_argument("--monthly-quota", type=_limit, default=argparse.SUPPRESS, metavar="N|none",
+                   help="at most N prompt + completion tokens per calendar month (UTC); none removes it")
+    p.add_argument("--model-limit", action="append", type=_model_limit, metavar="MODEL=concurrent=N,tpm=N",
+                   help="limits on one model, on top of the tenant's (repeatable; replaces the set)")
+    p.add_argument("--no-model-limits", action="store_true", help="remove every per-model limit")
 
 
 def _set_enabled(enabled: bool) -> Command:
@@ -144,7 +175,63 @@ def _set_enabled(enabled: bool) -> Command:
     return run
 
 
-def _delete(cls: type[Tenant | Model], collection: str) -> Command:
+def _juror(text: str) -> dict[str, Any]:
+    """``MODEL`` or ``MODEL@TEMPERATURE`` (a model name may contain ``@`` only before a number)."""
+    model, sep, temp = text.rpartition("@")
+    if sep and model:
+        try:
+            return {"model": model, "temperature": float(temp)}
+        except ValueError:
+            pass
+    return {"model": text}
+
+
+def _tribunal_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The body of a tribunal create/update: ``--config`` (a JSON file) overlaid with the flags given."""
+    out: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            loaded = msgspec.json.decode(Path(args.config).read_bytes())
+        except (OSError, msgspec.DecodeError) as exc:
+            raise SystemExit(f"hpcgate admin: error: --config {args.config}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"hpcgate admin: error: --config {args.config}: expected a JSON object")
+        out.update(loaded)
+    if args.juror:
+        out["jurors"] = [_juror(j) for j in args.juror]
+    for field in ("judge", "fallback_judge", "rounds", "quorum", "juror_timeout_s", "judge_timeout_s",
+                  "deadline_s", "grace_s", "judge_prompt", "critique_prompt", "revise_prompt",
+                  "review_prompt", "peer_review", "show_deliberation"):
+        value = getattr(args, field)
+        if value is not None:
+            out[field] = value
+    return out
+
+
+def _add_tribunal_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="a JSON file with any fields of the tribunal (the flags "
+                   "override it): per-juror system prompts go there")
+    p.add_argument("--juror", action="append", metavar="MODEL[@TEMP]",
+                   help="a juror (repeat; the same model may appear with different temperatures)")
+    p.add_argument("--judge", metavar="MODEL", help="the model that writes the final answer")
+    p.add_argument("--fallback-judge", metavar="MODEL", help="asked when the judge fails")
+    p.add_argument("--rounds", type=int, help="critique-and-revise rounds (default 0)")
+    p.add_argument("--quorum", type=int, help="jurors that must answer (default 1)")
+    p.add_argument("--juror-timeout-s", type=float, metavar="S", help="per juror step (default 60)")
+    p.add_argument("--judge-timeout-s", type=float, metavar="S", help="per judge step (default 120)")
+    p.add_argument("--deadline-s", type=float, metavar="S", help="the whole request (default 300)")
+    p.add_argument("--grace-s", type=float, metavar="S", help="stragglers' time once the quorum answered "
+                   "(default 2)")
+    for role in ("judge", "critique", "revise", "review"):
+        p.add_argument(f"--{role}-prompt", metavar="TEXT", help=f"the {role} prompt (placeholders: "
+                       "docs/tribunal.md)")
+    p.add_argument("--peer-review", action=argparse.BooleanOptionalAction, default=None,
+                   help="jurors revise against each other's anonymised answers before the judge")
+    p.add_argument("--show-deliberation", action=argparse.BooleanOptionalAction, default=None,
+                   help="always stream/return the deliberation (else only when a request asks)")
+
+
+def _delete(cls: type[Tenant | Model | Tribunal], collection: str) -> Command:
     def run(client: AdminClient, args: argparse.Namespace) -> tuple[bytes, Any]:
         return _do(client, cls, "DELETE", f"/admin/{collection}/{seg(args.name)}")
 
@@ -306,6 +393,29 @@ def build_parser() -> argparse.ArgumentParser:
         "delete a model without live jobs (scale it to 0 first; its aliases and ended jobs go with it)",
     ).add_argument("name")
 
+    tr = group("tribunal", "tribunals: virtual models tribunal/NAME (docs/tribunal.md)")
+    p = cmd(
+        tr,
+        "create",
+        lambda c, a: _do(c, Tribunal, "POST", "/admin/tribunals", {**_tribunal_fields(a), "name": a.name}),
+        "create a tribunal",
+    )
+    p.add_argument("name")
+    _add_tribunal_flags(p)
+    p = cmd(
+        tr,
+        "update",
+        lambda c, a: _do(c, Tribunal, "PATCH", f"/admin/tribunals/{seg(a.name)}", _tribunal_fields(a)),
+        "change a tribunal (the fields given)",
+    )
+    p.add_argument("name")
+    _add_tribunal_flags(p)
+    cmd(tr, "list", lambda c, a: _do(c, list[Tribunal], "GET", "/admin/tribunals"), "list tribunals")
+    cmd(
+        tr, "show", lambda c, a: _do(c, Tribunal, "GET", f"/admin/tribunals/{seg(a.name)}"), "show a tribunal"
+    ).add_argument("name")
+    cmd(tr, "delete", _delete(Tribunal, "tribunals"), "delete a tribunal").add_argument("name")
+
     j = group("job", "endpoint jobs")
     p = cmd(
         j,
@@ -350,21 +460,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(
         groups,
         "usage",
-        lambda c, a: _do(
-            c,
-            Usage,
-            "GET",
-            "/admin/usage",
-            query={"since": a.since, "until": a.until, "tenant": a.tenant, "model": a.model},
-        ),
-        "token usage per tenant and model",
+        _usage,
+        "token usage per tenant and model (and period), with monthly quotas left; table, CSV or JSON",
     )
     p.add_argument("--since", type=_time, metavar="TIME",
                    help=f"start (default: 24 h before --until); {_TIME_HELP}")
     p.add_argument("--until", type=_time, metavar="TIME", help=f"end, excluded (default: now); {_TIME_HELP}")
     p.add_argument("--tenant", help="only this tenant")
     p.add_argument("--model", help="only this model")
+    p.add_argument("--period", choices=("total", "hour", "day", "month"), default="total",
+                   help="one row per tenant and model (total), or per UTC hour, day or month as well")
+    p.add_argument("--csv", action="store_true", help="print CSV (the API's /admin/usage.csv) for accounting")
+
+    groups.add_parser("ui", help=_UI_HELP, description=_UI_HELP)
     return parser
+
+
+_UI_HELP = ("print a login link to the operator page (a read-only overview in the browser); "
+            f"the link works for {LOGIN_TTL_S // 60} minutes, the session it opens for "
+            f"{SESSION_TTL_S // 3600} hours")
+
+
+def ui_login_url(control_url: str, token: str, now: float) -> str:
+    """The operator page's login link: a ticket signed with the admin token, not the token."""
+    ticket = sign(token, LOGIN, now, LOGIN_TTL_S)
+    return f"{control_url.rstrip('/')}/ui/login?ticket={ticket}"
+
+
+class CsvText(str):
+    """A CSV answer: printed as it is."""
+
+
+def _usage(client: AdminClient, a: argparse.Namespace) -> tuple[bytes, Any]:
+    query = {"since": a.since, "until": a.until, "tenant": a.tenant, "model": a.model, "period": a.period}
+    if a.csv:
+        raw = client.raw("GET", "/admin/usage.csv", None, query)
+        return raw, CsvText(raw.decode())
+    return _do(client, Usage, "GET", "/admin/usage", query=query)
 
 
 _JSON_HELP = "print the API's JSON (accepted anywhere on the command line)"
@@ -377,7 +509,8 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 
 # Body fields where null means something (no expiry, every model, no limit): sent when given.
-_NULLABLE = ("expires_at", "allowed_models", "max_concurrent_requests", "tokens_per_minute")
+_NULLABLE = ("expires_at", "allowed_models", "max_concurrent_requests", "tokens_per_minute",
+             "monthly_token_quota")
 
 
 def _do(
@@ -432,11 +565,17 @@ def connection(settings: AdminSettings) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json and getattr(args, "csv", False):
+        parser.error("--csv and --json exclude each other")
     settings = load_settings(
         AdminSettings, "admin", overrides={"control_url": args.url, "admin_token": args.token}
     )
     url, token = connection(settings)
+    if args.group == "ui":
+        print(ui_login_url(url, token, time.time()))
+        return 0
     client = AdminClient(url, token, settings.timeout_s)
     try:
         raw, value = args.fn(client, args)
@@ -445,7 +584,9 @@ def main(argv: list[str]) -> int:
         status = f"{exc.status} " if exc.status else ""
         print(f"hpcgate admin: error: {status}{exc.body.error}: {exc.body.message}{where}", file=sys.stderr)
         return 1
-    if args.json:
+    if isinstance(value, CsvText):
+        sys.stdout.write(value)
+    elif args.json:
         sys.stdout.write(msgspec.json.format(raw, indent=2).decode() + "\n")
     else:
         print(render(value))

@@ -7,7 +7,18 @@ from datetime import datetime
 
 import msgspec
 
-from control.wire import ApiKey, Endpoint, Job, KeyCreated, Model, Tenant, Usage
+from control.wire import (
+    ApiKey,
+    Endpoint,
+    Job,
+    JurorSpec,
+    KeyCreated,
+    Model,
+    ModelLimitSpec,
+    Tenant,
+    Tribunal,
+    Usage,
+)
 
 _COLUMNS: dict[type, tuple[str, ...]] = {
     Tenant: (
@@ -16,6 +27,8 @@ _COLUMNS: dict[type, tuple[str, ...]] = {
         "allowed_models",
         "max_concurrent_requests",
         "tokens_per_minute",
+        "monthly_token_quota",
+        "model_limits",
         "active_keys",
     ),
     ApiKey: ("key_id", "tenant", "prefix", "active", "expires_at", "revoked_at", "description"),
@@ -31,6 +44,7 @@ _COLUMNS: dict[type, tuple[str, ...]] = {
         "generation",
         "slurm_template",
     ),
+    Tribunal: ("model", "jurors", "judge", "fallback_judge", "rounds", "quorum", "peer_review", "deadline_s"),
     Job: ("endpoint_job_id", "model", "state", "launcher", "launcher_job_id", "node", "port", "state_reason"),
     Endpoint: (
         "endpoint_id",
@@ -55,10 +69,16 @@ def _cell(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%SZ")
+    if isinstance(value, JurorSpec):
+        return value.model if value.temperature is None else f"{value.model}@{value.temperature:g}"
     if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value)) or "-"
+        return ",".join(map(_cell, value)) or "-"
+    if isinstance(value, ModelLimitSpec):  # concurrent=2/tpm=5000
+        pairs = (("concurrent", value.max_concurrent_requests), ("tpm", value.tokens_per_minute))
+        return "/".join(f"{name}={v}" for name, v in pairs if v is not None) or "-"
     if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
+        return ",".join(f"{k}={_cell(v) if isinstance(v, ModelLimitSpec) else v}"
+                        for k, v in value.items()) or "-"
     return str(value)
 
 
@@ -70,6 +90,22 @@ def render_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(lines)
 
 
+def _render_usage(value: Usage) -> str:
+    cols: tuple[str, ...] = ("tenant", "model", "requests", "errors", "prompt_tokens", "completion_tokens")
+    if value.period != "total":
+        cols = ("period_start", *cols)
+    out = f"usage from {_cell(value.since)} to {_cell(value.until)}\n"
+    if value.rows:
+        out += render_table(cols, [[getattr(r, c) for c in cols] for r in value.rows])
+    else:
+        out += "(none)"
+    if value.quotas:
+        qcols = ("tenant", "monthly_token_quota", "used", "left")
+        out += f"\n\nmonthly quotas (month from {_cell(value.quotas[0].month_start)})\n"
+        out += render_table(qcols, [[getattr(q, c) for c in qcols] for q in value.quotas])
+    return out
+
+
 def render(value: object) -> str:
     if isinstance(value, list):
         if not value:
@@ -79,11 +115,7 @@ def render(value: object) -> str:
     if isinstance(value, KeyCreated):
         return f"key: {value.key}\n(store it now: it is shown only once)\n\n" + render([value.api_key])
     if isinstance(value, Usage):
-        cols = ("tenant", "model", "requests", "errors", "prompt_tokens", "completion_tokens")
-        head = f"usage from {_cell(value.since)} to {_cell(value.until)}\n"
-        if not value.rows:
-            return head + "(none)"
-        return head + render_table(cols, [[getattr(r, c) for c in cols] for r in value.rows])
+        return _render_usage(value)
     fields = msgspec.structs.asdict(value)  # type: ignore[arg-type]
     width = max(len(k) for k in fields)
     return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in fields.items())

@@ -37,6 +37,7 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     db_timeout_s: PositiveFloat = 5.0  # per query; an outage answers 503 after this
     max_body_bytes: PositiveInt = 1 << 20
     sd_token: str = ""  # if set, /sd/* require "Authorization: Bearer <sd_token>"
+    shutdown_timeout_s: PositiveFloat = 10.0  # SIGTERM: requests in progress may finish this long
     # Site template directories, as the Job Worker's jobs.template_dirs: a model's template is
     # checked against them (and the built-in ones) when it is created or changed.
     template_dirs: tuple[str, ...] = ()

@@ -2,8 +2,8 @@
 
 Shared by the API server (Litestar decodes requests into these types, encodes responses from
 them and generates the OpenAPI document from them), the store (takes the query bundles,
-returns the response views) and ``hpcgate admin`` (decodes them). msgspec and the standard
-library only.
+returns the response views) and ``hpcgate admin`` (decodes them). msgspec, the standard
+library and the shared schemas (the tribunals' default prompts) only.
 
 Invariants: every request body type rejects unknown fields, and every request type or
 parameter alias bounds every value so that anything it accepts also fits the database
@@ -20,6 +20,13 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from hpcgate.schemas.tribunal import (
+    DEFAULT_CRITIQUE_PROMPT,
+    DEFAULT_JUDGE_PROMPT,
+    DEFAULT_REVIEW_PROMPT,
+    DEFAULT_REVISE_PROMPT,
+)
+
 # Patterns mirror the CHECK constraints of control/db/migrations/0001_initial.sql.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}$"
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -30,6 +37,7 @@ NODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$"
 Id = Annotated[int, Meta(ge=1, le=MAX_ID)]
 Count = Annotated[int, Meta(ge=0, le=100_000)]
 PosInt32 = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+PosInt63 = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 ModelName = Annotated[str, Meta(pattern=NAME_PATTERN)]
 TenantName = Annotated[str, Meta(pattern=TENANT_PATTERN)]
 NodeName = Annotated[str, Meta(pattern=NODE_PATTERN)]
@@ -79,12 +87,24 @@ class RegisterResponse(Struct, kw_only=True):
 # ----------------------------------------------------------------------------- tenants
 
 
+class ModelLimitSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A tenant's limits on one model (on top of its tenant-wide ones); null: no such limit."""
+
+    max_concurrent_requests: PosInt32 | None = None
+    tokens_per_minute: PosInt32 | None = None
+
+
+ModelLimits = Annotated[dict[ModelName, ModelLimitSpec], Meta(max_length=1000)]
+
+
 class TenantCreate(Struct, kw_only=True, forbid_unknown_fields=True):
     name: TenantName
     enabled: bool = True
     allowed_models: Annotated[list[ModelName], Meta(max_length=1000)] | None = None  # None: every model
     max_concurrent_requests: PosInt32 | None = None
     tokens_per_minute: PosInt32 | None = None
+    model_limits: ModelLimits = {}  # by canonical model name
+    monthly_token_quota: PosInt63 | None = None  # prompt + completion tokens per calendar month (UTC)
 
 
 class TenantUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -92,6 +112,8 @@ class TenantUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     allowed_models: Annotated[list[ModelName], Meta(max_length=1000)] | UnsetType | None = UNSET
     max_concurrent_requests: PosInt32 | UnsetType | None = UNSET
     tokens_per_minute: PosInt32 | UnsetType | None = UNSET
+    model_limits: ModelLimits | UnsetType = UNSET  # replaces the whole map ({}: none)
+    monthly_token_quota: PosInt63 | UnsetType | None = UNSET
 
 
 class Tenant(Struct, kw_only=True):
@@ -101,6 +123,8 @@ class Tenant(Struct, kw_only=True):
     allowed_models: list[str] | None
     max_concurrent_requests: int | None
     tokens_per_minute: int | None
+    model_limits: dict[str, ModelLimitSpec] = {}
+    monthly_token_quota: int | None = None
     active_keys: int
     created_at: datetime
     updated_at: datetime
@@ -188,6 +212,75 @@ class Model(Struct, kw_only=True):
     updated_at: datetime
 
 
+# ----------------------------------------------------------------------------- tribunals
+
+TRIBUNAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # mirrors migration 0900
+TribunalName = Annotated[str, Meta(pattern=TRIBUNAL_PATTERN)]
+Prompt = Annotated[str, Meta(min_length=1, max_length=8000, pattern=r"^[^\x00]*$")]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+StepSeconds = Annotated[float, Meta(gt=0.0, le=3600.0)]
+GraceSeconds = Annotated[float, Meta(ge=0.0, le=600.0)]
+
+
+class JurorSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    model: ModelName
+    temperature: Temperature | None = None
+    system_prompt: Prompt | None = None
+
+
+class TribunalSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tribunal's whole configuration (its name aside); defaults are the shipped ones.
+
+    The prompts' placeholders are listed in :mod:`hpcgate.schemas.tribunal`."""
+
+    jurors: Annotated[list[JurorSpec], Meta(min_length=1, max_length=16)]
+    judge: ModelName
+    fallback_judge: ModelName | None = None
+    judge_prompt: Prompt = DEFAULT_JUDGE_PROMPT
+    critique_prompt: Prompt = DEFAULT_CRITIQUE_PROMPT
+    revise_prompt: Prompt = DEFAULT_REVISE_PROMPT
+    review_prompt: Prompt = DEFAULT_REVIEW_PROMPT
+    rounds: Annotated[int, Meta(ge=0, le=5)] = 0
+    quorum: Annotated[int, Meta(ge=1, le=16)] = 1
+    juror_timeout_s: StepSeconds = 60.0
+    judge_timeout_s: StepSeconds = 120.0
+    deadline_s: StepSeconds = 300.0
+    grace_s: GraceSeconds = 2.0
+    peer_review: bool = False
+    show_deliberation: bool = False
+
+
+class TribunalCreate(TribunalSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: TribunalName
+
+
+class TribunalUpdate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Fields to change; the result is validated as a whole."""
+
+    jurors: Annotated[list[JurorSpec], Meta(min_length=1, max_length=16)] | UnsetType = UNSET
+    judge: ModelName | UnsetType = UNSET
+    fallback_judge: ModelName | UnsetType | None = UNSET
+    judge_prompt: Prompt | UnsetType = UNSET
+    critique_prompt: Prompt | UnsetType = UNSET
+    revise_prompt: Prompt | UnsetType = UNSET
+    review_prompt: Prompt | UnsetType = UNSET
+    rounds: Annotated[int, Meta(ge=0, le=5)] | UnsetType = UNSET
+    quorum: Annotated[int, Meta(ge=1, le=16)] | UnsetType = UNSET
+    juror_timeout_s: StepSeconds | UnsetType = UNSET
+    judge_timeout_s: StepSeconds | UnsetType = UNSET
+    deadline_s: StepSeconds | UnsetType = UNSET
+    grace_s: GraceSeconds | UnsetType = UNSET
+    peer_review: bool | UnsetType = UNSET
+    show_deliberation: bool | UnsetType = UNSET
+
+
+class Tribunal(TribunalSettings, frozen=True, kw_only=True):
+    name: str
+    model: str  # what clients send: "tribunal/<name>"
+    created_at: datetime
+    updated_at: datetime
+
+
 # ----------------------------------------------------------------------------- jobs, endpoints
 
 
@@ -249,14 +342,19 @@ class KeyQuery(Struct, kw_only=True):
     all: bool  # include revoked and expired keys
 
 
+UsagePeriod = Literal["total", "hour", "day", "month"]
+
+
 class UsageQuery(Struct, kw_only=True):
     since: datetime | None  # None: 24 hours before `until`
     until: datetime | None  # None: now
     tenant: str | None
     model: str | None
+    period: UsagePeriod = "total"  # one row per tenant x model, or per hour/day/month (UTC) as well
 
 
 class UsageRow(Struct, kw_only=True):
+    period_start: datetime | UnsetType = UNSET  # absent for period "total"
     tenant: str
     model: str
     requests: int
@@ -265,10 +363,22 @@ class UsageRow(Struct, kw_only=True):
     completion_tokens: int
 
 
+class QuotaRow(Struct, kw_only=True):
+    """A tenant's monthly token quota and what is left of it this calendar month (UTC)."""
+
+    tenant: str
+    monthly_token_quota: int
+    month_start: datetime
+    used: int
+    left: int
+
+
 class Usage(Struct, kw_only=True):
     since: datetime
     until: datetime
     rows: list[UsageRow]
+    period: UsagePeriod = "total"
+    quotas: list[QuotaRow] = []  # tenants (as filtered) that have a monthly quota
 
 
 class Health(Struct, kw_only=True):

@@ -1,10 +1,4 @@
-"""Admission control: per-tenant concurrency and tokens-per-minute, and per-model FIFO waits.
-
-Tenant limits are enforced per worker process with ``ceil(limit / workers)`` each (workers do
-not share memory; connections spread evenly over SO_REUSEPORT). Tokens per minute is a token
-bucket that refills continuously; a request is admitted while the bucket is positive and is
-charged its actual prompt + completion tokens when it ends (a request's size is unknown up
-front), so a tenant can overdraw by one request and then waits (429 with Retry-After).
+"""Admission control: per-model FIFO waits (tenant limits are in :mod:`gateway.tenant_limits`).
 
 The model queue is the paper's queue: when every instance of a model is saturated, requests
 wait in a bounded FIFO (per model) and are woken one at a time as requests on that model end;
@@ -15,59 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections import deque
 
-from gateway.auth import Principal
 from gateway.errors import ApiError
-
-
-class TenantState:
-    __slots__ = ("active", "tokens", "updated")
-
-    def __init__(self, tokens: float, now: float) -> None:
-        self.active = 0
-        self.tokens = tokens
-        self.updated = now
-
-
-class TenantLimiter:
-    __slots__ = ("_states", "_workers")
-
-    def __init__(self, workers: int) -> None:
-        self._workers = workers
-        self._states: dict[int, TenantState] = {}
-
-    def _share(self, limit: int) -> int:
-        return max(1, math.ceil(limit / self._workers))
-
-    def enter(self, p: Principal, now: float) -> TenantState | None:
-        """Admit a request of ``p`` or raise 429. Returns the state to pass to :meth:`leave`."""
-        if p.max_concurrent is None and p.tpm is None:
-            return None
-        state = self._states.get(p.tenant_id)
-        if state is None:
-            state = self._states[p.tenant_id] = TenantState(self._share(p.tpm) if p.tpm else 0.0, now)
-        if p.max_concurrent is not None and state.active >= self._share(p.max_concurrent):
-            raise ApiError(429, "too many concurrent requests for this tenant", "concurrency_limit_exceeded",
-                           retry_after=1)
-        if p.tpm is not None:
-            capacity = float(self._share(p.tpm))
-            rate = capacity / 60.0
-            state.tokens = min(capacity, state.tokens + (now - state.updated) * rate)
-            state.updated = now
-            if state.tokens <= 0:
-                wait = math.ceil((1.0 - state.tokens) / rate)
-                raise ApiError(429, "tokens-per-minute limit exceeded for this tenant", "rate_limit_exceeded",
-                               retry_after=max(1, wait))
-        state.active += 1
-        return state
-
-    @staticmethod
-    def leave(state: TenantState | None, tokens: int) -> None:
-        if state is not None:
-            state.active -= 1
-            state.tokens -= tokens
 
 
 class ModelQueues:

@@ -23,32 +23,49 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.access_log import AccessLog
-from gateway.admission import ModelQueues, TenantLimiter
+from gateway.admission import ModelQueues
 from gateway.auth import Authenticator, Principal, index_from_key_table
 from gateway.backend import Backend, BackendKey, make_backend
+from gateway.client_guard import FailedAuthLimiter
 from gateway.cors import Cors
 from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.metrics import GatewayMetrics, StateView
 from gateway.offload import make_offloader
+from gateway.openapi import build_document
 from gateway.prefix_router import PrefixRouter
 from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, ModelRoute, RoutingTable, table_from_snapshot
 from gateway.scraper import Scraper
 from gateway.settings import GatewaySettings, routing_policies
+from gateway.tenant_admission import TenantAdmission
+from gateway.tenant_limits import TenantLimiter
+from gateway.upload import UPLOAD_PATHS, UploadCall
 from gateway.usage import UsageRecorder
 from hpcgate.logs import get_logger
-from hpcgate.schemas import EndpointTable, KeyTable
+from hpcgate.schemas import EndpointTable, KeyTable, TribunalEntry
 
 log = get_logger("hpcgate.gateway")
 
+# Every JSON inference path vLLM serves, routed by the body's "model" like chat (the engine
+# serves the same path; the body goes unchanged but for an alias replaced by the model's name).
 _POST_PATHS = {
     b"/v1/chat/completions": "chat",
     b"/v1/completions": "completions",
     b"/v1/embeddings": "embeddings",
+    b"/v1/responses": "responses",
+    b"/v1/rerank": "rerank",
+    b"/rerank": "rerank",
+    b"/v2/rerank": "rerank",
+    b"/v1/score": "score",
+    b"/score": "score",
+    b"/tokenize": "tokenize",
+    b"/detokenize": "detokenize",
+    b"/pooling": "pooling",
+    b"/classify": "classify",
 }
-_GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models"})
+_GET_PATHS = frozenset({b"/health", b"/ready", b"/metrics", b"/v1/models", b"/openapi.json"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -84,11 +101,14 @@ class Gateway:
         self.has_table = False
         secret = s.key_hash_secret.encode() if s.key_hash_secret else None
         self.auth = Authenticator(secret, enabled=not s.no_auth)
-        self.tenants = TenantLimiter(s.workers)
+        self.auth_failures = FailedAuthLimiter(s.auth_failures_per_minute)
+        self.tenants = TenantLimiter(s.workers)  # holders: this gateway's workers until Redis says
+        self.limits = TenantAdmission(self.tenants)
         self.queues = ModelQueues(loop)
         self.usage = UsageRecorder(None if s.no_auth else s.database_url, s.usage_flush_s)
         self.metrics = GatewayMetrics(str(worker))
-        self.offloader = make_offloader(loop, s.stream_offload, s.upstream_read_timeout_s,
+        # The C relay writes plain bytes to the client's socket: with TLS the event loop relays.
+        self.offloader = make_offloader(loop, s.stream_offload and not s.tls, s.upstream_read_timeout_s,
                                         s.client_send_timeout_s)
         self.stream_relay = "c" if self.offloader is not None else "event-loop"
         self.backends: dict[BackendKey, Backend] = {}
@@ -110,6 +130,7 @@ class Gateway:
         self.access_log = AccessLog() if s.access_log else None
         self.cors = Cors(s.cors_allowed_origins) if s.cors_allowed_origins else None
         self._metrics_auth = b"Bearer " + s.metrics_token.encode() if s.metrics_token else None
+        self._openapi: bytes | None = None  # GET /openapi.json, built on first request
         self.metrics.add_state(self._state_view)
 
     # -- tables (control path) --------------------------------------------------------------------
@@ -154,6 +175,29 @@ class Gateway:
         log.info("table_installed", version=table.version, models=len(table.models), endpoints=len(live))
         return gone
 
+    def authenticate(self, req: Request, conn: HttpConnection) -> Principal:
+        """The request's principal; 429 for an address with too many failed keys of late
+        (:mod:`gateway.client_guard`), whose failures are counted here."""
+        limiter = self.auth_failures
+        if limiter.active:  # somebody failed recently: only then is the address looked at
+            address = conn.client_address(req.headers.get(b"x-forwarded-for"))
+            wait = limiter.retry_after(address, self.loop.time())
+            if wait is not None:
+                self.metrics.auth_refused.inc()
+                raise ApiError(429, f"too many failed API keys from {address}; retry in {wait} s",
+                               "auth_rate_limited", retry_after=wait)
+        try:
+            return self.auth.authenticate(req.headers.get(b"authorization"))
+        except ApiError as exc:
+            if exc.code != "missing_api_key":  # a wrong key is a guess; no key at all is not
+                limiter.failed(conn.client_address(req.headers.get(b"x-forwarded-for")), self.loop.time())
+            raise
+
+    def tick(self) -> None:
+        """Once a second (server tick): stalled upstreams, expired failure windows."""
+        self.check_stalls()
+        self.auth_failures.prune(self.loop.time())
+
     def check_stalls(self) -> None:
         """Once a second (server tick): fail upstream requests that stopped reading."""
         now = self.loop.time()
@@ -187,13 +231,15 @@ class Gateway:
         q = path.find(b"?")
         if q >= 0:
             path = path[:q]
+        if req.upload is not None:  # a multipart upload (audio): relayed as its body arrives
+            return UploadCall(self, conn, path, rid).begin(req)
         kind = _POST_PATHS.get(path)
         if kind is not None:
             if req.method != b"POST":
                 raise ApiError(405, f"{path.decode()} only accepts POST", "method_not_allowed")
             return ProxyCall(self, conn, path, rid).run(req, kind)
         if path.startswith(b"/v1/models/") and req.method == b"GET":
-            principal = self.auth.authenticate(req.headers.get(b"authorization"))
+            principal = self.authenticate(req, conn)
             conn.send_full(200, self._model_body(principal, path[len(b"/v1/models/"):]))
             conn.request_done()
             return None
@@ -210,6 +256,10 @@ class Gateway:
                                % (self.table.version, self.stream_relay.encode()))
             else:
                 raise ApiError(503, "no endpoint table yet", "not_ready", retry_after=1)
+        elif path == b"/openapi.json":
+            if self._openapi is None:
+                self._openapi = build_document(_POST_PATHS, sorted(_GET_PATHS), sorted(UPLOAD_PATHS))
+            conn.send_full(200, self._openapi)
         elif path == b"/metrics":
             token = self._metrics_auth
             if token is not None and not hmac.compare_digest(req.headers.get(b"authorization") or b"", token):
@@ -217,19 +267,44 @@ class Gateway:
                                "invalid_metrics_token")
             conn.send_full(200, self.metrics.render(), CONTENT_TYPE_LATEST.encode())
         else:
-            principal = self.auth.authenticate(req.headers.get(b"authorization"))
+            principal = self.authenticate(req, conn)
             conn.send_full(200, self._models_body(principal))
         conn.request_done()
         return None
 
     def _models_body(self, p: Principal) -> bytes:
-        data = [_model_info(r) for r in self.table.models if p.may_use(r.name, *r.aliases)]
+        table = self.table
+        data = [_model_info(r) for r in table.models if p.may_use(r.name, *r.aliases)]
+        data += [ModelInfo(t.model, "ready", ()) for t in table.tribunals.values()
+                 if self._may_use_tribunal(p, t)]
         return _encode(ModelList(data))
+
+    def _may_use_tribunal(self, p: Principal, t: TribunalEntry) -> bool:
+        """A key sees a tribunal it may use, with every model the tribunal calls."""
+        if p.allowed is None:
+            return True
+        if not p.may_use(t.model):
+            return False
+        for m in t.models:
+            route = self.table.lookup(m)
+            if not p.may_use(m, *((route.name,) if route is not None else ())):
+                return False
+        return True
+
+    def install_tribunals(self, tribunals: tuple[TribunalEntry, ...]) -> None:
+        """Static mode and tests: the current table with these tribunals (the dynamic mode gets
+        them with the endpoint table)."""
+        t = self.table
+        self.table = RoutingTable(t.version, t.generated_at, t.models, tribunals)
 
     def _model_body(self, p: Principal, raw_name: bytes) -> bytes:
         """``GET /v1/models/{id}`` (the SDK's ``models.retrieve``): by name or alias."""
         name = unquote(raw_name.decode("utf-8", "replace"))
         route = self.table.lookup(name)
+        if route is None:
+            tribunal = self.table.tribunals.get(name)
+            if tribunal is not None and self._may_use_tribunal(p, tribunal):
+                return _encode(ModelInfo(tribunal.model, "ready", ()))
         if route is None or not p.may_use(route.name, name):  # a model the key may not use is not shown
             raise ApiError(404, f"The model '{name}' does not exist", "model_not_found", "model")
         return _encode(_model_info(route))

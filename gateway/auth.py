@@ -11,20 +11,26 @@ from __future__ import annotations
 import time
 
 from gateway.errors import ApiError
-from hpcgate.schemas import KeyTable, hash_api_key
+from hpcgate.schemas import KeyTable, ModelLimit, hash_api_key
 
 
 class Principal:
-    __slots__ = ("allowed", "expires_at", "max_concurrent", "name", "tenant_id", "tpm")
+    __slots__ = ("allowed", "expires_at", "limited", "max_concurrent", "model_limits", "monthly_quota",
+                 "name", "tenant_id", "tpm")
 
     def __init__(self, tenant_id: int, name: str, allowed: frozenset[str] | None, *,
-                 max_concurrent: int | None, tpm: int | None, expires_at: float | None) -> None:
+                 max_concurrent: int | None, tpm: int | None, expires_at: float | None,
+                 model_limits: dict[str, ModelLimit] | None = None, monthly_quota: int | None = None) -> None:
         self.tenant_id = tenant_id  # 0: anonymous (--no-auth)
         self.name = name
         self.allowed = allowed  # None: every model
         self.max_concurrent = max_concurrent
         self.tpm = tpm
         self.expires_at = expires_at
+        self.model_limits = model_limits or {}  # canonical model name -> limits on top of the tenant's
+        self.monthly_quota = monthly_quota
+        self.limited = (max_concurrent is not None or tpm is not None or bool(self.model_limits)
+                        or monthly_quota is not None)
 
     def may_use(self, *names: str) -> bool:
         allowed = self.allowed
@@ -66,7 +72,9 @@ def index_from_key_table(table: KeyTable) -> KeyIndex:
         allowed = frozenset(tenant.allowed_models) if tenant.allowed_models is not None else None
         by_hash[digest] = Principal(tenant.tenant_id, tenant.name, allowed,
                                     max_concurrent=tenant.max_concurrent_requests,
-                                    tpm=tenant.tokens_per_minute, expires_at=key.expires_at)
+                                    tpm=tenant.tokens_per_minute, expires_at=key.expires_at,
+                                    model_limits=tenant.model_limits,
+                                    monthly_quota=tenant.monthly_token_quota)
     return KeyIndex(table.version, table.generated_at, by_hash)
 
 

@@ -32,10 +32,12 @@ from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import Any, Protocol, cast
 
+from gateway.client_guard import ConnectionCounter, TrustedProxies, forwarded_client, parse_networks
 from gateway.errors import ApiError, error_body
-from gateway.http_parse import FramingError, Request, RequestFramer
+from gateway.http_parse import FramingError, Request, RequestFramer, Upload
 from gateway.settings import GatewaySettings
 from gateway.tcp import nodelay_fd
+from gateway.tls import server_context
 from hpcgate.logs import get_logger
 
 log = get_logger("hpcgate.gateway.http")
@@ -76,14 +78,16 @@ Handler = Callable[[Request, "HttpConnection"], "Coroutine[Any, Any, None] | Non
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_busy", "_drain_waiter", "_framer", "_linger_left", "_pipeline", "_read_timer", "_server", "_task",
-        "closed", "fd", "idle_since", "keep_alive", "listener", "paused_since", "paused_size",
-        "response_headers", "response_started", "transport", "write_paused",
+        "_upload", "closed", "counted", "fd", "idle_since", "keep_alive", "listener", "paused_since",
+        "paused_size", "peer", "response_headers", "response_started", "transport", "write_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
         s = server.settings
         self._server = server
-        self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes)
+        self._framer = RequestFramer(s.max_body_bytes, s.max_header_count, s.max_header_bytes,
+                                     upload_paths=server.upload_paths, max_upload_bytes=s.max_upload_bytes)
+        self._upload: Upload | None = None  # the body of the request being answered, if an upload
         self._pipeline: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None  # only for a request on a slow path
         self._busy = False  # a request is being answered (in a task or in callbacks)
@@ -95,6 +99,8 @@ class HttpConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
         self.fd = -1  # the socket's descriptor (the C relay writes to it; see gateway.offload)
+        self.peer = ""  # the client's address (a proxy's, behind one: see client_address)
+        self.counted = False  # counted in the server's per-address connection counter
         self.closed = False
         self.write_paused = False
         self.keep_alive = True
@@ -110,17 +116,36 @@ class HttpConnection(asyncio.Protocol):
         self.fd = nodelay_fd(transport)
         server = self._server
         server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) and peer else ""
         if len(server.connections) > server.settings.limit_concurrency or server.shutting_down:
-            self.keep_alive = False
-            self.send_full(503, error_body(503, "gateway is at its connection limit", "overloaded"),
-                           extra=b"retry-after: 1\r\n")
-            self.transport.close()  # after the buffered answer is written
+            self._refuse("gateway is at its connection limit")
             return
+        if self.peer not in server.trusted_proxies:
+            if not server.per_address.admit(self.peer):
+                self._refuse(f"too many open connections from {self.peer}")
+                return
+            self.counted = True
         self._arm_idle()
+
+    def _refuse(self, message: str) -> None:
+        self.keep_alive = False
+        self.send_full(503, error_body(503, message, "overloaded"), extra=b"retry-after: 1\r\n")
+        assert self.transport is not None
+        self.transport.close()  # after the buffered answer is written
+
+    def client_address(self, forwarded_for: bytes | None) -> str:
+        """The client's address: the peer's, or behind a trusted proxy the one it forwarded."""
+        if self.peer in self._server.trusted_proxies:
+            return forwarded_client(self.peer, forwarded_for)
+        return self.peer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._server.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            self._server.per_address.release(self.peer)
         self._cancel_timers()
         listener = self.listener
         if listener is not None:
@@ -128,6 +153,8 @@ class HttpConnection(asyncio.Protocol):
             listener.client_lost()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._upload is not None and not self._upload.done:
+            self._upload.fail(ConnectionResetError("client disconnected during the upload"))
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client disconnected"))
@@ -144,7 +171,16 @@ class HttpConnection(asyncio.Protocol):
         except FramingError as exc:
             self._reject(exc.status, str(exc))
             return
-        if self._framer.in_message:
+        if requests:
+            for r in requests:
+                if r.upload is not None:  # its body is still arriving: read it at the handler's pace
+                    r.upload.pause, r.upload.resume = self._pause_reading, self._resume_reading
+                    r.upload.check_pause()
+        if self._framer.uploading:  # no deadline for a whole upload; the handler times each read
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+        elif self._framer.in_message:
             if self._read_timer is None:
                 self._read_timer = self._server.loop.call_later(
                     self._server.settings.request_read_timeout_s, self._read_timeout
@@ -159,6 +195,14 @@ class HttpConnection(asyncio.Protocol):
                 return
             if not self._busy:
                 self._start_next()
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -180,6 +224,7 @@ class HttpConnection(asyncio.Protocol):
     # -- request cycle ------------------------------------------------------------------------
     def _start_next(self) -> None:
         request = self._pipeline.popleft()
+        self._upload = request.upload
         self.keep_alive = request.keep_alive and not self._server.shutting_down
         self.response_started = False
         self.response_headers = b""
@@ -228,6 +273,11 @@ class HttpConnection(asyncio.Protocol):
     def request_done(self) -> None:
         """The response in progress is complete (or abandoned): next request, idle, or close."""
         self._busy = False
+        upload = self._upload
+        if upload is not None:
+            self._upload = None
+            if not upload.done:  # answered before its body ended: the rest is read and dropped
+                upload.discard()
         self.response_headers = b""
         self.listener = None
         if not self.closed:
@@ -357,19 +407,26 @@ class HttpConnection(asyncio.Protocol):
 class HttpServer:
     """Owns the listening socket, the open connections and the once-a-second tick."""
 
-    def __init__(self, handler: Handler, settings: GatewaySettings, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, handler: Handler, settings: GatewaySettings, loop: asyncio.AbstractEventLoop,
+                 upload_paths: frozenset[bytes] = frozenset()) -> None:
         self.handler = handler
         self.settings = settings
+        self.upload_paths = upload_paths  # requests whose body is relayed as it arrives (multipart)
         self.loop = loop
         self.connections: set[HttpConnection] = set()
+        self.per_address = ConnectionCounter(settings.max_connections_per_address)
+        self.trusted_proxies = TrustedProxies(parse_networks(settings.trusted_proxies))
         self.shutting_down = False
         self._server: asyncio.Server | None = None
         self._tick: asyncio.TimerHandle | None = None
         self.on_tick: list[Callable[[], None]] = []  # once-a-second hooks (e.g. flush the access log)
 
     async def start(self, sock: socket.socket) -> None:
+        s = self.settings
+        tls = server_context(s.tls_cert_file, s.tls_key_file) if s.tls_cert_file and s.tls_key_file else None
         self._server = await self.loop.create_server(
-            lambda: HttpConnection(self), sock=sock, backlog=2048
+            lambda: HttpConnection(self), sock=sock, backlog=2048, ssl=tls,
+            ssl_handshake_timeout=s.request_read_timeout_s if tls else None,
         )
         self._on_tick()
 

@@ -12,11 +12,12 @@ import time
 
 import asyncpg
 
-from hpcgate.schemas import ApiKeyEntry, KeyTable, TenantEntry
+from hpcgate.schemas import ApiKeyEntry, KeyTable, TenantEntry, decode_model_limits
 
 _VERSION = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM published_table_version"
 _TENANTS = """
-SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute
+SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute,
+       model_limits::text AS model_limits, monthly_token_quota
 FROM identity_tenants WHERE enabled
 """
 _KEYS = """
@@ -44,6 +45,8 @@ async def load_key_table(dsn: str, timeout: float = 5.0) -> KeyTable:
                 allowed_models=tuple(r["allowed_models"]) if r["allowed_models"] is not None else None,
                 max_concurrent_requests=r["max_concurrent_requests"],
                 tokens_per_minute=r["tokens_per_minute"],
+                model_limits=decode_model_limits(r["model_limits"]),
+                monthly_token_quota=r["monthly_token_quota"],
             )
             for r in tenants
         ),
@@ -53,3 +56,23 @@ async def load_key_table(dsn: str, timeout: float = 5.0) -> KeyTable:
             for r in keys
         ),
     )
+
+
+# This calendar month's tokens (UTC) of every tenant that has a monthly quota.
+_MONTH_USAGE = """
+SELECT u.tenant_id, sum(u.prompt_tokens + u.completion_tokens)::bigint AS used
+FROM usage_records u JOIN identity_tenants t USING (tenant_id)
+WHERE t.monthly_token_quota IS NOT NULL
+  AND u.bucket_start >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+GROUP BY u.tenant_id
+"""
+
+
+async def load_month_usage(dsn: str, timeout: float = 5.0) -> dict[int, int]:
+    """Tokens used this month per tenant with a quota (what the gateways have flushed)."""
+    conn = await asyncpg.connect(dsn, timeout=timeout)
+    try:
+        rows = await conn.fetch(_MONTH_USAGE, timeout=timeout)
+    finally:
+        await conn.close(timeout=timeout)
+    return {int(r["tenant_id"]): int(r["used"]) for r in rows}

@@ -4,7 +4,8 @@ With ``--workers 1`` the process serves itself. With N > 1 the parent binds the 
 with SO_REUSEPORT but never listens on that socket (it only reserves the port and learns it,
 for ``--port 0``); each forked worker binds its own listening SO_REUSEPORT socket on that port,
 so the kernel spreads connections evenly. The parent prints one ``gateway_listening`` line once
-every worker listens, forwards SIGTERM/SIGINT to them, and restarts a worker that dies.
+every worker listens, forwards SIGTERM/SIGINT to them (a second one too: each worker then exits
+at once), and restarts a worker that dies.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import sys
 import time
@@ -76,11 +78,34 @@ def main(argv: list[str]) -> int:
     }
     settings = load_gateway_settings(overrides=overrides, config_path=args.config)
     setup_logging(settings.log_level)
+    _raise_descriptor_limit(settings)
     if settings.workers == 1:
         sock = bind_socket(settings.host, settings.port, reuse_port=False)
         _serve(settings, sock, 0, lambda port: _announce(settings.host, port))
         return 0
     return _run_workers(settings)
+
+
+def descriptors_needed(settings: GatewaySettings) -> int:
+    """A worker at ``limit_concurrency`` clients, each streaming from an engine, plus room for
+    logs, Redis, PostgreSQL and idle upstream connections."""
+    return 2 * settings.limit_concurrency + 1024
+
+
+def _raise_descriptor_limit(settings: GatewaySettings) -> None:
+    """Take the hard ``RLIMIT_NOFILE`` as the soft one (Debian's default soft limit is 1024), and
+    say at start when even that cannot hold ``limit_concurrency`` streams: past it, accepts fail
+    with EMFILE instead of the clean 503 of the connection cap."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    need = descriptors_needed(settings)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("descriptor_limit_low", nofile=soft, needed=need,
+                    limit_concurrency=settings.limit_concurrency,
+                    hint="raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower gateway.limit_concurrency")
 
 
 def _run_workers(settings: GatewaySettings) -> int:

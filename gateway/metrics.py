@@ -67,6 +67,10 @@ class GatewayMetrics:
                                 ["worker", "model"], registry=r)
         self._ejections = Counter("hpcgate_gateway_ejections", "Endpoints ejected as outliers",
                                   ["worker", "backend"], registry=r)
+        self._auth_refused = Counter("hpcgate_gateway_auth_rate_limited",
+                                     "Requests refused (429) from addresses with too many failed API keys",
+                                     ["worker"], registry=r)
+        self.auth_refused = self._auth_refused.labels(worker)
         self._models: dict[str, _ModelStats] = {}
         r.register(_RequestCollector(worker, self._models))
 
@@ -100,6 +104,10 @@ class GatewayMetrics:
 
     def add_state(self, read: Callable[[], StateView]) -> None:
         self.registry.register(_StateCollector(self.worker, read))
+
+    def add_lease_state(self, read: Callable[[], tuple[bool, int, int]]) -> None:
+        """Tenant-limit leases: ``read()`` -> (leased from Redis now, holders, failed syncs)."""
+        self.registry.register(_LeaseCollector(self.worker, read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -139,6 +147,30 @@ class _RequestCollector(Collector):
         yield tokens
         yield ttft
         yield duration
+
+
+class _LeaseCollector(Collector):
+    def __init__(self, worker: str, read: Callable[[], tuple[bool, int, int]]) -> None:
+        self._worker = worker
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        leased, holders, failures = self._read()
+        w = [self._worker]
+        g = GaugeMetricFamily("hpcgate_gateway_tenant_limits_leased",
+                              "1 while tenant limits are leased from Redis, 0 on a local share (fallback)",
+                              labels=["worker"])
+        g.add_metric(w, 1.0 if leased else 0.0)
+        yield g
+        h = GaugeMetricFamily("hpcgate_gateway_tenant_limit_holders",
+                              "Worker processes sharing the tenant limits, as Redis last reported",
+                              labels=["worker"])
+        h.add_metric(w, holders)
+        yield h
+        c = CounterMetricFamily("hpcgate_gateway_tenant_lease_failures", "Lease syncs with Redis that failed",
+                                labels=["worker"])
+        c.add_metric(w, failures)
+        yield c
 
 
 class StateView:

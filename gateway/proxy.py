@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway.admission import TenantLimiter, TenantState
+from gateway.auth import Principal
 from gateway.backend import Backend
 from gateway.balancer import choose
 from gateway.errors import ApiError
@@ -32,9 +32,12 @@ from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
 from gateway.prefix_router import PromptKey
 from gateway.relay import CLIENT_GONE, Exchange
-from gateway.request_view import ask_for_usage, parse_view, with_model
+from gateway.request_view import GENERATES, ask_for_usage, parse_view, with_model
 from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
 from gateway.sse import SseScanner, usage_of
+from gateway.tenant_admission import Admission
+from gateway.tenant_limits import estimate_tokens
+from gateway.tribunal import TribunalHandoff, tribunal_call
 from gateway.upstream_client import UpstreamConnection, UpstreamError, build_request
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
@@ -51,7 +54,7 @@ _POST = b"POST"
 
 class ProxyCall:
     __slots__ = (
-        "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
+        "backend", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task", "kind",
         "last", "model", "path", "pkey", "prefill_est", "prompt", "rid", "route", "stale_retried", "start",
         "status", "stream", "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
@@ -69,9 +72,10 @@ class ProxyCall:
         self.pkey: PromptKey | None = None  # set for a model routed cache-aware
         self.prefill_est = 0.0  # its estimated uncached tokens, in the backend's prefill_inflight
         self.body = b""
+        self.kind = "chat"
         self.stream = False
         self.strip_usage = False  # a stream for which the gateway asked the engine for usage
-        self.tstate: TenantState | None = None
+        self.tstate: Admission | None = None  # the tenant's budgets this request holds
         self.backend: Backend | None = None  # set while counted in the backend's in-flight
         self.exchange: Exchange | None = None
         self.status = 499  # if the client goes away first
@@ -95,6 +99,9 @@ class ProxyCall:
             self._reply_error(exc)
             self._finish()
             return None
+        except TribunalHandoff as handoff:  # a virtual model: gateway.tribunal owns the request
+            self.finished = self.in_task = True  # nothing of this call to account
+            return tribunal_call(self.gw, self.conn, self.rid, handoff, req.body)
         except BaseException:
             self.in_task = True  # the connection answers 500 and calls request_done
             self._finish()
@@ -105,30 +112,28 @@ class ProxyCall:
     def _prelude(self, req: Request, kind: str) -> None:
         gw = self.gw
         headers = req.headers
-        principal = gw.auth.authenticate(headers.get(b"authorization"))
+        principal = gw.authenticate(req, self.conn)
         self.tenant, self.tenant_id = principal.name, principal.tenant_id
         ctype = headers.get(b"content-type")
         if ctype != _JSON and (ctype is None or ctype.partition(b";")[0].strip().lower() != _JSON):
             raise ApiError(415, "Content-Type must be application/json", "unsupported_media_type")
         view = parse_view(kind, req.body)
-        route = gw.table.lookup(view.model)
-        if route is None:
-            raise ApiError(404, f"The model '{view.model}' does not exist", "model_not_found", "model")
-        self.model = route.name
-        if not principal.may_use(route.name, view.model):
-            raise ApiError(403, f"this API key may not use model '{view.model}'", "model_not_allowed",
-                           "model")
-        if not route.backends:
-            raise _no_instance(route)
-        self.route = route
+        route = self._route(principal, view.model, kind)
         if gw.prefix_router is not None and route.name in gw.cache_aware:
             raw = view.messages if view.messages is not msgspec.UNSET else view.prompt
             if raw is not msgspec.UNSET:
                 self.pkey = gw.prefix_router.key(memoryview(raw), route.name, principal.tenant_id,
                                                  headers.get(gw.session_header))
-        self.tstate = gw.tenants.enter(principal, gw.loop.time())
+        if principal.limited:
+            default = gw.settings.tpm_completion_estimate if kind in GENERATES else 0
+            estimate = estimate_tokens(view.payload_bytes(), view.completion_cap(), default,
+                                       route.max_model_len)
+            self.tstate = gw.limits.admit(principal, route.name, gw.loop.time(), estimate)
         body = req.body if view.model == route.name else with_model(req.body, route.name)
-        if view.stream:
+        self.kind = kind
+        if view.stream and kind == "responses":
+            self.stream = True  # usage comes in response.completed, whatever the client asked
+        elif view.stream:
             self.stream = True
             opts = view.stream_options
             # The client did not ask for usage: ask the engine anyway (every request is booked
@@ -137,6 +142,26 @@ class ProxyCall:
             if self.strip_usage:
                 body = ask_for_usage(body, opts is not msgspec.UNSET)
         self.body = body
+
+    def _route(self, principal: Principal, name: str, kind: str) -> ModelRoute:
+        """The route of model ``name`` (or alias) for ``principal``; 404, 403 or 503 otherwise,
+        and :class:`TribunalHandoff` for a tribunal's name on a chat request."""
+        route = self.gw.table.lookup(name)
+        if route is None:
+            tribunal = self.gw.table.tribunals.get(name)  # only after a miss: free for real models
+            if tribunal is not None:
+                if kind != "chat":
+                    raise ApiError(400, f"'{name}' is a tribunal: it serves /v1/chat/completions only",
+                                   "invalid_model_for_endpoint", "model")
+                raise TribunalHandoff(tribunal, principal)
+            raise ApiError(404, f"The model '{name}' does not exist", "model_not_found", "model")
+        self.model = route.name
+        if not principal.may_use(route.name, name):
+            raise ApiError(403, f"this API key may not use model '{name}'", "model_not_allowed", "model")
+        if not route.backends:
+            raise _no_instance(route)
+        self.route = route
+        return route
 
     def _first_attempt(self) -> bool:
         """Send on an idle connection now; False if that needs waiting (connect, queue)."""
@@ -185,7 +210,7 @@ class ProxyCall:
         scanner = SseScanner(strip_usage=self.strip_usage) if stream else None
         ex = Exchange(gw.loop, self.conn, scanner, gw.settings.max_response_bytes,
                       stream, owner=None if self.in_task else self,
-                      offloader=gw.offloader if stream else None)
+                      offloader=gw.offloader if stream and self.kind != "responses" else None)
         self.exchange = ex
         ex.upstream = up
         self.conn.listener = ex
@@ -268,7 +293,7 @@ class ProxyCall:
         scanner = ex.scanner
         assert scanner is not None
         if scanner.usage is not None:
-            self.prompt, self.completion = scanner.usage.prompt_tokens, scanner.usage.completion_tokens
+            self.prompt, self.completion = scanner.usage.counts()
         else:
             self.completion = scanner.content_events
         if ex.error is not None:
@@ -285,7 +310,7 @@ class ProxyCall:
         if ex.status == 200:
             u = usage_of(out)
             if u is not None:
-                self.prompt, self.completion = u.prompt_tokens, u.completion_tokens
+                self.prompt, self.completion = u.counts()
         ex.first_byte_at = perf_counter()
         self.conn.send_full(ex.status, out, ex.headers.get(b"content-type", _JSON))
 
@@ -359,7 +384,7 @@ class ProxyCall:
             self._release(backend)
         prompt, completion = self.prompt, self.completion
         if self.tstate is not None:
-            TenantLimiter.leave(self.tstate, prompt + completion)
+            self.tstate.leave(prompt + completion)
         duration = perf_counter() - self.start
         ttft = ex.first_byte_at - self.start if ex is not None and ex.first_byte_at else None
         status = self.status

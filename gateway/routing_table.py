@@ -2,7 +2,8 @@
 
 Built off the hot path whenever a new endpoint table arrives (or once, in static mode), then
 swapped in by replacing one reference; readers never lock and never scan. Aliases are resolved
-here, so a request's model costs exactly one lookup. Backends are reused across tables through
+here, so a request's model costs exactly one lookup. Tribunals (virtual models) are in their own
+dict, read only when that lookup missed. Backends are reused across tables through
 the caller's registry (see :mod:`gateway.backend`).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from gateway.backend import Backend, BackendKey
-from hpcgate.schemas import EndpointTable, ModelState
+from hpcgate.schemas import EndpointTable, ModelState, TribunalEntry
 
 # Retry-After seconds for a model whose instances are starting (or briefly unroutable). A model
 # that is stopped or failed gets none: nothing will change until an operator acts.
@@ -33,10 +34,14 @@ class ModelRoute:
 
 
 class RoutingTable:
-    __slots__ = ("_routes", "generated_at", "models", "version")
+    __slots__ = ("_routes", "generated_at", "models", "tribunals", "version")
 
-    def __init__(self, version: int, generated_at: float, models: Iterable[ModelRoute]) -> None:
+    def __init__(self, version: int, generated_at: float, models: Iterable[ModelRoute],
+                 tribunals: Iterable[TribunalEntry] = ()) -> None:
         self.version = version
+        # "tribunal/<name>" -> configuration. Looked up only after the model lookup missed, so
+        # a request for a real model never touches it (see gateway.proxy).
+        self.tribunals = {t.model: t for t in tribunals}
         self.generated_at = generated_at
         self.models = tuple(models)
         routes: dict[str, ModelRoute] = {}
@@ -83,4 +88,4 @@ def table_from_snapshot(
     for route in routes:
         for b in route.backends:
             b.models = b.models | {route.name}
-    return RoutingTable(snap.version, snap.generated_at, routes)
+    return RoutingTable(snap.version, snap.generated_at, routes, snap.tribunals)

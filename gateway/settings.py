@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from gateway.client_guard import parse_networks
+from gateway.tls import server_context
 from hpcgate.settings import LogLevel, Port, PositiveFloat, SettingsError, load_settings
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -31,12 +33,17 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     no_auth: bool = False
     # client side
     max_body_bytes: PositiveInt = 8 * 1024 * 1024
+    max_upload_bytes: PositiveInt = 100 * 1024 * 1024  # a multipart upload (audio), relayed as it arrives
     max_header_count: PositiveInt = 100
     max_header_bytes: PositiveInt = 16 * 1024
     keep_alive_timeout_s: PositiveFloat = 5.0
     request_read_timeout_s: PositiveFloat = 10.0  # headers + body of one request (slowloris)
     client_send_timeout_s: PositiveFloat = 60.0  # a client that reads nothing for this long is cut
     limit_concurrency: PositiveInt = 10_000  # open client connections per worker; beyond: 503
+    max_connections_per_address: NonNegInt = 2048  # per worker and client address; beyond: 503; 0: off
+    auth_failures_per_minute: NonNegInt = 30  # failed API keys per client address; beyond: 429; 0: off
+    # proxies in front (CIDRs): exempt from the per-address cap; their X-Forwarded-For names the client
+    trusted_proxies: tuple[str, ...] = ()
     # upstream side
     upstream_connect_timeout_s: PositiveFloat = 5.0
     upstream_read_timeout_s: PositiveFloat = 300.0  # per read, never a total timeout on streams
@@ -62,6 +69,11 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     session_header: str = "x-session-id"  # cache-aware: a client's conversation id, used to break ties
     queue_max: NonNegInt = 256  # requests waiting per model when every instance is saturated
     queue_timeout_s: PositiveFloat = 10.0
+    # tenant limits (gateway.tenant_limits, gateway.lease_sync)
+    tpm_completion_estimate: NonNegInt = 1024  # reserved for a request without max_tokens
+    lease_interval_s: PositiveFloat = 0.5  # how often each worker leases budget from Redis
+    lease_hold_s: PositiveFloat = 10.0  # a lease outlives Redis this long, then local shares
+    quota_resync_s: PositiveFloat = 10.0  # monthly token use re-read from PostgreSQL
     # tables
     table_resync_s: PositiveFloat = 30.0
     key_resync_s: PositiveFloat = 30.0
@@ -72,6 +84,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     access_log: bool = True
     # browser clients: origins allowed to call the API ("*": any); empty: no CORS headers at all
     cors_allowed_origins: tuple[str, ...] = ()
+    # TLS on this port (both, PEM); unset: plain HTTP (a proxy in front terminates TLS)
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     # a bearer token that /metrics requires (Prometheus's bearer_token); unset: /metrics is open
     metrics_token: str | None = None
     # common (no section prefix)
@@ -84,6 +99,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     @property
     def static_mode(self) -> bool:
         return bool(self.static_endpoints)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class StaticEndpoint(msgspec.Struct, frozen=True):
@@ -137,6 +156,17 @@ def load_gateway_settings(
                              config_path=config_path)
     parse_static_endpoints(settings.static_endpoints)  # validate now, fail fast
     routing_policies(settings)
+    try:
+        parse_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting gateway.trusted_proxies: {exc}") from None
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise SettingsError("gateway.tls_cert_file and gateway.tls_key_file go together: set both or neither")
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        try:
+            server_context(settings.tls_cert_file, settings.tls_key_file)
+        except ValueError as exc:
+            raise SettingsError(f"invalid TLS setting: {exc}") from None
     if not settings.static_mode and not settings.redis_url:
         raise SettingsError("HPCGATE_REDIS_URL is required without --static-endpoint (dynamic mode)")
     if not settings.no_auth:

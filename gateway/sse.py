@@ -19,13 +19,38 @@ _DATA = b"data: "
 
 
 class Usage(msgspec.Struct):
+    """A ``usage`` object in any of vLLM's shapes: chat/completions/embeddings/score/pooling
+    (``prompt_tokens``, ``completion_tokens``), Responses (``input_tokens``, ``output_tokens``),
+    rerank (``total_tokens`` only: all of it is prompt)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+    def counts(self) -> tuple[int, int]:
+        """(prompt, completion) tokens."""
+        if self.prompt_tokens or self.completion_tokens:
+            return self.prompt_tokens, self.completion_tokens
+        if self.input_tokens or self.output_tokens:
+            return self.input_tokens, self.output_tokens
+        return self.total_tokens, 0
+
+
+class _ResponseUsage(msgspec.Struct):
+    usage: Usage | None = None
 
 
 class UsageView(msgspec.Struct):
     usage: Usage | None = None
     choices: list[msgspec.Raw] | None = None
+    response: _ResponseUsage | None = None  # a Responses API event (response.completed)
+
+    def found(self) -> Usage | None:
+        if self.usage is not None:
+            return self.usage
+        return self.response.usage if self.response is not None else None
 
 
 decode_usage_view = msgspec.json.Decoder(UsageView).decode
@@ -37,6 +62,9 @@ def usage_of(body: bytes) -> Usage | None:
         return decode_usage_view(body).usage
     except msgspec.DecodeError:
         return None
+
+
+_EVENT = b"event: "
 
 
 class SseScanner:
@@ -94,15 +122,18 @@ class SseScanner:
             end = len(data) if end < 0 else end + 2
             pos = end
             event = data[start:end]
+            if event.startswith(_EVENT):  # the Responses API names each event on a line before its data
+                event = event[event.find(b"\n") + 1:]
             if not event.startswith(_DATA):
                 continue
             try:
                 view = decode_usage_view(event[len(_DATA):].rstrip(b"\n"))
             except msgspec.DecodeError:
                 continue
-            if view.usage is not None:
-                self.usage = view.usage
-                if self.strip_usage and not view.choices:
+            usage = view.found()
+            if usage is not None:
+                self.usage = usage
+                if self.strip_usage and view.usage is not None and not view.choices:
                     data = data[:start] + data[end:]
                     pos = start
         return data

@@ -55,6 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_pool",
         "_reads",
         "_stalled_since",
+        "_write_waiter",
         "closed",
         "fd",
         "on_body",
@@ -83,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: ResponseSink | None = None
         self.closed = False
         self.reused = False
+        self._write_waiter: asyncio.Future[None] | None = None  # an upload waits for the engine to read
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()
         self._not_busy()
         self._pool.forget(self)
         sink, self.sink = self.sink, None
@@ -194,6 +197,29 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(request)
         self._pool.busy.add(self)  # the pool's sweep watches it for stalls (no timer per request)
 
+    # An upload's body is written piece by piece (gateway.upload): it waits while the engine's
+    # socket is full, so a fast client and a slow engine never fill the gateway's memory.
+    def pause_writing(self) -> None:
+        if self._write_waiter is None:
+            self._write_waiter = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        w, self._write_waiter = self._write_waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def drain(self) -> None:
+        w = self._write_waiter
+        if w is not None:
+            await w
+        if self.closed:
+            raise UpstreamError("closed", "upstream closed the connection", not self._head_seen)
+
+    def write(self, data: bytes) -> None:
+        """More of the request (an upload's body) after :meth:`send`."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
     def pause_reading(self) -> None:
         if not self._paused and self.transport is not None and not self.closed:
             self._paused = True
@@ -277,6 +303,10 @@ class UpstreamPool:
         conn = self.take_idle()
         if conn is not None:
             return conn
+        return await self.open()
+
+    async def open(self) -> UpstreamConnection:
+        """A new connection (an upload takes one: a stale keep-alive one could not be retried)."""
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, proto = await self.loop.create_connection(
@@ -324,3 +354,13 @@ def build_request(method: bytes, path: bytes, host_header: bytes, auth_line: byt
     return (b"%b %b HTTP/1.1\r\nhost: %b\r\n%bx-request-id: %b\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%b") % (
         method, path, host_header, auth_line, request_id, len(body), body)
+
+
+def build_upload_head(path: bytes, host_header: bytes, auth_line: bytes, content_type: bytes,
+                      content_length: int | None, *, request_id: bytes) -> bytes:
+    """The head of an upload relayed as it arrives: the client's Content-Type (its multipart
+    boundary), and its Content-Length, or chunked framing when it sent none."""
+    length = b"content-length: %d\r\n" % content_length if content_length is not None else (
+        b"transfer-encoding: chunked\r\n")
+    return (b"POST %b HTTP/1.1\r\nhost: %b\r\n%bx-request-id: %b\r\ncontent-type: %b\r\n%b\r\n") % (
+        path, host_header, auth_line, request_id, content_type, length)

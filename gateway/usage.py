@@ -59,6 +59,13 @@ class UsageRecorder:
             row[2] += prompt
             row[3] += completion
 
+    def unflushed_tokens(self) -> dict[int, int]:
+        """Tokens per tenant not written yet (a batch being written counts as written)."""
+        out: dict[int, int] = {}
+        for (tenant, _, _), row in self._rows.items():
+            out[tenant] = out.get(tenant, 0) + row[2] + row[3]
+        return out
+
     @property
     def pending(self) -> int:
         """Rows not yet known to be written (including a batch being written now)."""

@@ -2,7 +2,8 @@
 
 A worker serves on a socket it is given (bound by the parent, or its own SO_REUSEPORT socket),
 holds its own copy of the tables and scrapes on its own. On SIGTERM/SIGINT it stops accepting,
-lets streams in flight finish up to ``shutdown_timeout_s``, then writes the usage it holds.
+lets streams in flight finish up to ``shutdown_timeout_s``, then writes the usage it holds; a
+second SIGTERM/SIGINT exits at once.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import signal
 import socket
 import time
 from collections.abc import Callable
 
 from gateway.app import Gateway
 from gateway.http_server import HttpServer
-from gateway.key_source import load_key_table
+from gateway.key_source import load_key_table, load_month_usage
+from gateway.lease_sync import LeaseSync
 from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
 from gateway.table_sync import RedisTableSync
+from gateway.upload import UPLOAD_PATHS
+from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import get_logger
 from hpcgate.schemas import ModelState
 
@@ -48,9 +51,10 @@ class Worker:
         self.index = index
         self.loop = asyncio.get_running_loop()
         self.gateway = Gateway(settings, self.loop, index)
-        self.server = HttpServer(self.gateway.handle, settings, self.loop)
+        self.server = HttpServer(self.gateway.handle, settings, self.loop, upload_paths=UPLOAD_PATHS)
         self._tasks: list[asyncio.Task[None]] = []
         self.sync: RedisTableSync | None = None
+        self.leases: LeaseSync | None = None  # cluster-wide tenant limits (auth on, with Redis)
         self.key_load_failures = 0  # PostgreSQL loads that failed (the keys held stay in use)
 
     async def start(self, sock: socket.socket) -> None:
@@ -66,11 +70,18 @@ class Worker:
                 on_keys=gw.install_keys if auth_on else None,
             )
             self._tasks.append(self.loop.create_task(self.sync.run()))
+        if auth_on and s.redis_url:
+            leases = self.leases = LeaseSync(s.redis_url, s.redis_prefix, gw.tenants, self.loop,
+                                             interval_s=s.lease_interval_s, hold_s=s.lease_hold_s)
+            gw.metrics.add_lease_state(lambda: (gw.tenants.leasing, gw.tenants.holders, leases.failures))
+            self._tasks.append(self.loop.create_task(self.leases.run()))
         if auth_on and s.database_url:
             await self._load_keys_once()
             self._tasks.append(self.loop.create_task(self._resync_keys()))
+            await self._load_quotas_once()
+            self._tasks.append(self.loop.create_task(self._resync_quotas()))
         gw.usage.start()
-        self.server.on_tick.append(gw.check_stalls)
+        self.server.on_tick.append(gw.tick)
         if gw.access_log is not None:
             self.server.on_tick.append(gw.access_log.flush)
         await self.server.start(sock)
@@ -91,9 +102,26 @@ class Worker:
             await asyncio.sleep(self.settings.key_resync_s)
             await self._load_keys_once()
 
+    async def _load_quotas_once(self) -> None:
+        assert self.settings.database_url is not None
+        try:
+            used = await load_month_usage(self.settings.database_url)
+        except (OSError, TimeoutError, Exception) as exc:  # keep the last view; local spend keeps adding
+            log.warning("quota_load_failed", error=str(exc) or type(exc).__name__)
+            return
+        gw = self.gateway
+        gw.limits.quotas.load(used, gw.usage.unflushed_tokens())
+
+    async def _resync_quotas(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.quota_resync_s)
+            await self._load_quotas_once()
+
     async def stop(self) -> None:
         off = self.gateway.offloader
         await self.server.shutdown(self.settings.shutdown_timeout_s, off.drain if off is not None else None)
+        if self.leases is not None:
+            self.leases.close()
         if self.sync is not None:
             self.sync.close()  # a cancellation alone can be lost inside redis-py (see table_sync)
         for task in self._tasks:
@@ -101,6 +129,8 @@ class Worker:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.leases is not None:  # requests have ended: the tenants' budgets go back at once
+            await self.leases.release()
         self.gateway.scraper.close()
         for b in self.gateway.backends.values():
             b.pool.close()
@@ -119,8 +149,7 @@ async def run_worker(settings: GatewaySettings, sock: socket.socket, index: int,
                      on_ready: Callable[[int], None]) -> None:
     worker = Worker(settings, index)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        worker.loop.add_signal_handler(sig, stop.set)
+    install_stop_signals(worker.loop, stop.set)  # a second signal exits at once
     await worker.start(sock)
     # Everything made at start-up (modules, tables, settings) lives as long as the worker: out of
     # the collector's sight, the full collections that still happen under load scan only what

@@ -3,7 +3,8 @@
 Each component exposes ``main(argv: list[str]) -> int`` in the module named in
 :data:`COMMANDS`; importing only the chosen one keeps ``hpcgate sim`` starting in well under a
 second and keeps the data plane free of control-plane imports. A :class:`SettingsError` from
-any component ends the process with a one-line message and exit code 2.
+any component ends the process with a one-line message and exit code 2. A process started by
+``hpcgate up`` dies with it (:func:`hpcgate.lifecycle.die_with_parent`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from hpcgate.lifecycle import die_with_parent
 from hpcgate.settings import SettingsError
 
 # name -> (module, one-line help)
@@ -43,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    die_with_parent()  # under `hpcgate up`: end with it, even when it is killed with SIGKILL
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"hpcgate: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

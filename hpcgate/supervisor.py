@@ -4,7 +4,9 @@ Used by ``hpcgate up`` (and usable by harnesses) to run several hpcgate daemons 
 Invariants: a child is "ready" only when its readiness check passes (a stdout line with a
 known event, or an HTTP probe), never after a sleep; ``stop_all`` sends SIGTERM to every
 child's process group in reverse start order, waits up to a grace period, then SIGKILLs, so
-no child outlives the supervisor; each child's output goes to a log file of its own.
+no child outlives the supervisor; each child's output goes to a log file of its own. Every
+child is started with ``HPCGATE_PARENT_PID`` (:func:`hpcgate.lifecycle.die_with_parent`), so it
+gets SIGTERM when the supervisor dies, even of SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+
+from hpcgate.lifecycle import PARENT_PID_ENV
 
 
 class ChildFailedError(Exception):
@@ -49,9 +54,11 @@ def hpcgate_argv(*args: str) -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, log_dir: Path, env: dict[str, str], *,
+                 on_spawn: Callable[[Child], None] | None = None) -> None:
         self.log_dir = log_dir
         self.env = env
+        self.on_spawn = on_spawn  # called once the child's process exists (``up`` records its pid)
         self.children: list[Child] = []
         self._copiers: list[asyncio.Future[None]] = []
 
@@ -61,13 +68,15 @@ class Supervisor:
         child = Child(name, argv, self.log_dir / f"{name}.log")
         child.proc = await asyncio.create_subprocess_exec(
             *argv,
-            env=self.env,
+            env={**self.env, PARENT_PID_ENV: str(os.getpid())},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop_all reaches grandchildren
         )
         self.children.append(child)
+        if self.on_spawn is not None:
+            self.on_spawn(child)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # The copier runs for the child's whole life, so the child never blocks on a full pipe.
         self._copiers.append(asyncio.ensure_future(self._copy_output(child, ready_event, ready)))
@@ -104,6 +113,19 @@ class Supervisor:
         for fut in pending:
             fut.cancel()
         return waits[next(iter(done))]
+
+    async def stop(self, name: str, grace: float = 15.0) -> None:
+        """Stop the children called ``name`` (SIGTERM to the group, SIGKILL after ``grace``)."""
+        for child in self.children:
+            if child.name == name and child.running and child.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(child.proc.wait(), grace)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGKILL)
+                    await child.proc.wait()
 
     async def stop_all(self, grace: float = 15.0) -> None:
         for child in reversed(self.children):

@@ -12,9 +12,15 @@ demo key is kept there too and reused while it is active, so repeated runs leave
 one per run); ``<data_dir>/stack.json`` names the running stack's control URL, so
 ``hpcgate admin`` run from the same directory needs no settings, and ``<data_dir>/env.sh``
 (mode 0600) holds the ``export`` lines for other shells (admin URL and token, ``SLURM_CONF``); every
-child is started with a readiness check, never a sleep; on Ctrl-C the model is scaled to zero
-so its instances end, then the daemons stop in reverse order; a child that dies stops the
-whole stack with its log tail.
+child is started with a readiness check, never a sleep; a child that dies stops the whole stack
+with its log tail.
+
+Lifecycle (docs/operations.md, "hpcgate up: process lifecycle"): one ``up`` per database (an
+advisory lock held for the process's life); every daemon and local instance dies with ``up``
+(parent-death signal), and the next run clears what a killed one left (``run.json``'s daemons,
+live jobs of any launcher) or says what is in the way; each run has its own logs. Ctrl-C stops
+at once at every stage of the start; once up, it drains for ``stop_grace_s``, cancels every
+instance through its launcher, then stops the daemons; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -25,12 +31,11 @@ import contextlib
 import os
 import secrets
 import shlex
-import signal
 import subprocess
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -39,13 +44,31 @@ import orjson
 import redis.asyncio as aioredis
 
 from control.admin_client import AdminApiError, AdminClient
-from control.db.migrate import migrate
-from control.http_client import tool_client
+from control.launchers.base import LauncherError
 from control.wire import ApiKey, Job, KeyCreated, Model, Tenant
+from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import setup_logging
 from hpcgate.schemas import key_prefix
 from hpcgate.settings import LogLevel, Port, PostgresUrl, RedisUrl, load_settings
 from hpcgate.supervisor import ChildFailedError, Supervisor, hpcgate_argv
+from hpcgate.up_jobs import end_jobs, jobs_settings, live_jobs
+from hpcgate.up_preflight import (
+    UpError,
+    check_redis,
+    clear_stale,
+    ensure_database,
+    postgres_hint,
+    redis_hint,
+    take_up_lock,
+)
+from hpcgate.up_state import (
+    Proc,
+    RunRecord,
+    proc_start,
+    rotate_logs,
+    this_process,
+    write_record,
+)
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +89,8 @@ class UpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     instances: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     tenant: str = "demo"
     ready_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 180.0
+    # On stop: how long requests in flight may drain before every instance is cancelled.
+    stop_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
 
 
 class Secrets(msgspec.Struct, frozen=True):
@@ -103,74 +128,34 @@ def load_secrets(path: Path) -> Secrets:
     return found
 
 
-async def ensure_database(dsn: str) -> None:
-    """Create the database if it does not exist, then apply the migrations."""
-    try:
-        conn = await asyncpg.connect(dsn, timeout=10)
-    except asyncpg.InvalidCatalogNameError:
-        base, _, name = dsn.rpartition("/")
-        name = name.split("?", 1)[0]
-        admin = await asyncpg.connect(f"{base}/postgres", timeout=10)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        except asyncpg.DuplicateDatabaseError:
-            pass
-        finally:
-            await admin.close()
-        conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-
-
-async def check_redis(url: str) -> None:
-    client = aioredis.from_url(url, socket_connect_timeout=5)
-    try:
-        await client.ping()
-    finally:
-        await client.aclose()
-
-
-def _where(url: str) -> tuple[str, str]:
-    """``user`` and ``host:port`` of a database URL, for messages (never the password)."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return parts.username or "(none)", f"{parts.hostname or 'localhost'}{port}"
-
-
-def postgres_hint(url: str, exc: BaseException) -> str:
-    """What failed reaching PostgreSQL and what to check, by the kind of failure."""
-    user, where = _where(url)
-    if isinstance(exc, (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
-        return (f"PostgreSQL at {where} refused authentication for user {user!r} ({exc}); check the user "
-                "and password in HPCGATE_DATABASE_URL and the server's pg_hba.conf")
-    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        return (f"PostgreSQL user {user!r} at {where} may not do this ({exc}); it needs to create the "
-                "database or own it (CREATE DATABASE, CREATE TABLE)")
-    if isinstance(exc, (OSError, asyncio.TimeoutError)):
-        return (f"cannot reach PostgreSQL at {where} ({exc or type(exc).__name__}); is it running there? "
-                "(./dev.sh up starts a local one)")
-    return f"PostgreSQL at {where} as user {user!r}: {exc}"
-
-
-def redis_hint(url: str, exc: BaseException) -> str:
-    _, where = _where(url)
-    if isinstance(exc, aioredis.AuthenticationError):
-        return f"Redis at {where} refused authentication ({exc}); check the password in HPCGATE_REDIS_URL"
-    if isinstance(exc, (OSError, aioredis.ConnectionError, aioredis.TimeoutError)):
-        return f"cannot reach Redis at {where} ({exc}); is it running there? (./dev.sh up starts a local one)"
-    return f"Redis at {where}: {exc}"
-
-
 def slurm_env() -> dict[str, str]:
     """Start (or reuse) the project's single-node Slurm; returns the variables that reach it."""
     out = subprocess.run(
         [str(ROOT / "slurm/local/start-cluster.sh")], check=True, capture_output=True, text=True, timeout=600
     ).stdout
-    return dict(
-        line[len("export "):].split("=", 1) for line in out.splitlines() if line.startswith("export ")
-    )
+    return _exports(out)
+
+
+def _exports(out: str) -> dict[str, str]:
+    return dict(line[len("export "):].split("=", 1) for line in out.splitlines()
+                if line.startswith("export "))
+
+
+async def slurm_env_async() -> dict[str, str]:
+    """:func:`slurm_env` as a subprocess of this loop, not a thread: Ctrl-C cancels it at once
+    (and kills the script)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(ROOT / "slurm/local/start-cluster.sh"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 600)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise ChildFailedError(f"slurm/local/start-cluster.sh failed: {err.decode(errors='replace')[-800:]}")
+    return _exports(out.decode())
 
 
 def say(text: str) -> None:
@@ -183,7 +168,10 @@ class Stack:
         self.data_dir = data_dir
         self.secrets = secrets_
         self.control_url = f"http://{settings.host}:{settings.api_port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HPCGATE_")}
+        # Settings of the control daemons pass through (a site's templates, failure policy, the
+        # instances' port range); every other HPCGATE_* is up's to set (flags win over these).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HPCGATE_")
+               or k.startswith(("HPCGATE_JOBS_", "HPCGATE_HEALTH_", "HPCGATE_API_"))}
         env.update(
             HPCGATE_DATABASE_URL=settings.database_url,
             HPCGATE_REDIS_URL=settings.redis_url,
@@ -193,17 +181,49 @@ class Stack:
             HPCGATE_CONTROL_URL=self.control_url,
             HPCGATE_DATA_DIR=str(data_dir),
             HPCGATE_LOG_LEVEL="info",
+            HPCGATE_JOBS_LOCAL_END_WITH_WORKER="true",  # local instances end with the Job Worker
         )
-        self.sup = Supervisor(data_dir / "logs", env)
+        self.sup = Supervisor(data_dir / "logs", env, on_spawn=lambda _child: self.write_record())
         self.admin = AdminClient(self.control_url, secrets_.admin_token)
         self.slurm_conf: str | None = None
+
+    async def use_slurm(self) -> None:
+        """Start (or reuse) the local Slurm cluster; its variables reach the children and the
+        Slurm launcher of this process (which ends leftover jobs)."""
+        if self.slurm_conf is None:
+            exports = await slurm_env_async()
+            self.sup.env.update(exports)
+            os.environ.update(exports)
+            self.slurm_conf = exports.get("SLURM_CONF")
+
+    def write_record(self) -> None:
+        """``run.json``: this process and its daemons, for the next run after a crash."""
+        children = [Proc(c.name, c.proc.pid, proc_start(c.proc.pid) or 0)
+                    for c in self.sup.children if c.proc is not None]
+        write_record(self.data_dir / "run.json",
+                     RunRecord(up=this_process(), data_dir=str(self.data_dir), children=children))
+
+    async def end_jobs(self, reason: str, wait_s: float = 15.0) -> None:
+        """End every live instance in the database, through the launcher that started it."""
+        s = self.s
+        settings = jobs_settings(s.database_url, self.data_dir, s.launcher)
+        if s.launcher != "slurm":
+            # Slurm jobs left by an earlier `up --launcher slurm` need the cluster to cancel them.
+            conn = await asyncpg.connect(s.database_url, timeout=10)
+            try:
+                kinds = {j.launcher for j in await live_jobs(conn)}
+            finally:
+                await conn.close()
+            if "slurm" in kinds:
+                say("  starting the local Slurm cluster to end the Slurm jobs of an earlier run ...")
+                await self.use_slurm()
+        await end_jobs(s.database_url, settings, reason, say, wait_s)
 
     async def start_daemons(self) -> None:
         s = self.s
         if s.launcher == "slurm":
             say("starting the local Slurm cluster ...")
-            self.sup.env.update(await asyncio.to_thread(slurm_env))
-            self.slurm_conf = self.sup.env.get("SLURM_CONF")
+            await self.use_slurm()
         say("starting control api, health worker, job worker ...")
         await self.sup.start("control-api", hpcgate_argv("control", "api", "--host", s.host, "--port",
                                                          str(s.api_port)), "api_listening")
@@ -274,27 +294,42 @@ class Stack:
         return key
 
     async def wait_ready(self, key: str) -> None:
-        """Poll the gateway's /v1/models as a client would, showing progress."""
+        """Poll the gateway's /v1/models as a client would, showing progress; a failed model ends
+        the wait with the reason its jobs gave (their log's last lines)."""
         s = self.s
         deadline = time.monotonic() + s.ready_timeout_s
         last = ""
-        while True:
-            state = await asyncio.to_thread(self._model_state, key)
-            if state != last:
-                say(f"  model {s.model!r}: {state}")
-                last = state
-            if state == "ready" or s.instances == 0:
-                return
-            if time.monotonic() > deadline:
-                raise ChildFailedError(f"model {s.model!r} not ready after {s.ready_timeout_s:.0f}s "
-                                  f"(state {state}); see {self.data_dir / 'logs'}")
-            await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+            while True:
+                state = await self._model_state(client, key)
+                if state != last:
+                    say(f"  model {s.model!r}: {state}")
+                    last = state
+                if state == "ready" or s.instances == 0:
+                    return
+                if state == "failed":
+                    raise ChildFailedError(await self.failure_reason())
+                if time.monotonic() > deadline:
+                    raise ChildFailedError(f"model {s.model!r} not ready after {s.ready_timeout_s:.0f}s "
+                                           f"(state {state}); see {self.data_dir / 'logs'}")
+                await asyncio.sleep(0.5)
 
-    def _model_state(self, key: str) -> str:
+    async def failure_reason(self) -> str:
+        """Why the model failed: its state reason and the last failed job's (with its output)."""
+        s = self.s
+        model = await self._admin(Model, "GET", f"/admin/models/{s.model}")
+        jobs = await self._admin(list[Job], "GET", "/admin/jobs")
+        ended = [j for j in jobs if j.model == s.model and j.state in {"ended", "failed"} and j.state_reason]
+        text = f"model {s.model!r} failed: {model.state_reason or 'no reason recorded'}"
+        last = max(ended, key=lambda j: j.endpoint_job_id, default=None)
+        if last is not None and last.state_reason and last.state_reason not in text:
+            text += f"\n  last job {last.endpoint_job_id}: {last.state_reason}"
+        return text + f"\n  job logs: {self.data_dir / 'jobs'}"
+
+    async def _model_state(self, client: httpx.AsyncClient, key: str) -> str:
         try:
-            with tool_client(5.0) as client:
-                response = client.get(f"http://{self.s.host}:{self.s.gateway_port}/v1/models",
-                                      headers={"authorization": f"Bearer {key}"})
+            response = await client.get(f"http://{self.s.host}:{self.s.gateway_port}/v1/models",
+                                        headers={"authorization": f"Bearer {key}"})
             doc = orjson.loads(response.raise_for_status().content)
         except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
             return f"gateway not answering ({exc})"
@@ -304,61 +339,135 @@ class Stack:
         return "not yet published"
 
     async def scale_down(self, timeout: float = 30.0) -> None:
-        """Scale the demo model to zero and wait (bounded) until its jobs have ended."""
-        with contextlib.suppress(AdminApiError, OSError):
+        """Scale the demo model to zero and give its instances ``timeout`` to drain and end,
+        showing what is waited for; what is left then is cancelled by :meth:`end_jobs`."""
+        with contextlib.suppress(AdminApiError, OSError, httpx.HTTPError):
             await self._admin(Model, "PATCH", f"/admin/models/{self.s.model}", {"desired_instances": 0})
             deadline = time.monotonic() + timeout
+            shown = ""
             while time.monotonic() < deadline:
                 jobs = await self._admin(list[Job], "GET", "/admin/jobs")
-                live = [j for j in jobs if j.model == self.s.model and j.state not in {"ended", "failed"}]
+                live = [j for j in jobs if j.state not in {"ended", "failed"}]
                 if not live:
                     return
-                await asyncio.sleep(0.5)
+                text = "  draining: " + "; ".join(
+                    f"job {j.endpoint_job_id} of {j.model!r} ({j.launcher} {j.launcher_job_id or '-'}, "
+                    f"{j.state})" for j in live)
+                if text != shown:
+                    say(text)
+                    shown = text
+                await asyncio.sleep(0.25)
 
 
-async def run(settings: UpSettings, data_dir: Path) -> int:
-    secrets_ = load_secrets(data_dir / "secrets.json")
-    say(f"hpcgate up: data in {data_dir}")
+class StartInterruptedError(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM arrived while ``up`` was starting."""
+
+
+async def preflight(settings: UpSettings, data_dir: Path) -> asyncpg.Connection:
+    """Database (created and migrated), Redis, the ``up`` lock, and stale state of this data dir."""
     try:
         await ensure_database(settings.database_url)
     except (OSError, asyncpg.PostgresError) as exc:
-        say(f"hpcgate up: error: {postgres_hint(settings.database_url, exc)}")
-        return 1
+        raise UpError(postgres_hint(settings.database_url, exc)) from None
     try:
         await check_redis(settings.redis_url)
     except (OSError, aioredis.RedisError) as exc:
-        say(f"hpcgate up: error: {redis_hint(settings.redis_url, exc)}")
-        return 1
+        raise UpError(redis_hint(settings.redis_url, exc)) from None
+    lock = await take_up_lock(settings.database_url, data_dir)
+    try:
+        await asyncio.to_thread(clear_stale, data_dir, [(settings.host, settings.gateway_port),
+                                                         (settings.host, settings.api_port)])
+    except BaseException:
+        await lock.close()
+        raise
+    return lock
 
-    stack = Stack(settings, data_dir, secrets_)
+
+async def start(stack: Stack) -> str:
+    """Everything up to "ready": returns the demo key."""
+    settings = stack.s
+    await stack.end_jobs("left by an earlier hpcgate up", wait_s=15.0)
+    rotate_logs(stack.data_dir / "logs")  # this run's logs are its own (the last run's: *.log.1)
+    await stack.start_daemons()
+    stack.write_stack_files()
+    key = await stack.ensure_demo()
+    say(f"waiting for {settings.instances} simulated vLLM instance(s) of {settings.model!r} "
+        f"({settings.launcher} launcher) ...")
+    await stack.wait_ready(key)
+    return key
+
+
+async def until_stopped(stop: asyncio.Event, aw: Awaitable[T]) -> T:
+    """Await ``aw`` unless ``stop`` is set first: then cancel it at once and raise StartInterruptedError."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise StartInterruptedError
+
+
+def print_banner(stack: Stack, key: str) -> None:
+    settings, data_dir = stack.s, stack.data_dir
+    url = f"http://{settings.host}:{settings.gateway_port}/v1"
+    say("")
+    say("hpcgate is up.")
+    say(f"  gateway URL : {url}")
+    say(f"  API key     : {key}")
+    say(f"  model       : {settings.model}")
+    say(f"  admin API   : {stack.control_url}  (token in {data_dir / 'secrets.json'})")
+    say(f"  admin CLI   : {stack.cli_hint()}")
+    say("  operator    : hpcgate admin ui   (prints a login link to the read-only status page)")
+    say(f"  elsewhere   : . {data_dir / 'env.sh'}   (or:)")
+    for line in stack.export_lines():
+        say(f"                export {line}")
+    say(f"  logs        : {data_dir / 'logs'}")
+    say(f"  try         : curl -N {url}/chat/completions -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d '{{\"model\": \"{settings.model}\", \"stream\": true, "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    say("Ctrl-C stops everything (a second Ctrl-C exits at once).")
+
+
+async def shut_down(stack: Stack, drain: bool) -> None:
+    """Drain for ``stop_grace_s`` (only once the stack served: while starting, Ctrl-C stops at
+    once), stop the Job Worker, cancel every instance still running, stop the other daemons."""
+    if drain and any(c.name == "control-api" and c.running for c in stack.sup.children):
+        await stack.scale_down(stack.s.stop_grace_s)
+    await stack.sup.stop("control-jobs", grace=10.0)  # it would replace what is cancelled next
+    with contextlib.suppress(OSError, asyncpg.PostgresError, LauncherError):
+        await stack.end_jobs("stopped with hpcgate up", wait_s=15.0)
+    await stack.sup.stop_all(grace=10.0)
+    (stack.data_dir / "run.json").unlink(missing_ok=True)
+
+
+async def run(settings: UpSettings, data_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    code = 0
+    install_stop_signals(loop, stop.set)  # the first stops (cleanly); a second exits at once
+    secrets_ = load_secrets(data_dir / "secrets.json")
+    say(f"hpcgate up: data in {data_dir}")
     try:
-        await stack.start_daemons()
-        stack.write_stack_files()
-        key = await stack.ensure_demo()
-        say(f"waiting for {settings.instances} simulated vLLM instance(s) of {settings.model!r} "
-            f"({settings.launcher} launcher) ...")
-        await stack.wait_ready(key)
-        url = f"http://{settings.host}:{settings.gateway_port}/v1"
-        say("")
-        say("hpcgate is up.")
-        say(f"  gateway URL : {url}")
-        say(f"  API key     : {key}")
-        say(f"  model       : {settings.model}")
-        say(f"  admin API   : {stack.control_url}  (token in {data_dir / 'secrets.json'})")
-        say(f"  admin CLI   : {stack.cli_hint()}")
-        say(f"  elsewhere   : . {data_dir / 'env.sh'}   (or:)")
-        for line in stack.export_lines():
-            say(f"                export {line}")
-        say(f"  logs        : {data_dir / 'logs'}")
-        say(f"  try         : curl -N {url}/chat/completions -H 'Authorization: Bearer {key}' "
-            f"-H 'Content-Type: application/json' -d '{{\"model\": \"{settings.model}\", \"stream\": true, "
-            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
-        say("Ctrl-C stops everything.")
+        lock = await until_stopped(stop, preflight(settings, data_dir))
+    except (UpError, OSError, asyncpg.PostgresError) as exc:
+        say(f"hpcgate up: error: {exc}")
+        return 1
+    except StartInterruptedError:
+        say("hpcgate up: interrupted")
+        return 130
+    stack = Stack(settings, data_dir, secrets_)
+    stack.write_record()
+    code = 0
+    served = False
+    try:
+        key = await until_stopped(stop, start(stack))
+        served = True
+        print_banner(stack, key)
         waiter = asyncio.ensure_future(stack.sup.wait_any_exit())
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -368,14 +477,18 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
             code = 1
         for fut in (waiter, stopper):
             fut.cancel()
-    except (ChildFailedError, AdminApiError) as exc:
+    except StartInterruptedError:
+        say("hpcgate up: interrupted while starting")
+        code = 130
+    except (ChildFailedError, AdminApiError, UpError, LauncherError) as exc:
         say(f"hpcgate up: error: {exc}")
         code = 1
     finally:
         say("stopping ...")
-        if any(c.name == "control-jobs" and c.running for c in stack.sup.children):
-            await stack.scale_down()
-        await stack.sup.stop_all()
+        try:
+            await shut_down(stack, drain=served)
+        finally:
+            await lock.close()
     return code
 
 

@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Literal
 
 import msgspec
 
-from bench.sim import wire
+from bench.sim import extras, wire
 from bench.sim.engine import Engine, Seq
 from bench.sim.http import Connection, Request
 from bench.sim.metrics import CONTENT_TYPE, CacheInfo, SimMetrics
 from bench.sim.prefix_cache import SeqPrefix, Token, chat_tokens
 from bench.sim.profiles import PROFILES
-from bench.sim.textgen import generated_text, output_length, prompt_seed, token_index
+from bench.sim.textgen import (
+    TOKEN_TEXT,
+    bag_of_words,
+    generated_text,
+    output_length,
+    prompt_seed,
+    token_index,
+)
 from hpcgate.logs import get_logger
 from hpcgate.settings import LogLevel, Port, PositiveFloat
 
@@ -35,7 +41,7 @@ log = get_logger("hpcgate.sim")
 SLACK_S = 0.05
 FAULT_DELAY_S = 0.05  # head, then this long "in prefill", then the connection closes
 JSON = b"application/json"
-EMBEDDING_DIM = 64
+EMBEDDING_DIM = 256  # hashed bag of words (textgen.bag_of_words)
 
 
 class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -54,7 +60,21 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     # Fault mode: every Nth streamed request gets its response head, then the connection closes
     # before the first token, as when an engine dies or is preempted during prefill (0: never).
     fail_after_head_every: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # On SIGTERM: stop accepting, let requests in progress finish for up to this long, then cut.
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     log_level: LogLevel = "info"
+
+
+class _ModelField(msgspec.Struct):
+    model: str | None = None
+
+
+_POOLING_ROUTES: dict[str, Callable[[bytes, str], bytes]] = {
+    "/v1/rerank": extras.rerank_body, "/rerank": extras.rerank_body, "/v2/rerank": extras.rerank_body,
+    "/v1/score": extras.score_body, "/score": extras.score_body,
+    "/pooling": extras.pooling_body, "/classify": extras.classify_body,
+    "/tokenize": lambda body, _model: body, "/detokenize": lambda body, _model: body,  # answered in _pooling
+}
 
 
 class _Sink:
@@ -110,6 +130,40 @@ class _Sink:
             self.sim.abort(self.seq)
 
 
+class _ResponsesSink:
+    """A Responses API answer (``/v1/responses``), streamed as its events or sent whole."""
+
+    __slots__ = ("conn", "events", "model", "prompt_tokens", "rid", "seq", "sim")
+
+    def __init__(self, sim: Simulator, conn: Connection, *, stream: bool, rid: str, model: str,
+                 prompt_tokens: int) -> None:
+        self.sim, self.conn, self.rid, self.model, self.prompt_tokens = sim, conn, rid, model, prompt_tokens
+        self.events = extras.ResponsesStream(rid, model, int(time.time())) if stream else None
+        self.seq: Seq | None = None
+
+    def on_token(self, seq: Seq, finish_reason: str | None) -> None:
+        events = self.events
+        if events is None:
+            if finish_reason is not None:
+                text = generated_text(seq.seed, seq.generated)
+                body = wire.encode(extras.response_obj(self.rid, self.model, int(time.time()), text=text,
+                                                       prompt=self.prompt_tokens, completion=seq.generated))
+                self.conn.send(200, JSON, body)
+            return
+        data = events.start() if seq.generated == 1 else b""
+        data += events.delta(TOKEN_TEXT[token_index(seq.seed, seq.generated - 1)])
+        if finish_reason is None:
+            self.conn.write(data)
+            return
+        text = generated_text(seq.seed, seq.generated)
+        self.conn.write(data + events.end(text, self.prompt_tokens, seq.generated) + wire.LAST_CHUNK)
+        self.conn.finish()
+
+    def disconnected(self) -> None:
+        if self.seq is not None:
+            self.sim.abort(self.seq)
+
+
 SIM_ENGINE = "hpcgate sim"
 
 
@@ -153,8 +207,10 @@ class Simulator:
         self.aborted = 0
         self.streams = 0  # streamed generation requests accepted
         self.faults = 0  # streams failed on purpose by the fault mode
+        self.upload_bytes = 0  # multipart bodies received (audio)
         self.host = config.host
         self.port = 0
+        self.server: asyncio.Server | None = None  # set by run_simulator
         self._created = int(time.time())
 
     @property
@@ -225,6 +281,15 @@ class Simulator:
                     self._generate(req, conn, chat=False)
                 elif path == "/v1/embeddings":
                     self._embeddings(req, conn)
+                elif path == "/v1/responses":
+                    self._responses(req, conn)
+                elif path in _POOLING_ROUTES:
+                    self._pooling(path, req, conn)
+                elif path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+                    status, body = extras.transcription_body(b"".join(req.body), req.content_type,
+                                                             self.models)
+                    self.upload_bytes += sum(map(len, req.body))
+                    conn.send(status, JSON, body)
                 else:
                     self._not_found(path, conn)
             elif req.method == "GET":
@@ -304,6 +369,48 @@ class Simulator:
         conn.on_disconnect = sink.disconnected
         self.submit(seq)
 
+    def _responses(self, req: Request, conn: Connection) -> None:
+        body = b"".join(req.body)
+        rreq, prompt_tokens = extras.parse_responses(body)
+        model = self._check_model(rreq.model, conn)
+        if model is None:
+            return
+        limit = self.config.max_model_len
+        max_tokens = rreq.max_output_tokens or max(1, limit - prompt_tokens)
+        if prompt_tokens + max_tokens > limit:
+            raise wire.BadRequestError(f"This model's maximum context length is {limit} tokens; the request "
+                                       f"has {prompt_tokens} input tokens and asks for {max_tokens} more.")
+        seed = prompt_seed(body.decode("utf-8", "replace"))
+        out_len = output_length(seed, max_tokens, False, self.config.eos_mean_tokens)
+        rid = req.request_id.decode("latin-1") if req.request_id else uuid.uuid4().hex
+        sink = _ResponsesSink(self, conn, stream=bool(rreq.stream), rid=rid, model=model,
+                              prompt_tokens=prompt_tokens)
+        seq = Seq(prompt_tokens, out_len, max_tokens=max_tokens, seed=seed, sink=sink,
+                  arrival=asyncio.get_running_loop().time())
+        sink.seq = seq
+        if rreq.stream:
+            conn.start_stream()
+        conn.on_disconnect = sink.disconnected
+        self.submit(seq)
+
+    def _pooling(self, path: str, req: Request, conn: Connection) -> None:
+        """The routes of pooling and scoring models, answered at once (no engine step)."""
+        body = b"".join(req.body)
+        try:
+            model_field = msgspec.json.decode(body, type=_ModelField).model
+        except msgspec.DecodeError as exc:
+            raise wire.BadRequestError(f"invalid request body: {exc}") from None
+        if path == "/tokenize":
+            conn.send(200, JSON, extras.tokenize_body(body, self.config.max_model_len))
+            return
+        if path == "/detokenize":
+            conn.send(200, JSON, extras.detokenize_body(body))
+            return
+        model = self._check_model(model_field, conn)
+        if model is None:
+            return
+        conn.send(200, JSON, _POOLING_ROUTES[path](body, model))
+
     def _embeddings(self, req: Request, conn: Connection) -> None:
         ereq, counts = wire.parse_embedding(b"".join(req.body))
         model = self._check_model(ereq.model, conn)
@@ -312,11 +419,10 @@ class Simulator:
         inp = ereq.input
         inputs: list[object] = [inp] if isinstance(inp, str) or isinstance(inp[0], int) else list(inp)
         data = []
-        for i, item in enumerate(inputs):
-            seed = prompt_seed(repr(item))
-            vec = [math.sin(seed % 1000 + k) for k in range(EMBEDDING_DIM)]
-            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-            data.append({"index": i, "object": "embedding", "embedding": [v / norm for v in vec]})
+        for i, item in enumerate(inputs):  # a list of token ids is one input
+            ids = item if isinstance(item, str) else [t for t in item if isinstance(t, int)]  # type: ignore[attr-defined]
+            bag = bag_of_words(ids, EMBEDDING_DIM)
+            data.append({"index": i, "object": "embedding", "embedding": bag})
         total = sum(counts)
         conn.send(200, JSON, wire.encode({
             "id": "embd-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()), "model": model,
@@ -333,10 +439,22 @@ class Simulator:
              "permission": [perm]} for name in self.models]})
 
     # --- lifecycle -----------------------------------------------------------------------
-    def close_connections(self) -> None:
+    async def drain(self, timeout: float) -> bool:
+        """Wait (up to ``timeout``) until no generation is waiting or running; True if none is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.engine.has_work() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # shutdown only: a cheap poll of two containers
+        return not self.engine.has_work()
+
+    def close_connections(self, abort: bool = True) -> None:
+        """Close every connection: ``abort`` drops unsent bytes, otherwise they are sent first."""
         for conn in list(self._conns):
             if conn.transport is not None and not conn.closed:
-                conn.transport.abort()
+                if abort:
+                    conn.transport.abort()
+                else:
+                    conn.transport.close()
 
 
 @contextlib.asynccontextmanager
@@ -347,6 +465,7 @@ async def run_simulator(config: SimConfig | None = None) -> AsyncIterator[Simula
     server = await loop.create_server(sim.connection, sim.config.host, sim.config.port, backlog=4096)
     sim.port = server.sockets[0].getsockname()[1]
     engine_task = asyncio.create_task(sim.run_engine(), name="sim-engine")
+    sim.server = server
     try:
         yield sim
     finally:

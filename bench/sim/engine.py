@@ -7,6 +7,9 @@ finished ones. Unit tests drive it with a fake clock.
 
 Invariants:
 - at most ``max_num_seqs`` sequences are running; the rest wait in FIFO order;
+- a prompt of ``n`` tokens is computed (and held in the KV cache) as the profile's
+  ``engine_prompt_len(n)`` tokens, and each request a step admits adds to that step's cost
+  (``Profile.step_time``);
 - a step's tokens are bounded by ``max_num_batched_tokens``: one per decoding sequence, the
   rest goes to (chunked) prefill of running and newly admitted sequences, oldest first;
 - KV-cache blocks (``block_size`` tokens each) are allocated on admission for the prompt and
@@ -103,6 +106,8 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------
     def add(self, seq: Seq) -> None:
+        # The engine computes the prompt as the profile sees it reaching the GPU (prompt_scale).
+        seq.prefill_target = self.profile.engine_prompt_len(seq.prompt_len)
         self.waiting.append(seq)
 
     def abort(self, seq: Seq) -> bool:
@@ -135,7 +140,7 @@ class Engine:
         victim.state = WAITING
         victim.computed = 0
         victim.prefilled = False
-        victim.prefill_target = victim.prompt_len + victim.generated
+        victim.prefill_target = self.profile.engine_prompt_len(victim.prompt_len) + victim.generated
         self.waiting.appendleft(victim)
         return victim
 
@@ -143,7 +148,7 @@ class Engine:
         """Plan the next step; returns its duration, or None when there is nothing to run."""
         budget = self.profile.max_num_batched_tokens
         batch: list[tuple[Seq, int]] = []
-        prefill = context = preempted = 0
+        prefill = context = preempted = admitted = 0
         for seq in list(self.running):
             if seq.state != RUNNING:  # preempted earlier in this loop
                 continue
@@ -186,12 +191,13 @@ class Engine:
             chunk = min(budget, seq.prefill_target - seq.computed)
             budget -= chunk
             prefill += chunk
+            admitted += 1
             batch.append((seq, chunk))
         self._batch = batch
         if not batch:
             return None
         self.observer.on_step(prefill, 0, preempted)
-        return self.profile.step_time(len(batch), prefill, context)
+        return self.profile.step_time(len(batch), prefill, context, admitted)
 
     def complete_step(self, now: float) -> int:
         """Apply the step in flight: one token to each sequence that finished prefill or decodes."""

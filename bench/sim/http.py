@@ -42,12 +42,13 @@ def date_header() -> bytes:
 
 
 class Request:
-    __slots__ = ("authorization", "body", "keep_alive", "method", "path", "request_id")
+    __slots__ = ("authorization", "body", "content_type", "keep_alive", "method", "path", "request_id")
 
     def __init__(self) -> None:
         self.method = ""
         self.path = ""
         self.authorization: bytes | None = None
+        self.content_type: bytes | None = None
         self.request_id: bytes | None = None
         self.body: list[bytes] = []
         self.keep_alive = True
@@ -106,6 +107,8 @@ class Connection(asyncio.Protocol):
             self._req.authorization = value
         elif lname == b"x-request-id":
             self._req.request_id = value
+        elif lname == b"content-type":
+            self._req.content_type = value
 
     def on_headers_complete(self) -> None:
         self._req.method = self._parser.get_method().decode()

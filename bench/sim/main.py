@@ -2,7 +2,9 @@
 
 Contract (other components and tests rely on it): once listening, exactly one line is printed
 to stdout and flushed, ``{"event":"sim_listening","host":"127.0.0.1","port":12345}``; logs go
-to stderr; SIGTERM or SIGINT stops it with exit code 0.
+to stderr; SIGTERM or SIGINT stops it with exit code 0: it stops accepting connections, lets the
+generations in progress finish (up to ``shutdown_timeout_s``, then cuts them); a second SIGTERM or
+SIGINT exits at once (:mod:`hpcgate.lifecycle`).
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 
 import uvloop
 
 from bench.sim.app import SimConfig, run_simulator
+from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.settings import load_settings
 
@@ -51,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(config: SimConfig) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    install_stop_signals(loop, stop.set)
     async with run_simulator(config) as sim:
         ready = {"event": "sim_listening", "host": sim.host, "port": sim.port}
         line = json.dumps(ready, separators=(",", ":"))
@@ -61,7 +62,14 @@ async def serve(config: SimConfig) -> None:
         log.info("sim_started", host=sim.host, port=sim.port, profile=config.profile, models=list(sim.models),
                  max_num_seqs=sim.engine.max_num_seqs, max_model_len=config.max_model_len)
         await stop.wait()
-    log.info("sim_stopped", aborted=sim.aborted, faults=sim.faults)
+        if sim.server is not None:
+            sim.server.close()  # no new connections; the open ones finish what they have
+        log.info("sim_stopping", running=len(sim.engine.running), waiting=len(sim.engine.waiting),
+                 timeout_s=config.shutdown_timeout_s)
+        drained = await sim.drain(config.shutdown_timeout_s)
+        if drained:
+            sim.close_connections(abort=False)  # what is written still reaches the clients
+    log.info("sim_stopped", drained=drained, aborted=sim.aborted, faults=sim.faults)
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,13 @@ least 1. A completion prompt given as a list of token ids counts one token per i
 Generated text is a sequence of words from :data:`WORDS`, each with a leading space, so the
 text of ``n`` generated tokens again counts as ``n`` tokens under the same rule.
 
+Embeddings carry lexical meaning, so that retrieval examples work against the simulator: a
+text's vector is a **hashed bag of words**, normalised (:func:`bag_of_words`): each lowercase
+word (a run of letters and digits) adds ±1 to the dimension its CRC-32 picks (the sign from
+another bit of it), and the vector is scaled to length 1. Texts that share words have a
+positive cosine similarity; texts without a common word are near orthogonal (up to hash
+collisions). A list of token ids is a bag of its ids.
+
 Without ``ignore_eos`` a simulated model "stops at EOS": the natural length of an answer is
 drawn from an exponential distribution with mean ``eos_mean_tokens``, seeded by a hash of the
 prompt (same prompt, same length), and the output is ``min(max_tokens, natural)``.
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
+import zlib
 
 import msgspec
 
@@ -72,3 +81,22 @@ def make_prompt(n_tokens: int, offset: int = 0) -> str:
     words = [f"req{offset}"]  # a unique first word: distinct prompts, distinct EOS draws
     words += [WORDS[(offset + j) % len(WORDS)] for j in range(n - 1)]
     return " ".join(words)
+
+
+_WORD = re.compile(r"[0-9a-z]+")
+
+
+def bag_of_words(item: str | list[int], dim: int) -> list[float]:
+    """A normalised hashed bag-of-words vector of ``dim`` dimensions (unit length; a text
+    without words gets the first unit vector)."""
+    words = [str(t).encode() for t in item] if isinstance(item, list) else [
+        w.encode() for w in _WORD.findall(item.lower())]
+    vec = [0.0] * dim
+    for w in words:
+        h = zlib.crc32(w)
+        vec[h % dim] += 1.0 if (h >> 31) & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vec))
+    if norm == 0.0:
+        vec[0] = 1.0
+        return vec
+    return [v / norm for v in vec]

@@ -27,6 +27,7 @@ from control.api.errors import EXCEPTION_HANDLERS, ApiError
 from control.api.metrics import metrics
 from control.api.routes import ADMIN, ADMIN_ROUTES, OPEN_ROUTES, SD_ROUTES
 from control.api.security import ADMIN_SCHEME, SD_SCHEME, bearer_guard, sd_guards
+from control.api.ui import ui_router
 from control.jobs.render import LaunchConfig, prepare
 from control.jobs.resources import ResourceError
 from control.settings import ApiSettings
@@ -62,6 +63,7 @@ def build_litestar(db: Database, settings: ApiSettings) -> Litestar:
                    guards=sd_guards(settings.sd_token, settings.admin_token)),
             Router("/admin", route_handlers=ADMIN_ROUTES, guards=[bearer_guard(settings.admin_token)],
                    security=ADMIN),
+            ui_router(settings.admin_token),
         ],
         dependencies={
             "db": constant(db),

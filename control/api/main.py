@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import socket
 import sys
 
@@ -18,6 +17,7 @@ from granian.server.embed import Server
 from control.api.app import build_app
 from control.settings import ApiSettings, require
 from control.store.db import Database
+from hpcgate.lifecycle import exit_at_once, install_stop_signals
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.settings import load_settings
 
@@ -73,8 +73,14 @@ async def serve(settings: ApiSettings) -> None:
         websockets=False,
     )
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
+
+    def stop() -> None:
+        # Granian lets requests in progress finish, with no deadline of its own: a client that
+        # stalls mid-request would hold the stop forever.
+        server.stop()  # type: ignore[no-untyped-call]
+        loop.call_later(settings.shutdown_timeout_s, _past_deadline)
+
+    install_stop_signals(loop, stop)
     serving = asyncio.create_task(server.serve())
     try:
         await _announce_when_accepting(settings, serving)
@@ -82,6 +88,11 @@ async def serve(settings: ApiSettings) -> None:
     finally:
         await db.close()
         log.info("api_stopped")
+
+
+def _past_deadline() -> None:
+    log.warning("api_stop_deadline", reason="requests still in progress at shutdown_timeout_s; exiting")
+    exit_at_once(0)  # a stop that was asked for, only cut short
 
 
 async def _announce_when_accepting(settings: ApiSettings, serving: asyncio.Task[None]) -> None:

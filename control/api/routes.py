@@ -21,7 +21,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from control.api.errors import ApiError
 from control.api.security import ADMIN_SCHEME, SD_SCHEME
-from control.store import jobs, models, registration, tenants, usage
+from control.store import jobs, models, registration, tenants, tribunals, usage
 from control.store.db import Database
 from control.store.models import LaunchCheck
 from control.store.registration import PortRange
@@ -30,6 +30,7 @@ from control.wire import (
     MAX_ID,
     NAME_PATTERN,
     TENANT_PATTERN,
+    TRIBUNAL_PATTERN,
     ApiKey,
     Endpoint,
     EndpointQuery,
@@ -51,7 +52,11 @@ from control.wire import (
     Tenant,
     TenantCreate,
     TenantUpdate,
+    Tribunal,
+    TribunalCreate,
+    TribunalUpdate,
     Usage,
+    UsagePeriod,
     UsageQuery,
 )
 
@@ -68,17 +73,20 @@ _STATUS_TEXT = {
 # An empty body means {} (Litestar hands a handler its default when there is no body).
 _NO_TENANT_CHANGE, _NO_KEY_CHANGE, _NO_MODEL_CHANGE = TenantUpdate(), KeyUpdate(), ModelUpdate()
 _DEFAULT_KEY = KeyCreate()
+_NO_TRIBUNAL_CHANGE = TribunalUpdate()
 # Path and query parameters restate the bounds of the wire aliases from the same constants:
 # Litestar documents and enforces ``PathParameter``/``QueryParameter`` constraints, not msgspec's
 # ``Meta``, outside Structs.
 TenantPath = Annotated[str, PathParameter(pattern=TENANT_PATTERN)]
 ModelPath = Annotated[str, PathParameter(pattern=NAME_PATTERN)]
+TribunalPath = Annotated[str, PathParameter(pattern=TRIBUNAL_PATTERN)]
 IdPath = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
 TenantFilter = Annotated[str | None, QueryParameter(pattern=TENANT_PATTERN)]
 ModelFilter = Annotated[str | None, QueryParameter(pattern=NAME_PATTERN)]
 KeyPrefixFilter = Annotated[str | None, QueryParameter(pattern=KEY_PREFIX_PATTERN)]
 StateFilter = Annotated[JobState | None, QueryParameter(name="state")]  # "state" is reserved by Litestar
 TimeFilter = Annotated[datetime | None, QueryParameter()]  # with a time zone: see _aware()
+PeriodFilter = Annotated[UsagePeriod, QueryParameter()]
 Flag = Annotated[bool, QueryParameter()]
 ListLimit = Annotated[int, QueryParameter(ge=1, le=1000)]
 Db = NamedDependency[Database]
@@ -203,6 +211,38 @@ async def drain_model(db: Db, name: ModelPath) -> Model:
     return await models.drain_model(db, name)
 
 
+# ----------------------------------------------------------------------------- tribunals
+
+
+@post("/tribunals", summary="Create a tribunal (the virtual model tribunal/NAME)", tags=["tribunals"],
+      responses=errors(409, body=True))
+async def create_tribunal(db: Db, data: JSONBody[TribunalCreate]) -> Tribunal:
+    return await tribunals.create_tribunal(db, data)
+
+
+@get("/tribunals", summary="List tribunals", tags=["tribunals"], responses=errors())
+async def list_tribunals(db: Db) -> list[Tribunal]:
+    return await tribunals.list_tribunals(db)
+
+
+@get("/tribunals/{name:str}", summary="Show a tribunal", tags=["tribunals"], responses=errors(404))
+async def get_tribunal(db: Db, name: TribunalPath) -> Tribunal:
+    return await tribunals.get_tribunal(db, name)
+
+
+@patch("/tribunals/{name:str}", summary="Change a tribunal (validated as a whole)", tags=["tribunals"],
+       responses=errors(404, body=True))
+async def update_tribunal(db: Db, name: TribunalPath,
+                          data: JSONBody[TribunalUpdate] = _NO_TRIBUNAL_CHANGE) -> Tribunal:
+    return await tribunals.update_tribunal(db, name, data)
+
+
+@delete("/tribunals/{name:str}", status_code=200, summary="Delete a tribunal", tags=["tribunals"],
+        responses=errors(404))
+async def delete_tribunal(db: Db, name: TribunalPath) -> Tribunal:
+    return await tribunals.delete_tribunal(db, name)
+
+
 # ----------------------------------------------------------------------------- jobs and endpoints
 
 
@@ -243,13 +283,27 @@ async def drain_endpoint(db: Db, endpoint_id: IdPath) -> Endpoint:
 # ----------------------------------------------------------------------------- usage
 
 
-@get("/usage", summary="Token usage per tenant and model over a time range", tags=["usage"],
-     responses=errors())
-async def usage_report(db: Db, since: TimeFilter = None, until: TimeFilter = None,
-                       tenant: TenantFilter = None, model: ModelFilter = None) -> Usage:
-    """``since`` defaults to 24 hours before ``until``, ``until`` to now."""
-    query = UsageQuery(since=_aware(since, "since"), until=_aware(until, "until"), tenant=tenant, model=model)
+@get("/usage", summary="Token usage per tenant, model (and period) over a time range; monthly quotas left",
+     tags=["usage"], responses=errors())
+async def usage_report(db: Db, *, since: TimeFilter = None, until: TimeFilter = None,
+                       tenant: TenantFilter = None, model: ModelFilter = None,
+                       period: PeriodFilter = "total") -> Usage:
+    """``since`` defaults to 24 hours before ``until``, ``until`` to now; ``period`` splits the
+    sums per UTC hour, day or month."""
+    query = UsageQuery(since=_aware(since, "since"), until=_aware(until, "until"), tenant=tenant, model=model,
+                       period=period)
     return await usage.usage(db, query)
+
+
+@get("/usage.csv", summary="The usage report as CSV (for accounting)", tags=["usage"], responses=errors(),
+     media_type="text/csv")
+async def usage_report_csv(db: Db, *, since: TimeFilter = None, until: TimeFilter = None,
+                           tenant: TenantFilter = None, model: ModelFilter = None,
+                           period: PeriodFilter = "total") -> str:
+    """Columns: period_start (the range's start for period total), tenant, model, requests, errors,
+    prompt_tokens, completion_tokens, total_tokens."""
+    return usage.usage_csv(await usage_report.fn(db, since=since, until=until, tenant=tenant, model=model,
+                                                 period=period))
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
@@ -289,5 +343,6 @@ ADMIN_ROUTES: list[Any] = [
     create_tenant, list_tenants, get_tenant, update_tenant, delete_tenant,
     create_key, list_keys, update_key, revoke_key,
     create_model, list_models, get_model, update_model, delete_model, drain_model,
-    list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report,
+    create_tribunal, list_tribunals, get_tribunal, update_tribunal, delete_tribunal,
+    list_jobs, get_job, cancel_job, drain_job, list_endpoints, drain_endpoint, usage_report, usage_report_csv,
 ]

@@ -21,15 +21,20 @@ ADMIN_SCHEME = "adminToken"
 SD_SCHEME = "sdToken"
 
 
+def bears(connection: ASGIConnection[Any, Any, Any, Any], *tokens: str) -> bool:
+    """Whether the request's ``Authorization: Bearer`` is one of the non-empty ``tokens``
+    (each compared in constant time, all of them always)."""
+    scheme, _sep, given = connection.headers.get("authorization", "").partition(" ")
+    presented = given.strip().encode()
+    matches = [hmac.compare_digest(presented, t.encode()) for t in tokens if t]
+    return scheme.lower() == "bearer" and any(matches)
+
+
 def bearer_guard(*tokens: str) -> Guard:
     """Admits a request bearing any of the non-empty ``tokens``."""
-    accepted = [t.encode() for t in tokens if t]
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        scheme, _sep, given = connection.headers.get("authorization", "").partition(" ")
-        presented = given.strip().encode()
-        matches = [hmac.compare_digest(presented, token) for token in accepted]
-        if scheme.lower() != "bearer" or not any(matches):
+        if not bears(connection, *tokens):
             raise unauthorized()
 
     return guard

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from control.health.observer import LauncherObserver
 from control.health.worker import EndpointWorker
@@ -18,6 +17,7 @@ from control.jobs.settings import JobsSettings
 from control.launchers.base import Launcher
 from control.settings import HealthSettings
 from control.singleton import SingletonLock
+from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import setup_logging
 from hpcgate.settings import load_settings
 
@@ -42,8 +42,7 @@ def main(argv: list[str]) -> int:
 async def _run(settings: HealthSettings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    install_stop_signals(loop, stop.set)
     launcher: Launcher | None = None
     observer = None
     if settings.observe_launcher:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import functools
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from control.jobs.settings import JobsSettings
 from control.launchers.base import Launcher, LauncherError
 from control.singleton import SingletonLock
 from hpcgate.backoff import Backoff
+from hpcgate.lifecycle import install_stop_signals
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.settings import load_settings
 
@@ -48,7 +48,8 @@ def make_launcher(settings: JobsSettings) -> Launcher:
     if settings.launcher == "local":
         from control.launchers.local import LocalLauncher
 
-        return LocalLauncher(Path(settings.data_dir) / "jobs" / "local-state", node=settings.local_node)
+        return LocalLauncher(Path(settings.data_dir) / "jobs" / "local-state", node=settings.local_node,
+                             end_with_worker=settings.local_end_with_worker)
     if settings.launcher == "slurm":
         from control.launchers.slurm_cli import SlurmCliLauncher
 
@@ -154,8 +155,7 @@ def main(argv: list[str]) -> int:
     async def _main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        install_stop_signals(loop, stop.set)  # the pass in progress finishes; a second signal exits
         lock = SingletonLock(settings.database_url, "control-jobs", poll_s=settings.standby_poll_s)
         await lock.run(functools.partial(run, settings), stop)
 

@@ -35,6 +35,7 @@ BUILTIN_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm" / "template
 # Which layouts the built-in templates accept; site templates are not constrained.
 _LAYOUTS: dict[str, str] = {
     "vllm": "one GPU on one node",
+    "vllm-image": "one GPU on one node",
     "vllm-tp": "several GPUs on one node (tensor parallel)",
     "vllm-multinode": "several nodes (Ray head and workers)",
 }
@@ -56,9 +57,9 @@ class JobContext(msgspec.Struct, frozen=True, kw_only=True):
 
 def _check_layout(template: str, res: SlurmResources) -> None:
     where = "$.slurm_resources"
-    if template == "vllm" and (res.nodes != 1 or res.gpus_per_node != 1):
+    if template in ("vllm", "vllm-image") and (res.nodes != 1 or res.gpus_per_node != 1):
         raise ResourceError(
-            f"template vllm is for {_LAYOUTS['vllm']}; got nodes={res.nodes} "
+            f"template {template} is for {_LAYOUTS['vllm']}; got nodes={res.nodes} "
             f"gpus_per_node={res.gpus_per_node} (set slurm_resources.gpus_per_node=1, "
             "or use vllm-tp or vllm-multinode)", where
         )
@@ -117,8 +118,10 @@ def setup_block(ctx: JobContext) -> str:
     return "\n".join(lines)
 
 
-def register_block(ctx: JobContext) -> str:
-    hpcgate = shlex.quote(ctx.hpcgate_bin)
+def register_block(ctx: JobContext, hpcgate: str | None = None) -> str:
+    """The registration step; ``hpcgate`` is the (quoted) command that runs the client, by
+    default the node's ``hpcgate_bin``."""
+    hpcgate = hpcgate or shlex.quote(ctx.hpcgate_bin)
     return "\n".join([
         'HPCG_JOB_ID="${SLURM_JOB_ID:-${HPCG_LOCAL_JOB_ID:-}}"',
         'HPCG_NODE="${SLURMD_NODENAME:-${HPCG_LOCAL_NODE:-$(hostname)}}"',
@@ -162,6 +165,8 @@ def render_text(template_text: str, ctx: JobContext) -> str:
         "sbatch": sbatch_block(ctx),
         "setup": setup_block(ctx),
         "register": register_block(ctx),
+        # the client of the image (slurm/templates/hpcgate-vllm.def): nothing installed on the node
+        "register_in_image": register_block(ctx, f"apptainer exec {q(res.image or '')} hpcgate"),
         "hpcgate": q(ctx.hpcgate_bin),
         "model": q(ctx.model),
         "model_path": q(res.model_path or ctx.model),

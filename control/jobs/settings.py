@@ -34,6 +34,7 @@ class JobsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     # local launcher
     local_node: str = "127.0.0.1"  # how gateways reach local jobs
+    local_end_with_worker: bool = False  # local jobs get SIGTERM when the worker dies (hpcgate up)
     # Slurm CLI launcher
     ssh_prefix: tuple[str, ...] = ()  # e.g. ssh,-o,BatchMode=yes,svc@login01
     squeue_json: bool | None = None  # None: use --json when the installed squeue has it

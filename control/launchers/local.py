@@ -13,6 +13,11 @@ Like Slurm, a job past its time limit is terminated (on the next ``observe``), a
 gets SIGTERM and, ``kill_wait_s`` later, SIGKILL; ended jobs are forgotten after
 ``keep_ended_s``. Secrets reach the job over its stdin (read by the wrapper into the
 environment), never on a command line.
+
+With ``end_with_worker`` (``hpcgate up`` sets it) the wrapper is started under ``setpriv
+--pdeathsig HUP``: when the worker that started it dies, even of SIGKILL, the wrapper gets
+SIGHUP and sends SIGTERM to its job's process group. Without it (the default) jobs outlive a
+worker restart and the next worker finds them by name.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -40,6 +46,7 @@ echo "$$" > "$3.tmp" && mv "$3.tmp" "$3"
 while IFS= read -r _line && [ -n "$_line" ]; do export "$_line"; done
 exec </dev/null
 trap 'true' TERM
+trap 'kill -TERM 0' HUP
 bash "$1" &
 _child=$!
 while :; do wait "$_child"; _rc=$?; kill -0 "$_child" 2>/dev/null || break; done
@@ -77,13 +84,19 @@ class LocalLauncher:
     kind = "local"
 
     def __init__(self, state_dir: Path, node: str = "127.0.0.1", kill_wait_s: float = 5.0,
-                 keep_ended_s: float = 3600.0) -> None:
+                 keep_ended_s: float = 3600.0, end_with_worker: bool = False) -> None:
         self._dir = state_dir
         self._dir.mkdir(parents=True, exist_ok=True)
         self._node = node
         self._kill_wait_s = kill_wait_s
         self._keep_ended_s = keep_ended_s
         self._children: dict[str, subprocess.Popen[bytes]] = {}  # reaped on observe
+        # The parent-death signal fires when the thread that forked dies: submit() runs on the
+        # event loop's thread, which lives as long as the worker. Without setpriv (not
+        # util-linux) jobs outlive the worker; ``hpcgate up`` still ends them on its next start.
+        setpriv = shutil.which("setpriv") if end_with_worker else None
+        self._prefix = [setpriv, "--pdeathsig", "HUP"] if setpriv else []
+        self.ends_with_worker = bool(self._prefix)
 
     def _path(self, job_id: str, suffix: str) -> Path:
         return self._dir / f"{job_id}{suffix}"
@@ -119,7 +132,7 @@ class LocalLauncher:
         try:
             with open(spec.output_path, "ab") as out:
                 proc = subprocess.Popen(
-                    ["bash", "-c", _WRAPPER, "hpcgate-local-job", str(script), str(rc_file),
+                    [*self._prefix, "bash", "-c", _WRAPPER, "hpcgate-local-job", str(script), str(rc_file),
                      str(self._path(job_id, ".pid"))],
                     stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=spec.workdir,
                     start_new_session=True,

@@ -26,11 +26,12 @@ from control.publish.tables import (
     KeyRow,
     ModelRow,
     TenantRow,
+    TribunalRow,
     build_endpoint_table,
     build_key_table,
 )
 from control.store.db import Conn
-from hpcgate.schemas import EndpointTable, KeyTable, RedisNames
+from hpcgate.schemas import EndpointTable, KeyTable, RedisNames, decode_model_limits
 
 _ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by all publishers
 _KEY_LOCK = 0x6870_6770_0002
@@ -52,8 +53,11 @@ SELECT e.endpoint_id, e.endpoint_job_id, m.name AS model, e.node, e.port, j.laun
  WHERE e.ready_at IS NOT NULL AND j.state NOT IN ('ended', 'failed')
 """
 
+_TRIBUNALS_SQL = "SELECT name, config FROM gateway_tribunals ORDER BY name"
+
 _TENANTS_SQL = """
-SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute
+SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute,
+       model_limits::text AS model_limits, monthly_token_quota
   FROM identity_tenants WHERE enabled
 """
 
@@ -78,7 +82,8 @@ async def read_endpoint_table(conn: Conn, unroutable_after: int) -> EndpointTabl
         for r in await conn.fetch(_MODELS_SQL)
     ]
     endpoints = [EndpointRow(**dict(r)) for r in await conn.fetch(_ENDPOINTS_SQL)]
-    return build_endpoint_table(models, endpoints, unroutable_after=unroutable_after)
+    tribunals = [TribunalRow(r["name"], r["config"]) for r in await conn.fetch(_TRIBUNALS_SQL)]
+    return build_endpoint_table(models, endpoints, unroutable_after=unroutable_after, tribunals=tribunals)
 
 
 async def read_key_table(conn: Conn) -> KeyTable:
@@ -89,6 +94,8 @@ async def read_key_table(conn: Conn) -> KeyTable:
             allowed_models=tuple(r["allowed_models"]) if r["allowed_models"] is not None else None,
             max_concurrent_requests=r["max_concurrent_requests"],
             tokens_per_minute=r["tokens_per_minute"],
+            model_limits=decode_model_limits(r["model_limits"]),
+            monthly_token_quota=r["monthly_token_quota"],
         )
         for r in await conn.fetch(_TENANTS_SQL)
     ]

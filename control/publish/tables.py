@@ -10,6 +10,9 @@ Rules of the endpoint table:
 - a model is ``ready`` with at least one ready, non-draining endpoint, else ``failed`` if the
   Job Worker marked it so, else ``starting`` while instances are wanted, else ``stopped``.
 
+Tribunals are published as stored (validated by the admin API when written); a row that no
+longer decodes is left out (logged), never published half-read.
+
 Rules of the key table: enabled tenants only; keys neither revoked nor expired at build time
 and belonging to an enabled tenant (the gateway enforces a later ``expires_at`` itself).
 """
@@ -17,18 +20,25 @@ and belonging to an enabled tenant (the gateway enforces a later ``expires_at`` 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
+import msgspec
+
+from hpcgate.logs import get_logger
 from hpcgate.schemas import (
     ApiKeyEntry,
     EndpointEntry,
     EndpointTable,
     KeyTable,
     ModelEntry,
+    ModelLimit,
     ModelState,
     TenantEntry,
+    TribunalEntry,
 )
+
+log = get_logger("hpcgate.control.publish")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +65,20 @@ class EndpointRow:
 
 
 @dataclass(frozen=True, slots=True)
+class TribunalRow:
+    name: str
+    config: str  # the JSON document of migration 0900
+
+
+@dataclass(frozen=True, slots=True)
 class TenantRow:
     tenant_id: int
     name: str
     allowed_models: tuple[str, ...] | None
     max_concurrent_requests: int | None
     tokens_per_minute: int | None
+    model_limits: dict[str, ModelLimit] = field(default_factory=dict)
+    monthly_token_quota: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +100,7 @@ def build_endpoint_table(
     unroutable_after: int,
     version: int = 0,
     generated_at: float = 0.0,
+    tribunals: Iterable[TribunalRow] = (),
 ) -> EndpointTable:
     entries = tuple(
         EndpointEntry(
@@ -109,7 +128,18 @@ def build_endpoint_table(
         )
         for m in sorted(models, key=lambda m: m.name)
     )
-    return EndpointTable(version=version, generated_at=generated_at, models=model_entries, endpoints=entries)
+    return EndpointTable(version=version, generated_at=generated_at, models=model_entries, endpoints=entries,
+                         tribunals=tuple(_tribunal_entries(tribunals)))
+
+
+def _tribunal_entries(rows: Iterable[TribunalRow]) -> Iterable[TribunalEntry]:
+    for row in sorted(rows, key=lambda r: r.name):
+        try:
+            doc = msgspec.json.decode(row.config)
+            doc["name"] = row.name
+            yield msgspec.convert(doc, TribunalEntry)
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
+            log.error("tribunal_unpublishable", tribunal=row.name, error=str(exc))
 
 
 def _model_reason(model: ModelRow) -> str | None:
@@ -146,6 +176,8 @@ def build_key_table(
             allowed_models=t.allowed_models,
             max_concurrent_requests=t.max_concurrent_requests,
             tokens_per_minute=t.tokens_per_minute,
+            model_limits=t.model_limits,
+            monthly_token_quota=t.monthly_token_quota,
         )
         for t in sorted(tenants, key=lambda t: t.tenant_id)
     )

@@ -70,6 +70,8 @@ CONSTRAINT_MESSAGES: dict[str, str] = {
     "identity_tenants_name_check": "a tenant name is lower-case letters, digits, '_', '.', '-' (max 63)",
     "identity_tenants_max_concurrent_requests_check": "max_concurrent_requests must be at least 1",
     "identity_tenants_tokens_per_minute_check": "tokens_per_minute must be at least 1",
+    "identity_tenants_monthly_token_quota_check": "monthly_token_quota must be at least 1",
+    "identity_tenants_model_limits_check": "model_limits must be an object",
     "identity_tenant_authentications_check": "a key's expiry must be after its creation",
     "identity_tenant_authentications_key_hash_key": "key collision; create the key again",
     "identity_tenant_authentications_tenant_id_fkey": "the tenant no longer exists",

@@ -134,6 +134,13 @@ async def drain_endpoint(db: Database, endpoint_id: int) -> Endpoint:
     return _endpoint(row)
 
 
+async def endpoint_bearer_tokens(db: Database) -> dict[int, str | None]:
+    """Each endpoint's bearer token, for control-side scrapes of its ``/metrics`` (never sent out)."""
+    async with db.transaction() as conn:
+        rows = await conn.fetch("SELECT endpoint_id, bearer_token FROM ai_model_endpoints")
+    return {r["endpoint_id"]: r["bearer_token"] for r in rows}
+
+
 async def ready_endpoints(db: Database) -> list[Endpoint]:
     """Endpoints that answered a probe and whose job is live (Prometheus SD)."""
     async with db.transaction() as conn:

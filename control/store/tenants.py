@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 from msgspec import UNSET
 
 from control.store.db import ConflictError, Database, InvalidError, NotFoundError, found, restated
@@ -20,6 +21,7 @@ from control.wire import (
     KeyCreated,
     KeyQuery,
     KeyUpdate,
+    ModelLimitSpec,
     Tenant,
     TenantCreate,
     TenantUpdate,
@@ -28,7 +30,7 @@ from hpcgate.schemas import hash_api_key, key_prefix, new_api_key
 
 _TENANT_SELECT = """
 SELECT t.tenant_id, t.name, t.enabled, t.allowed_models, t.max_concurrent_requests, t.tokens_per_minute,
-       t.created_at, t.updated_at,
+       t.model_limits::text AS model_limits, t.monthly_token_quota, t.created_at, t.updated_at,
        (SELECT count(*) FROM identity_tenant_authentications k
          WHERE k.tenant_id = t.tenant_id AND k.revoked_at IS NULL
            AND (k.expires_at IS NULL OR k.expires_at > now()))::int AS active_keys
@@ -43,8 +45,14 @@ SELECT k.authentication_id AS key_id, t.name AS tenant, k.key_prefix AS prefix, 
 """
 
 
+_decode_limits = msgspec.json.Decoder(dict[str, ModelLimitSpec]).decode
+_encode = msgspec.json.Encoder().encode
+
+
 def _tenant(row: asyncpg.Record) -> Tenant:
-    return Tenant(**dict(row))
+    fields = dict(row)
+    fields["model_limits"] = _decode_limits(fields["model_limits"])
+    return Tenant(**fields)
 
 
 def _key(row: asyncpg.Record) -> ApiKey:
@@ -56,13 +64,15 @@ async def create_tenant(db: Database, req: TenantCreate) -> Tenant:
         async with db.transaction() as conn:
             tenant_id = await conn.fetchval(
                 """INSERT INTO identity_tenants (name, enabled, allowed_models, max_concurrent_requests,
-                                                 tokens_per_minute)
-                   VALUES ($1, $2, $3, $4, $5) RETURNING tenant_id""",
+                                                 tokens_per_minute, model_limits, monthly_token_quota)
+                   VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) RETURNING tenant_id""",
                 req.name,
                 req.enabled,
                 req.allowed_models,
                 req.max_concurrent_requests,
                 req.tokens_per_minute,
+                _encode(req.model_limits).decode(),
+                req.monthly_token_quota,
             )
             row = await conn.fetchrow(_TENANT_SELECT + " WHERE t.tenant_id = $1", tenant_id)
     except ConflictError as exc:
@@ -86,12 +96,16 @@ async def get_tenant(db: Database, name: str) -> Tenant:
 async def update_tenant(db: Database, name: str, req: TenantUpdate) -> Tenant:
     changes = {
         field: value
-        for field in ("enabled", "allowed_models", "max_concurrent_requests", "tokens_per_minute")
+        for field in ("enabled", "allowed_models", "max_concurrent_requests", "tokens_per_minute",
+                      "monthly_token_quota")
         if (value := getattr(req, field)) is not UNSET
     }
+    if req.model_limits is not UNSET:
+        changes["model_limits"] = _encode(req.model_limits).decode()
     async with db.transaction() as conn:
         if changes:
-            sets = ", ".join(f"{field} = ${i}" for i, field in enumerate(changes, start=2))
+            sets = ", ".join(f"{field} = ${i}{'::jsonb' if field == 'model_limits' else ''}"
+                             for i, field in enumerate(changes, start=2))
             done = await conn.fetchval(
                 f"UPDATE identity_tenants SET {sets}, updated_at = now() WHERE name = $1 RETURNING tenant_id",
                 name,

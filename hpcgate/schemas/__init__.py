@@ -3,7 +3,8 @@
 This package is the bottom layer's wire contract: it imports only msgspec and the standard
 library, so ``gateway`` and ``control`` both import it and neither imports the other.
 Everything that crosses a process boundary between them is defined here: the published
-endpoint and key tables, their Redis key names, and the keyed hash of API keys.
+endpoint and key tables (the tribunals' configuration rides with the endpoint table), their
+Redis key names, and the keyed hash of API keys.
 """
 
 from hpcgate.schemas.api_keys import KEY_PREFIX_LEN, hash_api_key, key_prefix, new_api_key
@@ -13,21 +14,29 @@ from hpcgate.schemas.tables import (
     EndpointTable,
     KeyTable,
     ModelEntry,
+    ModelLimit,
     ModelState,
     RedisNames,
     TenantEntry,
+    decode_model_limits,
 )
+from hpcgate.schemas.tribunal import TRIBUNAL_PREFIX, Juror, TribunalEntry
 
 __all__ = [
     "KEY_PREFIX_LEN",
+    "TRIBUNAL_PREFIX",
     "ApiKeyEntry",
     "EndpointEntry",
     "EndpointTable",
+    "Juror",
     "KeyTable",
     "ModelEntry",
+    "ModelLimit",
     "ModelState",
     "RedisNames",
     "TenantEntry",
+    "TribunalEntry",
+    "decode_model_limits",
     "hash_api_key",
     "key_prefix",
     "new_api_key",

@@ -13,6 +13,8 @@ import enum
 
 import msgspec
 
+from hpcgate.schemas.tribunal import TribunalEntry
+
 
 class ModelState(enum.StrEnum):
     READY = "ready"  # at least one ready endpoint
@@ -47,6 +49,22 @@ class EndpointTable(msgspec.Struct, frozen=True, kw_only=True):
     generated_at: float  # unix time, for the gateway's "table age" metric
     models: tuple[ModelEntry, ...] = ()
     endpoints: tuple[EndpointEntry, ...] = ()
+    tribunals: tuple[TribunalEntry, ...] = ()  # virtual models "tribunal/<name>" (issue 17)
+
+
+class ModelLimit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tenant's limits on one model, on top of its tenant-wide limits."""
+
+    max_concurrent_requests: int | None = None
+    tokens_per_minute: int | None = None
+
+
+_decode_model_limits = msgspec.json.Decoder(dict[str, ModelLimit]).decode
+
+
+def decode_model_limits(text: str | None) -> dict[str, ModelLimit]:
+    """The ``identity_tenants.model_limits`` jsonb column (as text) as typed limits."""
+    return _decode_model_limits(text) if text else {}
 
 
 class TenantEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,6 +74,8 @@ class TenantEntry(msgspec.Struct, frozen=True, kw_only=True):
     allowed_models: tuple[str, ...] | None = None  # None: every model
     max_concurrent_requests: int | None = None
     tokens_per_minute: int | None = None
+    model_limits: dict[str, ModelLimit] = msgspec.field(default_factory=dict)  # by canonical model name
+    monthly_token_quota: int | None = None  # prompt + completion tokens per calendar month (UTC)
 
 
 class ApiKeyEntry(msgspec.Struct, frozen=True, kw_only=True):

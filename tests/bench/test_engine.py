@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from bench.sim.engine import ABORTED, FINISHED, RUNNING, WAITING, Engine, Seq
 from bench.sim.profiles import Profile
 
@@ -120,3 +122,21 @@ def test_kv_cache_full_preempts_newest() -> None:
     assert engine.kv_usage() == 1.0  # 2 blocks each, of 4
     run_steps(engine, 1.0, 17)  # a needs a third block for its 33rd token: b (newest) is preempted
     assert b.state == WAITING and engine.waiting[0] is b and a.state == RUNNING
+
+
+def test_admitted_requests_cost_their_step_and_scaled_prompts_are_what_prefill_computes() -> None:
+    rec = Recorder()
+    scaled = msgspec.structs.replace(PROFILE, prompt_scale=0.25, per_admitted_seq_s=0.005)
+    engine = Engine(scaled, rec)
+    a, b = seq(rec, prompt=200), seq(rec, prompt=2)
+    engine.add(a)
+    engine.add(b)
+    assert (a.prefill_target, b.prefill_target) == (50, 1)  # a prompt never vanishes: at least 1 token
+    dt = engine.schedule(0.0)
+    # base + per_seq * 2 + per_prefill_token * 51 + per_admitted * 2; KV holds the scaled prompt
+    assert dt is not None and abs(dt - (0.01 + 0.002 + 0.0051 + 0.010)) < 1e-12
+    assert a.blocks == engine.blocks_for(51)
+    engine.complete_step(dt)
+    assert a.generated == 1 and b.generated == 1  # both prompts fit the 100-token budget at once
+    dt2 = engine.schedule(dt)
+    assert dt2 is not None and abs(dt2 - (0.01 + 0.002)) < 1e-12  # decode only: nobody admitted

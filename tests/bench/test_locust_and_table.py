@@ -23,12 +23,15 @@ async def run(cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[int, st
 
 
 async def test_quick_table_end_to_end(tmp_path: Path) -> None:
-    code, out = await run(hpcgate_cmd("bench", "table", "--quick", "--out-dir", str(tmp_path)), timeout=100)
+    # --quick is documented to take under a minute: the bound is the timeout
+    code, out = await run(hpcgate_cmd("bench", "table", "--quick", "--out-dir", str(tmp_path)), timeout=60)
     assert code == 0, out
+    assert "[table 6/6]" in out and "ETA" in out  # progress per cell with the ETA of the rest
     for name in ("table.md", "table.csv", "results.json", "ttft.png", "tpot.png", "e2el.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["workload"].startswith("SYNTHETIC")
+    assert doc["profiles"]["fast"]["base_s"] == 0.001  # the profile's parameters are named
     cells = {(c["concurrency"], c["target"]): c for c in doc["cells"]}
     for level in (8, 32):
         for target in ("direct", "nginx"):
@@ -46,7 +49,7 @@ async def test_quick_table_end_to_end(tmp_path: Path) -> None:
         assert gw["metrics"]["total_output_tokens"] == direct["total_output_tokens"]
         assert gw["proxy_cpu_s"] is not None and gw["proxy_cpu_s"] >= 0
     md = (tmp_path / "table.md").read_text()
-    assert "SYNTHETIC" in md and "Median TTFT (ms)" in md and "Overheads vs direct" in md
+    assert "SYNTHETIC" in md and "Median TTFT (ms)" in md and "Added over direct" in md
     rows = list(csv.DictReader((tmp_path / "table.csv").read_text().splitlines()))
     assert {r["target"] for r in rows} == {"direct", "gateway", "nginx"}
 
@@ -117,3 +120,18 @@ async def test_quick_overhead_end_to_end(tmp_path: Path) -> None:
             assert r["proxy_cpu_s_per_1000"] is not None and r["peak_rss_mb"]
             assert "added_ttft_p50_ms" in r and r["throughput_ratio"] > 0
     assert "proxy CPU s / 1000 req" in (tmp_path / "overhead.md").read_text()
+
+
+async def test_quick_overhead_of_gateways_behind_a_balancer(tmp_path: Path) -> None:
+    """lb-gateway-x2: nginx over two gateway deployments; their CPU and memory count with nginx's."""
+    cmd = hpcgate_cmd("bench", "overhead", "--quick", "--targets", "direct,lb-gateway-x2,bogus",
+                      "--out-dir", str(tmp_path))
+    code, out = await run(cmd, timeout=100)
+    assert code == 0, out
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    rows = {(r["target"], r["concurrency"]): r for r in doc["rows"]}
+    for level in (4, 16):
+        balanced = rows[("lb-gateway-x2", level)]
+        assert (balanced["completed"], balanced["failed"]) == (balanced["requests"], 0), balanced
+        assert len(balanced["peak_rss_mb"]) >= 3  # nginx master + worker, and two gateways at least
+        assert "unknown target 'bogus'" in rows[("bogus", level)]["error"]

@@ -11,7 +11,8 @@ from bench.table import PALETTE, TARGET_TITLES, Cell, figures, render_markdown
 
 # TPOT medians within 0.5 % of each other: an axis scaled to the data would make this look large
 _TPOT = {"direct": 1.0, "gateway": 0.9965, "nginx": 1.001}
-_TITLES = {title: target for target, title in TARGET_TITLES.items()} | {"paper vLLM Node": "paper"}
+_TITLES = {title: target for target, title in TARGET_TITLES.items()} | {
+    "paper vLLM Node": "paper", "paper Web Gateway": "paper-gateway"}
 
 
 def _cells(profile: str) -> list[Cell]:
@@ -61,3 +62,4 @@ def test_no_all_na_paper_columns() -> None:
     assert "paper vLLM Node" not in quick  # the paper has no "fast" profile
     full = render_markdown(_cells("gpu-s"), "SYNTHETIC", header)
     assert "100 paper vLLM Node" in full and "500 paper vLLM Node" in full
+    assert "100 paper Web Gateway" in full and "| 100 | paper Web Gateway | -69.6 (-17 %)" in full

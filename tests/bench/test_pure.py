@@ -12,7 +12,15 @@ from bench.driver import RunSettings, arrival_times, build_body
 from bench.sim import wire
 from bench.sim.textgen import count_tokens, generated_text, make_prompt, output_length, prompt_seed
 from bench.stats import RequestRecord, calculate_metrics, summarize
-from bench.workload import SYNTHETIC_TARGETS, load_burstgpt, sample_indices, synthetic
+from bench.workload import (
+    DEFAULT_OUTPUT,
+    LONGEST_OUTPUT,
+    SYNTHETIC_INPUT,
+    SYNTHETIC_OUTPUT,
+    load_burstgpt,
+    sample_indices,
+    synthetic,
+)
 
 
 def test_prompt_construction_agrees_with_simulator_count() -> None:
@@ -93,14 +101,22 @@ def test_burstgpt_csv_filters_gpt4_with_positive_response(tmp_path: Path) -> Non
         load_burstgpt(bad, 1)
 
 
-def test_synthetic_matches_table1_totals_and_is_labelled() -> None:
-    for n, total_in, total_out in SYNTHETIC_TARGETS:
-        w = synthetic(n, 0)
-        assert w.name == "synthetic"
-        assert (len(w), sum(w.prompt_lens), sum(w.output_lens)) == (n, total_in, total_out)
-    big = synthetic(1000, 0)
-    assert synthetic(100, 0).output_lens == big.output_lens[:100]  # nested like vLLM's samples
-    assert np.median(big.output_lens) < np.mean(big.output_lens)  # long-tailed
+def test_synthetic_matches_table1_totals_per_profile_and_is_labelled() -> None:
+    for profile, totals in (*SYNTHETIC_OUTPUT.items(), (None, DEFAULT_OUTPUT)):
+        big = synthetic(1000, 0, profile)
+        longest = 0
+        blocks = zip(SYNTHETIC_INPUT, totals, LONGEST_OUTPUT, strict=True)
+        for (n, total_in), total_out, block_longest in blocks:
+            w = synthetic(n, 0, profile)
+            longest = max(longest, block_longest)
+            assert w.name == "synthetic"
+            assert profile is None or f"of {profile}" in w.source
+            assert (len(w), sum(w.prompt_lens), sum(w.output_lens)) == (n, total_in, total_out)
+            assert max(w.output_lens) == longest  # the longest output of each prefix is as stated
+            assert w.output_lens == big.output_lens[:n]  # nested like vLLM's samples
+        assert np.median(big.output_lens) < 0.5 * np.mean(big.output_lens)  # long-tailed
+    # Both GPUs get the same prompts (the same BurstGPT sample); only output totals differ a little.
+    assert synthetic(1000, 0, "gpu-s").prompt_lens == synthetic(1000, 0, "gpu-l").prompt_lens
 
 
 def test_arrival_times() -> None:

@@ -85,8 +85,18 @@ async def test_chat_and_completions_with_async_sdk(sim: Simulator) -> None:
     assert len(texts) == 4
 
     emb = await client.embeddings.create(model="m", input=["a b", "c d e"])
-    assert [d.index for d in emb.data] == [0, 1] and len(emb.data[0].embedding) == 64
+    assert [d.index for d in emb.data] == [0, 1] and len(emb.data[0].embedding) == 256
     assert emb.usage.prompt_tokens == 5
+    # a normalised hashed bag of words: shared words mean similar vectors (docs/simulator.md)
+    emb = await client.embeddings.create(model="m", input=[
+        "Slurm schedules GPU jobs", "which scheduler runs the GPU jobs?", "bake bread with yeast"])
+    doc, query, other = (d.embedding for d in emb.data)
+    assert abs(sum(v * v for v in doc) - 1.0) < 1e-9
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cos(doc, query) > 0.3 > abs(cos(other, query))
     await client.close()
 
 
@@ -180,7 +190,7 @@ async def test_legacy_metric_names() -> None:
 
 
 async def test_queueing_beyond_max_num_seqs_and_abort_on_disconnect() -> None:
-    # gpu-s steps are ~30 ms, so 200-token streams stay in flight while we look.
+    # gpu-s steps are ~50 ms, so 200-token streams stay in flight while we look.
     async with run_simulator(SimConfig(port=0, profile="gpu-s", max_num_seqs=2)) as s:
         client = openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="x")
         streams = [await client.completions.create(model="sim-model", prompt=PROMPT, max_tokens=200,

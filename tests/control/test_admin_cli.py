@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -314,3 +314,44 @@ async def test_model_deleted_only_without_live_jobs(stack: Stack, api: Daemon) -
     assert rc == 1 and "404 not_found" in err
     assert not await stack.sql("SELECT 1 FROM ai_model_endpoint_jobs WHERE model_id = $1", model_id)
     await admin_json(stack, "model", "create", "cli-del-alias")  # the alias is free again
+
+
+async def test_usage_export_periods_csv_and_quotas(stack: Stack, api: Daemon) -> None:
+    created = await admin_json(stack, "tenant", "create", "cli-quota", "--monthly-quota", "1000",
+                               "--model-limit", "big/model=concurrent=1,tpm=500",
+                               "--model-limit", "small=tpm=9")
+    assert created["monthly_token_quota"] == 1000
+    assert created["model_limits"] == {"big/model": {"max_concurrent_requests": 1, "tokens_per_minute": 500},
+                                       "small": {"max_concurrent_requests": None, "tokens_per_minute": 9}}
+    rc, out, _ = await run_admin(stack, "tenant", "show", "cli-quota")
+    assert rc == 0 and "big/model=concurrent=1/tpm=500" in out
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    await stack.sql(
+        """INSERT INTO usage_records (tenant_id, model, bucket_start, requests, prompt_tokens,
+                                     completion_tokens)
+           SELECT tenant_id, 'big/model', b, 1, 100, 200 FROM identity_tenants, unnest($1::timestamptz[]) b
+            WHERE name = 'cli-quota'""",
+        [now, now + timedelta(minutes=1),
+         datetime(2025, 1, 1, tzinfo=UTC), datetime(2025, 1, 2, tzinfo=UTC)],
+    )
+    by_day = await admin_json(stack, "usage", "--tenant", "cli-quota", "--since", "2025-01-01",
+                              "--until", "2025-01-03", "--period", "day")
+    assert [(r["period_start"][:10], r["prompt_tokens"]) for r in by_day["rows"]] == [
+        ("2025-01-01", 100), ("2025-01-02", 100)]
+    (quota,) = by_day["quotas"]
+    assert (quota["used"], quota["left"]) == (600, 400)  # this month's two buckets, whatever the range
+    rc, csv_text, err = await run_admin(stack, "usage", "--tenant", "cli-quota", "--since", "2025-01-01",
+                                        "--until", "2025-02-01", "--period", "month", "--csv")
+    assert rc == 0, err
+    assert csv_text.splitlines() == [
+        "period_start,tenant,model,requests,errors,prompt_tokens,completion_tokens,total_tokens",
+        "2025-01-01T00:00:00Z,cli-quota,big/model,2,0,200,400,600"]
+    rc, out, _ = await run_admin(stack, "usage", "--tenant", "cli-quota")
+    assert rc == 0 and "monthly quotas" in out and "400" in out
+    rc, _, err = await run_admin(stack, "usage", "--csv", "--json")
+    assert rc == 2 and "exclude" in err
+    status, body = await stack.admin("GET", "/admin/usage?period=week")
+    assert status in {400, 422}, body
+    updated = await admin_json(stack, "tenant", "update", "cli-quota", "--no-model-limits", "--monthly-quota",
+                               "none")
+    assert updated["model_limits"] == {} and updated["monthly_token_quota"] is None

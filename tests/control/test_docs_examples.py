@@ -37,6 +37,9 @@ async def test_the_admin_examples_of_the_docs_run(stack: Stack, api: Daemon) -> 
     assert status == 200 and model["slurm_template"] == "vllm" and model["desired_instances"] == 3
     assert model["engine_args"] == ["--max-num-seqs=128"] and model["aliases"] == ["llama"]
     assert "meta-llama/Llama-3.1-8B-Instruct" in out.decode()
+    status, panel = await stack.admin("GET", "/admin/tribunals/panel")
+    assert status == 200 and panel["peer_review"] is True and panel["rounds"] == 1
+    assert [j["temperature"] for j in panel["jurors"]] == [0.2, 0.9]
     status, keys = await stack.admin("GET", "/admin/keys?tenant=acme&all=true")
     assert status == 200 and len(keys) == 1 and keys[0]["active"] is False
 

@@ -29,6 +29,7 @@ from control.settings import ApiSettings
 from control.store.db import Database
 from control.store.tokens import hash_registration_token, new_registration_token
 from control.wire import ModelCreate, RegisterRequest, Tenant
+from hpcgate.schemas import KeyTable, ModelLimit, decode_model_limits
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 OK = ProbeResult(ok=True, status=200)
@@ -157,7 +158,8 @@ def test_endpoint_table_states_and_routability() -> None:
 def test_key_table_leaves_out_keys_of_disabled_tenants() -> None:
     tenants = [
         TenantRow(
-            tenant_id=1, name="t1", allowed_models=("m",), max_concurrent_requests=None, tokens_per_minute=5
+            tenant_id=1, name="t1", allowed_models=("m",), max_concurrent_requests=None, tokens_per_minute=5,
+            model_limits=decode_model_limits('{"m": {"tokens_per_minute": 2}}'), monthly_token_quota=9,
         )
     ]
     keys = [
@@ -168,6 +170,10 @@ def test_key_table_leaves_out_keys_of_disabled_tenants() -> None:
     assert [k.key_hash for k in table.keys] == ["01" * 32]
     assert table.keys[0].expires_at == NOW.timestamp()
     assert table.tenants[0].allowed_models == ("m",) and table.tenants[0].tokens_per_minute == 5
+    # per-model limits and the quota reach the gateways through the published snapshot
+    wire = msgspec.json.decode(msgspec.json.encode(table), type=KeyTable)
+    assert wire.tenants[0].model_limits == {"m": ModelLimit(tokens_per_minute=2)}
+    assert wire.tenants[0].monthly_token_quota == 9
 
 
 # ----------------------------------------------------------------------------- probe, tokens

@@ -39,7 +39,7 @@ from tests.support.procs import wait_until
 from tests.support.services import ADMIN_DSN, REDIS_URL
 from tests.support.sim import SimProcess, sim_process
 
-SLOW = ("--model", "m1", "--profile", "gpu-s")  # ~30 tokens/s: streams that last long enough to cut
+SLOW = ("--model", "m1", "--profile", "gpu-s")  # ~19 tokens/s: streams that last long enough to cut
 LONG_STREAM = (b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2000,'
                b'"ignore_eos":true,"stream":true}')
 LONG_PLAIN = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2000,"ignore_eos":true}'
@@ -70,9 +70,12 @@ async def test_endpoint_dead_before_first_byte_is_retried_elsewhere(sim_a: SimPr
     dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
     # Every request must still succeed on the live one. Which endpoint a request tries first is
     # the balancer's (partly random) choice: send until the dead one has been tried, with a
-    # retry budget that cannot run out, instead of a fixed count that may never pick it.
+    # retry budget that cannot run out, instead of a fixed count that may never pick it. No
+    # scrape during the test: a failed scrape of the dead one would rank it behind the live one
+    # for good (as it should), and on a slow machine it could come before any request tried it.
     async with running_gateway(static_endpoints=(f"m1={dead_url},{sim_a.url}",), no_auth=True,
-                               eject_after_failures=1000, retry_budget_ratio=1.0) as gw:
+                               eject_after_failures=1000, retry_budget_ratio=1.0,
+                               scrape_interval_s=3600) as gw:
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
         metrics = ""
         try:

@@ -7,8 +7,7 @@ import time
 import msgspec
 import pytest
 
-from gateway.admission import TenantLimiter
-from gateway.auth import Authenticator, Principal, index_from_key_table
+from gateway.auth import Authenticator, index_from_key_table
 from gateway.backend import Backend
 from gateway.balancer import choose
 from gateway.errors import ApiError
@@ -289,21 +288,6 @@ def test_key_index_and_authentication() -> None:
     assert auth.offer(same_version_from_db, from_db=True)
     with pytest.raises(ApiError):
         auth.authenticate(b"Bearer k1")
-
-
-def test_tenant_limits() -> None:
-    lim = TenantLimiter(workers=1)
-    p = Principal(1, "t", None, max_concurrent=2, tpm=60, expires_at=None)
-    s1 = lim.enter(p, 0.0)
-    lim.enter(p, 0.0)
-    with pytest.raises(ApiError) as err:
-        lim.enter(p, 0.0)
-    assert err.value.status == 429 and err.value.retry_after == 1
-    TenantLimiter.leave(s1, 100)  # overdraws the 60-token bucket
-    with pytest.raises(ApiError) as err:
-        lim.enter(p, 1.0)
-    assert err.value.status == 429 and err.value.retry_after is not None and err.value.retry_after > 1
-    assert lim.enter(p, 100.0) is not None  # refilled
 
 
 def test_static_endpoint_specs() -> None:

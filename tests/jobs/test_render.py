@@ -153,6 +153,7 @@ def test_job_names() -> None:
 
 _SECRETS = ("HPCG_BEARER_TOKEN", "HPCGATE_JOB_REGISTRATION_TOKEN")
 _LAYOUT_OF = {"sim": {}, "vllm": {"gpus_per_node": 1, "image": "/i.sif"},
+              "vllm-image": {"gpus_per_node": 1, "image": "/i.sif"},
               "vllm-tp": {"gpus_per_node": 4, "image": "/i.sif"},
               "vllm-multinode": {"nodes": 2, "gpus_per_node": 4, "image": "/i.sif"}}
 
@@ -173,3 +174,13 @@ def test_no_secret_reaches_a_command_line(template: str) -> None:
 
 def test_every_builtin_template_is_covered() -> None:
     assert builtin_templates() == sorted(_LAYOUT_OF)
+
+
+def test_the_image_template_registers_with_the_client_of_its_image() -> None:
+    text = render(_ctx("vllm-image", {"gpus_per_node": 1, "image": "/shared/img/hpcgate vllm.sif"}))
+    assert "HPCG_REG=$(apptainer exec '/shared/img/hpcgate vllm.sif' hpcgate control register " in text
+    assert "exec apptainer exec --nv '/shared/img/hpcgate vllm.sif'" in text
+    with pytest.raises(ResourceError, match="template vllm-image is for one GPU on one node"):
+        render(_ctx("vllm-image", {"gpus_per_node": 2, "image": "/i.sif"}))
+    with pytest.raises(ResourceError, match=r"needs slurm_resources\.image"):
+        render(_ctx("vllm-image", {"gpus_per_node": 1}))
