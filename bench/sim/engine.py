@@ -125,10 +125,24 @@ class Engine:
         seq.state = ABORTED
         return True
 
+    # prefix-cache hooks: the cache counts the request's own tokens, the engine computes the
+    # prompt as the profile's engine_prompt_len (prompt_scale); generated tokens count 1:1 in both
+    def _cache_tokens(self, seq: Seq, engine_tokens: int) -> int:
+        pe = self.profile.engine_prompt_len(seq.prompt_len)
+        if engine_tokens <= pe:
+            return engine_tokens * seq.prompt_len // pe
+        return seq.prompt_len + engine_tokens - pe
+
+    def _engine_tokens(self, seq: Seq, tokens: int) -> int:
+        pe = self.profile.engine_prompt_len(seq.prompt_len)
+        if tokens <= seq.prompt_len:
+            return tokens * pe // seq.prompt_len
+        return pe + tokens - seq.prompt_len
+
     def _release(self, seq: Seq) -> None:
         """Free a sequence's KV blocks (finished, aborted or preempted)."""
         if self.prefix_cache is not None and seq.prefix is not None:  # prefix-cache hook
-            self.prefix_cache.release(seq.prefix, seq.computed)
+            self.prefix_cache.release(seq.prefix, self._cache_tokens(seq, seq.computed))
         self.free_blocks += seq.blocks
         seq.blocks = 0
 
@@ -180,7 +194,9 @@ class Engine:
             self.waiting.popleft()
             if self.prefix_cache is not None and seq.prefix is not None:
                 # prefix-cache hook: cached leading blocks need no prefill (computed starts past them)
-                seq.computed = self.prefix_cache.admit(seq.prefix, seq.prefill_target, self.free_blocks)
+                hit = self.prefix_cache.admit(seq.prefix, self._cache_tokens(seq, seq.prefill_target),
+                                              self.free_blocks)
+                seq.computed = min(seq.prefill_target - 1, self._engine_tokens(seq, hit))
             seq.state = RUNNING
             seq.blocks = need
             self.free_blocks -= need
@@ -208,7 +224,7 @@ class Engine:
             if chunk:
                 seq.computed += chunk
                 if self.prefix_cache is not None and seq.prefix is not None:  # prefix-cache hook
-                    self.prefix_cache.computed(seq.prefix, seq.computed)
+                    self.prefix_cache.computed(seq.prefix, self._cache_tokens(seq, seq.computed))
                 if seq.computed < seq.prefill_target:
                     continue
                 seq.prefilled = True

@@ -151,3 +151,20 @@ async def test_legacy_metrics_export_the_hit_rate_gauge() -> None:
         text = await scrape(s)
     assert metric(text, "vllm:gpu_prefix_cache_hit_rate") == 96 / 200
     assert "vllm:prefix_cache_hits" not in text
+
+
+def test_hits_count_the_requests_tokens_and_prefill_the_profiles_scaled_prompt() -> None:
+    scaled = Profile(name="s", base_s=0.01, per_seq_s=0.0, per_prefill_token_s=0.001, per_context_token_s=0.0,
+                     max_num_seqs=8, max_num_batched_tokens=4096, kv_cache_tokens=16 * 64, block_size=BS,
+                     prompt_scale=0.5)
+    rec = Steps()
+    engine = Engine(scaled, rec)
+    system = words(256, "sys")
+    submit(engine, rec, system + words(10, "a"))
+    t = run_steps(engine, 0.0, 3)
+    assert rec.prefill == [133]  # the engine computes 266 tokens as 133
+    submit(engine, rec, system + words(10, "b"))
+    engine.schedule(t)
+    cache = engine.prefix_cache
+    assert cache is not None and cache.hits == 256  # the cache counts the request's own tokens
+    assert rec.prefill[-1] == 133 - 256 * 133 // 266  # the uncached 10 of 266, scaled: 5
