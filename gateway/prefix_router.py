@@ -51,11 +51,12 @@ def _mix(x: int) -> int:
 
 
 def _load(b: Backend, now: float, stale_after: float) -> float:
-    """The backend's queue in requests: the engine's last scraped running + waiting, or this
-    worker's own in-flight requests if more (least-queue adds every request sent since the scrape,
-    finished ones too, which would push a conversation off its instance at low load)."""
+    """The backend's queue in requests: this worker's requests in flight there now, plus the
+    other workers' at the last scrape (running + waiting less this worker's in flight then).
+    Least-queue adds every request sent since the scrape, finished ones too, which would push a
+    conversation off its instance at low load."""
     if b.queue is not None and now - b.scraped_at <= stale_after:
-        return max(b.queue, float(b.inflight))
+        return max(0.0, b.queue - b.inflight_at_scrape) + b.inflight
     return load_score(b, now, stale_after)
 
 
@@ -133,7 +134,7 @@ class PrefixRouter:
     )
 
     def __init__(self, *, block_bytes: int = 1024, bytes_per_token: float = 4.0, kv_saturated: float = 0.95,
-                 max_imbalance: float = 16.0, cold_slack: float = 2.0,
+                 max_imbalance: float = 16.0, cold_slack: float = 1.0,
                  prefill_tokens_per_s: float = 20_000.0) -> None:
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.block_bytes = block_bytes
