@@ -1,7 +1,8 @@
 """``hpcgate bench ...``: the load driver (run), Table 1 reproduction (table) and the simulator's
 calibration to it (calibrate), proxy overhead (overhead), the install's footprint (footprint),
 the gateway's memory per connection (connections), the batch machinery (batch), the autoscaler's
-reaction time (autoscale) and the stack under faults (chaos).
+reaction time (autoscale), the stack under faults (chaos) and cache-aware against least-queue
+routing (prefix).
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
-from bench import autoscale, connections, footprint
+from bench import autoscale, connections, footprint, prefix_bench
 from bench import batch as batch_bench
 from bench.chaos_plan import add_parser as chaos_parser
 from hpcgate.logs import setup_logging
@@ -42,6 +43,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "connections": ("psutil",),
     "batch": ("numpy", "psutil"),
     "chaos": ("psutil",),
+    "prefix": ("openai", "psutil"),
 }
 
 
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     connections.add_parser(sub)
     batch_bench.add_parser(sub)
     chaos_parser(sub)
+    prefix_bench.add_parser(sub)
     return parser
 
 
@@ -197,6 +200,8 @@ def main(argv: list[str]) -> int:
         return footprint.cmd_footprint(args)
     if args.command == "autoscale":
         return autoscale.cmd_autoscale(args, settings.results_dir)
+    if args.command == "prefix":
+        return prefix_bench.cmd_prefix(args, settings.results_dir)
     if args.command == "connections":
         return connections.cmd_connections(args, settings.results_dir)
     if args.command == "calibrate":

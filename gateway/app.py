@@ -36,10 +36,11 @@ from gateway.http_server import HttpConnection
 from gateway.metrics import GatewayMetrics, StateView
 from gateway.offload import make_offloader
 from gateway.openapi import build_document
+from gateway.prefix_router import PrefixRouter
 from gateway.proxy import ProxyCall
 from gateway.routing_table import EMPTY, ModelRoute, RoutingTable, table_from_snapshot
 from gateway.scraper import Scraper
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, routing_policies
 from gateway.tenant_admission import TenantAdmission
 from gateway.tenant_limits import TenantLimiter
 from gateway.upload import UPLOAD_PATHS, UploadCall
@@ -118,6 +119,16 @@ class Gateway:
         self.scraper = Scraper(loop, s.scrape_interval_s, max(1.0, s.scrape_interval_s))
         self.stale_after = max(3.0 * s.scrape_interval_s, 2.0)
         self.retry_tokens = 10.0  # retry budget, shared by this worker's requests
+        # cache-aware routing (gateway.prefix_router) for the models whose policy says so
+        self._policies = routing_policies(s)
+        self.cache_aware: frozenset[str] = frozenset()
+        self.prefix_router: PrefixRouter | None = None
+        if s.routing_policy == "cache-aware" or "cache-aware" in self._policies.values():
+            self.prefix_router = PrefixRouter(block_bytes=s.prefix_block_bytes,
+                                              kv_saturated=s.prefix_kv_saturated,
+                                              max_imbalance=s.prefix_max_imbalance,
+                                              prefill_tokens_per_s=s.prefix_prefill_tokens_per_s)
+        self.session_header = s.session_header.lower().encode()
         self._rid_prefix = secrets.token_hex(4).encode() + b"-"
         self._rid_n = 0
         self.access_log = AccessLog() if s.access_log else None
@@ -173,6 +184,11 @@ class Gateway:
         self.backends = {k: b for k, b in self.backends.items() if b in live}
         self.table = table
         self.has_table = True
+        default = self.settings.routing_policy
+        self.cache_aware = frozenset(r.name for r in table.models
+                                     if self._policies.get(r.name, default) == "cache-aware")
+        if self.prefix_router is not None:
+            self.prefix_router.keep(live)
         for b in gone:
             b.pool.close()
         self.scraper.track(live)
@@ -214,7 +230,8 @@ class Gateway:
     def _state_view(self) -> StateView:
         queues = {r.name: self.queues.length(r.name) for r in self.table.models}
         return StateView(list(self.backends.values()), self.table.version, self.table.generated_at,
-                         self.auth.index.version, queues, stream_relay=self.stream_relay)
+                         self.auth.index.version, queues, stream_relay=self.stream_relay,
+                         prefix_router=self.prefix_router)
 
     # -- requests (hot path) ----------------------------------------------------------------------
     def handle(self, req: Request, conn: HttpConnection) -> Coroutine[Any, Any, None] | None:
@@ -237,6 +254,11 @@ class Gateway:
         q = path.find(b"?")
         if q >= 0:
             path = path[:q]
+        kind = _POST_PATHS.get(path)  # inference first: the hot path pays one dict lookup
+        if kind is not None:
+            if req.method != b"POST":
+                raise ApiError(405, f"{path.decode()} only accepts POST", "method_not_allowed")
+            return ProxyCall(self, conn, path, rid).run(req, kind)
         if path in _API_ROOTS or path.startswith(_API_SUBPATHS):  # a file upload too
             if self.api_relay is None:
                 raise ApiError(404, "the Files and Batch APIs are not enabled on this gateway", "unknown_url")
@@ -244,11 +266,6 @@ class Gateway:
             return self.api_relay.relay(req, conn, principal)
         if req.upload is not None:  # a multipart upload (audio): relayed as its body arrives
             return UploadCall(self, conn, path, rid).begin(req)
-        kind = _POST_PATHS.get(path)
-        if kind is not None:
-            if req.method != b"POST":
-                raise ApiError(405, f"{path.decode()} only accepts POST", "method_not_allowed")
-            return ProxyCall(self, conn, path, rid).run(req, kind)
         if path.startswith(b"/v1/models/") and req.method == b"GET":
             principal = self.authenticate(req, conn)
             conn.send_full(200, self._model_body(principal, path[len(b"/v1/models/"):]))

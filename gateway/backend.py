@@ -3,6 +3,11 @@
 A :class:`Backend` outlives routing tables: tables are rebuilt on every snapshot, but the
 backend for the same URL and token is reused, so its pool, in-flight count and scraped load
 survive a swap. Its state is mutated only on the event loop of the worker that owns it.
+
+``cache_epoch`` grows whenever what the engine holds in its prefix cache can no longer be
+assumed: the engine restarted (its prefix-cache query counter went down) or the backend was
+ejected; the cache-aware router (:mod:`gateway.prefix_router`) drops its view of the backend
+when it sees a new epoch.
 """
 
 from __future__ import annotations
@@ -17,9 +22,34 @@ BackendKey = tuple[str, str | None]  # (base URL, bearer token)
 
 class Backend:
     __slots__ = (
-        "auth_line", "ejected_until", "ejections", "failures", "host", "host_header", "inflight",
-        "kv_usage", "label", "models", "pool", "port", "priority", "queue", "scrape_failures", "scraped_at",
-        "since_scrape", "token", "url",
+        "auth_line",
+        "backlog_at",
+        "cache_epoch",
+        "ejected_until",
+        "ejections",
+        "failures",
+        "host",
+        "host_header",
+        "inflight",
+        "inflight_at_scrape",
+        "kv_capacity",
+        "kv_usage",
+        "label",
+        "models",
+        "pool",
+        "port",
+        "prefill_backlog",
+        "prefill_inflight",
+        "prefix_hit_rate",
+        "prefix_queries",
+        "priority",
+        "queue",
+        "scrape_failures",
+        "scraped_at",
+        "since_scrape",
+        "token",
+        "url",
+        "waiting",
     )
 
     def __init__(
@@ -36,9 +66,18 @@ class Backend:
         self.models: frozenset[str] = frozenset()  # canonical model names routed here (for wake-ups)
         self.inflight = 0  # requests of this worker on this backend now
         self.priority = False  # the engine honours vLLM's request priority (set by the table)
+        self.inflight_at_scrape = 0  # this worker's in-flight requests when the last scrape landed
+        self.prefill_inflight = 0.0  # cache-aware: estimated uncached prompt tokens of those
+        self.prefill_backlog = 0.0  # cache-aware: the same, drained at the assumed prefill rate
+        self.backlog_at = 0.0  # when the backlog was last updated (loop time)
         self.since_scrape = 0  # requests this worker sent since the last successful scrape
         self.queue: float | None = None  # running + waiting at the last scrape; None: unknown
+        self.waiting: float | None = None  # of which waiting (not admitted: prefill still ahead)
         self.kv_usage: float | None = None
+        self.kv_capacity: int | None = None  # KV-cache tokens (vllm:cache_config_info)
+        self.prefix_queries: float | None = None  # the engine's prefix-cache counters at the last scrape
+        self.prefix_hit_rate: float | None = None
+        self.cache_epoch = 0
         self.scraped_at = -1e18
         self.scrape_failures = 0  # consecutive scrapes that got no metrics (refused, timeout, 5xx)
         self.failures = 0  # consecutive failures
@@ -47,7 +86,16 @@ class Backend:
 
     def record_load(self, load: EngineLoad, now: float) -> None:
         self.queue = load.queue
+        self.inflight_at_scrape = self.inflight
+        self.waiting = load.waiting
         self.kv_usage = load.kv_usage
+        if load.kv_capacity_tokens is not None:
+            self.kv_capacity = load.kv_capacity_tokens
+        queries = load.prefix_queries
+        if queries is not None and self.prefix_queries is not None and queries < self.prefix_queries:
+            self.cache_epoch += 1  # a counter went down: the engine restarted with an empty cache
+        self.prefix_queries = queries
+        self.prefix_hit_rate = load.prefix_hit_rate
         self.scraped_at = now
         self.since_scrape = 0
         self.scrape_failures = 0
@@ -64,6 +112,7 @@ class Backend:
         self.failures = 0
         self.ejected_until = now + base_s * (1 << min(self.ejections, 4))
         self.ejections += 1
+        self.cache_epoch += 1  # whatever it held may be gone when it comes back
         return True
 
 

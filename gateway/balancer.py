@@ -45,7 +45,7 @@ def choose(
         if b.ejected_until > now and not ignore_ejection:
             any_ejected = True
             continue
-        score = _score(b, now, stale_after)
+        score = load_score(b, now, stale_after)
         if best is None or score < best_score:
             best, best_score, ties = b, score, 1
         elif score == best_score:
@@ -58,7 +58,8 @@ def choose(
     return best
 
 
-def _score(b: Backend, now: float, stale_after: float) -> float:
+def load_score(b: Backend, now: float, stale_after: float) -> float:
+    """The backend's queue as this worker estimates it (requests)."""
     if b.queue is not None and now - b.scraped_at <= stale_after:
         return b.queue + b.since_scrape
     if b.scrape_failures:

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from gateway.backend import Backend
+from gateway.prefix_router import PrefixRouter
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0)
@@ -175,10 +176,13 @@ class _LeaseCollector(Collector):
 class StateView:
     """What the state collector reads: filled by the app at scrape time."""
 
-    __slots__ = ("backends", "key_version", "queues", "stream_relay", "table_generated_at", "table_version")
+    __slots__ = ("backends", "key_version", "prefix_router", "queues", "stream_relay", "table_generated_at",
+                 "table_version")
 
     def __init__(self, backends: list[Backend], table_version: int, table_generated_at: float,
-                 key_version: int, queues: dict[str, int], *, stream_relay: str) -> None:
+                 key_version: int, queues: dict[str, int], *, stream_relay: str,
+                 prefix_router: PrefixRouter | None = None) -> None:
+        self.prefix_router = prefix_router
         self.stream_relay = stream_relay
         self.backends = backends
         self.table_version = table_version
@@ -202,15 +206,41 @@ class _StateCollector(Collector):
                                   labels=["worker", "backend"])
         ejected = GaugeMetricFamily("hpcgate_gateway_endpoint_ejected", "1 while the endpoint is ejected",
                                     labels=["worker", "backend"])
+        hit_rate = GaugeMetricFamily("hpcgate_gateway_endpoint_prefix_cache_hit_ratio",
+                                     "The engine's own prefix-cache hit ratio (hit/queried tokens since it "
+                                     "started) at the last scrape (absent: not reported)",
+                                     labels=["worker", "backend"])
         now = time.monotonic()
+        router = v.prefix_router
+        index = GaugeMetricFamily("hpcgate_gateway_prefix_index_blocks",
+                                  "Prompt blocks the cache-aware router believes the endpoint holds",
+                                  labels=["worker", "backend"])
         for b in v.backends:
             inflight.add_metric([w, b.label], b.inflight)
             if b.queue is not None:
                 queue.add_metric([w, b.label], b.queue)
             ejected.add_metric([w, b.label], 1.0 if b.ejected_until > now else 0.0)
+            if b.prefix_hit_rate is not None:
+                hit_rate.add_metric([w, b.label], b.prefix_hit_rate)
+            if router is not None:
+                index.add_metric([w, b.label], router.blocks(b))
         yield inflight
         yield queue
         yield ejected
+        yield hit_rate
+        if router is not None:
+            yield index
+            for name, doc, value in (
+                ("hpcgate_gateway_prefix_index_query_tokens", "Estimated prompt tokens routed cache-aware",
+                 router.query_tokens),
+                ("hpcgate_gateway_prefix_index_hit_tokens", "Of those, the part the router expected the "
+                 "chosen endpoint to hold in its prefix cache", router.hit_tokens),
+                ("hpcgate_gateway_prefix_index_evictions",
+                 "Blocks dropped from the router's per-endpoint LRU", router.evictions),
+            ):
+                counter = CounterMetricFamily(name, doc, labels=["worker"])
+                counter.add_metric([w], value)
+                yield counter
         tv = GaugeMetricFamily("hpcgate_gateway_table_version", "Version of the endpoint table held",
                                labels=["worker"])
         tv.add_metric([w], v.table_version)

@@ -18,7 +18,7 @@ owns the end); the backend's in-flight count includes this request exactly while
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from time import perf_counter, time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from gateway.balancer import choose
 from gateway.errors import ApiError
 from gateway.http_parse import Request
 from gateway.http_server import HttpConnection
+from gateway.prefix_router import PromptKey
 from gateway.relay import CLIENT_GONE, Exchange
 from gateway.request_view import GENERATES, ask_for_usage, parse_view, with_model, with_priority
 from gateway.routing_table import RETRY_AFTER_STARTING, ModelRoute
@@ -54,8 +55,8 @@ _POST = b"POST"
 class ProxyCall:
     __slots__ = (
         "backend", "batch", "body", "completion", "conn", "error", "exchange", "finished", "gw", "in_task",
-        "kind", "last", "model", "path", "prompt", "rid", "route", "stale_retried", "start", "status",
-        "stream", "strip_usage", "tenant", "tenant_id", "tried", "tstate",
+        "kind", "last", "model", "path", "pkey", "prefill_est", "prompt", "rid", "route", "stale_retried",
+        "start", "status", "stream", "strip_usage", "tenant", "tenant_id", "tried", "tstate",
     )
 
     def __init__(self, gw: Gateway, conn: HttpConnection, path: bytes, rid: bytes) -> None:
@@ -69,6 +70,8 @@ class ProxyCall:
         self.batch = False  # a batch runner's request: admitted behind interactive ones
         self.model = "-"
         self.route: ModelRoute | None = None
+        self.pkey: PromptKey | None = None  # set for a model routed cache-aware
+        self.prefill_est = 0.0  # its estimated uncached tokens, in the backend's prefill_inflight
         self.body = b""
         self.kind = "chat"
         self.stream = False
@@ -122,6 +125,11 @@ class ProxyCall:
             raise ApiError(415, "Content-Type must be application/json", "unsupported_media_type")
         view = parse_view(kind, req.body)
         route = self._route(principal, view.model, kind)
+        if gw.prefix_router is not None and route.name in gw.cache_aware:
+            raw = view.messages if view.messages is not msgspec.UNSET else view.prompt
+            if raw is not msgspec.UNSET:
+                self.pkey = gw.prefix_router.key(memoryview(raw), route.name, principal.tenant_id,
+                                                 headers.get(gw.session_header))
         if principal.limited:
             default = gw.settings.tpm_completion_estimate if kind in GENERATES else 0
             estimate = estimate_tokens(view.payload_bytes(), view.completion_cap(), default,
@@ -164,16 +172,27 @@ class ProxyCall:
         self.route = route
         return route
 
+    def _pick(self, route: ModelRoute, exclude: Collection[Backend] = ()) -> Backend | None:
+        """The backend for this request now (least-queue, or cache-aware for its model); None when
+        all are saturated, or for a batch request while interactive ones wait for the model."""
+        gw = self.gw
+        if self.batch and gw.queues.length(route.name):
+            return None  # interactive requests wait for this model: they go first
+        cap = gw.batch_max_inflight if self.batch else gw.settings.endpoint_max_inflight
+        pkey, router = self.pkey, gw.prefix_router
+        if pkey is not None and router is not None:
+            return router.choose(route.backends, pkey, gw.loop.time(), stale_after=gw.stale_after,
+                                 max_inflight=cap, exclude=exclude)
+        return choose(route.backends, gw.loop.time(), stale_after=gw.stale_after, max_inflight=cap,
+                      exclude=exclude)
+
     def _first_attempt(self) -> bool:
         """Send on an idle connection now; False if that needs waiting (connect, queue)."""
         gw = self.gw
         s = gw.settings
         gw.retry_tokens = min(RETRY_BUDGET_CAP, gw.retry_tokens + s.retry_budget_ratio)
         assert self.route is not None
-        if self.batch and gw.queues.length(self.route.name):
-            return False  # interactive requests wait for this model: go behind them (slow path)
-        backend = choose(self.route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                         max_inflight=gw.batch_max_inflight if self.batch else s.endpoint_max_inflight)
+        backend = self._pick(self.route)
         if backend is None:
             return False
         up = backend.pool.take_idle()
@@ -187,6 +206,17 @@ class ProxyCall:
         backend.inflight += 1
         backend.since_scrape += 1
         self.backend = backend
+        if self.pkey is not None:
+            self.prefill_est = self.gw.prefix_router.record(  # type: ignore[union-attr]
+                backend, self.pkey, self.gw.loop.time())
+            backend.prefill_inflight += self.prefill_est
+
+    def _release(self, backend: Backend) -> None:
+        """The backend no longer carries this request (finished, or the attempt failed)."""
+        if self.prefill_est:
+            backend.prefill_inflight -= self.prefill_est
+            self.prefill_est = 0.0
+        self.gw.release(backend)
 
     def _send(self, up: UpstreamConnection) -> Exchange:
         backend = self.backend
@@ -266,7 +296,7 @@ class ProxyCall:
             self.exchange = None
         self.conn.listener = None
         self.backend = None
-        gw.release(backend)
+        self._release(backend)
         if err is not None and err.kind == "closed" and err.before_head and reused and not self.stale_retried:
             self.stale_retried = True  # a keep-alive connection the engine had closed: not its fault
             return
@@ -330,12 +360,7 @@ class ProxyCall:
         route = self.route
         assert route is not None
         while True:
-            if self.batch and gw.queues.length(route.name):
-                backend = None  # interactive requests are waiting: they go first
-            else:
-                cap = gw.batch_max_inflight if self.batch else s.endpoint_max_inflight
-                backend = choose(route.backends, gw.loop.time(), stale_after=gw.stale_after,
-                                 max_inflight=cap, exclude=self.tried)
+            backend = self._pick(route, self.tried)
             if backend is None:
                 if self.tried:
                     raise upstream_error(self.last)
@@ -401,7 +426,7 @@ class ProxyCall:
         backend = self.backend
         if backend is not None:
             self.backend = None
-            gw.release(backend)
+            self._release(backend)
         prompt, completion = self.prompt, self.completion
         if self.tstate is not None:
             self.tstate.leave(prompt + completion)

@@ -8,7 +8,7 @@ gateway reads the environment elsewhere. Static endpoints are parsed here too, s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -21,6 +21,8 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+RoutingPolicy = Literal["least-queue", "cache-aware"]
+POLICIES: tuple[str, ...] = ("least-queue", "cache-aware")
 
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -56,6 +58,16 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     eject_after_failures: PositiveInt = 5
     eject_base_s: PositiveFloat = 5.0
     endpoint_max_inflight: NonNegInt = 0  # 0: no gateway-side cap per endpoint
+    # routing policy: "least-queue" or "cache-aware" (docs/gateway.md, "Routing"); the default for
+    # every model, and "MODEL=POLICY" entries for single models
+    routing_policy: RoutingPolicy = "least-queue"
+    routing_policy_models: tuple[str, ...] = ()
+    prefix_block_bytes: Annotated[int, msgspec.Meta(ge=64)] = 1024  # cache-aware: bytes per index block
+    prefix_max_imbalance: PositiveFloat = 16.0  # cache-aware: skip an instance this many requests deeper
+    prefix_kv_saturated: Ratio = 0.95  # cache-aware: skip an instance whose KV cache is this full
+    # cache-aware: how fast an instance works off prefill, in tokens of 4 bytes of prompt per second
+    prefix_prefill_tokens_per_s: PositiveFloat = 20_000.0
+    session_header: str = "x-session-id"  # cache-aware: a client's conversation id, used to break ties
     queue_max: NonNegInt = 256  # requests waiting per model when every instance is saturated
     queue_timeout_s: PositiveFloat = 10.0
     # scale from zero: how long a request for a model at zero instances is held (a model's own
@@ -141,6 +153,18 @@ def parse_static_endpoints(specs: Sequence[str]) -> tuple[StaticEndpoint, ...]:
     return tuple(out)
 
 
+def routing_policies(settings: GatewaySettings) -> dict[str, str]:
+    """``MODEL=POLICY`` entries -> {model: policy}; raises SettingsError naming a bad entry."""
+    out: dict[str, str] = {}
+    for spec in settings.routing_policy_models:
+        model, sep, policy = (part.strip() for part in spec.partition("="))
+        if not sep or not model or policy not in POLICIES:
+            raise SettingsError(f"invalid routing_policy_models entry {spec!r}: expected MODEL=POLICY with "
+                                f"POLICY one of {', '.join(POLICIES)}")
+        out[model] = policy
+    return out
+
+
 def load_gateway_settings(
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
@@ -149,6 +173,7 @@ def load_gateway_settings(
     settings = load_settings(GatewaySettings, "gateway", env=env, overrides=overrides,
                              config_path=config_path)
     parse_static_endpoints(settings.static_endpoints)  # validate now, fail fast
+    routing_policies(settings)
     try:
         parse_networks(settings.trusted_proxies)
     except ValueError as exc:

@@ -14,7 +14,7 @@ import contextlib
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -22,7 +22,8 @@ import msgspec
 from bench.sim import extras, wire
 from bench.sim.engine import Engine, Seq
 from bench.sim.http import Connection, Request
-from bench.sim.metrics import CONTENT_TYPE, SimMetrics
+from bench.sim.metrics import CONTENT_TYPE, CacheInfo, SimMetrics
+from bench.sim.prefix_cache import SeqPrefix, Token, chat_tokens
 from bench.sim.profiles import PROFILES
 from bench.sim.textgen import (
     TOKEN_TEXT,
@@ -54,6 +55,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_num_seqs: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: the profile's
     max_model_len: Annotated[int, msgspec.Meta(ge=2)] = 32768
     legacy_metrics: bool = False
+    enable_prefix_caching: bool = True  # vLLM V1's default: automatic prefix caching on
     eos_mean_tokens: PositiveFloat = 256.0  # mean natural answer length without ignore_eos
     # Fault mode: every Nth streamed request gets its response head, then the connection closes
     # before the first token, as when an engine dies or is preempted during prefill (0: never).
@@ -168,6 +170,27 @@ class _ResponsesSink:
 SIM_ENGINE = "hpcgate sim"
 
 
+def _prompt_tokens(req: wire.ChatRequest | wire.CompletionRequest) -> Sequence[Token]:
+    """The prompt's tokens for the prefix cache (textgen's rule: a word is a token)."""
+    if isinstance(req, wire.ChatRequest):
+        texts: list[str] = []
+        for msg in req.messages:
+            if isinstance(msg.content, str):
+                texts.append(msg.content)
+            elif msg.content:
+                texts += [p.text for p in msg.content if p.text]
+        return chat_tokens(texts)
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return prompt.split()
+    first = prompt[0]
+    if isinstance(first, str):
+        return first.split()
+    if isinstance(first, list):
+        return list(first)
+    return [t for t in prompt if isinstance(t, int)]
+
+
 class Simulator:
     """One simulated vLLM server: engine, metrics, routes."""
 
@@ -175,9 +198,10 @@ class Simulator:
         self.config = config
         self.profile = PROFILES[config.profile]
         self.models = tuple(config.model) or ("sim-model",)
-        self.metrics = SimMetrics(self.models[0], config.legacy_metrics, self._gauges)
+        self.metrics = SimMetrics(self.models[0], config.legacy_metrics, self._gauges, self._cache_info)
         self.engine = Engine(self.profile, self.metrics, config.max_num_seqs,
-                             by_priority=config.scheduling_policy == "priority")
+                             by_priority=config.scheduling_policy == "priority",
+                             prefix_caching=config.enable_prefix_caching)
         self._auth = b"Bearer " + config.api_key.encode() if config.api_key else None
         # vLLM's /version, plus what a benchmark needs to say which backend it measured
         self._version = msgspec.json.encode(
@@ -200,6 +224,12 @@ class Simulator:
     def _gauges(self) -> tuple[int, int, float]:
         e = self.engine
         return len(e.running), len(e.waiting), e.kv_usage()
+
+    def _cache_info(self) -> CacheInfo:
+        e = self.engine
+        pc = e.prefix_cache
+        return CacheInfo(block_size=self.profile.block_size, num_gpu_blocks=e.total_blocks,
+                         enabled=pc is not None, queries=pc.queries if pc else 0, hits=pc.hits if pc else 0)
 
     def connection(self) -> Connection:
         conn = Connection(self.dispatch)
@@ -333,6 +363,8 @@ class Simulator:
         seq = Seq(prompt_tokens, out_len, max_tokens=max_tokens, seed=seed, sink=sink,
                   arrival=asyncio.get_running_loop().time(), priority=creq.priority)
         sink.seq = seq
+        if self.engine.prefix_cache is not None:
+            seq.prefix = SeqPrefix(_prompt_tokens(creq), seed)
         if creq.stream:
             conn.start_stream()
             self.streams += 1

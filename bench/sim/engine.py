@@ -16,6 +16,9 @@ Invariants:
   one block at a time while decoding; when none is free the newest running sequence is
   preempted (its blocks freed, put back at the head of the queue, recomputed later: vLLM's
   recompute preemption);
+- with prefix caching (:mod:`bench.sim.prefix_cache`, on by default as in vLLM V1), a sequence
+  admitted with cached leading blocks starts its prefill past them: a step's prefill tokens
+  count only uncached tokens; the marked hooks are the only places the engine calls it;
 - an aborted sequence leaves the engine at once, frees its blocks and never emits again,
   even if it belonged to the step in flight.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
+from bench.sim.prefix_cache import PrefixCache, SeqPrefix
 from bench.sim.profiles import Profile
 
 WAITING, RUNNING, FINISHED, ABORTED = 0, 1, 2, 3
@@ -50,7 +54,8 @@ class Seq:
 
     __slots__ = (
         "arrival", "blocks", "computed", "first_scheduled", "first_token", "generated",
-        "max_tokens", "out_len", "prefill_target", "prefilled", "priority", "prompt_len", "seed", "sink",
+        "max_tokens", "out_len", "prefill_target", "prefilled", "prefix", "priority", "prompt_len", "seed",
+        "sink",
         "state",
     )
 
@@ -71,23 +76,15 @@ class Seq:
         self.prefill_target = prompt_len
         self.prefilled = False
         self.blocks = 0                 # KV blocks held
+        self.prefix: SeqPrefix | None = None  # its tokens for the prefix cache; None: never cached
 
 
 class Engine:
-    __slots__ = (
-        "_batch",
-        "by_priority",
-        "free_blocks",
-        "max_num_seqs",
-        "observer",
-        "profile",
-        "running",
-        "total_blocks",
-        "waiting",
-    )
+    __slots__ = ("_batch", "by_priority", "free_blocks", "max_num_seqs", "observer", "prefix_cache",
+                 "profile", "running", "total_blocks", "waiting")
 
-    def __init__(self, profile: Profile, observer: Observer, max_num_seqs: int | None = None,
-                 by_priority: bool = False) -> None:
+    def __init__(self, profile: Profile, observer: Observer, max_num_seqs: int | None = None, *,
+                 by_priority: bool = False, prefix_caching: bool = True) -> None:
         self.profile = profile
         # vLLM's --scheduling-policy priority: the waiting queue is ordered by (priority, arrival)
         # instead of arrival alone. (vLLM also preempts a running lower-priority request for a
@@ -100,6 +97,8 @@ class Engine:
         self.waiting: deque[Seq] = deque()
         self.running: dict[Seq, None] = {}  # insertion order = admission order
         self._batch: list[tuple[Seq, int]] = []  # the step in flight: (seq, prefill chunk or 0)
+        # vLLM's automatic prefix caching (bench/sim/prefix_cache.py); the hooks below are marked
+        self.prefix_cache = PrefixCache(profile.block_size) if prefix_caching else None
 
     # --- queries -------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -135,17 +134,36 @@ class Engine:
                 return False
         else:
             return False
-        self.free_blocks += seq.blocks
-        seq.blocks = 0
+        self._release(seq)
         seq.state = ABORTED
         return True
+
+    # prefix-cache hooks: the cache counts the request's own tokens, the engine computes the
+    # prompt as the profile's engine_prompt_len (prompt_scale); generated tokens count 1:1 in both
+    def _cache_tokens(self, seq: Seq, engine_tokens: int) -> int:
+        pe = self.profile.engine_prompt_len(seq.prompt_len)
+        if engine_tokens <= pe:
+            return engine_tokens * seq.prompt_len // pe
+        return seq.prompt_len + engine_tokens - pe
+
+    def _engine_tokens(self, seq: Seq, tokens: int) -> int:
+        pe = self.profile.engine_prompt_len(seq.prompt_len)
+        if tokens <= seq.prompt_len:
+            return tokens * pe // seq.prompt_len
+        return pe + tokens - seq.prompt_len
+
+    def _release(self, seq: Seq) -> None:
+        """Free a sequence's KV blocks (finished, aborted or preempted)."""
+        if self.prefix_cache is not None and seq.prefix is not None:  # prefix-cache hook
+            self.prefix_cache.release(seq.prefix, self._cache_tokens(seq, seq.computed))
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
 
     # --- steps ---------------------------------------------------------------------------
     def _preempt_newest(self) -> Seq:
         victim = next(reversed(self.running))
         del self.running[victim]
-        self.free_blocks += victim.blocks
-        victim.blocks = 0
+        self._release(victim)
         victim.state = WAITING
         victim.computed = 0
         victim.prefilled = False
@@ -187,6 +205,11 @@ class Engine:
             if need > self.free_blocks:
                 break
             self.waiting.popleft()
+            if self.prefix_cache is not None and seq.prefix is not None:
+                # prefix-cache hook: cached leading blocks need no prefill (computed starts past them)
+                hit = self.prefix_cache.admit(seq.prefix, self._cache_tokens(seq, seq.prefill_target),
+                                              self.free_blocks)
+                seq.computed = min(seq.prefill_target - 1, self._engine_tokens(seq, hit))
             seq.state = RUNNING
             seq.blocks = need
             self.free_blocks -= need
@@ -213,6 +236,8 @@ class Engine:
                 continue
             if chunk:
                 seq.computed += chunk
+                if self.prefix_cache is not None and seq.prefix is not None:  # prefix-cache hook
+                    self.prefix_cache.computed(seq.prefix, self._cache_tokens(seq, seq.computed))
                 if seq.computed < seq.prefill_target:
                     continue
                 seq.prefilled = True
@@ -226,8 +251,7 @@ class Engine:
             if seq.generated >= seq.out_len:
                 reason = "length" if seq.generated >= seq.max_tokens else "stop"
                 del self.running[seq]
-                self.free_blocks += seq.blocks
-                seq.blocks = 0
+                self._release(seq)
                 seq.state = FINISHED
                 seq.sink.on_token(seq, reason)
                 self.observer.on_finished(seq, reason, now)

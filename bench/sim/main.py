@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean answer length without ignore_eos (default 256)")
     p.add_argument("--legacy-metrics", action="store_true", default=None,
                    help="emit vLLM V0 metric names (vllm:gpu_cache_usage_perc)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="model vLLM's automatic prefix caching (default: on, as vLLM V1)")
     p.add_argument("--fail-after-head-every", type=int, metavar="N",
                    help="fault mode: every Nth streamed request gets its head, then the connection "
                    "closes before the first token (default 0: never)")

@@ -67,6 +67,11 @@ async def test_local_launcher_lifecycle(tmp_path: Path) -> None:
     failed = next(j for j in jobs if j.launcher_job_id == b)
     assert (failed.outcome, failed.exit_code) == (Outcome.FAILED, 3)
     assert "boom" in (await launcher.read_output(failed) or "")
+    running = next(j for j in jobs if j.launcher_job_id == a)
+    for _ in range(200):  # a busy machine may not have run its first line yet: cancel after it
+        if "tok=" in (await launcher.read_output(running) or ""):
+            break
+        await asyncio.sleep(0.05)
     await launcher.cancel(a)
     await launcher.cancel(a)  # idempotent
     await launcher.cancel("local-ffffffffffff")  # unknown: no error
