@@ -120,7 +120,9 @@ async def test_both_gateways_route_on_the_published_table_version(deployment: De
     version = await all_on_published_version(deployment)
     for gateway in deployment.gateways:
         assert await answers(gateway, "chat", key=deployment.key, model=MODEL) == [200] * PROBES
-    assert version == (await deployment.stack.endpoint_table()).version  # type: ignore[union-attr]
+    # A republish may have come meanwhile (the Endpoint Worker republishes every few seconds):
+    # both gateways follow the published version, whichever it is now.
+    assert await all_on_published_version(deployment) >= version
 
 
 async def test_a_new_endpoint_appears_in_both(deployment: Deployment) -> None:
