@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,6 +16,7 @@ import redis.asyncio as aioredis
 
 from control.db.migrate import migrate
 from control.singleton import NAMESPACE, lock_key
+from hpcgate.net import port_is_free
 from hpcgate.up_state import (
     alive,
     command_line,
@@ -139,14 +139,3 @@ def clear_stale(data_dir: Path, ports: list[tuple[str, int]]) -> None:
             holder = port_holder(port) or "another process"
             raise UpError(f"{host}:{port} is in use by {holder}; stop it or choose another port "
                           "(--gateway-port, --api-port)")
-
-
-def port_is_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 
 from granian.constants import Interfaces
@@ -19,6 +18,7 @@ from control.settings import ApiSettings, require
 from control.store.db import Database
 from hpcgate.lifecycle import exit_at_once, install_stop_signals
 from hpcgate.logs import get_logger, setup_logging
+from hpcgate.net import port_is_free
 from hpcgate.settings import load_settings
 
 log = get_logger("hpcgate.control.api")
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     require(settings.admin_token, "admin_token")
     require(settings.key_hash_secret, "key_hash_secret")
     setup_logging(settings.log_level)
-    if not _port_is_free(settings.host, settings.port):
+    if not port_is_free(settings.host, settings.port):
         log.error("api_port_in_use", host=settings.host, port=settings.port)
         print(f"hpcgate control api: error: {settings.host}:{settings.port} is in use", file=sys.stderr)
         return 1
@@ -49,16 +49,6 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    """Granian binds with SO_REUSEPORT, so a second api on a busy port would silently share it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 async def serve(settings: ApiSettings) -> None:

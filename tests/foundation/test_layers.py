@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # the only hpcgate modules above the components
 TOP = {"hpcgate.cli", "hpcgate.up", "hpcgate.supervisor", "hpcgate.up_jobs", "hpcgate.up_state",
        "hpcgate.up_preflight"}
-BOTTOM = ("settings.py", "logs.py", "backoff.py", "metrics_text.py", "lifecycle.py", "schemas/__init__.py",
-          "schemas/tables.py", "schemas/api_keys.py", "schemas/tribunal.py")
+BOTTOM = ("settings.py", "logs.py", "backoff.py", "metrics_text.py", "lifecycle.py", "net.py",
+          "schemas/__init__.py", "schemas/tables.py", "schemas/api_keys.py", "schemas/tribunal.py")
 
 
 def imports(package: str) -> dict[str, set[str]]:
