@@ -26,28 +26,17 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
-import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 
-from bench.procs import free_port
-from control.db.migrate import migrate
-from control.jobs.main import make_launcher
-from control.jobs.naming import name_prefix
-from control.jobs.settings import JobsSettings
-from control.launchers.base import LauncherError
+from bench.scaling_stack import ADMIN_DSN, rows, scaling_stack
 from hpcgate.metrics_text import parse_engine_load
-from hpcgate.supervisor import Supervisor, hpcgate_argv
 
 MODEL = "autoscale-bench"
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -74,38 +63,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--timeout-s", type=float, default=300.0, help="give up after this long")
     p.add_argument("--result-file", help="where to write the JSON result")
-
-
-async def _db(admin_dsn: str) -> tuple[str, str]:
-    name = f"hpcgate_bench_autoscale_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = f"{admin_dsn.rpartition('/')[0]}/{name}"
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    return name, dsn
-
-
-async def _drop(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-async def _rows(dsn: str, query: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(query))
-    finally:
-        await conn.close()
 
 
 _JOBS = """SELECT j.endpoint_job_id, extract(epoch FROM j.created_at)::float8 AS created,
@@ -161,128 +118,68 @@ async def _clients(url: str, key: str, n: int, stop: asyncio.Event) -> None:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    name, dsn = await _db(args.admin_dsn)
-    tmp = tempfile.mkdtemp(prefix="hpcgate-bench-autoscale-")
-    api_port, gw_port = free_port(), free_port()
-    admin_token, base = secrets.token_urlsafe(16), 21000 + (os.getpid() % 90) * 100
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCGATE_")}
-    env.update(
-        HPCGATE_DATABASE_URL=dsn,
-        HPCGATE_REDIS_URL=args.redis_url,
-        HPCGATE_REDIS_PREFIX=f"bench-autoscale-{uuid.uuid4().hex[:8]}:",
-        HPCGATE_ADMIN_TOKEN=admin_token,
-        HPCGATE_KEY_HASH_SECRET=secrets.token_urlsafe(16),
-        HPCGATE_CONTROL_URL=f"http://127.0.0.1:{api_port}",
-        HPCGATE_DATA_DIR=tmp,
-        HPCGATE_LOG_LEVEL="info",
-        HPCGATE_API_PORT_RANGE_START=str(base),
-        HPCGATE_API_PORT_RANGE_END=str(base + 99),
-        HPCGATE_HEALTH_PROBE_INTERVAL_S="0.2",
-        HPCGATE_HEALTH_PUBLISH_INTERVAL_S="1",
-        HPCGATE_JOBS_INTERVAL_S="0.5",
-        HPCGATE_AUTOSCALER_INTERVAL_S=str(args.interval_s),
-        HPCGATE_AUTOSCALER_SCALE_UP_QUEUE_TIME_S=str(args.threshold_s),
-        HPCGATE_AUTOSCALER_SCALE_UP_SUSTAIN_S=str(args.sustain_s),
-        HPCGATE_AUTOSCALER_QUEUE_TIME_WINDOW_S=str(args.window_s),
-    )
-    job_prefix = f"bench{uuid.uuid4().hex[:8]}"
-    env["HPCGATE_JOBS_JOB_NAME_PREFIX"] = job_prefix
-    if args.launcher == "slurm":
-        from hpcgate.up import slurm_env
-
-        reach = await asyncio.to_thread(slurm_env)
-        env.update(reach)
-        os.environ.update(reach)  # this process cancels the run's jobs at the end (squeue, scancel)
-        env["HPCGATE_JOBS_OUTPUT_DIR"] = str(Path(tmp) / "jobs")
-    sup = Supervisor(Path(tmp) / "logs", env)
+    env = {
+        "HPCGATE_AUTOSCALER_INTERVAL_S": str(args.interval_s),
+        "HPCGATE_AUTOSCALER_SCALE_UP_QUEUE_TIME_S": str(args.threshold_s),
+        "HPCGATE_AUTOSCALER_SCALE_UP_SUSTAIN_S": str(args.sustain_s),
+        "HPCGATE_AUTOSCALER_QUEUE_TIME_WINDOW_S": str(args.window_s),
+    }
     stop = asyncio.Event()
-    try:
-        await sup.start("api", hpcgate_argv("control", "api", "--port", str(api_port)), "api_listening")
-        await sup.start("health", hpcgate_argv("control", "health"), "health_worker_started")
-        await sup.start(
-            "jobs", hpcgate_argv("control", "jobs", "--launcher", args.launcher), "jobs_worker_started"
-        )
-        await sup.start("autoscaler", hpcgate_argv("control", "autoscaler"), "autoscaler_started")
-        await sup.start("gateway", hpcgate_argv("gateway", "--port", str(gw_port)), "gateway_listening")
-        auth = {"authorization": f"Bearer {admin_token}"}
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{api_port}", headers=auth, timeout=10
-        ) as api:
-            (await api.post("/admin/tenants", json={"name": "bench"})).raise_for_status()
-            key = (await api.post("/admin/tenants/bench/keys", json={})).raise_for_status().json()["key"]
-            (
-                await api.post(
-                    "/admin/models",
-                    json={
-                        "name": MODEL,
-                        "min_instances": 1,
-                        "max_instances": 2,
-                        "desired_instances": 1,
-                        "slurm_resources": {"sim_profile": "paced", "sim_max_num_seqs": args.max_num_seqs},
-                    },
-                )
-            ).raise_for_status()
-        gateway = f"http://127.0.0.1:{gw_port}"
-        deadline = time.monotonic() + args.timeout_s
-        async with httpx.AsyncClient(timeout=5) as http:
-            while True:  # the first instance is ready and the gateway routes to it
-                r = await http.get(f"{gateway}/v1/models", headers={"authorization": f"Bearer {key}"})
-                if r.status_code == 200 and any(m["state"] == "ready" for m in r.json()["data"]):
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the first instance did not become ready")
-                await asyncio.sleep(0.2)
-            t0 = time.time()
-            driver = asyncio.ensure_future(_clients(gateway, key, args.clients, stop))
-            served_at = None
-            while served_at is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("no second instance served within --timeout-s")
-                jobs = await _rows(dsn, _JOBS)
-                if len(jobs) > 1 and jobs[1]["ready"] is not None and await _served(http, jobs[1]):
-                    served_at = time.time()
-                await asyncio.sleep(0.1)
-        stop.set()
-        await driver
-        [decision, *_] = await _rows(dsn, _DECISIONS)
-        job = jobs[1]
-        phases = {
-            "detection_s": decision["at"] - t0,
-            "submit_s": job["submitted"] - decision["at"],
-            "start_s": job["registered"] - job["submitted"],
-            "ready_s": job["ready"] - job["registered"],
-            "routed_s": served_at - job["ready"],
-            "total_s": served_at - t0,
-        }
-        return {
-            "benchmark": "autoscale-reaction",
-            "launcher": args.launcher,
-            "engine": "hpcgate sim (paced)",
-            "settings": {
-                k: getattr(args, k)
-                for k in ("clients", "max_num_seqs", "threshold_s", "sustain_s", "window_s", "interval_s")
+    async with scaling_stack(
+        admin_dsn=args.admin_dsn, redis_url=args.redis_url, launcher=args.launcher, label="autoscale", env=env
+    ) as stack:
+        await stack.start_autoscaler({})
+        await stack.admin(
+            "POST",
+            "/admin/models",
+            {
+                "name": MODEL,
+                "min_instances": 1,
+                "max_instances": 2,
+                "desired_instances": 1,
+                "slurm_resources": {"sim_profile": "paced", "sim_max_num_seqs": args.max_num_seqs},
             },
-            "decision": f"{decision['from_instances']} -> {decision['to_instances']} ({decision['reason']})",
-            "phases": {k: round(v, 2) for k, v in phases.items()},
-            "machine": os.uname().nodename,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-    finally:
-        stop.set()
-        await sup.stop_all()
-        # the jobs outlive the Job Worker (their own sessions, or Slurm): cancel this run's
-        launcher = make_launcher(
-            JobsSettings(launcher=args.launcher, data_dir=tmp, job_name_prefix=job_prefix)
         )
+        await stack.wait_ready(MODEL, 1, args.timeout_s)
+        deadline = time.monotonic() + args.timeout_s
+        t0 = time.time()
+        driver = asyncio.ensure_future(_clients(stack.gateway_url, stack.key, args.clients, stop))
         try:
-            for left in await launcher.observe(name_prefix(job_prefix)):
-                if left.alive:
-                    await launcher.cancel(left.launcher_job_id)
-        except LauncherError as exc:
-            print(f"warning: cannot cancel this run's jobs (prefix {job_prefix}): {exc}", file=sys.stderr)
+            served_at = None
+            async with httpx.AsyncClient(timeout=5) as http:
+                while served_at is None:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("no second instance served within --timeout-s")
+                    jobs = await rows(stack.dsn, _JOBS)
+                    if len(jobs) > 1 and jobs[1]["ready"] is not None and await _served(http, jobs[1]):
+                        served_at = time.time()
+                    await asyncio.sleep(0.1)
         finally:
-            await launcher.close()
-        await _drop(args.admin_dsn, name)
+            stop.set()
+            await driver
+        [decision, *_] = await rows(stack.dsn, _DECISIONS)
+    job = jobs[1]
+    phases = {
+        "detection_s": decision["at"] - t0,
+        "submit_s": job["submitted"] - decision["at"],
+        "start_s": job["registered"] - job["submitted"],
+        "ready_s": job["ready"] - job["registered"],
+        "routed_s": served_at - job["ready"],
+        "total_s": served_at - t0,
+    }
+    return {
+        "benchmark": "autoscale-reaction",
+        "launcher": args.launcher,
+        "engine": "hpcgate sim (paced)",
+        "settings": {
+            k: getattr(args, k)
+            for k in ("clients", "max_num_seqs", "threshold_s", "sustain_s", "window_s", "interval_s")
+        },
+        "decision": f"{decision['from_instances']} -> {decision['to_instances']} ({decision['reason']})",
+        "phases": {k: round(v, 2) for k, v in phases.items()},
+        "machine": os.uname().nodename,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def cmd_autoscale(args: argparse.Namespace, results_dir: str) -> int:

@@ -1,8 +1,9 @@
 """``hpcgate bench ...``: the load driver (run), Table 1 reproduction (table) and the simulator's
 calibration to it (calibrate), proxy overhead (overhead), the install's footprint (footprint),
 the gateway's memory per connection (connections), the batch machinery (batch), the autoscaler's
-reaction time (autoscale), the stack under faults (chaos) and cache-aware against least-queue
-routing (prefix).
+reaction time (autoscale), a compressed day of diurnal load against autoscaled and static
+allocations (day), the stack under faults (chaos) and cache-aware against least-queue routing
+(prefix).
 
 Settings section ``bench`` (``HPCGATE_BENCH_*``): ``results_dir`` (default ``bench-results``)
 and ``log_level``. Every result names its workload; a synthetic one is always labelled so.
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
-from bench import autoscale, connections, footprint, prefix_bench
+from bench import autoscale, connections, day, footprint, prefix_bench
 from bench import batch as batch_bench
 from bench.chaos_plan import add_parser as chaos_parser
 from hpcgate.logs import setup_logging
@@ -40,6 +41,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "overhead": ("numpy", "psutil"),
     "footprint": (),
     "autoscale": (),
+    "day": ("numpy", "matplotlib"),
     "connections": ("psutil",),
     "batch": ("numpy", "psutil"),
     "chaos": ("psutil",),
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _overhead_parser(sub)
     footprint.add_parser(sub)
     autoscale.add_parser(sub)
+    day.add_parser(sub)
     connections.add_parser(sub)
     batch_bench.add_parser(sub)
     chaos_parser(sub)
@@ -200,6 +203,8 @@ def main(argv: list[str]) -> int:
         return footprint.cmd_footprint(args)
     if args.command == "autoscale":
         return autoscale.cmd_autoscale(args, settings.results_dir)
+    if args.command == "day":
+        return day.cmd_day(args, settings.results_dir)
     if args.command == "prefix":
         return prefix_bench.cmd_prefix(args, settings.results_dir)
     if args.command == "connections":

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from control.autoscale import store
 from control.autoscale.policy import Outcome, PolicyConfig, PolicyState, Signals, decide
-from control.autoscale.schedule import Schedule, ScheduleError
+from control.autoscale.schedule import Schedule, ScheduleClock, ScheduleError
 from control.autoscale.schedule import parse as parse_schedule
 from control.autoscale.settings import AutoscalerSettings
 from control.autoscale.signals import Endpoint, QueueTimeWindow, build_signals, total_demand
@@ -66,6 +66,11 @@ class Autoscaler:
         self._redis_down = False
         self._reported: set[int] = set()  # models whose overdue pending job was reported
         self._schedules: dict[int, tuple[str, Schedule]] = {}  # parsed once per text
+        self._clock = ScheduleClock(
+            settings.schedule_clock_start,
+            settings.schedule_clock_origin or datetime.now(UTC),
+            settings.schedule_clock_speed,
+        )
 
     async def reconcile_once(self) -> list[Outcome]:
         loop = asyncio.get_running_loop()
@@ -126,7 +131,7 @@ class Autoscaler:
         schedule = self._schedule(row)
         limits = None
         if schedule is not None:
-            limits = schedule.limits(datetime.now(UTC), row.min_instances, row.max_instances)
+            limits = schedule.limits(self._clock.at(datetime.now(UTC)), row.min_instances, row.max_instances)
             cfg = msgspec.structs.replace(
                 cfg, min_instances=limits.min_instances, max_instances=limits.max_instances
             )

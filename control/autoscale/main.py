@@ -39,7 +39,13 @@ async def run(settings: AutoscalerSettings, stop: asyncio.Event) -> None:
     http = make_http(settings)
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     scaler: Autoscaler | None = None
-    log.info("autoscaler_started", interval_s=settings.interval_s, mode=settings.mode)
+    clock = {}
+    if settings.schedule_clock_start is not None:  # a simulated schedule clock is said once, at start
+        clock = {
+            "schedule_clock_start": settings.schedule_clock_start.isoformat(),
+            "schedule_clock_speed": settings.schedule_clock_speed,
+        }
+    log.info("autoscaler_started", interval_s=settings.interval_s, mode=settings.mode, **clock)
     try:
         while not stop.is_set():
             try:

@@ -19,13 +19,17 @@ Invariants: :func:`parse` either returns a schedule or raises :class:`ScheduleEr
 message names the line and what is wrong (the admin API answers it as 422); the limits a
 schedule gives are clamped into the model's own ``[min, max]`` (a schedule narrows, never
 widens), and a ``max`` below the resulting ``min`` lowers the ``min`` to it.
+
+:class:`ScheduleClock` gives the instant a schedule is judged at: wall time, or (for
+demonstrations and ``hpcgate bench day``) a simulated clock that reads ``start`` at the wall
+instant ``origin`` and runs ``speed`` times faster than wall time.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -165,3 +169,19 @@ def parse(text: str) -> Schedule:
         if len(rules) > MAX_RULES:
             raise ScheduleError(f"at most {MAX_RULES} rules")
     return Schedule(tuple(rules))
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleClock:
+    """Wall time, or a simulated clock: ``start`` at wall instant ``origin``, ``speed`` x faster."""
+
+    start: datetime | None = None
+    origin: datetime | None = None
+    speed: float = 1.0
+
+    def at(self, wall: datetime) -> datetime:
+        """The schedule's instant at wall instant ``wall`` (timezone-aware)."""
+        if self.start is None:
+            return wall
+        origin = self.origin if self.origin is not None else wall
+        return self.start + timedelta(seconds=(wall - origin).total_seconds() * self.speed)

@@ -4,6 +4,7 @@ them per model (``PATCH /admin/models/{name}/scaling``)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -12,6 +13,7 @@ from hpcgate.settings import LogLevel, PositiveFloat, PostgresUrl, RedisUrl
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]  # an ISO 8601 instant with its offset
 
 
 class AutoscalerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -27,6 +29,13 @@ class AutoscalerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     history_per_model: PositiveInt = 1000  # decisions kept per model
     outage_backoff_max_s: PositiveFloat = 10.0
     standby_poll_s: Annotated[float, msgspec.Meta(gt=0, le=2.5)] = 1.0
+    # The clock schedules are judged by: wall time unless schedule_clock_start is set (for
+    # demonstrations and `hpcgate bench day`): then a simulated clock reads schedule_clock_start
+    # at the wall instant schedule_clock_origin (default: when the autoscaler started) and runs
+    # schedule_clock_speed times faster. Only schedules see it; every window stays in wall time.
+    schedule_clock_start: AwareDatetime | None = None
+    schedule_clock_origin: AwareDatetime | None = None
+    schedule_clock_speed: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 1.0
 
     # policy defaults (control/autoscale/policy.py PolicyConfig)
     mode: Literal["queue_time", "target"] = "queue_time"
