@@ -33,7 +33,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.scaling_stack import ADMIN_DSN, rows, scaling_stack
+from bench.bench_db import ADMIN_DSN
+from bench.scaling_stack import rows, scaling_stack
 from hpcgate.metrics_text import parse_engine_load
 
 MODEL = "autoscale-bench"

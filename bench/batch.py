@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import httpx
 
+from bench.bench_db import ADMIN_DSN, create_database, drop_database
 from bench.sim.textgen import make_prompt
 from hpcgate.schemas import hash_api_key, key_prefix, new_api_key
 
@@ -64,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--interactive-rate", type=float, default=10.0, help="req/s (default 10)")
     p.add_argument("--waiting-tolerance", type=float,
                    help="the runner's batches.waiting_tolerance (default: the runner's default)")
-    p.add_argument("--admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
+    p.add_argument("--admin-dsn", default=ADMIN_DSN,
                    help="where to create (and drop) the run's database")
     p.add_argument("--result-file", help="where to write the JSON results")
 
@@ -82,24 +83,6 @@ def _lines(n: int, prompt: int, out: int, tag: str) -> bytes:
         "body": {"model": MODEL, "max_completion_tokens": out, "ignore_eos": True,
                  "messages": [{"role": "user", "content": make_prompt(prompt, offset=i)}]},
     }).encode() + b"\n" for i in range(n))
-
-
-async def _database(admin_dsn: str) -> tuple[str, str]:
-    from control.db.migrate import migrate
-
-    name = f"hpcgate_bench_batch_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = admin_dsn.rsplit("/", 1)[0] + f"/{name}"
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    return name, dsn
 
 
 async def _seed(dsn: str, sim: procs.Child) -> str:
@@ -195,7 +178,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     from bench.driver import RunSettings, git_commit, machine, run_benchmark
 
     work = Path(tempfile.mkdtemp(prefix="hpcgate-bench-batch-"))
-    name, dsn = await _database(a.admin_dsn)
+    name, dsn = await create_database(a.admin_dsn, "batch")
     token = secrets.token_urlsafe(24)
     hpcgate = procs.HPCGATE
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("HPCGATE_")}
@@ -295,11 +278,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
         for p in reversed(started):
             await _stop(p)
         await procs.stop(sim)
-        conn = await asyncpg.connect(a.admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await drop_database(a.admin_dsn, name)
 
 
 def cmd_batch(a: argparse.Namespace, results_dir: str) -> int:

@@ -44,6 +44,7 @@ import httpx
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.bench_db import ADMIN_DSN
 from bench.client import StreamClient
 from bench.day_plan import (
     DAY_S,
@@ -56,7 +57,7 @@ from bench.day_plan import (
     rate_at,
     summary_table,
 )
-from bench.scaling_stack import ADMIN_DSN, Stack, rows, scaling_stack
+from bench.scaling_stack import Stack, rows, scaling_stack
 from bench.stats import RequestRecord
 from control.autoscale.schedule import ScheduleError
 from control.autoscale.schedule import parse as parse_schedule
@@ -64,7 +65,7 @@ from control.autoscale.schedule import parse as parse_schedule
 MODEL = "day-bench"
 CONFIGS = ("static", "autoscaled", "scheduled")
 QUEUE_METRIC = "vllm:request_queue_time_seconds"
-DEFAULT_SCHEDULE = "weekdays 07:30-18:30 Europe/Berlin: min 2"
+DEFAULT_SCHEDULE = "weekdays 08:00-17:00 Europe/Berlin: min 3"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,6 +93,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--sustain-s", type=float, default=10.0, help="scale_up_sustain_s (default 10)")
     p.add_argument("--window-s", type=float, default=10.0, help="queue_time_window_s (default 10)")
     p.add_argument("--stabilise-s", type=float, default=30.0, help="scale_down_stabilise_s (default 30)")
+    p.add_argument(
+        "--scale-down-running",
+        type=float,
+        default=2.0,
+        help="scale_down_running_per_instance (default 2, half the batch; the product's default is 1)",
+    )
     p.add_argument("--cooldown-s", type=float, default=10.0, help="cooldown_s (default 10)")
     p.add_argument("--interval-s", type=float, default=2.0, help="autoscaler pass interval (default 2)")
     p.add_argument(
@@ -289,6 +296,7 @@ async def run_config(config: str, args: argparse.Namespace, offsets: list[float]
                 "scale_up_queue_time_s": args.threshold_s,
                 "scale_up_sustain_s": args.sustain_s,
                 "scale_down_stabilise_s": args.stabilise_s,
+                "scale_down_running_per_instance": args.scale_down_running,
                 "cooldown_s": args.cooldown_s,
                 "hold_s": args.hold_s,
             },
@@ -438,6 +446,7 @@ async def measure(args: argparse.Namespace, configs: list[str]) -> dict[str, Any
             "sustain_s",
             "window_s",
             "stabilise_s",
+            "scale_down_running",
             "cooldown_s",
             "interval_s",
             "hold_s",

@@ -27,15 +27,13 @@ from typing import Any, Literal
 import asyncpg
 import httpx
 
+from bench.bench_db import create_database, drop_database
 from bench.procs import free_port
-from control.db.migrate import migrate
 from control.jobs.main import make_launcher
 from control.jobs.naming import name_prefix
 from control.jobs.settings import JobsSettings
 from control.launchers.base import LauncherError
 from hpcgate.supervisor import Supervisor, hpcgate_argv
-
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 async def rows(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
@@ -97,36 +95,12 @@ class Stack:
                 await asyncio.sleep(0.2)
 
 
-async def _create_db(admin_dsn: str, label: str) -> tuple[str, str]:
-    name = f"hpcgate_bench_{label}_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = f"{admin_dsn.rpartition('/')[0]}/{name}"
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    return name, dsn
-
-
-async def _drop_db(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 @contextlib.asynccontextmanager
 async def scaling_stack(
     *, admin_dsn: str, redis_url: str, launcher: Literal["local", "slurm"], label: str, env: dict[str, str]
 ) -> AsyncIterator[Stack]:
     """The stack described in the module docstring; ``env`` adds or overrides ``HPCGATE_*``."""
-    name, dsn = await _create_db(admin_dsn, label)
+    name, dsn = await create_database(admin_dsn, label)
     tmp = tempfile.mkdtemp(prefix=f"hpcgate-bench-{label}-")
     api_port, gw_port = free_port(), free_port()
     admin_token, base = secrets.token_urlsafe(16), 21000 + (os.getpid() % 90) * 100
@@ -187,4 +161,4 @@ async def scaling_stack(
             print(f"warning: cannot cancel this run's jobs (prefix {job_prefix}): {exc}", file=sys.stderr)
         finally:
             await jobs.close()
-        await _drop_db(admin_dsn, name)
+        await drop_database(admin_dsn, name)

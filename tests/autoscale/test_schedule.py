@@ -87,3 +87,22 @@ def test_a_schedule_that_does_not_parse_is_refused_with_the_reason(text: str, re
 def test_rules_may_be_separated_by_semicolons() -> None:
     s = parse("weekdays 08:00-19:00 Europe/Berlin: min 2; otherwise: max 1")
     assert [r.text for r in s.rules] == ["weekdays 08:00-19:00 Europe/Berlin: min 2", "otherwise: max 1"]
+
+
+def test_the_schedule_clock_is_wall_time_unless_simulated() -> None:
+    from datetime import timedelta
+
+    from control.autoscale.schedule import ScheduleClock
+
+    wall = datetime(2026, 11, 30, 4, 0, tzinfo=UTC)
+    assert ScheduleClock().at(wall) == wall
+    day = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
+    clock = ScheduleClock(start=day, origin=wall, speed=120.0)
+    assert clock.at(wall) == day
+    assert clock.at(wall + timedelta(minutes=6)) == day + timedelta(hours=12)  # 24 h in 12 min
+    # a simulated day crosses a schedule's window at the compressed instant
+    schedule = parse("weekdays 07:30-18:30 UTC: min 2")
+    before = clock.at(wall + timedelta(seconds=7.4 * 30))  # 07:24 of the simulated Tuesday
+    inside = clock.at(wall + timedelta(seconds=7.6 * 30))
+    assert schedule.limits(before, 0, 4).min_instances == 0
+    assert schedule.limits(inside, 0, 4).min_instances == 2

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import redis.asyncio as aioredis
 from control.jobs.naming import name_prefix
 from control.launchers.local import LocalLauncher
 from hpcgate.schemas import EndpointTable, RedisNames
-from tests.jobs.stack import ControlPlane, db_rows, free_port, poll, start_daemon, stopping
+from tests.jobs.stack import ControlPlane, Daemon, db_rows, free_port, poll, start_daemon, stopping
 
 FAST_JOBS = {
     "interval_s": "0.3",
@@ -111,16 +113,19 @@ async def load(dsn: str, stop: asyncio.Event, clients: int) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def test_a_model_scales_1_to_3_under_load_and_back_to_1(
-    plane: ControlPlane, tmp_path: Path, prefix: str
-) -> None:
+async def scale_1_to_3_and_back(
+    plane: ControlPlane, tmp_path: Path, prefix: str, **scaler: str
+) -> tuple[list[dict[str, Any]], Daemon]:
+    """Drive ``MODEL`` (min 1, max 3) from 1 to 3 ready instances under load and back to 1
+    desired after it, with an autoscaler of ``FAST_SCALER`` plus ``scaler`` settings; returns
+    the decision history and the (stopped) autoscaler with its log."""
     dsn = plane.pg_dsn
     jobs = await plane.start_jobs(
         {"launcher": "local", "job_name_prefix": prefix, **FAST_JOBS, "data_dir": str(tmp_path)}
     )
-    scaler_env = plane.env(**{f"HPCGATE_AUTOSCALER_{k}": v for k, v in FAST_SCALER.items()})
-    scaler = await start_daemon("autoscaler", ["control", "autoscaler"], scaler_env, "autoscaler_started")
-    async with stopping(jobs, plane), stopping(scaler, plane):
+    scaler_env = plane.env(**{f"HPCGATE_AUTOSCALER_{k}": v for k, v in {**FAST_SCALER, **scaler}.items()})
+    daemon = await start_daemon("autoscaler", ["control", "autoscaler"], scaler_env, "autoscaler_started")
+    async with stopping(jobs, plane), stopping(daemon, plane):
         status, body = await plane.admin().call(
             "POST",
             "/admin/models",
@@ -146,26 +151,31 @@ async def test_a_model_scales_1_to_3_under_load_and_back_to_1(
             stop.set()
             await driver
         await poll(lambda: _desired_is(dsn, 1), 60, "back to one instance after the load", interval=0.3)
-
         rows = await db_rows(
             dsn,
             """SELECT from_instances, to_instances, reason, source, detail
-                                       FROM ai_model_scaling_decisions d
-                                       JOIN ai_model_configurations m USING (model_id)
-                                      WHERE m.name = $1 ORDER BY decision_id""",
+                 FROM ai_model_scaling_decisions d JOIN ai_model_configurations m USING (model_id)
+                WHERE m.name = $1 ORDER BY decision_id""",
             MODEL,
         )
-        steps = [(r["from_instances"], r["to_instances"], r["reason"]) for r in rows]
-        assert steps == [
-            (1, 2, "queue_time_sustained"),
-            (2, 3, "queue_time_sustained"),
-            (3, 2, "idle_stabilised"),
-            (2, 1, "idle_stabilised"),
-        ], steps
-        assert all(r["source"] == "autoscaler" for r in rows)
-        assert scaler.find("autoscaler_decision", old=1, new=2, reason="queue_time_sustained") is not None
-        status, scaling = await plane.admin().call("GET", f"/admin/models/{MODEL}/scaling")
-        assert status == 200 and len(scaling["decisions"]) == 4
+    return rows, daemon
+
+
+async def test_a_model_scales_1_to_3_under_load_and_back_to_1(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    rows, scaler = await scale_1_to_3_and_back(plane, tmp_path, prefix)
+    steps = [(r["from_instances"], r["to_instances"], r["reason"]) for r in rows]
+    assert steps == [
+        (1, 2, "queue_time_sustained"),
+        (2, 3, "queue_time_sustained"),
+        (3, 2, "idle_stabilised"),
+        (2, 1, "idle_stabilised"),
+    ], steps
+    assert all(r["source"] == "autoscaler" for r in rows)
+    assert scaler.find("autoscaler_decision", old=1, new=2, reason="queue_time_sustained") is not None
+    status, scaling = await plane.admin().call("GET", f"/admin/models/{MODEL}/scaling")
+    assert status == 200 and len(scaling["decisions"]) == 4
 
 
 async def _n_ready(dsn: str, n: int) -> bool:
@@ -246,3 +256,118 @@ async def test_scale_from_zero_through_the_gateway_with_the_openai_sdk(
         assert [(r["from_instances"], r["to_instances"], r["reason"]) for r in rows] == [
             (0, 1, "zero_to_one")
         ]
+
+
+async def _stream(ep: dict[str, Any], tokens: int) -> tuple[int, str | None, float, float]:
+    """One streamed chat completion straight to an engine: (content chunks, finish reason,
+    start and end in wall seconds). A cut stream raises or ends without its finish reason."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    chunks, finish, start = 0, None, time.time()
+    async with httpx.AsyncClient(timeout=60) as http, http.stream(
+        "POST",
+        f"http://{ep['node']}:{ep['port']}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {ep['bearer_token']}"},
+    ) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = msgspec.json.decode(line[6:])["choices"]
+            if choice and choice[0]["delta"].get("content"):
+                chunks += 1
+            if choice and choice[0].get("finish_reason"):
+                finish = choice[0]["finish_reason"]
+    return chunks, finish, start, time.time()
+
+
+async def test_a_schedule_change_drains_an_instance_without_cutting_its_stream(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    """A schedule's window ends (on the autoscaler's simulated schedule clock, four seconds
+    after it starts) while both instances stream: desired goes 2 -> 1 with source "schedule",
+    the extra instance is drained, its stream ends whole, and only then is its job ended."""
+    dsn = plane.pg_dsn
+    jobs = await plane.start_jobs(
+        {"launcher": "local", "job_name_prefix": prefix, **FAST_JOBS, "data_dir": str(tmp_path)}
+    )
+    async with stopping(jobs, plane):
+        status, body = await plane.admin().call(
+            "POST",
+            "/admin/models",
+            {
+                "name": MODEL,
+                "min_instances": 1,
+                "max_instances": 2,
+                "desired_instances": 2,
+                "slurm_resources": {"sim_profile": "paced", "sim_max_num_seqs": 2},
+            },
+        )
+        assert status == 201, body
+        status, body = await plane.admin().call(
+            "PUT",
+            f"/admin/models/{MODEL}/schedule",
+            {"schedule": "daily 07:00-07:01 UTC: min 2\notherwise: max 1"},
+        )
+        assert status == 200, body
+        await poll(lambda: _n_ready(dsn, 2), 60, "two ready instances")
+        endpoints = await ready_endpoints(dsn)
+        # 400 tokens at 50 tokens/s: the streams outlast the schedule's window by about 4 s
+        streams = [asyncio.ensure_future(_stream(ep, 400)) for ep in endpoints]
+        started = time.time()
+        scaler_env = plane.env(
+            **{f"HPCGATE_AUTOSCALER_{k}": v for k, v in FAST_SCALER.items()},
+            HPCGATE_AUTOSCALER_SCHEDULE_CLOCK_START="2026-12-01T07:00:56+00:00",
+            HPCGATE_AUTOSCALER_SCHEDULE_CLOCK_ORIGIN=datetime.fromtimestamp(started, UTC).isoformat(),
+        )
+        scaler = await start_daemon("autoscaler", ["control", "autoscaler"], scaler_env, "autoscaler_started")
+        async with stopping(scaler, plane):
+            await poll(lambda: _desired_is(dsn, 1), 30, "the schedule's 'max 1' after 07:01")
+            decided = await db_rows(
+                dsn,
+                "SELECT extract(epoch FROM decided_at)::float8 AS at, from_instances, to_instances, "
+                "reason, source FROM ai_model_scaling_decisions",
+            )
+            assert [(d["from_instances"], d["to_instances"], d["reason"], d["source"]) for d in decided] == [
+                (2, 1, "schedule", "schedule")
+            ]
+            assert decided[0]["at"] - started >= 3.0, "the window ended on wall time, not the schedule clock"
+            results = await asyncio.gather(*streams)
+            for chunks, finish, _, end in results:
+                assert (chunks, finish) == (400, "length")
+                assert end > decided[0]["at"], "the stream ended before the schedule changed"
+            await poll(lambda: _n_jobs_live(dsn, 1), 30, "the drained instance's job ended")
+            [ended] = await db_rows(
+                dsn,
+                "SELECT extract(epoch FROM ended_at)::float8 AS at FROM ai_model_endpoint_jobs "
+                "WHERE state = 'ended'",
+            )
+            assert ended["at"] >= min(end for *_, end in results) - 0.5
+
+
+async def _n_jobs_live(dsn: str, n: int) -> bool:
+    rows = await db_rows(dsn, "SELECT count(*) AS n FROM ai_model_endpoint_jobs WHERE state <> 'ended'")
+    return int(rows[0]["n"]) == n
+
+
+async def test_target_tracking_mode_scales_on_waiting_requests_and_back(
+    plane: ControlPlane, tmp_path: Path, prefix: str
+) -> None:
+    """``mode = "target"`` (Knative's KPA): desired follows the waiting requests per instance
+    up to max, then steps down one at a time after the stabilisation window."""
+    rows, scaler = await scale_1_to_3_and_back(
+        plane, tmp_path, prefix, MODE="target", TARGET_WAITING_PER_INSTANCE="2", STABLE_WINDOW_S="3",
+        PANIC_WINDOW_S="1",
+    )
+    ups = [r for r in rows if r["to_instances"] > r["from_instances"]]
+    downs = [(r["from_instances"], r["to_instances"], r["reason"]) for r in rows if r not in ups]
+    assert ups and {r["reason"] for r in ups} <= {"target_tracking", "panic"}, rows
+    assert ups[-1]["to_instances"] == 3
+    assert downs == [(3, 2, "idle_stabilised"), (2, 1, "idle_stabilised")], rows
+    assert scaler.find("autoscaler_decision", reason=ups[0]["reason"]) is not None
