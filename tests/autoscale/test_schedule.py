@@ -106,3 +106,19 @@ def test_the_schedule_clock_is_wall_time_unless_simulated() -> None:
     inside = clock.at(wall + timedelta(seconds=7.6 * 30))
     assert schedule.limits(before, 0, 4).min_instances == 0
     assert schedule.limits(inside, 0, 4).min_instances == 2
+
+
+def test_a_simulated_schedule_clock_needs_an_instant_with_its_offset() -> None:
+    from control.autoscale.settings import AutoscalerSettings
+    from hpcgate.settings import SettingsError, load_settings
+
+    env = {"HPCGATE_AUTOSCALER_SCHEDULE_CLOCK_START": "2026-12-01T07:00:00+01:00",
+           "HPCGATE_AUTOSCALER_SCHEDULE_CLOCK_SPEED": "120"}
+    s = load_settings(AutoscalerSettings, "autoscaler", env=env)
+    assert s.schedule_clock_start == datetime(2026, 12, 1, 6, 0, tzinfo=UTC) and s.schedule_clock_speed == 120
+    naive = {**env, "HPCGATE_AUTOSCALER_SCHEDULE_CLOCK_START": "2026-12-01T07:00:00"}
+    with pytest.raises(SettingsError, match=r"SCHEDULE_CLOCK_START.*timezone"):
+        load_settings(AutoscalerSettings, "autoscaler", env=naive)
+    stopped = {**env, "HPCGATE_AUTOSCALER_SCHEDULE_CLOCK_SPEED": "0"}
+    with pytest.raises(SettingsError, match="SCHEDULE_CLOCK_SPEED"):
+        load_settings(AutoscalerSettings, "autoscaler", env=stopped)

@@ -1,6 +1,6 @@
 """``hpcgate bench day`` as docs/benchmarks.md shows its short run: a one-minute day against a
 model with the default schedule on a live stack. Every request is answered, the schedule's
-window opens at 07:30 of the simulated day (not at the wall clock's hour), and the results,
+window opens at 08:00 of the simulated day (not at the wall clock's hour), and the results,
 the summary table and the GPU-hours are written."""
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ def test_the_documented_short_day_runs(tmp_path: Path) -> None:
     assert result["requests"] == len(doc["arrivals"]) > 100
     assert result["failed"] == 0, run["errors"]
     assert 0 < result["gpu_hours"] < 24 * doc["settings"]["max_instances"]
-    opened = [d for d in run["decisions"] if d["reason"] == "schedule" and d["to_instances"] == 2]
+    # the default schedule: weekdays 08:00-17:00 Europe/Berlin: min 3
+    opened = [d for d in run["decisions"] if d["reason"] == "schedule" and d["to_instances"] == 3]
     assert opened, run["decisions"]
     hour = 24 * opened[0]["at"] / day_s
-    assert 7.5 <= hour < 10, f"the schedule's window opened at {hour:.2f} h of the simulated day"
-    working = [s for s in run["samples"] if 9 <= 24 * s[0] / day_s < 18]
-    assert working and all(s[1] >= 2 for s in working)  # desired held at the schedule's min 2
+    assert 8 <= hour < 10.5, f"the schedule's window opened at {hour:.2f} h of the simulated day"
+    working = [s for s in run["samples"] if 10.5 <= 24 * s[0] / day_s < 17]
+    assert working and all(s[1] >= 3 for s in working)  # desired held at the schedule's min 3
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("| configuration | GPU-hours | vs scheduled |")
     assert "| scheduled |" in summary

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.worker import Worker
 from tests.gateway.conftest import handler_tasks, post, raw_exchange, running_gateway
 from tests.gateway.cut_proxy import CuttableProxy
 from tests.support.procs import wait_until
@@ -35,6 +36,10 @@ async def faulty(sim_a: SimProcess) -> AsyncIterator[CuttableProxy]:
         await proxy.close()
 
 
+def idle_upstreams(gw: Worker) -> int:
+    return sum(b.pool.idle_count for b in gw.gateway.backends.values())
+
+
 async def metrics_text(port: int) -> str:
     return (await raw_exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")).body.decode()
 
@@ -44,6 +49,10 @@ async def test_reused_connection_closed_before_head_is_retried_without_blame(
         faulty: CuttableProxy, body: bytes) -> None:
     async with running_gateway(static_endpoints=(f"m1=http://127.0.0.1:{faulty.port}",), no_auth=True) as gw:
         assert (await raw_exchange(gw.port, post("/v1/chat/completions", body))).status == 200
+        # A relayed stream's end reaches the client from the relay's thread, and its upstream
+        # connection returns to the pool on the event loop a moment later: wait for it, or the
+        # next request opens a fresh connection and meets the drop there (a 502, not a retry).
+        await wait_until(lambda: idle_upstreams(gw) >= 1, 5, "the first request's connection to be idle")
         faulty.drop_next = 1  # the idle connection the first request left behind is dropped
         reply = await raw_exchange(gw.port, post("/v1/chat/completions", body))
         assert reply.status == 200, reply.body
