@@ -8,7 +8,8 @@ every worker listens, forwards SIGTERM/SIGINT to them (a second one too: each wo
 at once), and restarts a worker that dies; in dynamic mode the restarted worker listens only
 once it holds the tables (at most ``restart_table_wait_s``), so while Redis is away its siblings
 take the connections, and it writes the usage its predecessor had counted but not written
-(:mod:`gateway.usage_spool`).
+(:mod:`gateway.usage_spool`). A worker gets SIGTERM when the parent dies, even of SIGKILL
+(``PR_SET_PDEATHSIG``): it drains and exits rather than serve on the port unsupervised.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gateway.settings import GatewaySettings, load_gateway_settings
 from gateway.usage_spool import UsageSpool
 from gateway.worker import run_worker
 from hpcgate.backoff import ceiling
+from hpcgate.lifecycle import set_parent_death_signal
 from hpcgate.logs import get_logger, setup_logging
 
 log = get_logger("hpcgate.gateway.main")
@@ -125,8 +127,13 @@ def _run_workers(settings: GatewaySettings) -> int:
     spools = {i: UsageSpool() for i in range(settings.workers)} if settings.database_url else {}
 
     def spawn(index: int, announce: bool) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
+            # A worker whose parent died (even of SIGKILL) drains and exits instead of serving on
+            # unsupervised: a new gateway on the port would share it with stale workers.
+            if set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+                os._exit(1)  # the parent died before the death signal was set
             os.close(ready_r)
             reserve.close()
             code = 0

@@ -37,6 +37,7 @@ from control.autoscale.schedule import parse as parse_schedule
 from control.autoscale.settings import AutoscalerSettings
 from control.autoscale.signals import Endpoint, QueueTimeWindow, build_signals, total_demand
 from control.http_client import BodyTooLargeError, daemon_client, node_url, read_capped
+from control.store.db import OutageLog
 from hpcgate.logs import get_logger
 from hpcgate.metrics_text import EngineLoad, parse_engine_load
 from hpcgate.schemas import ModelDemand, RedisNames
@@ -63,7 +64,7 @@ class Autoscaler:
         self._defaults = policy_defaults(settings)
         self._states: dict[int, PolicyState] = {}
         self._windows: dict[int, QueueTimeWindow] = {}
-        self._redis_down = False
+        self._redis_outage = OutageLog("redis", log)  # said once per outage, and once recovered
         self._reported: set[int] = set()  # models whose overdue pending job was reported
         self._schedules: dict[int, tuple[str, Schedule]] = {}  # parsed once per text
         self._clock = ScheduleClock(
@@ -211,13 +212,9 @@ class Autoscaler:
             keys = [k async for k in self._redis.scan_iter(match=f"{self._names.demand_prefix}*", count=500)]
             raw = await self._redis.mget(keys) if keys else []
         except (RedisError, OSError) as exc:
-            if not self._redis_down:
-                log.warning("dependency_unavailable", dependency="redis", error=repr(exc)[:300])
-            self._redis_down = True
+            self._redis_outage.failed(exc)
             return None
-        if self._redis_down:
-            log.info("dependency_recovered", dependency="redis")
-        self._redis_down = False
+        self._redis_outage.ok()
         docs = []
         for value in raw:
             if value is None:

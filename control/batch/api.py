@@ -14,6 +14,7 @@ enforced while streaming (413), so no request holds a whole file in memory.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from typing import Annotated, Any
@@ -36,6 +37,9 @@ _WINDOW = re.compile(r"^([1-9][0-9]{0,4})h$")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 IdPath = Annotated[str, PathParameter(max_length=256)]
 _MAX_FIELD = 256  # bytes of a non-file form field (purpose)
+# An upload is written to disk in pieces of about this size, each in a thread: on a shared
+# filesystem a write (and the final fsync) can block for long, never on the API's event loop.
+_WRITE_PIECE = 1 << 20
 
 
 class OpenAIError(Exception):
@@ -92,7 +96,7 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
         async with db.transaction() as conn:
             quota_left = settings.tenant_max_stored_bytes - await store.stored_bytes(conn, tenant)
         file_id = store.new_id("file-")
-        tmp, fh = files.begin(tenant, file_id)
+        tmp, fh = await asyncio.to_thread(files.begin, tenant, file_id)
         committed = False
         try:
             filename, purpose, size = await _receive_form(
@@ -102,9 +106,16 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
                 raise OpenAIError(400, "purpose must be 'batch'", "invalid_purpose", "purpose")
             if filename is None:
                 raise OpenAIError(400, "the form has no 'file' part", "missing_file", "file")
-            files.commit(tmp, fh, tenant, file_id)
+            await asyncio.to_thread(files.commit, tmp, fh, tenant, file_id)
             committed = True
             async with db.transaction() as conn:
+                # Concurrent uploads each passed the quota left at their start: the last word is
+                # here, one tenant's inserts in turn, counting what is stored now.
+                await store.lock_tenant(conn, store.FILE_QUOTA_LOCK, tenant)
+                if await store.stored_bytes(conn, tenant) + size > settings.tenant_max_stored_bytes:
+                    raise OpenAIError(
+                        413, "the tenant's file storage quota is used up", "storage_quota_exceeded", "file"
+                    )
                 obj = await store.insert_file(
                     conn,
                     file_id=file_id,
@@ -116,9 +127,9 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
                 )
         except BaseException:
             if committed:
-                files.remove(tenant, file_id)
+                await asyncio.to_thread(files.remove, tenant, file_id)
             else:
-                files.discard(tmp, fh)
+                await asyncio.to_thread(files.discard, tmp, fh)
             raise
         return Response(obj)
 
@@ -190,7 +201,7 @@ def batch_router(db: Database, settings: ApiSettings) -> Router:
             raise OpenAIError(400, "metadata has at most 16 keys", "invalid_metadata", "metadata")
         async with db.transaction() as conn:
             # One tenant's creations are serialised, so the active-batch limit holds under races.
-            await conn.execute("SELECT pg_advisory_xact_lock(8000, $1::int)", tenant % 2**31)
+            await store.lock_tenant(conn, store.BATCH_CREATE_LOCK, tenant)
             row = await store.get_file(conn, tenant, checked_id(req.input_file_id, "file"))
             if row is None:
                 raise _not_found("file", req.input_file_id)
@@ -285,6 +296,8 @@ async def _receive_form(
     purpose_parts: list[bytes] = []
     size = 0
     current: str | None = None
+    piece: list[bytes] = []  # file bytes not written yet (copies: the parser reuses its buffer)
+    piece_size = 0
     try:
         with PushMultipartParser(boundary, max_header_count=8, max_segment_count=8) as parser:
             async for chunk in request.stream():
@@ -305,7 +318,12 @@ async def _receive_form(
                                     "storage_quota_exceeded",
                                     "file",
                                 )
-                            fh.write(event)
+                            piece.append(bytes(event))
+                            piece_size += len(event)
+                            if piece_size >= _WRITE_PIECE:
+                                await asyncio.to_thread(fh.write, b"".join(piece))
+                                piece.clear()
+                                piece_size = 0
                         elif current == "purpose":
                             purpose_parts.append(bytes(event))
                             if sum(map(len, purpose_parts)) > _MAX_FIELD:
@@ -318,5 +336,7 @@ async def _receive_form(
                             filename = (event.filename or "upload.jsonl")[:255]
     except MultipartError as exc:
         raise OpenAIError(400, f"malformed multipart body: {exc}", "invalid_multipart") from None
+    if piece:
+        await asyncio.to_thread(fh.write, b"".join(piece))
     purpose = b"".join(purpose_parts).decode("utf-8", "replace").strip() if purpose_parts else None
     return filename, purpose, size

@@ -76,6 +76,16 @@ def batch_object(row: asyncpg.Record) -> BatchObject:
 
 
 # -- files ---------------------------------------------------------------------------------------
+# Advisory lock classes: with a tenant's id, they serialise one tenant's checks of a limit.
+BATCH_CREATE_LOCK, FILE_QUOTA_LOCK = 8000, 8001
+
+
+async def lock_tenant(conn: Conn, lock_class: int, tenant_id: int) -> None:
+    """Hold (``lock_class``, tenant) until the transaction ends: that tenant's limit checks of
+    this class run one at a time, so a limit holds under concurrent requests."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2::int)", lock_class, tenant_id % 2**31)
+
+
 async def stored_bytes(conn: Conn, tenant_id: int) -> int:
     total = await conn.fetchval(
         "SELECT coalesce(sum(bytes), 0) FROM batch_files WHERE tenant_id = $1 AND NOT deleted", tenant_id

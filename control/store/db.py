@@ -22,7 +22,7 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from hpcgate.logs import get_logger
+from hpcgate.logs import EventLogger, get_logger
 
 log = get_logger("hpcgate.control.store")
 
@@ -122,23 +122,25 @@ def found(row: asyncpg.Record | None, what: str) -> asyncpg.Record:
 
 
 class OutageLog:
-    """Logs "down" once per outage and "recovered" once when it ends."""
+    """Logs "down" once per outage and "recovered" once when it ends (on ``logger``, default
+    this module's: a daemon passes its own, so its outages are found under its name)."""
 
-    __slots__ = ("_down", "_what")
+    __slots__ = ("_down", "_log", "_what")
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, logger: EventLogger | None = None) -> None:
         self._what = what
         self._down = False
+        self._log = logger or log
 
     def failed(self, exc: BaseException) -> None:
         if not self._down:
             self._down = True
-            log.warning("dependency_unavailable", dependency=self._what, error=repr(exc))
+            self._log.warning("dependency_unavailable", dependency=self._what, error=repr(exc)[:300])
 
     def ok(self) -> None:
         if self._down:
             self._down = False
-            log.info("dependency_recovered", dependency=self._what)
+            self._log.info("dependency_recovered", dependency=self._what)
 
     @property
     def down(self) -> bool:

@@ -141,6 +141,26 @@ async def test_tenant_storage_quota_is_413_and_freed_by_delete(batch_stack: Batc
     await client.files.create(file=("q.jsonl", chunk), purpose="batch")
 
 
+async def test_concurrent_uploads_never_pass_the_storage_quota_together(batch_stack: BatchStack) -> None:
+    """Eight uploads at once, each passing the quota left at its start: at most four fit, and
+    the rest are refused with 413 once the first ones are stored; none is lost half-written."""
+    client = _async(batch_stack, await batch_stack.tenant("batch-quota-race"))
+    chunk = jsonl([chat_line(f"c{i}", content="z" * 1000) for i in range(200)])
+    assert QUOTA // len(chunk) == 4
+    results = await asyncio.gather(
+        *(client.files.create(file=("c.jsonl", chunk), purpose="batch") for _ in range(8)),
+        return_exceptions=True,
+    )
+    stored = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, openai.APIStatusError) and r.status_code == 413]
+    assert len(stored) + len(refused) == 8, results
+    assert 1 <= len(stored) <= 4, results
+    listed = (await client.files.list()).data
+    assert sorted(f.id for f in listed) == sorted(f.id for f in stored)
+    for f in stored:
+        assert (await client.files.content(f.id)).read() == chunk
+
+
 async def test_bad_lines_fail_the_batch_naming_each(batch_stack: BatchStack) -> None:
     client = _async(batch_stack, await batch_stack.tenant("batch-bad", ))
     good = chat_line("ok")

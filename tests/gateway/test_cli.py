@@ -107,6 +107,36 @@ async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving() -> No
         assert '"event":"worker_died"' in gw.log.replace(" ", ""), gw.log
 
 
+async def test_workers_exit_when_the_parent_is_killed() -> None:
+    """SIGKILL to the parent alone: its workers get SIGTERM from the kernel, drain and exit, so
+    nothing serves on the port unsupervised (a new gateway there would share it with them)."""
+    async with sim_process("--model", "m1") as sim:
+        async with two_workers(sim.url) as gw:
+            workers = _children(gw.proc.pid)
+            assert len(workers) == 2
+            gw.proc.kill()
+            await gw.proc.wait()
+
+            def gone() -> bool:
+                return not any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in workers)
+
+            await wait_until(gone, 20, "the workers to exit after their parent's SIGKILL")
+            try:
+                await raw_exchange(gw.port, b"GET /metrics HTTP/1.1\r\n\r\n", timeout=2)
+                raise AssertionError("a worker still serves on the port after its parent died")
+            except OSError:
+                pass
+        assert "worker_stopped" in gw.log, gw.log
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
 def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_more_slowly() -> None:
     from gateway.main import restart_delay
 
