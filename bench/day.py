@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
@@ -45,7 +45,6 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.bench_db import ADMIN_DSN
-from bench.client import StreamClient
 from bench.day_plan import (
     DAY_S,
     ConfigResult,
@@ -58,9 +57,11 @@ from bench.day_plan import (
     summary_table,
 )
 from bench.scaling_stack import Stack, rows, scaling_stack
-from bench.stats import RequestRecord
 from control.autoscale.schedule import ScheduleError
 from control.autoscale.schedule import parse as parse_schedule
+
+if TYPE_CHECKING:  # the load driver needs the bench extra (numpy): imported when a day runs
+    from bench.stats import RequestRecord
 
 MODEL = "day-bench"
 CONFIGS = ("static", "autoscaled", "scheduled")
@@ -228,6 +229,9 @@ async def _drive(
     stack: Stack, offsets: list[float], t0: float, args: argparse.Namespace, records: list[RequestRecord]
 ) -> None:
     """Send one streaming request at each offset (open loop); return when all have ended."""
+    from bench.client import StreamClient
+    from bench.stats import RequestRecord
+
     client = StreamClient("127.0.0.1", stack.gateway_port, api_key=stack.key)
     body = json.dumps(
         {

@@ -32,6 +32,7 @@ from gateway.worker import run_worker
 from hpcgate.backoff import ceiling
 from hpcgate.lifecycle import set_parent_death_signal
 from hpcgate.logs import get_logger, setup_logging
+from hpcgate.net import port_is_free
 
 log = get_logger("hpcgate.gateway.main")
 
@@ -86,6 +87,12 @@ def main(argv: list[str]) -> int:
     }
     settings = load_gateway_settings(overrides=overrides, config_path=args.config)
     setup_logging(settings.log_level)
+    # The workers bind with SO_REUSEPORT, which would silently share a port that another
+    # process (an old gateway, the control API) already serves: refuse instead.
+    if settings.port and not port_is_free(settings.host, settings.port):
+        log.error("gateway_port_in_use", host=settings.host, port=settings.port)
+        print(f"hpcgate gateway: error: {settings.host}:{settings.port} is in use", file=sys.stderr)
+        return 1
     _raise_descriptor_limit(settings)
     if settings.workers == 1:
         sock = bind_socket(settings.host, settings.port, reuse_port=False)

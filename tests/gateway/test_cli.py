@@ -142,3 +142,20 @@ def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_more_slowly() -> N
 
     assert [restart_delay(n) for n in range(6)] == [0.0, 0.0, 0.5, 1.0, 2.0, 4.0]
     assert restart_delay(50) == 30.0
+
+
+async def test_a_port_another_process_serves_is_refused_not_shared() -> None:
+    """SO_REUSEPORT would let a second gateway (or one started on the control API's port) share
+    the port silently, taking part of its connections: it refuses to start instead."""
+    async with sim_process("--model", "m1") as sim, two_workers(sim.url) as gw:
+        for workers in ("1", "2"):
+            proc = await asyncio.create_subprocess_exec(
+                *hpcgate_cmd("gateway", "--port", str(gw.port), "--workers", workers, "--no-auth",
+                             "--static-endpoint", f"m1={sim.url}"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_env(),
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 1, (out, err)
+            assert f"127.0.0.1:{gw.port} is in use" in err.decode()
+        reply = await raw_exchange(gw.port, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert reply.status == 200  # the first gateway still serves its port alone

@@ -58,35 +58,35 @@ async def prefix(tmp_path: Path) -> AsyncIterator[str]:
             await launcher.cancel(job.launcher_job_id)
 
 
-async def ready_endpoints(dsn: str) -> list[dict[str, Any]]:
+async def ready_endpoints(dsn: str, model: str = MODEL) -> list[dict[str, Any]]:
     return await db_rows(
         dsn,
         """SELECT e.node, e.port, e.bearer_token FROM ai_model_endpoints e
                                   JOIN ai_model_endpoint_jobs j USING (endpoint_job_id)
                                   JOIN ai_model_configurations m ON m.model_id = e.model_id
                                  WHERE m.name = $1 AND j.state = 'ready' AND NOT e.draining""",
-        MODEL,
+        model,
     )
 
 
-async def desired(dsn: str) -> int:
-    rows = await db_rows(dsn, "SELECT desired_instances FROM ai_model_configurations WHERE name = $1", MODEL)
+async def desired(dsn: str, model: str = MODEL) -> int:
+    rows = await db_rows(dsn, "SELECT desired_instances FROM ai_model_configurations WHERE name = $1", model)
     return int(rows[0]["desired_instances"])
 
 
-async def load(dsn: str, stop: asyncio.Event, clients: int) -> None:
+async def load(dsn: str, stop: asyncio.Event, clients: int, model: str = MODEL) -> None:
     """``clients`` closed-loop clients, each sending to a random ready instance."""
     endpoints: list[dict[str, Any]] = []
 
     async def refresh() -> None:
         nonlocal endpoints
         while not stop.is_set():
-            endpoints = await ready_endpoints(dsn)
+            endpoints = await ready_endpoints(dsn, model)
             await asyncio.sleep(0.3)
 
     async def client(http: httpx.AsyncClient) -> None:
         body = {
-            "model": MODEL,
+            "model": model,
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 60,
             "ignore_eos": True,
@@ -114,9 +114,9 @@ async def load(dsn: str, stop: asyncio.Event, clients: int) -> None:
 
 
 async def scale_1_to_3_and_back(
-    plane: ControlPlane, tmp_path: Path, prefix: str, **scaler: str
+    plane: ControlPlane, tmp_path: Path, prefix: str, model: str, **scaler: str
 ) -> tuple[list[dict[str, Any]], Daemon]:
-    """Drive ``MODEL`` (min 1, max 3) from 1 to 3 ready instances under load and back to 1
+    """Drive ``model`` (min 1, max 3) from 1 to 3 ready instances under load and back to 1
     desired after it, with an autoscaler of ``FAST_SCALER`` plus ``scaler`` settings; returns
     the decision history and the (stopped) autoscaler with its log."""
     dsn = plane.pg_dsn
@@ -130,7 +130,7 @@ async def scale_1_to_3_and_back(
             "POST",
             "/admin/models",
             {
-                "name": MODEL,
+                "name": model,
                 "min_instances": 1,
                 "max_instances": 3,
                 "desired_instances": 1,
@@ -138,33 +138,36 @@ async def scale_1_to_3_and_back(
             },
         )
         assert status == 201, body
-        await poll(lambda: _n_ready(dsn, 1), 60, "the first instance ready")
+        await poll(lambda: _n_ready(dsn, 1, model), 60, "the first instance ready")
 
         stop = asyncio.Event()
-        driver = asyncio.ensure_future(load(dsn, stop, clients=14))
+        driver = asyncio.ensure_future(load(dsn, stop, clients=14, model=model))
         try:
-            await poll(lambda: _n_ready(dsn, 3), 60, "three ready instances under load", interval=0.3)
+            await poll(lambda: _n_ready(dsn, 3, model), 60, "three ready instances under load", interval=0.3)
         except AssertionError as exc:
             status_rows = await db_rows(dsn, "SELECT hold, detail, signals FROM ai_model_autoscaling")
             raise AssertionError(f"{exc}; the autoscaler's last observation: {status_rows}") from None
         finally:
             stop.set()
             await driver
-        await poll(lambda: _desired_is(dsn, 1), 60, "back to one instance after the load", interval=0.3)
+        await poll(lambda: _desired_is(dsn, 1, model), 60, "back to one instance after the load",
+                   interval=0.3)
         rows = await db_rows(
             dsn,
             """SELECT from_instances, to_instances, reason, source, detail
                  FROM ai_model_scaling_decisions d JOIN ai_model_configurations m USING (model_id)
                 WHERE m.name = $1 ORDER BY decision_id""",
-            MODEL,
+            model,
         )
+    # later tests in this module share the control plane: leave no instance of this model
+    assert (await plane.admin().call("POST", f"/admin/models/{model}/drain"))[0] == 200
     return rows, daemon
 
 
 async def test_a_model_scales_1_to_3_under_load_and_back_to_1(
     plane: ControlPlane, tmp_path: Path, prefix: str
 ) -> None:
-    rows, scaler = await scale_1_to_3_and_back(plane, tmp_path, prefix)
+    rows, scaler = await scale_1_to_3_and_back(plane, tmp_path, prefix, MODEL)
     steps = [(r["from_instances"], r["to_instances"], r["reason"]) for r in rows]
     assert steps == [
         (1, 2, "queue_time_sustained"),
@@ -178,12 +181,12 @@ async def test_a_model_scales_1_to_3_under_load_and_back_to_1(
     assert status == 200 and len(scaling["decisions"]) == 4
 
 
-async def _n_ready(dsn: str, n: int) -> bool:
-    return len(await ready_endpoints(dsn)) == n
+async def _n_ready(dsn: str, n: int, model: str = MODEL) -> bool:
+    return len(await ready_endpoints(dsn, model)) == n
 
 
-async def _desired_is(dsn: str, n: int) -> bool:
-    return await desired(dsn) == n
+async def _desired_is(dsn: str, n: int, model: str = MODEL) -> bool:
+    return await desired(dsn, model) == n
 
 
 async def test_scale_from_zero_through_the_gateway_with_the_openai_sdk(
@@ -258,11 +261,11 @@ async def test_scale_from_zero_through_the_gateway_with_the_openai_sdk(
         ]
 
 
-async def _stream(ep: dict[str, Any], tokens: int) -> tuple[int, str | None, float, float]:
+async def _stream(ep: dict[str, Any], model: str, tokens: int) -> tuple[int, str | None, float, float]:
     """One streamed chat completion straight to an engine: (content chunks, finish reason,
     start and end in wall seconds). A cut stream raises or ends without its finish reason."""
     body = {
-        "model": MODEL,
+        "model": model,
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": tokens,
         "ignore_eos": True,
@@ -293,7 +296,7 @@ async def test_a_schedule_change_drains_an_instance_without_cutting_its_stream(
     """A schedule's window ends (on the autoscaler's simulated schedule clock, four seconds
     after it starts) while both instances stream: desired goes 2 -> 1 with source "schedule",
     the extra instance is drained, its stream ends whole, and only then is its job ended."""
-    dsn = plane.pg_dsn
+    dsn, model = plane.pg_dsn, "auto-schedule"
     jobs = await plane.start_jobs(
         {"launcher": "local", "job_name_prefix": prefix, **FAST_JOBS, "data_dir": str(tmp_path)}
     )
@@ -302,7 +305,7 @@ async def test_a_schedule_change_drains_an_instance_without_cutting_its_stream(
             "POST",
             "/admin/models",
             {
-                "name": MODEL,
+                "name": model,
                 "min_instances": 1,
                 "max_instances": 2,
                 "desired_instances": 2,
@@ -312,14 +315,14 @@ async def test_a_schedule_change_drains_an_instance_without_cutting_its_stream(
         assert status == 201, body
         status, body = await plane.admin().call(
             "PUT",
-            f"/admin/models/{MODEL}/schedule",
+            f"/admin/models/{model}/schedule",
             {"schedule": "daily 07:00-07:01 UTC: min 2\notherwise: max 1"},
         )
         assert status == 200, body
-        await poll(lambda: _n_ready(dsn, 2), 60, "two ready instances")
-        endpoints = await ready_endpoints(dsn)
+        await poll(lambda: _n_ready(dsn, 2, model), 60, "two ready instances")
+        endpoints = await ready_endpoints(dsn, model)
         # 400 tokens at 50 tokens/s: the streams outlast the schedule's window by about 4 s
-        streams = [asyncio.ensure_future(_stream(ep, 400)) for ep in endpoints]
+        streams = [asyncio.ensure_future(_stream(ep, model, 400)) for ep in endpoints]
         started = time.time()
         scaler_env = plane.env(
             **{f"HPCGATE_AUTOSCALER_{k}": v for k, v in FAST_SCALER.items()},
@@ -328,11 +331,13 @@ async def test_a_schedule_change_drains_an_instance_without_cutting_its_stream(
         )
         scaler = await start_daemon("autoscaler", ["control", "autoscaler"], scaler_env, "autoscaler_started")
         async with stopping(scaler, plane):
-            await poll(lambda: _desired_is(dsn, 1), 30, "the schedule's 'max 1' after 07:01")
+            await poll(lambda: _desired_is(dsn, 1, model), 30, "the schedule's 'max 1' after 07:01")
             decided = await db_rows(
                 dsn,
                 "SELECT extract(epoch FROM decided_at)::float8 AS at, from_instances, to_instances, "
-                "reason, source FROM ai_model_scaling_decisions",
+                "reason, source FROM ai_model_scaling_decisions JOIN ai_model_configurations m "
+                "USING (model_id) WHERE m.name = $1",
+                model,
             )
             assert [(d["from_instances"], d["to_instances"], d["reason"], d["source"]) for d in decided] == [
                 (2, 1, "schedule", "schedule")
@@ -342,17 +347,24 @@ async def test_a_schedule_change_drains_an_instance_without_cutting_its_stream(
             for chunks, finish, _, end in results:
                 assert (chunks, finish) == (400, "length")
                 assert end > decided[0]["at"], "the stream ended before the schedule changed"
-            await poll(lambda: _n_jobs_live(dsn, 1), 30, "the drained instance's job ended")
+            await poll(lambda: _n_jobs_live(dsn, 1, model), 30, "the drained instance's job ended")
             [ended] = await db_rows(
                 dsn,
-                "SELECT extract(epoch FROM ended_at)::float8 AS at FROM ai_model_endpoint_jobs "
-                "WHERE state = 'ended'",
+                "SELECT extract(epoch FROM j.ended_at)::float8 AS at FROM ai_model_endpoint_jobs j "
+                "JOIN ai_model_configurations m USING (model_id) WHERE m.name = $1 AND j.state = 'ended'",
+                model,
             )
             assert ended["at"] >= min(end for *_, end in results) - 0.5
+        assert (await plane.admin().call("POST", f"/admin/models/{model}/drain"))[0] == 200
 
 
-async def _n_jobs_live(dsn: str, n: int) -> bool:
-    rows = await db_rows(dsn, "SELECT count(*) AS n FROM ai_model_endpoint_jobs WHERE state <> 'ended'")
+async def _n_jobs_live(dsn: str, n: int, model: str) -> bool:
+    rows = await db_rows(
+        dsn,
+        "SELECT count(*) AS n FROM ai_model_endpoint_jobs j JOIN ai_model_configurations m USING (model_id) "
+        "WHERE m.name = $1 AND j.state <> 'ended'",
+        model,
+    )
     return int(rows[0]["n"]) == n
 
 
@@ -362,8 +374,8 @@ async def test_target_tracking_mode_scales_on_waiting_requests_and_back(
     """``mode = "target"`` (Knative's KPA): desired follows the waiting requests per instance
     up to max, then steps down one at a time after the stabilisation window."""
     rows, scaler = await scale_1_to_3_and_back(
-        plane, tmp_path, prefix, MODE="target", TARGET_WAITING_PER_INSTANCE="2", STABLE_WINDOW_S="3",
-        PANIC_WINDOW_S="1",
+        plane, tmp_path, prefix, "auto-target",
+        MODE="target", TARGET_WAITING_PER_INSTANCE="2", STABLE_WINDOW_S="3", PANIC_WINDOW_S="1",
     )
     ups = [r for r in rows if r["to_instances"] > r["from_instances"]]
     downs = [(r["from_instances"], r["to_instances"], r["reason"]) for r in rows if r not in ups]
