@@ -6,10 +6,14 @@ module rather than the session's shared one (where other tests leave models behi
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from control.jobs.naming import name_prefix
+from control.launchers.local import LocalLauncher
 from tests.jobs.stack import ControlPlane
 from tests.support.services import create_migrated_database, drop_database, unique_name
 
@@ -29,3 +33,14 @@ async def plane(jobs_dsn: str, redis_url: str, redis_prefix: str) -> AsyncIterat
         yield cp
     finally:
         await cp.stop()
+
+
+@pytest.fixture
+async def prefix(tmp_path: Path) -> AsyncIterator[str]:
+    """A test's job name prefix; its local jobs are cancelled at the end, pass or fail."""
+    value = "a" + uuid.uuid4().hex[:10]
+    yield value
+    launcher = LocalLauncher(tmp_path / "jobs" / "local-state", kill_wait_s=0)
+    for job in await launcher.observe(name_prefix(value)):
+        if job.alive:
+            await launcher.cancel(job.launcher_job_id)
