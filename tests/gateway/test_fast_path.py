@@ -36,8 +36,15 @@ async def faulty(sim_a: SimProcess) -> AsyncIterator[CuttableProxy]:
         await proxy.close()
 
 
-def idle_upstreams(gw: Worker) -> int:
-    return sum(b.pool.idle_count for b in gw.gateway.backends.values())
+def idle_upstreams(gw: Worker) -> int | None:
+    """Upstream connections back in their pools, or None while any open one is still out: a
+    relayed stream's end reaches the client from the relay's thread, and its connection returns
+    to the pool on the event loop a moment later. A request sent before then opens a fresh
+    connection, which the tests here must not mistake for a reused one."""
+    pools = [b.pool for b in gw.gateway.backends.values()]
+    if any(p.open_count != p.idle_count for p in pools):
+        return None
+    return sum(p.idle_count for p in pools)
 
 
 async def metrics_text(port: int) -> str:
@@ -49,10 +56,7 @@ async def test_reused_connection_closed_before_head_is_retried_without_blame(
         faulty: CuttableProxy, body: bytes) -> None:
     async with running_gateway(static_endpoints=(f"m1=http://127.0.0.1:{faulty.port}",), no_auth=True) as gw:
         assert (await raw_exchange(gw.port, post("/v1/chat/completions", body))).status == 200
-        # A relayed stream's end reaches the client from the relay's thread, and its upstream
-        # connection returns to the pool on the event loop a moment later: wait for it, or the
-        # next request opens a fresh connection and meets the drop there (a 502, not a retry).
-        await wait_until(lambda: idle_upstreams(gw) >= 1, 5, "the first request's connection to be idle")
+        await wait_until(lambda: idle_upstreams(gw), 5, "the first request's connection to be idle")
         faulty.drop_next = 1  # the idle connection the first request left behind is dropped
         reply = await raw_exchange(gw.port, post("/v1/chat/completions", body))
         assert reply.status == 200, reply.body
@@ -79,6 +83,7 @@ async def test_5xx_on_a_reused_connection_is_retried_on_another_endpoint(
             assert reply.status == 200, reply.body
             if faulty.answered >= 2:
                 break
+            await wait_until(lambda: idle_upstreams(gw) is not None, 5, "the connections to be idle")
         assert faulty.answered >= 2  # requests met the 503 and succeeded elsewhere
         text = await metrics_text(gw.port)
         assert 'kind="http_503"' in text and "hpcgate_gateway_retries_total" in text
