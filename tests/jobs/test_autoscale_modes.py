@@ -22,7 +22,7 @@ from tests.jobs.autoscale_helpers import (
 from tests.jobs.stack import ControlPlane, db_rows, poll, start_daemon, stopping
 
 
-async def test_a_schedule_change_drains_an_instance_without_cutting_itsstream_direct(
+async def test_a_schedule_change_drains_an_instance_without_cutting_its_stream(
     plane: ControlPlane, tmp_path: Path, prefix: str
 ) -> None:
     """A schedule's window ends (on the autoscaler's simulated schedule clock, four seconds
