@@ -8,7 +8,9 @@ then simulate that server restarting without touching it:
         await proxy.cut()        # drop every connection and refuse new ones (connection refused)
         await proxy.restore()    # accept again, on the same port
 
-Invariants: the listening port stays the same across cut/restore; after ``cut()`` returns, no
+Invariants: the listening port stays the same across cut/restore (while cut, a bound socket that
+does not listen holds it: connections are refused, and no other test can be handed the port);
+after ``cut()`` returns, no
 byte flows through any connection opened before it; ``connections`` counts live client
 connections. Runs on the test's event loop, so never block that loop while traffic must flow.
 """
@@ -27,6 +29,7 @@ class TcpProxy:
         self.host = host
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._held: socket.socket | None = None  # the port while cut: bound, not listening
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.accepted = 0
@@ -35,11 +38,15 @@ class TcpProxy:
     def connections(self) -> int:
         return len(self._pipes)
 
-    async def start(self) -> None:
+    def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
+        return sock
+
+    async def start(self) -> None:
+        sock, self._held = (self._held or self._bind()), None
         self._server = await asyncio.start_server(self._handle, sock=sock)
 
     async def cut(self) -> None:
@@ -48,6 +55,7 @@ class TcpProxy:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+            self._held = self._bind()
         for writer in list(self._writers):
             with contextlib.suppress(Exception):
                 writer.transport.abort()
@@ -61,6 +69,9 @@ class TcpProxy:
 
     async def close(self) -> None:
         await self.cut()
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     async def __aenter__(self) -> TcpProxy:
         await self.start()
