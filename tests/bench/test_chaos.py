@@ -37,7 +37,7 @@ from bench.chaos_plan import (
 )
 from tests.support.procs import child_env, hpcgate_cmd
 
-pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it alone, after the rest
+pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it after the parallel rest
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = "hpcgate bench chaos --quick"

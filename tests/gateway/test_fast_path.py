@@ -18,7 +18,7 @@ from tests.gateway.cut_proxy import CuttableProxy
 from tests.support.procs import wait_until
 from tests.support.sim import SimProcess
 
-pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it alone, after the rest
+pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it after the parallel rest
 
 CHAT = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 CHAT_STREAM = b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2,"stream":true}'

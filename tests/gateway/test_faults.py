@@ -39,7 +39,7 @@ from tests.support.procs import wait_until
 from tests.support.services import ADMIN_DSN, REDIS_URL
 from tests.support.sim import SimProcess, sim_process
 
-pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it alone, after the rest
+pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it after the parallel rest
 
 SLOW = ("--model", "m1", "--profile", "gpu-s")  # ~19 tokens/s: streams that last long enough to cut
 LONG_STREAM = (b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"max_tokens":2000,'

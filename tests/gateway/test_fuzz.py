@@ -41,7 +41,7 @@ from tests.support.strict_http import FramingError, Response, ResponseParser
 # The gateway under test runs in another thread and draws its routing tie-breaks from `random`;
 # Hypothesis takes that for a strategy using the global random and warns. It is not one.
 pytestmark = [pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning"),
-              pytest.mark.serial]  # per-exchange deadlines: run alone (./dev.sh test)
+              pytest.mark.serial]  # per-exchange deadlines: after the parallel rest (./dev.sh test)
 
 EXAMPLES = int(os.environ.get("HPCGATE_FUZZ_EXAMPLES") or 300)
 DEADLINE_S = 5.0  # per exchange; the gateway's request read timeout is 0.5 s

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support import sanitized_relay
 
-pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it alone, after the rest
+pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it after the parallel rest
 
 STRESS_STREAMS = "160"
 

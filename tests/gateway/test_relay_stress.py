@@ -38,7 +38,7 @@ from tests.gateway.test_faults import BOTH_RELAYS
 from tests.support.procs import wait_until
 from tests.support.strict_http import FramingError, Response, ResponseParser, sse_events
 
-pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it alone, after the rest
+pytestmark = pytest.mark.serial  # timing-sensitive: ./dev.sh test runs it after the parallel rest
 
 STREAMS = int(os.environ.get("HPCGATE_STRESS_STREAMS", "400"))
 CLIENT_DEADLINE_S = 20.0  # no stream of the plan needs a tenth of this: beyond it, it hangs
