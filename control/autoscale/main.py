@@ -2,7 +2,8 @@
 
 Runs :meth:`Autoscaler.reconcile_once` every ``interval_s``. A failed pass (PostgreSQL away) is
 retried with capped, jittered backoff; the outage is logged once (``autoscaler_degraded``) and
-the recovery once. One replica acts at a time: :class:`control.singleton.SingletonLock` runs the
+the recovery once (both by :class:`control.reconcile_rhythm.ReconcileRhythm`).
+One replica acts at a time: :class:`control.singleton.SingletonLock` runs the
 loop only while this process holds the ``control-autoscaler`` advisory lock; a second replica
 stands by and takes over within ``standby_poll_s`` when the first dies.
 
@@ -23,8 +24,8 @@ import redis.asyncio as aioredis
 
 from control.autoscale.daemon import Autoscaler, make_http
 from control.autoscale.settings import AutoscalerSettings
+from control.reconcile_rhythm import ReconcileRhythm
 from control.singleton import SingletonLock
-from hpcgate.backoff import Backoff
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.settings import load_settings
 
@@ -33,8 +34,7 @@ _TEMPORARY = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutErr
 
 
 async def run(settings: AutoscalerSettings, stop: asyncio.Event) -> None:
-    backoff = Backoff(base_s=0.5, cap_s=settings.outage_backoff_max_s)
-    failing: str | None = None
+    rhythm = ReconcileRhythm("autoscaler", log, settings.interval_s, settings.outage_backoff_max_s)
     pool: asyncpg.Pool | None = None
     http = make_http(settings)
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -55,17 +55,9 @@ async def run(settings: AutoscalerSettings, stop: asyncio.Event) -> None:
                     )
                     scaler = Autoscaler(settings, pool, http, redis)
                 await scaler.reconcile_once()
-                if failing is not None:
-                    log.info("autoscaler_recovered", was=failing)
-                    failing = None
-                backoff.reset()
-                delay = settings.interval_s
+                delay = rhythm.after_success()
             except _TEMPORARY as exc:
-                kind = type(exc).__name__
-                if failing is None:
-                    log.warning("autoscaler_degraded", error=str(exc)[:500], error_type=kind)
-                failing = kind
-                delay = backoff.next_delay()
+                delay = rhythm.after_failure(exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
     finally:

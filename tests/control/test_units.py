@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,10 +26,12 @@ from control.publish.tables import (
     build_endpoint_table,
     build_key_table,
 )
+from control.reconcile_rhythm import ReconcileRhythm
 from control.settings import ApiSettings
 from control.store.db import Database
 from control.store.tokens import hash_registration_token, new_registration_token
 from control.wire import ModelCreate, RegisterRequest, Tenant
+from hpcgate.logs import get_logger
 from hpcgate.schemas import KeyTable, ModelLimit, decode_model_limits
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -364,3 +367,20 @@ def test_endpoint_table_announces_priority_scheduling() -> None:
     rows = [row(1, "a"), row(2, "a", capabilities=("chat", "completions", "priority"))]
     table = build_endpoint_table([model("a")], rows, unroutable_after=1)
     assert [e.priority for e in table.endpoints] == [False, True]
+
+
+def test_a_daemon_outage_is_logged_once_backs_off_and_its_end_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="hpcgate.test.rhythm")
+    rhythm = ReconcileRhythm("worker", get_logger("hpcgate.test.rhythm"), interval_s=2.0, backoff_cap_s=4.0)
+    assert rhythm.after_success() == 2.0 and not caplog.records
+    delays = [rhythm.after_failure(ConnectionRefusedError("db down")) for _ in range(6)]
+    assert 0.25 <= delays[0] <= 0.5 and all(d <= 4.0 for d in delays) and max(delays) >= 2.0  # grows, capped
+    delays.append(rhythm.after_failure(TimeoutError()))
+    assert rhythm.failing == "TimeoutError"
+    assert rhythm.after_success() == 2.0 and rhythm.after_success() == 2.0
+    said = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records]
+    assert said == [
+        ("worker_degraded", {"error": "db down", "error_type": "ConnectionRefusedError"}),
+        ("worker_recovered", {"was": "TimeoutError"}),
+    ]
+    assert rhythm.failing is None and 0.25 <= rhythm.after_failure(OSError()) <= 0.5  # backoff starts over
