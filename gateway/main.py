@@ -30,7 +30,7 @@ from gateway.settings import GatewaySettings, load_gateway_settings
 from gateway.usage_spool import UsageSpool
 from gateway.worker import run_worker
 from hpcgate.backoff import ceiling
-from hpcgate.lifecycle import set_parent_death_signal
+from hpcgate.lifecycle import is_repeated_death_signal, set_parent_death_signal
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.net import port_is_free
 
@@ -176,6 +176,8 @@ def _run_workers(settings: GatewaySettings) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
+        if stopping and is_repeated_death_signal(signum):
+            return  # not a second request: the workers would end at once instead of draining
         stopping = True
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):

@@ -4,7 +4,8 @@ Used by ``hpcgate up`` (and usable by harnesses) to run several hpcgate daemons 
 Invariants: a child is "ready" only when its readiness check passes (a stdout line with a
 known event, or an HTTP probe), never after a sleep; ``stop_all`` sends SIGTERM to every
 child's process group in reverse start order, waits up to a grace period, then SIGKILLs, so
-no child outlives the supervisor; each child's output goes to a log file of its own. Every
+no child outlives the supervisor; each child writes its output to a log file of its own (read
+here only until it is ready). Every
 child is started with ``HPCGATE_PARENT_PID`` (:func:`hpcgate.lifecycle.die_with_parent`), so it
 gets SIGTERM when the supervisor dies, even of SIGKILL.
 """
@@ -24,6 +25,8 @@ from pathlib import Path
 import orjson
 
 from hpcgate.lifecycle import PARENT_PID_ENV
+
+READY_POLL_S = 0.02  # how often a starting child's log is read for its readiness event
 
 
 class ChildFailedError(Exception):
@@ -60,51 +63,32 @@ class Supervisor:
         self.env = env
         self.on_spawn = on_spawn  # called once the child's process exists (``up`` records its pid)
         self.children: list[Child] = []
-        self._copiers: list[asyncio.Future[None]] = []
 
     async def start(self, name: str, argv: list[str], ready_event: str, timeout: float = 60.0) -> Child:
         """Start a child and wait until it logs the JSON event ``ready_event`` (stdout or stderr)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         child = Child(name, argv, self.log_dir / f"{name}.log")
-        child.proc = await asyncio.create_subprocess_exec(
-            *argv,
-            env={**self.env, PARENT_PID_ENV: str(os.getpid())},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stop_all reaches grandchildren
-        )
+        # The child writes its log file itself (append mode), not through a pipe of ours: its last
+        # lines reach the file even after this process died (a killed ``up``), when it stops.
+        with child.log_path.open("ab") as log_file:
+            offset = log_file.tell()
+            child.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env={**self.env, PARENT_PID_ENV: str(os.getpid())},
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop_all reaches grandchildren
+            )
         self.children.append(child)
         if self.on_spawn is not None:
             self.on_spawn(child)
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # The copier runs for the child's whole life, so the child never blocks on a full pipe.
-        self._copiers.append(asyncio.ensure_future(self._copy_output(child, ready_event, ready)))
         try:
-            await asyncio.wait_for(asyncio.shield(ready), timeout)
+            await asyncio.wait_for(_logged(child, ready_event, offset), timeout)
         except TimeoutError:
             msg = f"{child.name} not ready after {timeout:.0f}s; log {child.log_path}"
             raise ChildFailedError(msg) from None
         return child
-
-    async def _copy_output(self, child: Child, event: str, ready: asyncio.Future[None]) -> None:
-        """Copy the child's output to its log file; resolve ``ready`` at the readiness event."""
-        assert child.proc is not None and child.proc.stdout is not None
-        with child.log_path.open("ab") as log_file:
-            while line := await child.proc.stdout.readline():
-                log_file.write(line)
-                log_file.flush()
-                if not ready.done() and line.startswith(b"{"):
-                    with contextlib.suppress(orjson.JSONDecodeError):
-                        doc = orjson.loads(line)
-                        if isinstance(doc, dict) and doc.get("event") == event:
-                            ready.set_result(None)
-        await child.proc.wait()
-        if not ready.done():
-            ready.set_exception(ChildFailedError(
-                f"{child.name} exited with {child.proc.returncode} before it was ready; "
-                f"log {child.log_path}:\n{child.tail()}"
-            ))
 
     async def wait_any_exit(self) -> Child:
         """Return the first child that exits (the supervisor treats that as fatal)."""
@@ -142,5 +126,25 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.proc.pid, signal.SIGKILL)
                 await child.proc.wait()
-        for copier in self._copiers:
-            copier.cancel()
+
+
+async def _logged(child: Child, event: str, offset: int) -> None:
+    """Return once the child's log, read from ``offset``, holds the JSON line of ``event``; raise
+    :class:`ChildFailedError` if the child exits before."""
+    assert child.proc is not None
+    rest = b""
+    with child.log_path.open("rb") as log:
+        log.seek(offset)
+        while True:
+            exited = child.proc.returncode is not None  # before the read: its last lines are in
+            *lines, rest = (rest + log.read()).split(b"\n")
+            for line in lines:
+                if line.startswith(b"{"):
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        doc = orjson.loads(line)
+                        if isinstance(doc, dict) and doc.get("event") == event:
+                            return
+            if exited:
+                raise ChildFailedError(f"{child.name} exited with {child.proc.returncode} before it was "
+                                       f"ready; log {child.log_path}:\n{child.tail()}")
+            await asyncio.sleep(READY_POLL_S)

@@ -190,6 +190,7 @@ class Stack:
             HPCGATE_DATA_DIR=str(data_dir),
             HPCGATE_LOG_LEVEL="info",
             HPCGATE_JOBS_LOCAL_END_WITH_WORKER="true",  # local instances end with the Job Worker
+            HPCGATE_JOBS_END_JOBS_WHEN_ORPHANED="true",  # Slurm jobs end when up dies, even of SIGKILL
             # The Files and Batch APIs: relayed by the gateway to the control API, run by the runner.
             HPCGATE_INTERNAL_TOKEN=secrets_.internal_token,
             HPCGATE_BATCH_DIR=str(data_dir / "batch"),

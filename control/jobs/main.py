@@ -5,7 +5,8 @@ a change to models or jobs (``LISTEN hpcgate_endpoint_table``, sent by triggers 
 0500), so a new desired count is acted on within milliseconds. A failed pass (PostgreSQL or the
 scheduler unreachable) is retried with capped, jittered backoff; the outage is logged once and
 the recovery once. Stops cleanly on SIGINT/SIGTERM; the jobs themselves keep running and are
-found again by name on the next start.
+found again by name on the next start, unless ``end_jobs_when_orphaned`` is set (``hpcgate up``)
+and the process that started the worker has died: then it cancels them as it stops.
 
 One replica acts at a time: :class:`control.singleton.SingletonLock` runs :func:`run` only while
 this process holds the ``control-jobs`` advisory lock; a second replica stands by and takes over
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -28,9 +30,9 @@ import asyncpg
 from control.jobs.reconcile import JobWorker
 from control.jobs.settings import JobsSettings
 from control.launchers.base import Launcher, LauncherError
+from control.reconcile_rhythm import ReconcileRhythm
 from control.singleton import SingletonLock
-from hpcgate.backoff import Backoff
-from hpcgate.lifecycle import install_stop_signals
+from hpcgate.lifecycle import install_stop_signals, parent_has_died
 from hpcgate.logs import get_logger, setup_logging
 from hpcgate.settings import load_settings
 
@@ -69,11 +71,11 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
     if not settings.ssh_prefix:
         settings.resolved_output_dir().mkdir(parents=True, exist_ok=True)
     wake = asyncio.Event()
-    backoff = Backoff(base_s=0.5, cap_s=settings.outage_backoff_max_s)
-    failing: str | None = None
+    rhythm = ReconcileRhythm("jobs_worker", log, settings.interval_s, settings.outage_backoff_max_s)
     pool: asyncpg.Pool | None = None
     worker: JobWorker | None = None
     listener: asyncpg.Connection | None = None
+    started_by = os.getppid()
     log.info("jobs_worker_started", launcher=launcher.kind, job_name_prefix=settings.job_name_prefix,
              output_dir=str(settings.resolved_output_dir()),
              ssh_prefix=shlex.join(settings.ssh_prefix) if settings.ssh_prefix else None)
@@ -89,20 +91,12 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
                     await listener.add_listener(NOTIFY_CHANNEL, functools.partial(_on_notify, wake))
                 wake.clear()
                 await worker.reconcile_once()
-                if failing is not None:
-                    log.info("jobs_worker_recovered", was=failing)
-                    failing = None
-                backoff.reset()
-                delay = settings.interval_s
+                delay = rhythm.after_success()
             except _TEMPORARY as exc:
-                kind = type(exc).__name__
-                if failing is None:
-                    log.warning("jobs_worker_degraded", error=str(exc)[:500], error_type=kind)
-                failing = kind
                 if isinstance(exc, (OSError, asyncpg.InterfaceError)) and not isinstance(exc, LauncherError):
                     await _close(listener)
                     listener = None
-                delay = backoff.next_delay()
+                delay = rhythm.after_failure(exc)
             stop_wait = asyncio.ensure_future(stop.wait())
             wake_wait = asyncio.ensure_future(wake.wait())
             await asyncio.wait({stop_wait, wake_wait}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -114,8 +108,27 @@ async def run(settings: JobsSettings, stop: asyncio.Event) -> None:
         await _close(listener)
         if pool is not None:
             await pool.close()
+        if settings.end_jobs_when_orphaned and parent_has_died(started_by):
+            await _end_jobs_of_a_dead_parent(launcher, settings)
         await launcher.close()
         log.info("jobs_worker_stopped")
+
+
+async def _end_jobs_of_a_dead_parent(launcher: Launcher, settings: JobsSettings) -> None:
+    """The process that started this worker (``hpcgate up``) died without ending its instances:
+    cancel every live job of this deployment, so none holds its GPUs until its time limit. The
+    database is left as it is: the next start finds the rows and the ended jobs."""
+    try:
+        async with asyncio.timeout(settings.command_timeout_s):
+            live = [j for j in await launcher.observe(settings.job_name_prefix) if j.alive]
+            for job in live:
+                await launcher.cancel(job.launcher_job_id)
+    except (LauncherError, OSError, TimeoutError) as exc:
+        log.error("jobs_not_ended_with_parent", launcher=launcher.kind,
+                  error=str(exc)[:500] or type(exc).__name__)
+        return
+    log.warning("jobs_ended_with_parent", launcher=launcher.kind,
+                launcher_job_ids=[j.launcher_job_id for j in live])
 
 
 def _on_notify(wake: asyncio.Event, _conn: object, _pid: int, _channel: str, payload: str) -> None:

@@ -35,6 +35,9 @@ class JobsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # local launcher
     local_node: str = "127.0.0.1"  # how gateways reach local jobs
     local_end_with_worker: bool = False  # local jobs get SIGTERM when the worker dies (hpcgate up)
+    # Any launcher: a worker stopping after the process that started it died (hpcgate up, killed)
+    # cancels every job of this deployment, so Slurm jobs do not outlive it.
+    end_jobs_when_orphaned: bool = False
     # Slurm CLI launcher
     ssh_prefix: tuple[str, ...] = ()  # e.g. ssh,-o,BatchMode=yes,svc@login01
     squeue_json: bool | None = None  # None: use --json when the installed squeue has it

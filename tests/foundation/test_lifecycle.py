@@ -65,6 +65,38 @@ async def test_a_child_of_a_supervisor_killed_with_sigkill_gets_sigterm() -> Non
     await wait_until(lambda: not alive(child), 10, "the child to end with its parent")
 
 
+# A daemon that stops slowly: its first stop signal starts a one-second cleanup that it reports
+# on stdout; a second stop signal would end it at once, without the report.
+SLOW_STOPPER = ("from hpcgate.lifecycle import die_with_parent, install_stop_signals; die_with_parent(); "
+                "import asyncio, os\n"
+                "async def main():\n"
+                "    stop = asyncio.Event()\n"
+                "    install_stop_signals(asyncio.get_running_loop(), stop.set)\n"
+                "    print(os.getpid(), flush=True)\n"
+                "    await stop.wait()\n"
+                "    await asyncio.sleep(1)\n"
+                "    open(os.environ['REPORT'], 'w').write('cleaned up')\n"
+                "asyncio.run(main())")
+# PARENT with eight idle threads, as ``hpcgate up`` has executor threads: when it is killed, Linux
+# moves the child to each of its threads in turn, and sends the parent-death signal at each move.
+THREADED_PARENT = ("import threading, time; "
+                   "[threading.Thread(target=time.sleep, args=(60,), daemon=True).start() "
+                   "for _ in range(8)]; " + PARENT)
+
+
+async def test_the_death_signal_repeated_by_a_dying_threaded_parent_is_one_stop(tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    parent = await asyncio.create_subprocess_exec(sys.executable, "-c", THREADED_PARENT, SLOW_STOPPER,
+                                                  stdout=asyncio.subprocess.PIPE,
+                                                  env={**os.environ, "REPORT": str(report)})
+    assert parent.stdout is not None
+    child = this_process("child", int(await asyncio.wait_for(parent.stdout.readline(), 20)))
+    parent.kill()
+    await parent.wait()
+    await wait_until(lambda: not alive(child), 10, "the child to end with its parent")
+    assert report.exists(), "the child was ended at once, as by a second stop signal, not stopped"
+
+
 def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
     env = dict(os.environ, **{PARENT_PID_ENV: "1"})  # not our parent: it "died" before we looked
     done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=20)

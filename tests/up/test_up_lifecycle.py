@@ -1,8 +1,8 @@
 """``hpcgate up``'s process lifecycle, with real processes and signals: SIGKILL of ``up`` takes
-its daemons and local instances along, a second ``up`` on the same database is refused naming
-the first, the next ``up`` on the same data dir (here with the Slurm launcher) ends the old
-local jobs and starts its own logs, Ctrl-C during a long stream cancels the Slurm job after a
-short drain grace, Ctrl-C while waiting for the model stops at once, and a model whose
+its daemons and its Slurm job along, a second ``up`` on the same database is refused naming
+the first, the next ``up`` on the same data dir (here with the local launcher) ends the old
+Slurm job's row and starts its own logs, Ctrl-C during a long stream cancels the local job after
+a short drain grace, Ctrl-C while waiting for the model stops at once, and a model whose
 instances fail ends the wait with the reason from the job's output."""
 
 from __future__ import annotations
@@ -113,21 +113,30 @@ def _local_job_pids(data_dir: Path) -> list[tuple[int, int]]:
     return found
 
 
-async def test_sigkill_of_up_then_the_next_up_cleans_up_and_stops_slurm_jobs_on_ctrl_c(
+async def _squeue(prefix: str) -> str:
+    """The local Slurm cluster's queue: one "name state" line per job of this test's prefix."""
+    slurm = await asyncio.to_thread(start_slurm)
+    squeue = await asyncio.create_subprocess_exec(
+        "squeue", "--noheader", "--format=%j %T", env={**child_env(), **slurm},
+        stdout=asyncio.subprocess.PIPE)
+    lines = (await squeue.communicate())[0].decode().splitlines(True)
+    return "".join(line for line in lines if prefix in line)
+
+
+async def test_sigkill_of_up_ends_its_slurm_job_then_the_next_up_cleans_up_and_drains_on_ctrl_c(
         up_db: str, redis_prefix: str, tmp_path: Path) -> None:
     prefix = f"lc{unique_name('')[-8:]}"  # Slurm is shared by test sessions: our jobs only
     env = _env(up_db, redis_prefix, HPCGATE_UP_MODEL="lc-demo", HPCGATE_UP_TENANT="lc-demo",
                HPCGATE_UP_STOP_GRACE_S="1", HPCGATE_JOBS_JOB_NAME_PREFIX=prefix)
     data_dir, other_dir = tmp_path / "a", tmp_path / "b"
     gw, api = _free_port(), _free_port()
-    async with up(env, tmp_path, *_args(data_dir, gw, api)) as first:
+    async with up(env, tmp_path, *_args(data_dir, gw, api, "--launcher", "slurm")) as first:
         await first.until("Ctrl-C stops everything")
         record = json.loads((data_dir / "run.json").read_text())
         daemons = [(c["pid"], c["start"]) for c in record["children"]]
-        instances = _local_job_pids(data_dir)
         names = {c["name"] for c in record["children"]}
         assert {"control-api", "gateway"} <= names and len(daemons) == len(names) >= 4, record
-        assert len(instances) == 1, (record, instances)
+        assert " RUNNING" in await _squeue(prefix)
 
         # A second up on the same database, with another data dir and ports: refused, naming the first.
         async with up(env, tmp_path, *_args(other_dir, _free_port(), _free_port())) as second:
@@ -137,19 +146,27 @@ async def test_sigkill_of_up_then_the_next_up_cleans_up_and_stops_slurm_jobs_on_
         assert not (other_dir / "logs").exists()
 
         await first.kill()  # SIGKILL: no cleanup of its own
-        await wait_until(lambda: all(_gone(*p) for p in daemons + instances), 20,
-                         "the daemons and the local instance to end with hpcgate up")
+        await wait_until(lambda: all(_gone(*p) for p in daemons), 20, "the daemons to end with hpcgate up")
+
+        async def slurm_job_ended() -> bool:
+            return await _squeue(prefix) == ""
+
+        # the Job Worker, stopped by the parent-death signal, cancelled the Slurm job on its way out
+        await wait_until(slurm_job_ended, 30, "the Slurm job to end with hpcgate up")
+        assert '"event":"jobs_ended_with_parent"' in (data_dir / "logs" / "control-jobs.log").read_text()
 
     old_gateway_log = (data_dir / "logs" / "gateway.log").read_text()
-    async with up(env, tmp_path, *_args(data_dir, gw, api, "--launcher", "slurm")) as third:
+    async with up(env, tmp_path, *_args(data_dir, gw, api)) as third:
         key = (await third.until(r"API key     : (hpg_\S+)")).group(1)
         await third.until("Ctrl-C stops everything", 5)
-        assert re.search(r"ending 1 instance\(s\) of the local launcher: job \d+ of 'lc-demo'", third.text), \
+        assert re.search(r"ending 1 instance\(s\) of the slurm launcher: job \d+ of 'lc-demo'", third.text), \
             third.text
         assert (data_dir / "logs" / "gateway.log.1").read_text() == old_gateway_log
         assert old_gateway_log not in (data_dir / "logs" / "gateway.log").read_text()
         jobs = await _jobs(up_db)
-        assert [j[:2] for j in jobs] == [("local", "ended"), ("slurm", "ready")], jobs
+        assert [j[:2] for j in jobs] == [("slurm", "ended"), ("local", "ready")], jobs
+        instances = _local_job_pids(data_dir)
+        assert len(instances) == 1, instances
 
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key=key, max_retries=0)
         stream = await client.chat.completions.create(
@@ -162,14 +179,9 @@ async def test_sigkill_of_up_then_the_next_up_cleans_up_and_stops_slurm_jobs_on_
             async for _ in stream:  # it ends (cut): the instance is gone
                 pass
         await client.close()
-    assert re.search(r"draining: job \d+ of 'lc-demo' \(slurm \d+", third.text), third.text
-    assert re.search(r"ending 1 instance\(s\) of the slurm launcher", third.text), third.text
-    slurm = await asyncio.to_thread(start_slurm)
-    squeue = await asyncio.create_subprocess_exec(
-        "squeue", "--noheader", "--format=%j %T", env={**child_env(), **slurm},
-        stdout=asyncio.subprocess.PIPE)
-    queue = (await squeue.communicate())[0].decode()
-    assert prefix not in queue, queue
+    assert re.search(r"draining: job \d+ of 'lc-demo' \(local local-", third.text), third.text
+    assert re.search(r"ending 1 instance\(s\) of the local launcher", third.text), third.text
+    assert all(_gone(*p) for p in instances)
     assert {j[1] for j in await _jobs(up_db)} == {"ended"}
 
 
