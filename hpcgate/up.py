@@ -56,6 +56,7 @@ from hpcgate.up_jobs import end_jobs, jobs_settings, live_jobs
 from hpcgate.up_preflight import (
     UpError,
     check_redis,
+    check_redis_prefix,
     clear_stale,
     ensure_database,
     postgres_hint,
@@ -381,7 +382,8 @@ class StartInterruptedError(Exception):
 
 
 async def preflight(settings: UpSettings, data_dir: Path) -> asyncpg.Connection:
-    """Database (created and migrated), Redis, the ``up`` lock, and stale state of this data dir."""
+    """Database (created and migrated), Redis, the ``up`` lock, the Redis prefix (not another
+    deployment's), and stale state of this data dir."""
     try:
         await ensure_database(settings.database_url)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -392,6 +394,7 @@ async def preflight(settings: UpSettings, data_dir: Path) -> asyncpg.Connection:
         raise UpError(redis_hint(settings.redis_url, exc)) from None
     lock = await take_up_lock(settings.database_url, data_dir)
     try:
+        await check_redis_prefix(settings.redis_url, settings.redis_prefix, lock)
         await asyncio.to_thread(clear_stale, data_dir, [(settings.host, settings.gateway_port),
                                                          (settings.host, settings.api_port)])
     except BaseException:

@@ -15,8 +15,11 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from control.db.migrate import migrate
+from control.publish.publisher import PrefixTakenError, deployment_claim
 from control.singleton import NAMESPACE, lock_key
+from control.store.db import Conn
 from hpcgate.net import port_is_free
+from hpcgate.schemas import RedisNames
 from hpcgate.up_state import (
     alive,
     command_line,
@@ -56,6 +59,21 @@ async def check_redis(url: str) -> None:
         await client.ping()
     finally:
         await client.aclose()
+
+
+async def check_redis_prefix(url: str, prefix: str, conn: Conn) -> None:
+    """Refuse a Redis prefix another deployment (another database) publishes under: this
+    stack's tables would replace that one's (see control/publish/publisher.py)."""
+    ours = await deployment_claim(conn)
+    client = aioredis.from_url(url, socket_connect_timeout=5)
+    try:
+        raw = await client.get(RedisNames(prefix).owner)
+    finally:
+        await client.aclose()
+    owner = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    if owner is not None and owner != ours:
+        taken = PrefixTakenError(prefix, owner, ours)
+        raise UpError(f"{taken}; a stopped deployment frees its prefix within a minute")
 
 
 def _where(url: str) -> tuple[str, str]:

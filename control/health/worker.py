@@ -10,7 +10,8 @@ Three independent loops share one PostgreSQL pool and one Redis client; each hea
   ``hpcgate_key_table`` (fired by triggers, migration 0500) and wakes the publisher; after a
   reconnect it marks both tables dirty, since notifications may have been missed;
 - **publish loop**: publishes a table when it is dirty, and both every ``publish_interval_s``
-  (forced), through :class:`control.publish.publisher.TablePublisher`.
+  (forced), through :class:`control.publish.publisher.TablePublisher`; while another deployment
+  holds the Redis prefix it publishes nothing and says so once (``redis_prefix_taken``).
 
 A lost PostgreSQL or Redis is logged once (and its recovery once); the loop backs off with
 jitter and retries. Nothing is kept only in memory: a ``kill -9`` loses no state, and a
@@ -31,7 +32,7 @@ import redis.exceptions
 from control.health.observer import JobObserver, LiveJob
 from control.health.plan import Action, EndpointState, MarkReady, RecordProbe, Remove, needs_probe, plan_round
 from control.health.probe import ProbeResult, probe, probe_client
-from control.publish.publisher import TablePublisher
+from control.publish.publisher import PrefixTakenError, TablePublisher
 from control.settings import HealthSettings
 from control.store.db import OUTAGE_ERRORS, Conn, OutageLog
 from hpcgate.backoff import Backoff
@@ -67,6 +68,7 @@ class EndpointWorker:
         self._wake = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._publisher: TablePublisher | None = None
+        self._prefix_taken_by: str | None = None  # the other deployment's claim, said once
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,6 +85,8 @@ class EndpointWorker:
             RedisNames(s.redis_prefix),
             unroutable_after=s.unroutable_after,
             timeout_s=timeout,
+            # a stopped deployment frees its prefix; a live one renews it at every forced publish
+            claim_ttl_s=max(30.0, 3 * s.publish_interval_s),
         )
         log.info("health_worker_started", redis_prefix=s.redis_prefix, probe_interval_s=s.probe_interval_s)
         tasks = [
@@ -223,9 +227,20 @@ class EndpointWorker:
                         log.info("table_published", table="endpoints", version=version, forced=force)
                 self._pg.ok()
                 self._redis_outage.ok()
+                if self._prefix_taken_by is not None:
+                    log.info("redis_prefix_claimed", redis_prefix=self.settings.redis_prefix)
+                    self._prefix_taken_by = None
                 backoff.reset()
                 if force:
                     next_forced = loop.time() + self.settings.publish_interval_s
+            except PrefixTakenError as exc:  # nothing written: retried until the other one's claim ends
+                if self._prefix_taken_by != exc.owner:
+                    log.error("redis_prefix_taken", redis_prefix=exc.prefix, owner=exc.owner, ours=exc.ours,
+                              reason=str(exc))
+                    self._prefix_taken_by = exc.owner
+                self._publisher.forget()
+                self._mark_dirty(endpoints=endpoints, keys=keys)
+                await asyncio.sleep(max(backoff.next_delay(), 1.0))
             except REDIS_ERRORS + OUTAGE_ERRORS as exc:
                 if isinstance(exc, redis.exceptions.RedisError):
                     self._redis_outage.failed(exc)

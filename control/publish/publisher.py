@@ -3,7 +3,7 @@
 Protocol (shared with the gateway, see hpcgate/schemas/tables.py): the snapshot is
 ``msgspec.json.encode(table)`` stored with SET under ``RedisNames.endpoint_table`` (resp.
 ``key_table``), then the version is PUBLISHed as ASCII digits on the matching channel, both in
-one MULTI/EXEC.
+one server-side script (atomic: a reader never sees one without the other).
 
 Invariant: a higher version never carries older data. Reading the rows, drawing the version
 (``nextval('published_table_version')``) and writing Redis all happen while holding a
@@ -11,6 +11,13 @@ transaction-level advisory lock per table, so two publishers (a second worker st
 mistake, or one that was restarted) serialize, and the one that publishes later has read
 later. Unchanged content is not republished unless ``force`` is given (the periodic safety
 net), so a trigger-driven wake-up without a real change costs one read.
+
+Invariant: one deployment per Redis prefix. Each write also claims the prefix
+(``RedisNames.owner``, with an expiry renewed by every write) for this database's deployment id
+(migration 1200), in the same server-side script that writes the table: a publisher of another
+database finds the claim and raises :class:`PrefixTakenError` without writing, so two stacks
+given the same prefix by mistake never mix their tables. A deployment that stops publishing
+releases the prefix after ``claim_ttl_s``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,18 @@ from control.publish.tables import (
 )
 from control.store.db import Conn
 from hpcgate.schemas import EndpointTable, KeyTable, RedisNames, decode_model_limits
+
+# KEYS: owner claim, table; ARGV: our claim, its expiry (ms), snapshot, channel, version.
+# Returns the other deployment's claim (and writes nothing), or nil once written.
+_CLAIM_AND_WRITE = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return owner end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return false
+"""
+_DEPLOYMENT_SQL = "SELECT deployment_id::text || ' ' || current_database() FROM deployment_identity"
 
 _ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by all publishers
 _KEY_LOCK = 0x6870_6770_0002
@@ -119,6 +138,21 @@ async def read_key_table(conn: Conn) -> KeyTable:
     return build_key_table(tenants, keys)
 
 
+class PrefixTakenError(Exception):
+    """Another deployment (another database) publishes under this Redis prefix."""
+
+    def __init__(self, prefix: str, owner: str, ours: str) -> None:
+        self.prefix, self.owner, self.ours = prefix, owner, ours
+        other_id, _, other_db = owner.partition(" ")
+        super().__init__(f"Redis prefix {prefix!r} is in use by another deployment (database {other_db!r}, "
+                         f"deployment {other_id}); give each deployment its own HPCGATE_REDIS_PREFIX")
+
+
+async def deployment_claim(conn: Conn) -> str:
+    """This database's claim on a Redis prefix: ``"<deployment id> <database name>"``."""
+    return str(await conn.fetchval(_DEPLOYMENT_SQL))
+
+
 class TablePublisher:
     """Publishes both tables; remembers the last content it sent to skip no-op publishes."""
 
@@ -130,12 +164,16 @@ class TablePublisher:
         *,
         unroutable_after: int,
         timeout_s: float = 5.0,
+        claim_ttl_s: float = 60.0,
     ) -> None:
         self._pool = pool
         self._redis = redis
         self._names = names
         self._unroutable_after = unroutable_after
         self._timeout_s = timeout_s
+        self._claim_ttl_ms = max(1, int(claim_ttl_s * 1000))
+        self._claim: str | None = None  # read from the database on the first publish
+        self._claim_and_write = redis.register_script(_CLAIM_AND_WRITE)
         self._last_endpoints: EndpointTable | None = None
         self._last_keys: KeyTable | None = None
 
@@ -154,7 +192,7 @@ class TablePublisher:
             version = await conn.fetchval("SELECT nextval('published_table_version')")
             snapshot = msgspec.structs.replace(table, version=version, generated_at=time.time())
             await self._write(
-                self._names.endpoint_table, self._names.endpoint_table_channel, snapshot, version
+                conn, self._names.endpoint_table, self._names.endpoint_table_channel, snapshot, version
             )
             self._last_endpoints = table
             return int(version)
@@ -167,12 +205,17 @@ class TablePublisher:
                 return None
             version = await conn.fetchval("SELECT nextval('published_table_version')")
             snapshot = msgspec.structs.replace(table, version=version, generated_at=time.time())
-            await self._write(self._names.key_table, self._names.key_table_channel, snapshot, version)
+            await self._write(conn, self._names.key_table, self._names.key_table_channel, snapshot, version)
             self._last_keys = table
             return int(version)
 
-    async def _write(self, key: str, channel: str, snapshot: EndpointTable | KeyTable, version: int) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(key, msgspec.json.encode(snapshot))
-            pipe.publish(channel, str(version))
-            await pipe.execute()
+    async def _write(self, conn: Conn, key: str, channel: str, snapshot: EndpointTable | KeyTable,
+                     version: int) -> None:
+        if self._claim is None:
+            self._claim = await deployment_claim(conn)
+        other = await self._claim_and_write(
+            keys=[self._names.owner, key],
+            args=[self._claim, self._claim_ttl_ms, msgspec.json.encode(snapshot), channel, version],
+        )
+        if other is not None:
+            raise PrefixTakenError(self._names.prefix, other.decode(errors="replace"), self._claim)

@@ -103,10 +103,12 @@ class RedisNames:
     """Redis keys and channels under a deployment's prefix (``redis_prefix``, e.g. "hpcgate:")."""
 
     __slots__ = ("demand_prefix", "endpoint_table", "endpoint_table_channel", "key_table",
-                 "key_table_channel", "prefix")
+                 "key_table_channel", "owner", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        # "<deployment id> <database>" of the deployment that publishes here, with an expiry
+        self.owner = f"{prefix}owner"
         self.endpoint_table = f"{prefix}endpoint_table"
         self.endpoint_table_channel = f"{prefix}endpoint_table:version"
         self.key_table = f"{prefix}key_table"
