@@ -61,6 +61,7 @@ from hpcgate.up_preflight import (
     ensure_database,
     postgres_hint,
     redis_hint,
+    release_redis_prefix,
     take_up_lock,
 )
 from hpcgate.up_state import (
@@ -507,6 +508,7 @@ async def run(settings: UpSettings, data_dir: Path) -> int:
         say("stopping ...")
         try:
             await shut_down(stack, drain=served)
+            await release_redis_prefix(settings.redis_url, settings.redis_prefix, lock)
         finally:
             await lock.close()
     return code

@@ -15,7 +15,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from control.db.migrate import migrate
-from control.publish.publisher import PrefixTakenError, deployment_claim
+from control.publish.publisher import PrefixTakenError, deployment_claim, release_claim
 from control.singleton import NAMESPACE, lock_key
 from control.store.db import Conn
 from hpcgate.net import port_is_free
@@ -57,6 +57,18 @@ async def check_redis(url: str) -> None:
     client = aioredis.from_url(url, socket_connect_timeout=5)
     try:
         await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def release_redis_prefix(url: str, prefix: str, conn: Conn) -> None:
+    """On a clean stop: free the prefix now rather than when the claim expires, so the next
+    stack (another database) may use it at once. Best effort: Redis away, the claim expires."""
+    client = aioredis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        await release_claim(client, RedisNames(prefix), await deployment_claim(conn))
+    except (OSError, aioredis.RedisError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        pass
     finally:
         await client.aclose()
 

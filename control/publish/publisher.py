@@ -50,6 +50,7 @@ redis.call('SET', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return false
 """
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _DEPLOYMENT_SQL = "SELECT deployment_id::text || ' ' || current_database() FROM deployment_identity"
 
 _ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by all publishers
@@ -151,6 +152,12 @@ class PrefixTakenError(Exception):
 async def deployment_claim(conn: Conn) -> str:
     """This database's claim on a Redis prefix: ``"<deployment id> <database name>"``."""
     return str(await conn.fetchval(_DEPLOYMENT_SQL))
+
+
+async def release_claim(redis: aioredis.Redis, names: RedisNames, claim: str) -> bool:
+    """Give the prefix up at once if ``claim`` still holds it (a whole stack stopping on purpose,
+    as ``hpcgate up`` does); True if it did. A daemon that merely restarts keeps its claim."""
+    return bool(await redis.eval(_RELEASE, 1, names.owner, claim))
 
 
 class TablePublisher:

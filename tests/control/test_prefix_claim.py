@@ -1,7 +1,8 @@
 """One deployment per Redis prefix: two databases given the same ``HPCGATE_REDIS_PREFIX`` by
 mistake never mix their tables. The publisher of the second is refused without writing (its
 Endpoint Worker says so once and waits), ``hpcgate up`` refuses to start on it, and a prefix
-whose deployment stopped publishing is free again once its claim expires."""
+whose deployment stopped publishing is free again once its claim expires (at once when the
+stack stops on purpose, as ``hpcgate up`` does)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from control.publish.publisher import PrefixTakenError, TablePublisher, deployment_claim
+from control.publish.publisher import PrefixTakenError, TablePublisher, deployment_claim, release_claim
 from hpcgate.schemas import RedisNames
 from hpcgate.up_preflight import UpError, check_redis_prefix
 from tests.control.conftest import stack_env
@@ -81,6 +82,12 @@ async def test_a_second_database_cannot_publish_under_a_claimed_prefix(
         assert (await redis.get(names.owner)).decode() == claim_b
         with pytest.raises(PrefixTakenError):
             await a.publish_endpoints(force=True)
+
+        # a stack stopping on purpose gives its own claim up at once, never another's
+        assert not await release_claim(redis, names, claim_a)
+        assert await release_claim(redis, names, claim_b)
+        assert await redis.get(names.owner) is None
+        assert await a.publish_endpoints(force=True) is not None
 
 
 async def test_the_endpoint_worker_of_a_second_database_says_so_once_and_publishes_nothing(

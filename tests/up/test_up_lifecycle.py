@@ -19,10 +19,11 @@ from pathlib import Path
 import asyncpg
 import openai
 import pytest
+import redis.asyncio as aioredis
 
 from hpcgate.up_state import proc_start
 from tests.support.procs import child_env, hpcgate_cmd, wait_until
-from tests.support.services import drop_database, dsn_for, start_slurm, unique_name
+from tests.support.services import REDIS_URL, drop_database, dsn_for, start_slurm, unique_name
 from tests.up.test_up import _free_port, _read_until
 
 
@@ -183,6 +184,11 @@ async def test_sigkill_of_up_ends_its_slurm_job_then_the_next_up_cleans_up_and_d
     assert re.search(r"ending 1 instance\(s\) of the local launcher", third.text), third.text
     assert all(_gone(*p) for p in instances)
     assert {j[1] for j in await _jobs(up_db)} == {"ended"}
+    redis = aioredis.from_url(REDIS_URL)
+    try:  # a clean stop gives the Redis prefix up at once (another stack may take it)
+        assert await redis.get(f"{env['HPCGATE_REDIS_PREFIX']}owner") is None
+    finally:
+        await redis.aclose()
 
 
 def _template_dir(tmp_path: Path, body: str) -> Path:
