@@ -14,7 +14,8 @@ Three independent loops share one PostgreSQL pool and one Redis client; each hea
   holds the Redis prefix it publishes nothing and says so once (``redis_prefix_taken``).
 
 A lost PostgreSQL or Redis is logged once (and its recovery once); the loop backs off with
-jitter and retries. Nothing is kept only in memory: a ``kill -9`` loses no state, and a
+jitter and retries. Any other error ends the worker (``health_loop_failed``), never one loop alone.
+Nothing is kept only in memory: a ``kill -9`` loses no state, and a
 restart republishes at once with a higher version.
 """
 
@@ -93,9 +94,22 @@ class EndpointWorker:
             asyncio.create_task(loop(), name=loop.__name__)
             for loop in (self._probe_loop, self._listen_loop, self._publish_loop)
         ]
+        stopped = asyncio.create_task(stop.wait())
         try:
-            await stop.wait()
+            # The loops heal outages themselves and never return: one that ends has met an error
+            # it cannot heal (a schema older than this code). It ends the whole worker rather
+            # than leave it running without that loop: the singleton lock starts it again after
+            # a backoff (a PostgreSQL error), or the daemon exits for its supervisor (any other).
+            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+                    hint = ("the database schema is older than this code: run hpcgate db migrate"
+                            if isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError))
+                            else None)
+                    log.error("health_loop_failed", loop=task.get_name(), error=repr(exc)[:500], hint=hint)
+                    raise exc
         finally:
+            stopped.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -22,6 +22,8 @@ from tests.control.daemons import start_health
 from tests.support.procs import wait_until
 from tests.support.services import REDIS_URL, create_migrated_database, drop_database, unique_name
 
+MIGRATION_1200 = Path(__file__).resolve().parents[2] / "control/db/migrations/1200_deployment_identity.sql"
+
 
 @pytest.fixture
 async def two_databases() -> AsyncIterator[tuple[str, str]]:
@@ -106,3 +108,25 @@ async def test_the_endpoint_worker_of_a_second_database_says_so_once_and_publish
         assert said["owner"].endswith(two_databases[0].rsplit("/", 1)[1]) and said["redis_prefix"] == prefix
         await wait_until(lambda: len(first.events("table_published")) >= 4, 10, "forced republishes")
         assert len(second.events("redis_prefix_taken")) == 1 and not second.events("table_published")
+
+
+async def test_a_schema_older_than_the_code_stops_the_endpoint_worker_with_the_reason_until_migrated(
+        two_databases: tuple[str, str], tmp_path: Path) -> None:
+    migration = MIGRATION_1200.read_text()
+    conn = await asyncpg.connect(two_databases[1])
+    try:
+        await conn.execute("DROP TABLE deployment_identity")  # as before migration 1200
+        worker = await start_health(stack_env(two_databases[1], f"{unique_name('hpcgate-claim')}:"), tmp_path)
+        try:
+            # its publish loop cannot heal this: the worker stops with the reason, and is started
+            # again after a backoff, rather than probing on without ever publishing
+            await wait_until(lambda: worker.events("health_loop_failed"), 10, "the publish loop's failure")
+            failed = worker.events("health_loop_failed")[0]
+            assert failed["loop"] == "_publish_loop" and "run hpcgate db migrate" in failed["hint"]
+            assert not worker.events("table_published")
+            await conn.execute(migration)
+            await wait_until(lambda: worker.events("table_published"), 15, "publishing once migrated")
+        finally:
+            await worker.stop()
+    finally:
+        await conn.close()
