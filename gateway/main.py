@@ -28,7 +28,7 @@ import orjson
 from gateway.http_server import bind_socket
 from gateway.settings import GatewaySettings, load_gateway_settings
 from gateway.usage_spool import UsageSpool
-from gateway.worker import run_worker
+from gateway.worker import WorkerFailedError, run_worker
 from hpcgate.backoff import ceiling
 from hpcgate.lifecycle import is_repeated_death_signal, set_parent_death_signal
 from hpcgate.logs import get_logger, setup_logging
@@ -96,7 +96,11 @@ def main(argv: list[str]) -> int:
     _raise_descriptor_limit(settings)
     if settings.workers == 1:
         sock = bind_socket(settings.host, settings.port, reuse_port=False)
-        _serve(settings, sock, 0, lambda port: _announce(settings.host, port))
+        try:
+            _serve(settings, sock, 0, lambda port: _announce(settings.host, port))
+        except WorkerFailedError as exc:  # said in the log (background_task_failed)
+            print(f"hpcgate gateway: error: {exc}", file=sys.stderr)
+            return 1
         return 0
     return _run_workers(settings)
 

@@ -3,17 +3,19 @@
 A worker serves on a socket it is given (bound by the parent, or its own SO_REUSEPORT socket),
 holds its own copy of the tables and scrapes on its own. On SIGTERM/SIGINT it stops accepting,
 lets streams in flight finish up to ``shutdown_timeout_s``, then writes the usage it holds; a
-second SIGTERM/SIGINT exits at once.
+second SIGTERM/SIGINT exits at once. A background task that ends with an error it could not
+handle (``background_task_failed``) stops the worker the same way, and it exits 1: its parent
+starts another (or, with one worker, its supervisor restarts the gateway).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from gateway.api_relay import FILES_PATH, FORM_OVERHEAD
 from gateway.app import Gateway
@@ -61,6 +63,10 @@ class Worker:
             uploads[FILES_PATH] = settings.files_max_bytes + FORM_OVERHEAD
         self.server = HttpServer(self.gateway.handle, settings, self.loop, upload_limits=uploads)
         self._tasks: list[asyncio.Task[None]] = []
+        # Set when a background task (table sync, leases, demand, key and quota reloads) ended
+        # with an error it could not handle: the worker then stops and exits non-zero, and its
+        # parent starts a fresh one, rather than serving on with tables that no longer update.
+        self.failed = asyncio.Event()
         self.sync: RedisTableSync | None = None
         self.leases: LeaseSync | None = None  # cluster-wide tenant limits (auth on, with Redis)
         self.key_load_failures = 0  # PostgreSQL loads that failed (the keys held stay in use)
@@ -79,20 +85,20 @@ class Worker:
                 on_endpoints=None if s.static_mode else gw.install_endpoints,
                 on_keys=gw.install_keys if auth_on else None,
             )
-            self._tasks.append(self.loop.create_task(self.sync.run()))
+            self.background(self.sync.run(), "table_sync")
         if s.redis_url and not s.static_mode:
             demand = DemandPublisher(s.redis_url, s.redis_prefix, gw.queues.demand)
-            self._tasks.append(self.loop.create_task(demand.run()))
+            self.background(demand.run(), "demand")
         if auth_on and s.redis_url:
             leases = self.leases = LeaseSync(s.redis_url, s.redis_prefix, gw.tenants, self.loop,
                                              interval_s=s.lease_interval_s, hold_s=s.lease_hold_s)
             gw.metrics.add_lease_state(lambda: (gw.tenants.leasing, gw.tenants.holders, leases.failures))
-            self._tasks.append(self.loop.create_task(self.leases.run()))
+            self.background(self.leases.run(), "leases")
         if auth_on and s.database_url:
             await self._load_keys_once()
-            self._tasks.append(self.loop.create_task(self._resync_keys()))
+            self.background(self._resync_keys(), "key_reload")
             await self._load_quotas_once()
-            self._tasks.append(self.loop.create_task(self._resync_quotas()))
+            self.background(self._resync_quotas(), "quota_reload")
         gw.usage.start()
         self.server.on_tick.append(gw.tick)
         if gw.access_log is not None:
@@ -100,6 +106,18 @@ class Worker:
         if table_wait_s > 0 and self.sync is not None and not s.static_mode:
             await self._wait_for_tables(table_wait_s)
         await self.server.start(sock)
+
+    def background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` for the worker's life; an error that ends it sets :attr:`failed`."""
+        task = self.loop.create_task(coro, name=name)
+        task.add_done_callback(self._background_ended)
+        self._tasks.append(task)
+
+    def _background_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("background_task_failed", worker=self.index, task=task.get_name(), error=repr(exc)[:500])
+        self.failed.set()
 
     def _holds_tables(self) -> bool:
         gw = self.gateway
@@ -159,9 +177,7 @@ class Worker:
             self.sync.close()  # a cancellation alone can be lost inside redis-py (see table_sync)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # a failed one has been said
         if self.leases is not None:  # requests have ended: the tenants' budgets go back at once
             await self.leases.release()
         self.gateway.scraper.close()
@@ -178,6 +194,10 @@ class Worker:
         return self.server.port
 
 
+class WorkerFailedError(Exception):
+    """A worker stopped because one of its background tasks failed; its process exits 1."""
+
+
 async def run_worker(settings: GatewaySettings, sock: socket.socket, index: int,
                      on_ready: Callable[[int], None], *, table_wait_s: float = 0.0,
                      spool: UsageSpool | None = None) -> None:
@@ -191,7 +211,12 @@ async def run_worker(settings: GatewaySettings, sock: socket.socket, index: int,
     gc.collect()
     gc.freeze()
     on_ready(worker.port)
-    await stop.wait()
+    stopped, failed = (asyncio.ensure_future(e.wait()) for e in (stop, worker.failed))
+    await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+    for waiter in (stopped, failed):
+        waiter.cancel()
     log.info("worker_stopping", worker=index)
     await worker.stop()
     log.info("worker_stopped", worker=index)
+    if worker.failed.is_set():
+        raise WorkerFailedError(f"worker {index}: a background task failed (see background_task_failed)")
