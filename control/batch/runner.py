@@ -122,9 +122,15 @@ class BatchRunner:
     # -- the loops -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         log.info("batch_runner_started", runner=self.runner_id)
-        helpers = [asyncio.create_task(self._renew_leases()), asyncio.create_task(self._pace())]
+        helpers = [asyncio.create_task(self._renew_leases(), name="renew_leases"),
+                   asyncio.create_task(self._pace(), name="pace")]
         try:
             while not stop.is_set():
+                for helper in helpers:  # they heal outages and never return: one that ended failed
+                    if helper.done() and not helper.cancelled() and (failure := helper.exception()):
+                        log.error("batch_runner_helper_failed", helper=helper.get_name(),
+                                  error=repr(failure)[:500])
+                        raise failure  # the runner exits for its supervisor, rather than run on without it
                 try:
                     await self.tick()
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -1,12 +1,19 @@
 """The runner as a real process: killed with SIGKILL mid-batch and restarted, and two runners
-sharing one batch. Every line must end up exactly once in the output file."""
+sharing one batch. Every line must end up exactly once in the output file. And a runner whose
+helper loop fails ends with the reason."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
+import asyncpg
+import httpx
 import openai
+import pytest
 
+from control.batch.runner import BatchRunner
 from tests.batch.conftest import BatchStack, chat_line, jsonl
 from tests.support.procs import wait_until
 
@@ -72,3 +79,25 @@ async def test_two_runners_share_one_batch(batch_stack: BatchStack) -> None:
     rows = await batch_stack.sql(
         "SELECT done_by, count(*) AS n FROM batch_lines WHERE batch_id = $1 GROUP BY done_by", batch_id)
     assert len(rows) == 2 and sum(r["n"] for r in rows) == n  # both runners wrote lines, each line once
+
+
+async def test_a_helper_loop_that_fails_ends_the_runner_with_the_reason(
+        batch_stack: BatchStack, caplog: pytest.LogCaptureFixture) -> None:
+    """Lease renewal and pacing heal outages and never return; one that fails anyway (a bug)
+    must end the runner for its supervisor, not leave it claiming lines whose leases lapse."""
+    caplog.set_level(logging.ERROR, logger="hpcgate.control.batches")
+    pool = await asyncpg.create_pool(batch_stack.dsn, min_size=1, max_size=2)
+    try:
+        async with httpx.AsyncClient() as client:
+            runner = BatchRunner(batch_stack.runner_settings(), pool, client)
+
+            async def pace_breaks() -> None:
+                raise RuntimeError("pacing broke")
+
+            runner._pace = pace_breaks  # type: ignore[method-assign]  # the fault, injected
+            with pytest.raises(RuntimeError, match="pacing broke"):
+                await asyncio.wait_for(runner.run(asyncio.Event()), 10)
+    finally:
+        await pool.close()
+    said = [r for r in caplog.records if r.getMessage() == "batch_runner_helper_failed"]
+    assert len(said) == 1 and said[0].fields["helper"] == "pace"  # type: ignore[attr-defined]
