@@ -3,7 +3,8 @@
 Read-only, in one REPEATABLE READ transaction: the tenants that are enabled and their keys that
 are neither revoked nor expired, plus the current value of the version sequence. That version
 lets a snapshot published to Redis afterwards (a higher version) supersede this one. If
-PostgreSQL is unreachable the caller keeps the keys it has.
+PostgreSQL is unreachable the caller keeps the keys it has. Also reads the deployment's claim
+on its Redis prefix, against which the worker checks the tables it reads from Redis.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 
 import asyncpg
 
-from hpcgate.schemas import ApiKeyEntry, KeyTable, TenantEntry, decode_model_limits
+from hpcgate.schemas import DEPLOYMENT_CLAIM_SQL, ApiKeyEntry, KeyTable, TenantEntry, decode_model_limits
 
 _VERSION = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM published_table_version"
 _TENANTS = """
@@ -76,3 +77,13 @@ async def load_month_usage(dsn: str, timeout: float = 5.0) -> dict[int, int]:
     finally:
         await conn.close(timeout=timeout)
     return {int(r["tenant_id"]): int(r["used"]) for r in rows}
+
+
+async def load_deployment_claim(dsn: str, timeout: float = 5.0) -> str:
+    """This deployment's claim on its Redis prefix (see hpcgate.schemas.tables): the tables a
+    gateway installs from Redis must have been published under it."""
+    conn = await asyncpg.connect(dsn, timeout=timeout)
+    try:
+        return str(await conn.fetchval(DEPLOYMENT_CLAIM_SQL, timeout=timeout))
+    finally:
+        await conn.close(timeout=timeout)

@@ -4,7 +4,10 @@ Protocol (see hpcgate.schemas.tables): subscribe to the version channels, then G
 keys (so no announcement can fall between the two), then apply each announced version that is
 newer than the one held; re-GET every ``table_resync_s`` as a safety net. If Redis goes away
 the last tables stay in use and the loop reconnects with capped, jittered exponential backoff.
-A snapshot that does not decode is logged and ignored, never installed.
+A snapshot that does not decode is logged and ignored, never installed, and so is one that
+another deployment published under our prefix (its claim, ``RedisNames.owner``, is not ours:
+``tables_of_another_deployment``). Until the worker knows its own claim (read from PostgreSQL
+with the keys; never, without a database) every snapshot is taken.
 
 Stopping: :meth:`RedisTableSync.close` before cancelling the task. On Python 3.11 a cancellation
 that races with the timeout of redis-py's ``get_message`` (``asyncio.timeout``) can be swallowed
@@ -36,8 +39,12 @@ class RedisTableSync:
         self, url: str, prefix: str, *, resync_s: float, backoff_max_s: float,
         on_endpoints: Callable[[EndpointTable], int] | None,
         on_keys: Callable[[KeyTable], int] | None,
+        deployment: Callable[[], str | None] = lambda: None,
     ) -> None:
-        """``on_*`` install a snapshot if newer and return the version held afterwards."""
+        """``on_*`` install a snapshot if newer and return the version held afterwards;
+        ``deployment`` is this deployment's claim on the prefix, once known."""
+        self._deployment = deployment
+        self._foreign: str | None = None  # the other deployment whose tables were refused, said once
         self._url = url
         self._names = RedisNames(prefix)
         self._resync_s = resync_s
@@ -103,9 +110,18 @@ class RedisTableSync:
                     pass
 
     async def _fetch(self, client: aioredis.Redis, key: str) -> None:
-        raw = await client.get(key)
+        raw, claim = await client.mget(key, self._names.owner)
         if raw is None:
             return
+        ours = self._deployment()
+        owner = claim.decode(errors="replace") if isinstance(claim, bytes) else claim
+        if ours is not None and owner is not None and owner != ours:
+            if self._foreign != owner:  # another deployment publishes under our prefix: never install
+                self._foreign = owner
+                log.error("tables_of_another_deployment", key=key, owner=owner, ours=ours,
+                          hint="give each deployment its own HPCGATE_REDIS_PREFIX")
+            return
+        self._foreign = None
         try:
             if key == self._names.endpoint_table:
                 assert self._on_endpoints is not None

@@ -21,7 +21,7 @@ from gateway.api_relay import FILES_PATH, FORM_OVERHEAD
 from gateway.app import Gateway
 from gateway.demand import DemandPublisher
 from gateway.http_server import HttpServer
-from gateway.key_source import load_key_table, load_month_usage
+from gateway.key_source import load_deployment_claim, load_key_table, load_month_usage
 from gateway.lease_sync import LeaseSync
 from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
@@ -70,6 +70,7 @@ class Worker:
         self.sync: RedisTableSync | None = None
         self.leases: LeaseSync | None = None  # cluster-wide tenant limits (auth on, with Redis)
         self.key_load_failures = 0  # PostgreSQL loads that failed (the keys held stay in use)
+        self.deployment_claim: str | None = None  # our claim on the Redis prefix, once read
 
     async def start(self, sock: socket.socket, *, table_wait_s: float = 0.0) -> None:
         """Start the background tasks, then listen. ``table_wait_s`` > 0 (a worker its parent
@@ -79,11 +80,14 @@ class Worker:
         if s.static_mode:
             gw.install_table(static_table(gw, s))
         auth_on = not s.no_auth
+        if auth_on and s.database_url:  # before the first table is read from Redis
+            await self._load_deployment_claim()
         if s.redis_url and (not s.static_mode or auth_on):
             self.sync = RedisTableSync(
                 s.redis_url, s.redis_prefix, resync_s=s.table_resync_s, backoff_max_s=s.redis_backoff_max_s,
                 on_endpoints=None if s.static_mode else gw.install_endpoints,
                 on_keys=gw.install_keys if auth_on else None,
+                deployment=lambda: self.deployment_claim,
             )
             self.background(self.sync.run(), "table_sync")
         if s.redis_url and not s.static_mode:
@@ -137,8 +141,17 @@ class Worker:
                 return
             await asyncio.sleep(0.02)
 
+    async def _load_deployment_claim(self) -> None:
+        assert self.settings.database_url is not None
+        try:
+            self.deployment_claim = await load_deployment_claim(self.settings.database_url)
+        except (OSError, TimeoutError, Exception) as exc:  # unknown for now: tried again with the keys
+            log.warning("deployment_claim_unknown", error=str(exc) or type(exc).__name__)
+
     async def _load_keys_once(self) -> bool:
         assert self.settings.database_url is not None
+        if self.deployment_claim is None:
+            await self._load_deployment_claim()
         try:
             table = await load_key_table(self.settings.database_url)
         except (OSError, TimeoutError, Exception) as exc:  # asyncpg raises many types; keep serving

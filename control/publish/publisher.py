@@ -38,7 +38,7 @@ from control.publish.tables import (
     build_key_table,
 )
 from control.store.db import Conn
-from hpcgate.schemas import EndpointTable, KeyTable, RedisNames, decode_model_limits
+from hpcgate.schemas import DEPLOYMENT_CLAIM_SQL, EndpointTable, KeyTable, RedisNames, decode_model_limits
 
 # KEYS: owner claim, table; ARGV: our claim, its expiry (ms), snapshot, channel, version.
 # Returns the other deployment's claim (and writes nothing), or nil once written.
@@ -51,7 +51,6 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return false
 """
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_DEPLOYMENT_SQL = "SELECT deployment_id::text || ' ' || current_database() FROM deployment_identity"
 
 _ENDPOINT_LOCK = 0x6870_6770_0001  # advisory lock keys: any constants shared by all publishers
 _KEY_LOCK = 0x6870_6770_0002
@@ -151,7 +150,7 @@ class PrefixTakenError(Exception):
 
 async def deployment_claim(conn: Conn) -> str:
     """This database's claim on a Redis prefix: ``"<deployment id> <database name>"``."""
-    return str(await conn.fetchval(_DEPLOYMENT_SQL))
+    return str(await conn.fetchval(DEPLOYMENT_CLAIM_SQL))
 
 
 async def release_claim(redis: aioredis.Redis, names: RedisNames, claim: str) -> bool:

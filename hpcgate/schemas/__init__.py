@@ -4,11 +4,12 @@ This package is the bottom layer's wire contract: it imports only msgspec and th
 library, so ``gateway`` and ``control`` both import it and neither imports the other.
 Everything that crosses a process boundary between them is defined here: the published
 endpoint and key tables (the tribunals' configuration rides with the endpoint table), their
-Redis key names, and the keyed hash of API keys.
+Redis key names and the claim on them, and the keyed hash of API keys.
 """
 
 from hpcgate.schemas.api_keys import KEY_PREFIX_LEN, hash_api_key, key_prefix, new_api_key
 from hpcgate.schemas.tables import (
+    DEPLOYMENT_CLAIM_SQL,
     ApiKeyEntry,
     EndpointEntry,
     EndpointTable,
@@ -25,6 +26,7 @@ from hpcgate.schemas.tables import (
 from hpcgate.schemas.tribunal import TRIBUNAL_PREFIX, Juror, TribunalEntry
 
 __all__ = [
+    "DEPLOYMENT_CLAIM_SQL",
     "KEY_PREFIX_LEN",
     "TRIBUNAL_PREFIX",
     "ApiKeyEntry",

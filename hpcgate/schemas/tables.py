@@ -99,6 +99,11 @@ class KeyTable(msgspec.Struct, frozen=True, kw_only=True):
     keys: tuple[ApiKeyEntry, ...] = ()
 
 
+# This database's claim on a Redis prefix, "<deployment id> <database>" (migration 1200): what the
+# publisher writes to ``RedisNames.owner`` and what a gateway of the same deployment expects there.
+DEPLOYMENT_CLAIM_SQL = "SELECT deployment_id::text || ' ' || current_database() FROM deployment_identity"
+
+
 class RedisNames:
     """Redis keys and channels under a deployment's prefix (``redis_prefix``, e.g. "hpcgate:")."""
 

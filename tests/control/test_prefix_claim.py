@@ -1,11 +1,14 @@
 """One deployment per Redis prefix: two databases given the same ``HPCGATE_REDIS_PREFIX`` by
 mistake never mix their tables. The publisher of the second is refused without writing (its
-Endpoint Worker says so once and waits), ``hpcgate up`` refuses to start on it, and a prefix
+Endpoint Worker says so once and waits), its gateways never install the other's tables,
+``hpcgate up`` refuses to start on it, and a prefix
 whose deployment stopped publishing is free again once its claim expires (at once when the
 stack stops on purpose, as ``hpcgate up`` does)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -15,10 +18,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from control.publish.publisher import PrefixTakenError, TablePublisher, deployment_claim, release_claim
+from gateway.worker import Worker
 from hpcgate.schemas import RedisNames
 from hpcgate.up_preflight import UpError, check_redis_prefix
 from tests.control.conftest import stack_env
 from tests.control.daemons import start_health
+from tests.gateway.conftest import running_gateway
 from tests.support.procs import wait_until
 from tests.support.services import REDIS_URL, create_migrated_database, drop_database, unique_name
 
@@ -130,3 +135,30 @@ async def test_a_schema_older_than_the_code_stops_the_endpoint_worker_with_the_r
             await worker.stop()
     finally:
         await conn.close()
+
+
+async def test_a_gateway_never_installs_tables_another_deployment_published_under_its_prefix(
+        two_databases: tuple[str, str], redis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="hpcgate.gateway.tables")
+    names = RedisNames(f"{unique_name('hpcgate-claim')}:")
+    async with AsyncExitStack() as exits:
+        exits.push_async_callback(redis.delete, names.owner, names.endpoint_table, names.key_table)
+        pool = await exits.enter_async_context(asyncpg.create_pool(two_databases[0], min_size=1, max_size=2))
+        publisher = TablePublisher(pool, redis, names, unroutable_after=1)
+        await publisher.publish_endpoints(force=True)
+        await publisher.publish_keys(force=True)
+
+        async def gateway_of(dsn: str) -> Worker:
+            worker = await exits.enter_async_context(running_gateway(
+                redis_url=REDIS_URL, redis_prefix=names.prefix, database_url=dsn, key_hash_secret="s" * 32))
+            assert worker.sync is not None
+            await asyncio.wait_for(worker.sync.connected.wait(), 10)  # the tables have been read
+            return worker
+
+        theirs = await gateway_of(two_databases[1])
+        assert not theirs.gateway.has_table  # A's endpoint table: refused
+        refused = [r for r in caplog.records if r.getMessage() == "tables_of_another_deployment"]
+        assert len(refused) == 1  # said once, not per table or per read
+        assert refused[0].fields["owner"].endswith(two_databases[0].rsplit("/", 1)[1])  # type: ignore[attr-defined]
+        ours = await gateway_of(two_databases[0])
+        assert ours.gateway.has_table and ours.deployment_claim is not None
