@@ -3,8 +3,9 @@
 Read-only, in one REPEATABLE READ transaction: the tenants that are enabled and their keys that
 are neither revoked nor expired, plus the current value of the version sequence. That version
 lets a snapshot published to Redis afterwards (a higher version) supersede this one. If
-PostgreSQL is unreachable the caller keeps the keys it has. Also reads the deployment's claim
-on its Redis prefix, against which the worker checks the tables it reads from Redis.
+PostgreSQL is unreachable the caller keeps the keys it has. The same read gives the
+deployment's claim on its Redis prefix, against which the worker checks the tables it reads
+from Redis.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncpg
 
 from hpcgate.schemas import DEPLOYMENT_CLAIM_SQL, ApiKeyEntry, KeyTable, TenantEntry, decode_model_limits
 
+_HAS_CLAIM = "SELECT to_regclass('deployment_identity') IS NOT NULL"
 _VERSION = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM published_table_version"
 _TENANTS = """
 SELECT tenant_id, name, allowed_models, max_concurrent_requests, tokens_per_minute,
@@ -28,13 +30,17 @@ WHERE t.enabled AND a.revoked_at IS NULL AND (a.expires_at IS NULL OR a.expires_
 """
 
 
-async def load_key_table(dsn: str, timeout: float = 5.0) -> KeyTable:
+async def load_key_table(dsn: str, timeout: float = 5.0) -> tuple[KeyTable, str | None]:
+    """The key table, and this deployment's claim on its Redis prefix (None on a schema before
+    migration 1200): the tables a gateway installs from Redis must carry that claim."""
     conn = await asyncpg.connect(dsn, timeout=timeout)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             version = await conn.fetchval(_VERSION, timeout=timeout)
             tenants = await conn.fetch(_TENANTS, timeout=timeout)
             keys = await conn.fetch(_KEYS, timeout=timeout)
+            claim = (await conn.fetchval(DEPLOYMENT_CLAIM_SQL, timeout=timeout)
+                     if await conn.fetchval(_HAS_CLAIM, timeout=timeout) else None)
     finally:
         await conn.close(timeout=timeout)
     return KeyTable(
@@ -56,7 +62,7 @@ async def load_key_table(dsn: str, timeout: float = 5.0) -> KeyTable:
                         expires_at=r["expires_at"])
             for r in keys
         ),
-    )
+    ), None if claim is None else str(claim)
 
 
 # This calendar month's tokens (UTC) of every tenant that has a monthly quota.
@@ -77,13 +83,3 @@ async def load_month_usage(dsn: str, timeout: float = 5.0) -> dict[int, int]:
     finally:
         await conn.close(timeout=timeout)
     return {int(r["tenant_id"]): int(r["used"]) for r in rows}
-
-
-async def load_deployment_claim(dsn: str, timeout: float = 5.0) -> str:
-    """This deployment's claim on its Redis prefix (see hpcgate.schemas.tables): the tables a
-    gateway installs from Redis must have been published under it."""
-    conn = await asyncpg.connect(dsn, timeout=timeout)
-    try:
-        return str(await conn.fetchval(DEPLOYMENT_CLAIM_SQL, timeout=timeout))
-    finally:
-        await conn.close(timeout=timeout)

@@ -21,7 +21,7 @@ from gateway.api_relay import FILES_PATH, FORM_OVERHEAD
 from gateway.app import Gateway
 from gateway.demand import DemandPublisher
 from gateway.http_server import HttpServer
-from gateway.key_source import load_deployment_claim, load_key_table, load_month_usage
+from gateway.key_source import load_key_table, load_month_usage
 from gateway.lease_sync import LeaseSync
 from gateway.routing_table import ModelRoute, RoutingTable
 from gateway.settings import GatewaySettings, parse_static_endpoints
@@ -80,8 +80,8 @@ class Worker:
         if s.static_mode:
             gw.install_table(static_table(gw, s))
         auth_on = not s.no_auth
-        if auth_on and s.database_url:  # before the first table is read from Redis
-            await self._load_deployment_claim()
+        if auth_on and s.database_url:  # with our claim on the prefix: before any table from Redis
+            await self._load_keys_once()
         if s.redis_url and (not s.static_mode or auth_on):
             self.sync = RedisTableSync(
                 s.redis_url, s.redis_prefix, resync_s=s.table_resync_s, backoff_max_s=s.redis_backoff_max_s,
@@ -99,7 +99,6 @@ class Worker:
             gw.metrics.add_lease_state(lambda: (gw.tenants.leasing, gw.tenants.holders, leases.failures))
             self.background(self.leases.run(), "leases")
         if auth_on and s.database_url:
-            await self._load_keys_once()
             self.background(self._resync_keys(), "key_reload")
             await self._load_quotas_once()
             self.background(self._resync_quotas(), "quota_reload")
@@ -141,23 +140,15 @@ class Worker:
                 return
             await asyncio.sleep(0.02)
 
-    async def _load_deployment_claim(self) -> None:
-        assert self.settings.database_url is not None
-        try:
-            self.deployment_claim = await load_deployment_claim(self.settings.database_url)
-        except (OSError, TimeoutError, Exception) as exc:  # unknown for now: tried again with the keys
-            log.warning("deployment_claim_unknown", error=str(exc) or type(exc).__name__)
-
     async def _load_keys_once(self) -> bool:
         assert self.settings.database_url is not None
-        if self.deployment_claim is None:
-            await self._load_deployment_claim()
         try:
-            table = await load_key_table(self.settings.database_url)
+            table, claim = await load_key_table(self.settings.database_url)
         except (OSError, TimeoutError, Exception) as exc:  # asyncpg raises many types; keep serving
             self.key_load_failures += 1
             log.warning("key_load_failed", error=str(exc) or type(exc).__name__)
             return False
+        self.deployment_claim = claim or self.deployment_claim
         self.gateway.install_keys(table, from_db=True)
         return True
 
