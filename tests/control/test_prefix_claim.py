@@ -162,3 +162,24 @@ async def test_a_gateway_never_installs_tables_another_deployment_published_unde
         assert refused[0].fields["owner"].endswith(two_databases[0].rsplit("/", 1)[1])  # type: ignore[attr-defined]
         ours = await gateway_of(two_databases[0])
         assert ours.gateway.has_table and ours.deployment_claim is not None
+
+
+async def test_a_gateway_on_a_schema_before_the_claim_still_loads_its_keys_and_tables(
+        two_databases: tuple[str, str], redis: aioredis.Redis) -> None:
+    names = RedisNames(f"{unique_name('hpcgate-claim')}:")
+    conn = await asyncpg.connect(two_databases[1])
+    try:
+        await conn.execute("DROP TABLE deployment_identity")  # a rolling upgrade: new gateway, old schema
+    finally:
+        await conn.close()
+    async with AsyncExitStack() as exits:
+        exits.push_async_callback(redis.delete, names.owner, names.endpoint_table, names.key_table)
+        pool = await exits.enter_async_context(asyncpg.create_pool(two_databases[0], min_size=1, max_size=2))
+        await TablePublisher(pool, redis, names, unroutable_after=1).publish_endpoints(force=True)
+        worker = await exits.enter_async_context(running_gateway(
+            redis_url=REDIS_URL, redis_prefix=names.prefix, database_url=two_databases[1],
+            key_hash_secret="s" * 32))
+        assert worker.sync is not None
+        await asyncio.wait_for(worker.sync.connected.wait(), 10)
+        assert worker.key_load_failures == 0 and worker.deployment_claim is None
+        assert worker.gateway.has_table  # no claim of its own to check against: taken, as before
