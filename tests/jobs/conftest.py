@@ -14,7 +14,7 @@ import pytest
 
 from control.jobs.naming import name_prefix
 from control.launchers.local import LocalLauncher
-from tests.jobs.stack import ControlPlane
+from tests.jobs.stack import ControlPlane, poll
 from tests.support.services import create_migrated_database, drop_database, unique_name
 
 
@@ -37,10 +37,15 @@ async def plane(jobs_dsn: str, redis_url: str, redis_prefix: str) -> AsyncIterat
 
 @pytest.fixture
 async def prefix(tmp_path: Path) -> AsyncIterator[str]:
-    """A test's job name prefix; its local jobs are cancelled at the end, pass or fail."""
-    value = "a" + uuid.uuid4().hex[:10]
+    """A test's job name prefix; its local jobs are stopped at the end, pass or fail."""
+    value = "t" + uuid.uuid4().hex[:10]
     yield value
     launcher = LocalLauncher(tmp_path / "jobs" / "local-state", kill_wait_s=0)
     for job in await launcher.observe(name_prefix(value)):
         if job.alive:
             await launcher.cancel(job.launcher_job_id)
+
+    async def stopped() -> bool:
+        return not any(job.alive for job in await launcher.observe(name_prefix(value)))
+
+    await poll(stopped, 15, "the test's local jobs stopped")

@@ -8,13 +8,10 @@ import functools
 import os
 import signal
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 import redis.asyncio as aioredis
 
 from control.jobs.naming import name_prefix
@@ -25,18 +22,6 @@ from tests.jobs.stack import ControlPlane, Daemon, db_rows, poll, stopping, subm
 
 FAST = {"interval_s": "0.3", "drain_grace_s": "0.3", "backoff_base_s": "0.2", "backoff_max_s": "1",
         "cancel_retry_s": "2"}
-
-
-@pytest.fixture
-async def prefix(tmp_path: Path) -> AsyncIterator[str]:
-    """This test's job name prefix; its local jobs are stopped at the end, pass or fail."""
-    value = "t" + uuid.uuid4().hex[:10]
-    yield value
-    launcher = LocalLauncher(tmp_path / "jobs" / "local-state", kill_wait_s=0)
-    for job in await launcher.observe(name_prefix(value)):
-        if job.alive:
-            await launcher.cancel(job.launcher_job_id)
-    await poll(lambda: _alive_n(tmp_path, value, 0), 15, "the test's local jobs stopped")
 
 
 def _jobs_settings(plane: ControlPlane, data_dir: Path, prefix: str, **extra: str) -> dict[str, str]:
