@@ -1,7 +1,9 @@
 """Checks ``hpcgate up`` makes before it starts anything: PostgreSQL (created and migrated) and
 Redis reachable, with a hint by the kind of failure; one ``up`` per database (a session advisory
-lock, released by the server however the holder dies); stale state of this data dir cleared
-(:mod:`hpcgate.up_state`) and the ports free, or an :class:`UpError` saying what is in the way.
+lock, released by the server however the holder dies); the Redis prefix not claimed by another
+deployment (and, its counterpart on a clean stop, that claim given up); stale state of this data
+dir cleared (:mod:`hpcgate.up_state`) and the ports free, or an :class:`UpError` saying what is
+in the way.
 """
 
 from __future__ import annotations

@@ -90,6 +90,24 @@ async def load(dsn: str, stop: asyncio.Event, clients: int, model: str = MODEL) 
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def create_paced_model(plane: ControlPlane, model: str, *, max_instances: int,
+                             desired_instances: int) -> None:
+    """A model (min 1) of simulators at a GPU-like pace, two sequences at a time: queues form
+    under a modest load."""
+    status, body = await plane.admin().call(
+        "POST",
+        "/admin/models",
+        {
+            "name": model,
+            "min_instances": 1,
+            "max_instances": max_instances,
+            "desired_instances": desired_instances,
+            "slurm_resources": {"sim_profile": "paced", "sim_max_num_seqs": 2},
+        },
+    )
+    assert status == 201, body
+
+
 async def scale_1_to_3_and_back(
     plane: ControlPlane, tmp_path: Path, prefix: str, model: str, **scaler: str
 ) -> tuple[list[dict[str, Any]], Daemon]:
@@ -103,18 +121,7 @@ async def scale_1_to_3_and_back(
     scaler_env = plane.env(**{f"HPCGATE_AUTOSCALER_{k}": v for k, v in {**FAST_SCALER, **scaler}.items()})
     daemon = await start_daemon("autoscaler", ["control", "autoscaler"], scaler_env, "autoscaler_started")
     async with stopping(jobs, plane), stopping(daemon, plane):
-        status, body = await plane.admin().call(
-            "POST",
-            "/admin/models",
-            {
-                "name": model,
-                "min_instances": 1,
-                "max_instances": 3,
-                "desired_instances": 1,
-                "slurm_resources": {"sim_profile": "paced", "sim_max_num_seqs": 2},
-            },
-        )
-        assert status == 201, body
+        await create_paced_model(plane, model, max_instances=3, desired_instances=1)
         await poll(lambda: n_ready(dsn, 1, model), 60, "the first instance ready")
 
         stop = asyncio.Event()

@@ -12,6 +12,7 @@ from pathlib import Path
 from tests.jobs.autoscale_helpers import (
     FAST_JOBS,
     FAST_SCALER,
+    create_paced_model,
     desired_is,
     n_jobs_live,
     n_ready,
@@ -33,18 +34,7 @@ async def test_a_schedule_change_drains_an_instance_without_cutting_its_stream(
         {"launcher": "local", "job_name_prefix": prefix, **FAST_JOBS, "data_dir": str(tmp_path)}
     )
     async with stopping(jobs, plane):
-        status, body = await plane.admin().call(
-            "POST",
-            "/admin/models",
-            {
-                "name": model,
-                "min_instances": 1,
-                "max_instances": 2,
-                "desired_instances": 2,
-                "slurm_resources": {"sim_profile": "paced", "sim_max_num_seqs": 2},
-            },
-        )
-        assert status == 201, body
+        await create_paced_model(plane, model, max_instances=2, desired_instances=2)
         status, body = await plane.admin().call(
             "PUT",
             f"/admin/models/{model}/schedule",
